@@ -1,0 +1,98 @@
+"""Capacity accounting (PAPER section 5): how much expert compute a forward pass spent.
+
+* Eq. 8, per expert: C_e = E · k_e / S — 1.0 means the expert processed its fair share of the
+  pool. E is the layer's expert count before fine-graining (``base_experts``), so a fine-grained
+  expert at its fair share also has C_e = 1.
+* Eq. 9, per forward: C = mean over MoE layers and their experts of C_e.
+* Eq. 15, over sampling: C_avg_infer = mean over the sampling forwards of C.
+* Eq. 40, activated parameters ≈ (1 + C_avg)/(1 + E)·#FFN + #rest for the interleaved model; in
+  general: every non-routed parameter plus C_avg × (one full expert's parameters) per MoE layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .models.dit import DiT, DiTOutput
+from .models.moe import FFNOutput
+from .models.moe.diffmoe import CapacityPredictor
+
+
+def expert_capacities(counts_E: Tensor, num_tokens: int, base_experts: int) -> Tensor:
+    """Eq. 8: C_e = E · k_e / S for each expert of one layer."""
+    return counts_E.float() * base_experts / num_tokens
+
+
+def forward_capacity(layers: list[FFNOutput]) -> Tensor:
+    """Eq. 9: C = (1 / (L·E)) Σ_layers Σ_experts C_e, as a 0-dim tensor (no host sync).
+    Returns 1 for a model without routed layers (dense compute)."""
+    routed = [o for o in layers if o.counts_E is not None]
+    if not routed:
+        return torch.ones(())
+    return torch.stack([expert_capacities(o.counts_E, o.num_tokens, o.base_experts).mean()
+                        for o in routed]).mean()
+
+
+@dataclass
+class CapacityMeter:
+    """Records C (Eq. 9) per MoE layer for every model forward during sampling; C_avg_infer
+    (Eq. 15) is their mean. Use ``meter.on_forward`` as the sampler's callback."""
+
+    times: list[float] = field(default_factory=list)
+    per_layer: list[Tensor] = field(default_factory=list)  # each (L,)
+
+    def on_forward(self, t: float, out: DiTOutput) -> None:
+        routed = [o for o in out.layers if o.counts_E is not None]
+        if not routed:
+            return
+        self.times.append(float(t))
+        self.per_layer.append(torch.stack([
+            expert_capacities(o.counts_E, o.num_tokens, o.base_experts).mean()
+            for o in routed]).detach().cpu())
+
+    @property
+    def num_forwards(self) -> int:
+        return len(self.per_layer)
+
+    def c_avg(self) -> float:
+        """Eq. 15: mean over recorded forwards of C (1.0 when nothing was routed)."""
+        if not self.per_layer:
+            return 1.0
+        return float(torch.stack(self.per_layer).mean())
+
+    def summary(self) -> dict:
+        if not self.per_layer:
+            return {"c_avg_infer": 1.0, "per_layer": [], "per_timestep": []}
+        stacked = torch.stack(self.per_layer)  # (forwards, L)
+        by_t: dict[float, list[float]] = {}
+        for t, c in zip(self.times, stacked.mean(1).tolist()):
+            by_t.setdefault(round(t, 6), []).append(c)
+        return {
+            "c_avg_infer": float(stacked.mean()),
+            "per_layer": stacked.mean(0).tolist(),
+            "per_timestep": [{"t": t, "capacity": sum(v) / len(v)} for t, v in sorted(by_t.items())],
+        }
+
+
+def activated_params(model: DiT, c_avg: float = 1.0, include_predictor: bool = False) -> float:
+    """Eq. 40: parameters a token activates at average capacity ``c_avg``.
+
+    Every parameter that is not a routed expert counts fully (attention, adaLN, embeddings, dense
+    FFNs, routers, shared experts); each MoE layer adds ``c_avg`` full experts (g fine-grained
+    experts make one full expert). The capacity predictor is left out by default, as in the paper's
+    table (PAPER section 1).
+    """
+    total = 0.0
+    for name, p in model.named_parameters():
+        total += p.numel()
+    for layer in model.moe_layers():
+        bank = layer.experts
+        total -= bank.num_experts * bank.expert_params()
+        total += c_avg * layer.granularity * bank.expert_params()
+        predictor = getattr(layer, "predictor", None)
+        if isinstance(predictor, CapacityPredictor) and not include_predictor:
+            total -= sum(p.numel() for p in predictor.parameters())
+    return total

@@ -1,0 +1,244 @@
+"""Checkpoints: safetensors weights + a JSON state, written atomically.
+
+Layout of one checkpoint (a directory)::
+
+    <run>/checkpoints/step_00001000/
+        model.safetensors       training weights (and DiffMoE threshold buffers)
+        ema.safetensors         EMA weights (and EMA thresholds, see train.ema_buffers)
+        optimizer.safetensors   optimizer tensors (AdamW moments and step counts)
+        rng.safetensors         every rank's RNG states
+        state.json              step, resolved config, data position, optimizer hyper-parameters,
+                                and the byte size and SHA-256 of every file above
+
+A checkpoint is written into a hidden temporary directory, every file is fsynced, ``state.json``
+last, and the directory is renamed into place; a crash at any moment leaves either the complete
+new checkpoint or none. ``state.json`` lists each file's size and hash, so a truncated or damaged
+checkpoint is detected and reported, never loaded silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.json"
+CKPT_RE = re.compile(r"^step_(\d{8})$")
+HASH_CHUNK = 1 << 20
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def optimizer_to_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into safetensors-able tensors and JSON-able rest."""
+    tensors, scalars = {}, {}
+    for pid, st in state_dict["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, st in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, dict[str, torch.Tensor]],
+                    state: dict[str, Any]) -> Path:
+    """Write ``files`` (name → tensors, each saved as ``<name>.safetensors``) and ``state`` as one
+    checkpoint for ``step``, atomically. An existing checkpoint of that step is never replaced."""
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / checkpoint_name(step)
+    if final.exists():
+        log.info("checkpoint %s already exists; not overwriting it", final)
+        return final
+    tmp = ckpt_root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    manifest = {}
+    for name, tensors in files.items():
+        path = tmp / f"{name}.safetensors"
+        save_file(_contiguous(tensors), str(path))
+        _fsync_file(path)
+        manifest[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    full_state = dict(state, format_version=FORMAT_VERSION, step=step, files=manifest)
+    state_path = tmp / STATE_FILE
+    with open(state_path, "w") as fh:
+        json.dump(full_state, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Checkpoint directories under ``ckpt_root``, oldest first (temporary ones excluded)."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.iterdir() if p.is_dir() and CKPT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+
+
+def verify_checkpoint(path: Path, check_hashes: bool = True) -> dict:
+    """Return the checkpoint's state if every file is present and intact, else raise
+    :class:`CheckpointError` naming what is wrong."""
+    path = Path(path)
+    state_path = path / STATE_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass a run directory or one of "
+                              f"its checkpoints/step_XXXXXXXX directories")
+    if not state_path.is_file():
+        raise CheckpointError(f"'{path}' is not a diffmoe checkpoint (no {STATE_FILE}); pass a run "
+                              f"directory or a checkpoints/step_XXXXXXXX directory")
+    try:
+        state = json.loads(state_path.read_text())
+        manifest = state["files"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint '{path}' is corrupt ({STATE_FILE} is unreadable); use an "
+                              f"earlier checkpoint of the run") from None
+    for name, info in manifest.items():
+        fpath = path / name
+        if not fpath.is_file():
+            raise CheckpointError(f"checkpoint '{path}' is incomplete ({name} is missing); use an "
+                                  f"earlier checkpoint of the run")
+        size = fpath.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"checkpoint '{path}' is corrupt ({name} has {size} bytes, "
+                                  f"expected {info['bytes']}); use an earlier checkpoint of the run")
+        if check_hashes and _sha256(fpath) != info["sha256"]:
+            raise CheckpointError(f"checkpoint '{path}' is corrupt ({name} fails its SHA-256 "
+                                  f"check); use an earlier checkpoint of the run")
+    return state
+
+
+def find_latest_checkpoint(ckpt_root: Path, check_hashes: bool = True) -> Optional[Path]:
+    """The newest intact checkpoint; damaged newer ones are reported and skipped."""
+    for path in reversed(list_checkpoints(ckpt_root)):
+        try:
+            verify_checkpoint(path, check_hashes)
+            return path
+        except CheckpointError as exc:
+            log.warning("skipping damaged checkpoint: %s", exc)
+    return None
+
+
+def resolve_checkpoint(path: str | Path, check_hashes: bool = False) -> Path:
+    """Accept a checkpoint directory or a run directory (→ its newest intact checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass a run directory or one of "
+                              f"its checkpoints/step_XXXXXXXX directories")
+    if (path / STATE_FILE).is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        latest = find_latest_checkpoint(path / "checkpoints", check_hashes)
+        if latest is None:
+            raise CheckpointError(f"run '{path}' has no intact checkpoint; train longer or point at "
+                                  f"another run")
+        return latest
+    raise CheckpointError(f"'{path}' is neither a checkpoint nor a run directory; pass e.g. "
+                          f"runs/mnist_diffmoe or runs/mnist_diffmoe/checkpoints/step_00001000")
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    state: dict
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        fpath = self.path / f"{name}.safetensors"
+        try:
+            return load_file(str(fpath))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint '{self.path}' is corrupt ({fpath.name}: {exc}); use "
+                                  f"an earlier checkpoint of the run") from None
+
+
+def open_checkpoint(path: str | Path, check_hashes: bool = False) -> LoadedCheckpoint:
+    ckpt = resolve_checkpoint(path, check_hashes)
+    return LoadedCheckpoint(ckpt, verify_checkpoint(ckpt, check_hashes))
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("removed old checkpoint %s", old)
+
+
+def load_state_dict_checked(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                            where: str) -> None:
+    """Load weights, turning key or shape mismatches into one clear line."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape of {k} is {tuple(tensors[k].shape)} in the checkpoint, "
+                         f"{tuple(own[k].shape)} in the model")
+        raise CheckpointError(f"checkpoint {where} does not match the model architecture ("
+                              f"{'; '.join(parts)}); use the config the checkpoint was trained with")
+    module.load_state_dict(tensors)

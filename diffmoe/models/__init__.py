@@ -1,0 +1,3 @@
+from .dit import DiT, DiTOutput, build_model
+
+__all__ = ["DiT", "DiTOutput", "build_model"]

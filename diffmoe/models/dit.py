@@ -1,0 +1,245 @@
+"""The DiT backbone (Peebles & Xie; PAPER section 1), with a pluggable feed-forward layer.
+
+The model knows nothing about the diffusion objective: it maps (x_t, timestep, label) to an
+output of the input's shape (twice the channels with ``learn_sigma``), plus the auxiliary outputs
+of its MoE layers. Shapes: B batch, C channels, H=W input size, p patch, s = (H/p)^2 tokens,
+D width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import ModelConfig
+from .moe import STATIC, DenseFFN, FFNOutput, MoELayer, Routing, build_ffn
+
+TIMESTEP_FREQ_DIM = 256  # sinusoidal features fed to the timestep MLP (DiT)
+TIMESTEP_MAX_PERIOD = 10000
+EMBED_INIT_STD = 0.02  # label table and timestep MLP init (DiT)
+LN_EPS = 1e-6
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding, (grid*grid, dim): half the channels encode the row,
+    half the column (as in MAE and DiT)."""
+    if dim % 4:
+        raise ValueError(f"hidden size {dim} must be divisible by 4 for 2-D sin-cos positions")
+    coords = np.arange(grid, dtype=np.float64)
+    gw, gh = np.meshgrid(coords, coords)  # column index varies fastest, as in DiT
+
+    def embed_1d(pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([embed_1d(gw), embed_1d(gh)], axis=1).astype(np.float32)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps → sinusoidal frequencies → MLP(SiLU) → D."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FREQ_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    @staticmethod
+    def frequencies(t: Tensor, dim: int = TIMESTEP_FREQ_DIM) -> Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(TIMESTEP_MAX_PERIOD)
+                          * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(self.frequencies(t).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels → D, with one extra "null" class (index ``num_classes``) used for label
+    dropout and classifier-free guidance."""
+
+    def __init__(self, num_classes: int, dim: int, dropout: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout = dropout
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: Tensor) -> Tensor:
+        if self.training and self.dropout > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.table(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, s, D = x.shape
+        qkv = self.qkv(x).view(B, s, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, s, D/heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, s, D))
+
+
+class DiTBlock(nn.Module):
+    """x += gate_msa·Attn(modulate(LN(x))); x += gate_mlp·FFN(modulate(LN(x))) (adaLN-Zero)."""
+
+    def __init__(self, dim: int, num_heads: int, ffn: nn.Module):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
+        self.mlp = ffn
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: Tensor, c: Tensor, routing: Routing) -> tuple[Tensor, FFNOutput]:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(c).chunk(6, dim=1))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        out = self.mlp(h, routing)
+        return x + gate_mlp.unsqueeze(1) * out.y, out
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
+        self.linear = nn.Linear(dim, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+@dataclass
+class DiTOutput:
+    """The prediction and the auxiliary outputs of every MoE layer.
+
+    out: (B, C_out, H, W). aux_loss: α-weighted token-choice balance loss averaged over MoE layers
+    (0 when there is none). predictor_loss: weighted capacity-predictor BCE averaged over MoE layers
+    (Eq. 12; 0 when there is none). layers: the :class:`FFNOutput` of each MoE position, in block
+    order.
+    """
+
+    out: Tensor
+    aux_loss: Tensor
+    predictor_loss: Tensor
+    layers: list[FFNOutput] = field(default_factory=list)
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.hidden_size, cfg.patch_size
+        self.in_channels = cfg.in_channels
+        self.out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
+        self.patch_size = p
+        self.grid = cfg.input_size // p
+        self.x_embedder = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout)
+        self.register_buffer("pos_embed", torch.from_numpy(
+            sincos_pos_embed_2d(D, self.grid)).unsqueeze(0), persistent=False)
+        hidden = int(cfg.mlp_ratio * D)
+        self.moe_blocks = [i for i in range(cfg.depth) if self.is_moe_block(i)]
+        self.blocks = nn.ModuleList(
+            DiTBlock(D, cfg.num_heads,
+                     build_ffn(cfg.moe, D, hidden) if i in self.moe_blocks
+                     else DenseFFN(D, hidden))
+            for i in range(cfg.depth))
+        self.final_layer = FinalLayer(D, p, self.out_channels)
+        self.initialize_weights()
+
+    def is_moe_block(self, i: int) -> bool:
+        """With ``interleave`` MoE replaces the FFN of blocks 1, 3, 5, ... (the public code)."""
+        return (i % 2 == 1) if self.cfg.moe.interleave else True
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation. Every Linear: Xavier-uniform, zero bias. The patch embedding is a
+        Linear in disguise. adaLN-Zero: each block's modulation projection and the final layer are
+        zero, so every block starts as the identity and the model's first output is 0. MoE layers
+        keep their own init (router N(0, 0.006²), experts Xavier per expert)."""
+
+        def _basic(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        self.apply(_basic)
+        for m in self.modules():
+            if isinstance(m, MoELayer):
+                m.router.reset_parameters()
+                m.experts.reset_parameters()
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.y_embedder.table.weight, std=EMBED_INIT_STD)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=EMBED_INIT_STD)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=EMBED_INIT_STD)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def patchify(self, x: Tensor) -> Tensor:
+        return self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, s, D)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(B, s, p*p*C_out) → (B, C_out, H, W)."""
+        B, p, g, c = x.shape[0], self.patch_size, self.grid, self.out_channels
+        x = x.view(B, g, g, p, p, c)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(B, c, g * p, g * p)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, routing: Routing = STATIC) -> DiTOutput:
+        """x: (B, C, H, W) noisy input; t: (B,) timesteps as the embedder sees them; y: (B,) labels
+        (``num_classes`` = null)."""
+        h = self.patchify(x) + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t) + self.y_embedder(y)
+        moe_outputs: list[FFNOutput] = []
+        for i, block in enumerate(self.blocks):
+            h, ffn_out = block(h, c, routing)
+            if i in self.moe_blocks:
+                moe_outputs.append(ffn_out)
+        out = self.unpatchify(self.final_layer(h, c))
+        zero = out.new_zeros((), dtype=torch.float32)
+        aux = [o.aux_loss for o in moe_outputs if o.aux_loss is not None]
+        bce = [o.predictor_loss for o in moe_outputs if o.predictor_loss is not None]
+        moe = self.cfg.moe
+        aux_loss = moe.balance_loss_weight * torch.stack(aux).mean() if aux else zero
+        pred_loss = moe.predictor_loss_weight * torch.stack(bce).mean() if bce else zero
+        return DiTOutput(out=out, aux_loss=aux_loss, predictor_loss=pred_loss, layers=moe_outputs)
+
+    # -- parameter accounting (PAPER section 1 and Eq. 40) ----------------------------------
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+
+def build_model(cfg: ModelConfig) -> DiT:
+    return DiT(cfg)

@@ -1,0 +1,43 @@
+"""Feed-forward variants behind one interface: ``layer(x_BsD, routing) -> FFNOutput``.
+
+=================  ==========================================================================
+``dense``          :class:`DenseFFN` — the ordinary DiT MLP
+``token_choice``   :class:`TokenChoiceMoE` — top-K experts per token, load-balance loss
+``expert_choice``  :class:`ExpertChoiceMoE` — each expert takes top-k tokens within each sample
+``diffmoe``        :class:`DiffMoE` — expert choice over the batch-level global pool (Eq. 4-7),
+                   capacity predictor and thresholds (Eq. 12-17)
+=================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ...config import MoEConfig
+from .base import (STATIC, ExpertBank, FeedForward, FFNOutput, MoELayer, Routing,
+                   expert_capacity)
+from .dense import DenseFFN
+from .diffmoe import (CapacityPredictor, DiffMoE, average_thresholds_across_ranks,
+                      diffmoe_layers)
+from .expert_choice import ExpertChoiceMoE
+from .token_choice import TokenChoiceMoE
+
+LAYERS = {"token_choice": TokenChoiceMoE, "expert_choice": ExpertChoiceMoE, "diffmoe": DiffMoE}
+
+
+def build_ffn(moe: MoEConfig, dim: int, hidden: int) -> nn.Module:
+    """The feed-forward layer of one MoE position for ``moe.type``."""
+    if moe.type == "dense":
+        return DenseFFN(dim, hidden)
+    kwargs = dict(num_experts=moe.num_experts, capacity=moe.capacity,
+                  granularity=moe.granularity, shared_experts=moe.shared_experts,
+                  router_init_std=moe.router_init_std, dispatch=moe.dispatch)
+    if moe.type == "diffmoe":
+        kwargs["threshold_ema"] = moe.threshold_ema
+    return LAYERS[moe.type](dim, hidden, **kwargs)
+
+
+__all__ = ["STATIC", "CapacityPredictor", "DenseFFN", "DiffMoE", "ExpertBank",
+           "ExpertChoiceMoE", "FFNOutput", "FeedForward", "MoELayer", "Routing",
+           "TokenChoiceMoE", "average_thresholds_across_ranks", "build_ffn", "diffmoe_layers",
+           "expert_capacity"]

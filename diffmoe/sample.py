@@ -1,0 +1,134 @@
+"""Sampling from a model or a checkpoint: batched generation with capacity accounting.
+
+DiffMoE's inference depends on the sampling batch, since tokens of all samples in a batch compete
+in one pool (PAPER section 4): ``batch_size`` is a real setting, recorded with the results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .capacity import CapacityMeter, activated_params
+from .checkpoint import load_state_dict_checked, open_checkpoint
+from .config import SampleConfig, config_from_dict
+from .diffusion import FlowMatching
+from .diffusion.samplers import sample
+from .errors import CheckpointError, ConfigError
+from .images import save_grid
+from .models import DiT, build_model
+from .models.moe import Routing, diffmoe_layers
+
+log = logging.getLogger(__name__)
+
+
+def resolve_routing(model: DiT, mode: str, threshold: float) -> Routing:
+    """``auto`` → dynamic for a DiffMoE model, static otherwise. Dynamic and threshold modes need
+    DiffMoE's capacity predictor."""
+    has_predictor = bool(diffmoe_layers(model))
+    if mode == "auto":
+        mode = "dynamic" if has_predictor else "static"
+    if mode in ("dynamic", "threshold") and not has_predictor:
+        raise ConfigError(f"sample.mode={mode} needs a capacity predictor, but this model's FFN is "
+                          f"'{model.cfg.moe.type}'; use --mode static")
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"threshold {threshold} must be in [0, 1]")
+    return Routing(mode, threshold)
+
+
+def generate(model: DiT, flow: FlowMatching, labels: Tensor, *, sampler: str, steps: int,
+             cfg_scale: float, routing: Routing, batch_size: int, seed: int,
+             progress: bool = True, meter: Optional[CapacityMeter] = None
+             ) -> tuple[Tensor, CapacityMeter]:
+    """Generate one image per label, ``batch_size`` at a time. Returns images in [-1, 1] (on the
+    CPU) and the capacity meter that recorded every forward."""
+    if steps <= 0:
+        raise ConfigError(f"sampling steps={steps} must be a positive integer")
+    if batch_size <= 0:
+        raise ConfigError(f"sampling batch size {batch_size} must be a positive integer")
+    meter = meter if meter is not None else CapacityMeter()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for start in tqdm(range(0, labels.shape[0], batch_size), disable=not progress,
+                          desc="sample", dynamic_ncols=True):
+            y = labels[start:start + batch_size].to(device)
+            chunks.append(sample(model, flow, y, sampler=sampler, steps=steps,
+                                 cfg_scale=cfg_scale, routing=routing, generator=gen,
+                                 on_forward=meter.on_forward).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks), meter
+
+
+def load_model(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
+               ) -> tuple[DiT, dict, Path]:
+    """Build the model a checkpoint was trained with and load its ``ema`` or ``raw`` weights.
+    ``path`` may be a checkpoint or a run directory (its newest intact checkpoint)."""
+    if weights not in ("ema", "raw"):
+        raise ConfigError(f"weights '{weights}' must be 'ema' or 'raw'")
+    ckpt = open_checkpoint(path)
+    try:
+        cfg = config_from_dict(ckpt.state["config"])
+    except (KeyError, TypeError):
+        raise CheckpointError(f"checkpoint '{ckpt.path}' has no usable config in state.json; it "
+                              f"is damaged") from None
+    model = build_model(cfg.model)
+    load_state_dict_checked(model, ckpt.tensors("ema" if weights == "ema" else "model"),
+                            f"'{ckpt.path}'")
+    model.to(device).eval()
+    return model, ckpt.state, ckpt.path
+
+
+def parse_labels(spec: Optional[str], num: int, num_classes: int, seed: int) -> Tensor:
+    """``None``/"balanced": 0, 1, 2, ... cycling over classes; "random": uniform with ``seed``;
+    otherwise a comma-separated list cycled to ``num``."""
+    if spec in (None, "", "balanced"):
+        return torch.arange(num) % num_classes
+    if spec == "random":
+        return torch.randint(0, num_classes, (num,), generator=torch.Generator().manual_seed(seed))
+    try:
+        values = [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"--labels '{spec}' must be 'balanced', 'random' or integers like "
+                          f"3,1,4") from None
+    bad = [v for v in values if not 0 <= v < num_classes]
+    if bad:
+        raise ConfigError(f"--labels: class {bad[0]} is outside 0..{num_classes - 1}")
+    return torch.tensor(values).repeat(-(-num // len(values)))[:num]
+
+
+def sample_checkpoint(path: str | Path, s: SampleConfig, out: str | Path,
+                      labels: Optional[str] = None, device: str = "cpu") -> dict:
+    """The ``diffmoe sample`` command: a PNG grid at ``out`` and a JSON summary beside it."""
+    out = Path(out)
+    model, state, ckpt_path = load_model(path, s.weights, device)
+    cfg = model.cfg
+    routing = resolve_routing(model, s.mode, s.threshold)
+    flow = FlowMatching(cfg.in_channels, state["config"]["objective"]["time_scale"])
+    y = parse_labels(labels, s.num, cfg.num_classes, s.seed)
+    images, meter = generate(model, flow, y, sampler=s.sampler, steps=s.steps,
+                             cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
+                             seed=s.seed)
+    nrow = 10 if cfg.num_classes >= 10 and s.num % 10 == 0 else None
+    save_grid(images, out, nrow=nrow, upscale=2)
+    cap = meter.summary()
+    summary = {
+        "checkpoint": str(ckpt_path), "step": state["step"], "image": str(out),
+        "settings": dict(asdict(s), mode=routing.mode), "labels": y.tolist(),
+        "c_avg_infer": cap["c_avg_infer"], "capacity_per_layer": cap["per_layer"],
+        "activated_params": activated_params(model, cap["c_avg_infer"]),
+        "total_params": model.num_params(),
+    }
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    return summary
