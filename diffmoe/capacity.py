@@ -73,7 +73,8 @@ class CapacityMeter:
         return {
             "c_avg_infer": float(stacked.mean()),
             "per_layer": stacked.mean(0).tolist(),
-            "per_timestep": [{"t": t, "capacity": sum(v) / len(v)} for t, v in sorted(by_t.items())],
+            "per_timestep": [{"t": t, "capacity": sum(v) / len(v)}
+                             for t, v in sorted(by_t.items())],
         }
 
 
@@ -85,9 +86,7 @@ def activated_params(model: DiT, c_avg: float = 1.0, include_predictor: bool = F
     experts make one full expert). The capacity predictor is left out by default, as in the paper's
     table (PAPER section 1).
     """
-    total = 0.0
-    for name, p in model.named_parameters():
-        total += p.numel()
+    total = float(model.num_params())
     for layer in model.moe_layers():
         bank = layer.experts
         total -= bank.num_experts * bank.expert_params()

@@ -150,8 +150,8 @@ def verify_checkpoint(path: Path, check_hashes: bool = True) -> dict:
         state = json.loads(state_path.read_text())
         manifest = state["files"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint '{path}' is corrupt ({STATE_FILE} is unreadable); use an "
-                              f"earlier checkpoint of the run") from None
+        raise CheckpointError(f"checkpoint '{path}' is corrupt ({STATE_FILE} is unreadable); "
+                              f"use an earlier checkpoint of the run") from None
     for name, info in manifest.items():
         fpath = path / name
         if not fpath.is_file():
@@ -160,7 +160,8 @@ def verify_checkpoint(path: Path, check_hashes: bool = True) -> dict:
         size = fpath.stat().st_size
         if size != info["bytes"]:
             raise CheckpointError(f"checkpoint '{path}' is corrupt ({name} has {size} bytes, "
-                                  f"expected {info['bytes']}); use an earlier checkpoint of the run")
+                                  f"expected {info['bytes']}); use an earlier checkpoint of the "
+                                  f"run")
         if check_hashes and _sha256(fpath) != info["sha256"]:
             raise CheckpointError(f"checkpoint '{path}' is corrupt ({name} fails its SHA-256 "
                                   f"check); use an earlier checkpoint of the run")
@@ -189,8 +190,8 @@ def resolve_checkpoint(path: str | Path, check_hashes: bool = False) -> Path:
     if (path / "checkpoints").is_dir():
         latest = find_latest_checkpoint(path / "checkpoints", check_hashes)
         if latest is None:
-            raise CheckpointError(f"run '{path}' has no intact checkpoint; train longer or point at "
-                                  f"another run")
+            raise CheckpointError(f"run '{path}' has no intact checkpoint; train longer or point "
+                                  f"at another run")
         return latest
     raise CheckpointError(f"'{path}' is neither a checkpoint nor a run directory; pass e.g. "
                           f"runs/mnist_diffmoe or runs/mnist_diffmoe/checkpoints/step_00001000")
@@ -240,5 +241,6 @@ def load_state_dict_checked(module: torch.nn.Module, tensors: dict[str, torch.Te
             parts.append(f"shape of {k} is {tuple(tensors[k].shape)} in the checkpoint, "
                          f"{tuple(own[k].shape)} in the model")
         raise CheckpointError(f"checkpoint {where} does not match the model architecture ("
-                              f"{'; '.join(parts)}); use the config the checkpoint was trained with")
+                              f"{'; '.join(parts)}); use the config the checkpoint was trained "
+                              f"with")
     module.load_state_dict(tensors)

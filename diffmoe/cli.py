@@ -4,7 +4,7 @@
     diffmoe sample CHECKPOINT [--num N --steps N --sampler euler|heun --cfg-scale S
                                --mode auto|dynamic|static|threshold --threshold G
                                --batch-size N --seed N --labels balanced|random|3,1,4
-                               --weights ema|raw --out grid.png]
+                               --weights ema|raw --out grid.png [--force]]
 
 Problems with the input are reported as one ``error:`` line (exit status 2), not a traceback.
 """
@@ -49,13 +49,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .sample import sample_checkpoint
 
     fields = {f.name for f in dataclasses.fields(SampleConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    s = SampleConfig(**values)
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     for name in ("steps", "num", "batch_size"):
-        if getattr(s, name) <= 0:
-            raise DiffMoEError(f"--{name.replace('_', '-')}={getattr(s, name)} must be a positive "
+        if name in overrides and overrides[name] <= 0:
+            raise DiffMoEError(f"--{name.replace('_', '-')}={overrides[name]} must be a positive "
                                f"integer")
-    summary = sample_checkpoint(args.checkpoint, s, args.out, args.labels, args.device)
+    if os.path.exists(args.out) and not args.force:
+        raise DiffMoEError(f"output '{args.out}' already exists; pass --force to replace it or "
+                           f"choose another --out")
+    summary = sample_checkpoint(args.checkpoint, overrides, args.out, args.labels, args.device)
     log.info("wrote %s (C_avg_infer %.3f, mode %s)", summary["image"], summary["c_avg_infer"],
              summary["settings"]["mode"])
     sys.stdout.write(json.dumps({k: summary[k] for k in ("image", "c_avg_infer",
@@ -76,31 +78,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
 
-    d = SampleConfig()
-    s = sub.add_parser("sample", help="generate a PNG grid from a checkpoint or run directory")
+    s = sub.add_parser("sample", help="generate a PNG grid from a checkpoint or run directory",
+                       description="Options left out take their values from the sample section "
+                                   "of the checkpoint's config.")
     s.add_argument("checkpoint", help="a run directory or a checkpoints/step_XXXXXXXX directory")
-    s.add_argument("--num", type=int, default=d.num, help="number of images")
-    s.add_argument("--steps", type=int, default=50, help="sampling steps (paper: 250)")
-    s.add_argument("--sampler", default=d.sampler, choices=["euler", "heun"])
-    s.add_argument("--cfg-scale", dest="cfg_scale", type=float, default=d.cfg_scale,
+    s.add_argument("--num", type=int, help="number of images")
+    s.add_argument("--steps", type=int, help="sampling steps (paper: 250)")
+    s.add_argument("--sampler", choices=["euler", "heun"])
+    s.add_argument("--cfg-scale", dest="cfg_scale", type=float,
                    help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--mode", default=d.mode, choices=["auto", "dynamic", "static", "threshold"],
+    s.add_argument("--mode", choices=["auto", "dynamic", "static", "threshold"],
                    help="MoE inference mode (auto: dynamic for DiffMoE)")
-    s.add_argument("--threshold", type=float, default=d.threshold,
-                   help="constant threshold gamma for --mode threshold")
-    s.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size,
+    s.add_argument("--threshold", type=float, help="constant threshold gamma for --mode threshold")
+    s.add_argument("--batch-size", dest="batch_size", type=int,
                    help="sampling batch size (DiffMoE's token pool)")
-    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--seed", type=int)
     s.add_argument("--labels", default=None, help="balanced (default), random, or e.g. 3,1,4")
-    s.add_argument("--weights", default=d.weights, choices=["ema", "raw"])
+    s.add_argument("--weights", choices=["ema", "raw"])
     s.add_argument("--device", default="cpu")
     s.add_argument("--out", default="samples.png", help="output PNG (a JSON summary goes beside)")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=cmd_sample)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after the train options, so collect leftovers here.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.verbose)
     try:
         return args.func(args)

@@ -33,6 +33,7 @@ OBJECTIVES = ("flow",)
 DATASETS = ("mnist", "digits")
 EMA_BUFFER_RULES = ("average", "copy")
 PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -108,6 +109,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     warmup_steps: int = 0
+    # constant (the paper) or cosine: after warm-up, decay to 0 at train.steps.
+    lr_schedule: str = "constant"
     grad_clip: float = 0.0  # 0 disables clipping (the paper does not clip)
     ema_decay: float = 0.9999
     # What the EMA model does with buffers (the DiffMoE thresholds): "average" them like weights
@@ -203,7 +206,8 @@ def preset(name: str) -> dict[str, Any]:
     family, size, experts = m.groups()
     ffn = FAMILIES[family]
     if ffn == "dense" and experts is not None:
-        raise ConfigError(f"model.preset '{name}': a dense model has no experts; drop '-E{experts}'")
+        raise ConfigError(f"model.preset '{name}': a dense model has no experts; "
+                          f"drop '-E{experts}'")
     if ffn != "dense" and experts is None:
         raise ConfigError(f"model.preset '{name}' needs an expert count, e.g. '{name}-E16'")
     out: dict[str, Any] = dict(SIZES[size], mlp_ratio=4.0, patch_size=2,
@@ -344,7 +348,8 @@ def load_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix its syntax") from None
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}; "
+                          f"fix its syntax") from None
     return data or {}
 
 
@@ -379,6 +384,7 @@ def validate(cfg: Config) -> None:
     _choice("data.name", cfg.data.name, DATASETS)
     _choice("train.ema_buffers", t.ema_buffers, EMA_BUFFER_RULES)
     _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _choice("train.device", t.device, DEVICES)
     _choice("sample.sampler", s.sampler, SAMPLERS)
     _choice("sample.mode", s.mode, INFERENCE_MODES)
@@ -400,7 +406,8 @@ def validate(cfg: Config) -> None:
              f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads="
              f"{m.num_heads}; choose a head count that divides the width")
     _require(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be positive")
-    _require(0.0 <= m.class_dropout < 1.0, f"model.class_dropout={m.class_dropout} must be in [0, 1)")
+    _require(0.0 <= m.class_dropout < 1.0,
+             f"model.class_dropout={m.class_dropout} must be in [0, 1)")
 
     _require(moe.num_experts > 0, f"model.moe.num_experts={moe.num_experts} must be a "
              f"positive integer (the paper uses 4, 8 or 16)")

@@ -108,11 +108,18 @@ def parse_labels(spec: Optional[str], num: int, num_classes: int, seed: int) -> 
     return torch.tensor(values).repeat(-(-num // len(values)))[:num]
 
 
-def sample_checkpoint(path: str | Path, s: SampleConfig, out: str | Path,
+def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
                       labels: Optional[str] = None, device: str = "cpu") -> dict:
-    """The ``diffmoe sample`` command: a PNG grid at ``out`` and a JSON summary beside it."""
+    """The ``diffmoe sample`` command: a PNG grid at ``out`` and a JSON summary beside it.
+    Settings are the checkpoint's ``sample`` config updated with ``overrides``."""
     out = Path(out)
-    model, state, ckpt_path = load_model(path, s.weights, device)
+    ckpt = open_checkpoint(path)
+    base = ckpt.state.get("config", {}).get("sample", {})
+    try:
+        s = SampleConfig(**{**base, **overrides})
+    except TypeError as exc:
+        raise ConfigError(f"bad sample settings ({exc}); check the options") from None
+    model, state, ckpt_path = load_model(ckpt.path, s.weights, device)
     cfg = model.cfg
     routing = resolve_routing(model, s.mode, s.threshold)
     flow = FlowMatching(cfg.in_channels, state["config"]["objective"]["time_scale"])

@@ -19,23 +19,29 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
 from .capacity import expert_capacities
-from .checkpoint import (find_latest_checkpoint, list_checkpoints, load_state_dict_checked,
-                         optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints,
-                         save_checkpoint, verify_checkpoint, LoadedCheckpoint)
+from .checkpoint import (
+    LoadedCheckpoint,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_state_dict_checked,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    prune_checkpoints,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from .config import Config, config_from_dict
 from .data import BatchIterator, ImageDataset, build_dataset
 from .diffusion import FlowMatching
@@ -43,11 +49,14 @@ from .ema import ema_decay, make_ema, update_ema
 from .errors import CheckpointError, ConfigError, DiffMoEError
 from .images import save_grid
 from .models import DiT, DiTOutput, build_model
-from .models.moe import Routing, average_thresholds_across_ranks, diffmoe_layers
+from .models.moe import average_thresholds_across_ranks, diffmoe_layers
 from .models.moe.diffmoe import dynamic_counts
 from .sample import generate, resolve_routing
 
 log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+GRID_COLUMNS = 10  # sample grids cycle labels 0..9, one class per column
 
 METRIC_FIELDS = {
     "step": "optimizer steps done",
@@ -81,7 +90,8 @@ def check_data_matches_model(cfg: Config, ds: ImageDataset) -> None:
             f"model.input_size={ds.image_size} model.in_channels={ds.channels}")
     if ds.num_classes > m.num_classes:
         raise ConfigError(f"dataset '{ds.name}' has {ds.num_classes} classes but "
-                          f"model.num_classes={m.num_classes}; set model.num_classes={ds.num_classes}")
+                          f"model.num_classes={m.num_classes}; set "
+                          f"model.num_classes={ds.num_classes}")
 
 
 def model_config_diff(a: dict, b: dict, prefix: str = "model.") -> list[str]:
@@ -228,8 +238,14 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _lr(self, step: int) -> float:
-        warm = self.cfg.train.warmup_steps
-        return self.cfg.train.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
+        """Linear warm-up over ``warmup_steps``, then constant or cosine decay to 0."""
+        t = self.cfg.train
+        if t.warmup_steps and step < t.warmup_steps:
+            return t.lr * (step + 1) / t.warmup_steps
+        if t.lr_schedule == "cosine":
+            progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+            return t.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return t.lr
 
     @torch.no_grad()
     def _capacity_stats(self, out: DiTOutput) -> torch.Tensor:
@@ -248,12 +264,12 @@ class Trainer:
     def sample_grid(self) -> Path:
         s = self.cfg.sample
         classes = self.cfg.model.num_classes
-        labels = torch.arange(s.num, device=self.device) % min(classes, 10 if classes >= 10 else classes)
+        labels = torch.arange(s.num, device=self.device) % min(classes, GRID_COLUMNS)
         routing = resolve_routing(self.ema, s.mode, s.threshold)
         images, _ = generate(self.ema, self.flow, labels, sampler=s.sampler, steps=s.steps,
                              cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
                              seed=s.seed, progress=False)
-        nrow = 10 if classes >= 10 else None
+        nrow = GRID_COLUMNS if classes >= GRID_COLUMNS else None
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", nrow=nrow,
                          upscale=2)
 
@@ -266,7 +282,7 @@ class Trainer:
         main = self.dist.is_main
         if main:
             handler = logging.FileHandler(self.run_dir / "train.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            handler.setFormatter(logging.Formatter(LOG_FORMAT))
             logging.getLogger("diffmoe").addHandler(handler)
             log.info("run %s: %s, %.2fM parameters, %d ranks, device %s", self.run_dir,
                      self.cfg.model.moe.type, self.model.num_params() / 1e6,

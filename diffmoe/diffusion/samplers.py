@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..models.dit import DiT, DiTOutput
-from ..models.moe import Routing
+from ..models.moe import STATIC, Routing
 from .flow import FlowMatching
 
 ForwardHook = Callable[[float, DiTOutput], None]
@@ -69,7 +69,7 @@ SAMPLERS = {"euler": euler, "heun": heun}
 
 @torch.no_grad()
 def sample(model: DiT, flow: FlowMatching, labels: Tensor, *, sampler: str = "euler",
-           steps: int = 250, cfg_scale: float = 1.0, routing: Routing = Routing("static"),
+           steps: int = 250, cfg_scale: float = 1.0, routing: Routing = STATIC,
            generator: Optional[torch.Generator] = None,
            on_forward: Optional[ForwardHook] = None) -> Tensor:
     """Generate one batch: start from noise at t = 0, integrate to t = 1, return (B, C, H, W)."""

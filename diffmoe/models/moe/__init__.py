@@ -14,11 +14,9 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ...config import MoEConfig
-from .base import (STATIC, ExpertBank, FeedForward, FFNOutput, MoELayer, Routing,
-                   expert_capacity)
+from .base import STATIC, ExpertBank, FeedForward, FFNOutput, MoELayer, Routing, expert_capacity
 from .dense import DenseFFN
-from .diffmoe import (CapacityPredictor, DiffMoE, average_thresholds_across_ranks,
-                      diffmoe_layers)
+from .diffmoe import CapacityPredictor, DiffMoE, average_thresholds_across_ranks, diffmoe_layers
 from .expert_choice import ExpertChoiceMoE
 from .token_choice import TokenChoiceMoE
 

@@ -136,13 +136,16 @@ class ExpertBank(nn.Module):
     def resolve_dispatch(self, x_TD: Tensor) -> str:
         if self.dispatch != "auto":
             return self.dispatch
-        if grouped_mm_supported(x_TD, self.w1_EDF, self.w2_EFD) and x_TD.dtype in (
-                torch.float32, torch.bfloat16):
+        # CPU kernels take float32 and bfloat16; CUDA kernels take bfloat16 (SM >= 80).
+        dtypes = (torch.float32, torch.bfloat16) if x_TD.device.type == "cpu" else (torch.bfloat16,)
+        if x_TD.dtype in dtypes and grouped_mm_supported(x_TD, self.w1_EDF, self.w2_EFD):
             return "grouped_mm"
         return "padded_bmm"
 
-    def forward_grouped(self, x_TD: Tensor, counts_E: Tensor, kernel: Optional[str] = None) -> Tensor:
-        """Run rows ``x_TD``, sorted by expert with ``counts_E`` rows each, through their experts."""
+    def forward_grouped(self, x_TD: Tensor, counts_E: Tensor,
+                        kernel: Optional[str] = None) -> Tensor:
+        """Run rows ``x_TD``, sorted by expert with ``counts_E`` rows each, through their
+        experts."""
         kernel = kernel or self.resolve_dispatch(x_TD)
         if x_TD.shape[0] == 0:
             return x_TD.new_zeros(0, self.dim)
