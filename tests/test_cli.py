@@ -1,0 +1,131 @@
+"""Bad input through the command line: one clear line, exit status 2, nothing overwritten."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from diffmoe.cli import main
+from diffmoe.config import load_config
+from diffmoe.train import train
+
+
+def run_cli(argv, capsys):
+    rc = main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", [
+        f"train.out_dir={root / 'run'}", "train.steps=2", "train.ckpt_every=2",
+        "train.sample_every=2", "sample.steps=1", "sample.num=4", "sample.batch_size=4"])
+    return train(cfg).run_dir
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.moe.num_expert=8"], "unknown config key 'model.moe.num_expert'"),
+    (["model.moe.num_experts=0"], "model.moe.num_experts=0 must be a positive integer"),
+    (["model.moe.capacity=-0.5"], "model.moe.capacity=-0.5 must be positive"),
+    (["model.patch_size=3"], "model.input_size=8 is not divisible by model.patch_size=3"),
+    (["model.input_size=16"], "set model.input_size=8"),
+])
+def test_train_config_errors(overrides, fragment, capsys, tiny_config_path, tmp_path):
+    rc, _, err = run_cli(["train", str(tiny_config_path), f"train.out_dir={tmp_path / 'x'}"]
+                         + overrides, capsys)
+    assert rc == 2 and fragment in error_line(err)
+
+
+def test_dry_run_prints_resolved_config(capsys, tiny_config_path):
+    rc, out, _ = run_cli(["train", str(tiny_config_path), "--dry-run",
+                          "model.moe.num_experts=8"], capsys)
+    assert rc == 0
+    resolved = yaml.safe_load(out)
+    assert resolved["model"]["moe"]["num_experts"] == 8
+    assert resolved["train"]["lr"] == 1e-3
+
+
+def test_missing_config_file(capsys, tmp_path):
+    rc, _, err = run_cli(["train", str(tmp_path / "nope.yaml")], capsys)
+    assert rc == 2 and "does not exist" in error_line(err)
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    rc, _, err = run_cli(["sample", str(tmp_path / "nothing")], capsys)
+    assert rc == 2 and "does not exist" in error_line(err)
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_cli(["sample", str(tmp_path / "empty")], capsys)
+    assert rc == 2 and "neither a checkpoint nor a run directory" in error_line(err)
+
+
+def test_corrupt_checkpoint(capsys, trained_run, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(trained_run / "checkpoints" / "step_00000002", bad)
+    weights = bad / "ema.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    rc, _, err = run_cli(["sample", str(bad), "--out", str(tmp_path / "o.png")], capsys)
+    assert rc == 2 and "is corrupt (ema.safetensors has" in error_line(err)
+    (bad / "state.json").write_text("{not json")
+    rc, _, err = run_cli(["sample", str(bad)], capsys)
+    assert rc == 2 and "state.json is unreadable" in error_line(err)
+
+
+def test_checkpoint_from_another_architecture(capsys, trained_run, tmp_path):
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(trained_run / "checkpoints" / "step_00000002", other)
+    state = json.loads((other / "state.json").read_text())
+    state["config"]["model"]["moe"]["num_experts"] = 2
+    (other / "state.json").write_text(json.dumps(state))
+    rc, _, err = run_cli(["sample", str(other), "--out", str(tmp_path / "o.png")], capsys)
+    line = error_line(err)
+    assert rc == 2 and "does not match the model architecture" in line and "shape of" in line
+
+
+def test_sample_argument_errors(capsys, trained_run, tmp_path):
+    out = str(tmp_path / "o.png")
+    rc, _, err = run_cli(["sample", str(trained_run), "--steps", "0", "--out", out], capsys)
+    assert rc == 2 and "--steps=0 must be a positive integer" in error_line(err)
+    rc, _, err = run_cli(["sample", str(trained_run), "--labels", "3,99", "--out", out], capsys)
+    assert rc == 2 and "class 99 is outside 0..9" in error_line(err)
+    rc, _, err = run_cli(["sample", str(trained_run), "--mode", "threshold", "--threshold", "2",
+                          "--out", out], capsys)
+    assert rc == 2 and "must be in [0, 1]" in error_line(err)
+
+
+def test_dynamic_mode_needs_a_predictor(capsys, tiny_config_path, tmp_path):
+    cfg = load_config(tiny_config_path, [f"train.out_dir={tmp_path / 'dense'}", "train.steps=1",
+                                         "model.moe.type=dense", "sample.steps=1", "sample.num=2"])
+    run = train(cfg).run_dir
+    rc, _, err = run_cli(["sample", str(run), "--mode", "dynamic", "--out",
+                          str(tmp_path / "o.png")], capsys)
+    assert rc == 2 and "needs a capacity predictor" in error_line(err)
+
+
+def test_existing_sample_output_is_not_replaced(capsys, trained_run, tmp_path):
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"precious")
+    rc, _, err = run_cli(["sample", str(trained_run), "--out", str(out)], capsys)
+    assert rc == 2 and "already exists; pass --force" in error_line(err)
+    assert out.read_bytes() == b"precious"
+
+
+def test_existing_run_refused_by_cli(capsys, trained_run):
+    before = sorted(p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file())
+    rc, _, err = run_cli(["train", str(ROOT / "configs" / "digits_tiny.yaml"),
+                          f"train.out_dir={trained_run}"], capsys)
+    assert rc == 2 and "already holds a run; add --resume" in error_line(err)
+    assert before == sorted(p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file())

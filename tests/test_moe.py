@@ -1,0 +1,300 @@
+"""Semantics of the four feed-forward variants, against the plain references in reference.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import (
+    expert_ffn,
+    reference_diffmoe_train,
+    reference_dynamic,
+    reference_expert_choice,
+    reference_token_choice,
+    router_scores,
+)
+from torch.testing import assert_close
+
+from diffmoe.config import MoEConfig
+from diffmoe.models.moe import (
+    DenseFFN,
+    FFNOutput,
+    Routing,
+    build_ffn,
+    expert_capacity,
+)
+from diffmoe.models.moe.diffmoe import (
+    dynamic_counts,
+    predictor_loss,
+    threshold_targets,
+    update_thresholds,
+)
+from diffmoe.models.moe.token_choice import load_balance_loss
+
+D, HIDDEN = 16, 32
+
+
+def make(kind: str, num_experts: int = 4, capacity: float = 1.0, **kw):
+    torch.manual_seed(0)
+    moe = MoEConfig(type=kind, num_experts=num_experts, capacity=capacity, **kw)
+    layer = build_ffn(moe, D, HIDDEN).double()
+    # A larger router init than the paper's 0.006 so that scores differ clearly and top-k
+    # selections are far from ties in these small tests.
+    torch.nn.init.normal_(layer.router.weight_ED, std=0.5) if hasattr(layer, "router") else None
+    return layer
+
+
+def inputs(B=3, s=8, seed=1, requires_grad=True):
+    torch.manual_seed(seed)
+    return torch.randn(B, s, D, dtype=torch.float64, requires_grad=requires_grad)
+
+
+def grads(layer, x, y):
+    torch.manual_seed(5)
+    w = torch.randn_like(y)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    return torch.autograd.grad((y * w).sum(), [x] + params, allow_unused=True)
+
+
+def check_against_reference(layer, x, out_y, ref_y):
+    assert_close(out_y, ref_y)
+    for g_fast, g_ref in zip(grads(layer, x, out_y), grads(layer, x, ref_y)):
+        if g_ref is None:
+            assert g_fast is None or torch.count_nonzero(g_fast) == 0
+        else:
+            assert_close(g_fast, g_ref)
+
+
+@pytest.mark.parametrize("capacity", [1.0, 2.0, 0.5])
+def test_diffmoe_training_matches_reference(capacity):
+    layer = make("diffmoe", capacity=capacity).train()
+    x = inputs()
+    out = layer(x)
+    k = expert_capacity(24, capacity, 4)
+    check_against_reference(layer, x, out.y, reference_diffmoe_train(layer, x, k))
+
+
+def test_diffmoe_training_each_expert_takes_exactly_k_of_the_pool():
+    layer = make("diffmoe", num_experts=4, capacity=1.0).train()
+    B, s = 4, 8
+    out = layer(inputs(B, s))
+    k = B * s * 1 // 4
+    assert out.mask_SE.shape == (B * s, 4)
+    assert out.mask_SE.sum(0).tolist() == [k] * 4
+    assert out.counts_E.tolist() == [k] * 4
+    # Global pool: an expert's k tokens need not be spread evenly over samples.
+    per_sample = out.mask_SE.view(B, s, 4).sum(1)
+    assert (per_sample != k // B).any()
+
+
+def test_diffmoe_pool_crosses_samples_expert_choice_does_not():
+    for kind, crosses in [("diffmoe", True), ("expert_choice", False)]:
+        layer = make(kind).train()
+        x = inputs(requires_grad=False)
+        base = layer(x).y
+        changed_any = False
+        for seed in range(10):
+            x2 = x.clone()
+            torch.manual_seed(100 + seed)
+            x2[1] = torch.randn(x.shape[1], D, dtype=x.dtype) * 3
+            y2 = layer(x2).y
+            changed_any |= not torch.equal(base[0], y2[0])
+            if not crosses:
+                assert torch.equal(base[0], y2[0]), kind
+                assert torch.equal(base[2], y2[2]), kind
+        assert changed_any == crosses, kind
+
+
+def test_expert_choice_matches_reference():
+    layer = make("expert_choice", capacity=1.0).train()
+    x = inputs()
+    out = layer(x)
+    check_against_reference(layer, x, out.y, reference_expert_choice(layer, x, 8 // 4))
+    assert out.mask_SE.view(3, 8, 4).sum(1).eq(2).all()
+
+
+@pytest.mark.parametrize("capacity", [1.0, 2.0])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "padded_bmm", "loop"])
+def test_token_choice_matches_reference(capacity, dispatch):
+    layer = make("token_choice", capacity=capacity, dispatch=dispatch).float()
+    x = inputs().float().detach().requires_grad_(True)
+    out = layer(x)
+    ref = reference_token_choice(layer, x, int(capacity))
+    assert_close(out.y, ref, rtol=1e-5, atol=1e-5)
+    for g_fast, g_ref in zip(grads(layer, x, out.y), grads(layer, x, ref)):
+        assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+    assert out.counts_E.sum().item() == 24 * int(capacity)
+    assert out.mask_SE.sum(1).eq(int(capacity)).all()
+
+
+def test_token_choice_balance_loss_is_paper_formula():
+    layer = make("token_choice")
+    x = inputs(requires_grad=False)
+    out = layer(x)
+    scores = router_scores(layer, x.reshape(-1, D))
+    top1 = scores.argmax(1)
+    f = torch.bincount(top1, minlength=4).double() / top1.numel()
+    expected = (scores.mean(0) * 4 * f).sum()
+    assert_close(out.aux_loss, expected)
+    # Perfect balance gives exactly 1.
+    uniform = torch.full((8, 4), 0.25, dtype=torch.float64)
+    assert_close(load_balance_loss(uniform, torch.tensor([2, 2, 2, 2])),
+                 torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_one_expert_at_capacity_one_equals_dense_ffn():
+    for kind in ("diffmoe", "expert_choice", "token_choice"):
+        layer = make(kind, num_experts=1, capacity=1.0).train()
+        dense = DenseFFN(D, HIDDEN).double()
+        with torch.no_grad():
+            dense.fc1.weight.copy_(layer.experts.w1_EDF[0].t())
+            dense.fc1.bias.copy_(layer.experts.b1_EF[0])
+            dense.fc2.weight.copy_(layer.experts.w2_EFD[0].t())
+            dense.fc2.bias.copy_(layer.experts.b2_ED[0])
+        x = inputs(requires_grad=False)
+        assert_close(layer(x).y, dense(x).y), kind
+
+
+def test_predictor_gets_no_gradient_from_diffusion_loss_and_changes_none():
+    layer = make("diffmoe").train()
+    x = inputs()
+    out = layer(x)
+    main = (out.y * torch.randn_like(out.y)).sum()
+    pred_params = list(layer.predictor.parameters())
+    others = [p for n, p in layer.named_parameters() if not n.startswith("predictor.")]
+    g_pred = torch.autograd.grad(main, pred_params, retain_graph=True, allow_unused=True)
+    assert all(g is None for g in g_pred)
+    g_main = torch.autograd.grad(main, [x] + others, retain_graph=True)
+    g_both = torch.autograd.grad(main + out.predictor_loss, [x] + others, retain_graph=True)
+    for a, b in zip(g_main, g_both):
+        assert torch.equal(a, b)
+    # ...while the BCE does train the predictor.
+    g_bce = torch.autograd.grad(out.predictor_loss, pred_params)
+    assert all(g.abs().sum() > 0 for g in g_bce)
+
+
+def test_predictor_loss_is_bce_against_selection_mask():
+    layer = make("diffmoe").train()
+    out = layer(inputs(requires_grad=False))
+    p = torch.sigmoid(out.predictor_logits_SE)
+    o = out.mask_SE.double()
+    expected = -(o * p.log() + (1 - o) * (1 - p).log()).mean()
+    assert_close(out.predictor_loss.double(), expected)
+
+
+def test_threshold_update_is_eq17():
+    layer = make("diffmoe", threshold_ema=0.95).train()
+    with torch.no_grad():
+        layer.thresholds_E.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    before = layer.thresholds_E.clone()
+    x = inputs(requires_grad=False)
+    out = layer(x)
+    k = 24 // 4
+    probs = torch.sigmoid(out.predictor_logits_SE.float())
+    q = torch.stack([torch.sort(probs[:, e], descending=True).values[k - 1] for e in range(4)])
+    assert_close(layer.thresholds_E, 0.95 * before + 0.05 * q.to(before.dtype))
+    # Eval forwards do not move the thresholds.
+    layer.eval()
+    after = layer.thresholds_E.clone()
+    layer(x, Routing("dynamic"))
+    assert torch.equal(layer.thresholds_E, after)
+
+
+def test_threshold_helpers_vectorised_match_loop():
+    torch.manual_seed(3)
+    logits = torch.randn(50, 6)
+    q = threshold_targets(logits, 7)
+    for e in range(6):
+        assert q[e] == torch.sigmoid(logits[:, e]).sort(descending=True).values[6]
+    tau = torch.zeros(6)
+    update_thresholds(tau, q, 0.9)
+    assert_close(tau, 0.1 * q)
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "padded_bmm", "loop"])
+def test_dynamic_inference_processes_exactly_the_predicted_count(dispatch):
+    layer = make("diffmoe", dispatch=dispatch).float().eval()
+    x = inputs(requires_grad=False).float()
+    with torch.no_grad():
+        logits = layer.predictor(x.reshape(-1, D))
+        # Thresholds at different quantiles so every expert gets a different count.
+        tau = torch.stack([torch.sigmoid(logits[:, e]).quantile(q)
+                           for e, q in enumerate([0.1, 0.5, 0.8, 0.97])])
+        layer.thresholds_E.copy_(tau)
+    out = layer(x, Routing("dynamic"))
+    expected_counts = (torch.sigmoid(logits) > tau).sum(0)
+    assert out.counts_E.tolist() == expected_counts.tolist()
+    assert out.mask_SE.sum(0).tolist() == expected_counts.tolist()
+    ref, ref_counts = reference_dynamic(layer, x, tau)
+    assert ref_counts == expected_counts.tolist()
+    assert_close(out.y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_constant_threshold_extremes():
+    layer = make("diffmoe").eval()
+    x = inputs(requires_grad=False)
+    everything = layer(x, Routing("threshold", 0.0))
+    assert everything.counts_E.tolist() == [24] * 4
+    nothing = layer(x, Routing("threshold", 1.0))
+    assert nothing.counts_E.tolist() == [0] * 4
+    assert torch.count_nonzero(nothing.y) == 0
+    static = layer(x, Routing("static"))
+    assert static.counts_E.tolist() == [6] * 4
+
+
+def test_dynamic_counts_helper():
+    logits = torch.tensor([[0.0, 2.0], [1.0, -1.0], [-3.0, 0.5]])
+    tau = torch.tensor([0.4, 0.6])
+    # sigmoid: [[.5,.88],[.73,.27],[.05,.62]]
+    assert dynamic_counts(logits, tau).tolist() == [2, 2]
+
+
+def test_fine_grained_experts():
+    layer = make("diffmoe", num_experts=4, granularity=2).train()
+    assert layer.num_experts == 8 and layer.experts.hidden == HIDDEN // 2
+    out = layer(inputs())
+    k = 24 // 4  # each of the g*E experts still takes S*C/E tokens
+    assert out.mask_SE.sum(0).tolist() == [k] * 8
+    x = inputs()
+    check_against_reference(layer, x, layer(x).y, reference_diffmoe_train(layer, x, k))
+
+
+def test_shared_experts_add_a_dense_path():
+    layer = make("diffmoe", shared_experts=2).train()
+    assert layer.shared is not None and layer.shared.fc1.out_features == 2 * HIDDEN
+    x = inputs()
+    out = layer(x)
+    check_against_reference(layer, x, out.y, reference_diffmoe_train(layer, x, 6))
+
+
+@pytest.mark.parametrize("kind", ["dense", "token_choice", "expert_choice", "diffmoe"])
+def test_one_interface(kind):
+    layer = make(kind).train()
+    out = layer(inputs())
+    assert isinstance(out, FFNOutput) and out.y.shape == (3, 8, D)
+    if kind == "dense":
+        assert out.mask_SE is None and out.counts_E is None
+    else:
+        assert out.mask_SE.shape == (24, 4) and out.counts_E.shape == (4,)
+        assert (out.aux_loss is not None) == (kind == "token_choice")
+        assert (out.predictor_logits_SE is not None) == (kind == "diffmoe")
+
+
+def test_predictor_loss_function():
+    logits = torch.zeros(4, 2)
+    mask = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=torch.bool)
+    assert_close(predictor_loss(logits, mask), torch.log(torch.tensor(2.0)))
+
+
+def test_expert_capacity_rule():
+    assert expert_capacity(256, 1.0, 16) == 16
+    assert expert_capacity(100, 1.0, 16) == 6
+    assert expert_capacity(4, 0.1, 16) == 1  # at least one token
+    assert expert_capacity(8, 4.0, 2) == 8  # at most the pool
+
+
+def test_expert_ffn_reference_consistent_with_bank():
+    layer = make("diffmoe")
+    x = torch.randn(5, D, dtype=torch.float64)
+    y = layer.experts.forward_equal(x.unsqueeze(0).expand(4, 5, D).contiguous())
+    for e in range(4):
+        assert_close(y[e], torch.stack([expert_ffn(layer, e, r) for r in x]))

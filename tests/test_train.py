@@ -1,0 +1,127 @@
+"""Training end to end on scikit-learn digits: outputs, exact resume, checkpoints, samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffmoe.checkpoint import list_checkpoints
+from diffmoe.cli import main
+from diffmoe.config import load_config
+from diffmoe.errors import CheckpointError, DiffMoEError
+from diffmoe.sample import load_model
+from diffmoe.train import train
+
+
+@pytest.mark.parametrize("kind", ["dense", "token_choice", "expert_choice", "diffmoe"])
+def test_every_variant_trains_and_writes_its_outputs(kind, tiny_config_path, tiny_overrides):
+    cfg = load_config(tiny_config_path, tiny_overrides(f"r_{kind}", **{"model.moe.type": kind}))
+    result = train(cfg)
+    run = result.run_dir
+    assert result.step == 6
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 6]
+    for r in lines:
+        assert all(k in r for k in ("loss", "diffusion_loss", "predictor_bce", "aux_loss",
+                                    "threshold_mean", "dynamic_capacity", "images_per_sec"))
+    assert (lines[0]["predictor_bce"] > 0) == (kind == "diffmoe")
+    assert (lines[0]["aux_loss"] > 0) == (kind == "token_choice")
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step_00000003.png", "step_00000006.png"]
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == [
+        "step_00000003", "step_00000006"]
+    assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
+
+
+def test_training_reduces_loss(tiny_config_path, tiny_overrides):
+    cfg = load_config(tiny_config_path, tiny_overrides("learn", **{
+        "train.steps": 60, "train.log_every": 20, "train.sample_every": 1000,
+        "train.ckpt_every": 1000}))
+    run = train(cfg).run_dir
+    losses = [json.loads(x)["diffusion_loss"]
+              for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_resume_is_exact(tiny_config_path, tiny_overrides):
+    common = {"train.steps": 8, "train.ckpt_every": 4, "train.sample_every": 100,
+              "train.keep_checkpoints": 5}
+    full = train(load_config(tiny_config_path, tiny_overrides("full", **common)))
+    half_cfg = load_config(tiny_config_path, tiny_overrides("half", **dict(common, **{
+        "train.steps": 4})))
+    train(half_cfg)
+    resumed = train(load_config(tiny_config_path, tiny_overrides("half", **common)), resume=True)
+    assert resumed.step == 8
+    a = full.run_dir / "checkpoints" / "step_00000008"
+    b = resumed.run_dir / "checkpoints" / "step_00000008"
+    for name in ("model", "ema", "optimizer"):
+        ta = load_file(str(a / f"{name}.safetensors"))
+        tb = load_file(str(b / f"{name}.safetensors"))
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (name, k)
+    weights = load_file(str(a / "model.safetensors"))
+    thresholds = [k for k in weights if k.endswith("thresholds_E")]
+    assert thresholds and all(weights[k].abs().sum() > 0 for k in thresholds)
+    la = (full.run_dir / "metrics.jsonl").read_text().splitlines()
+    lb = (resumed.run_dir / "metrics.jsonl").read_text().splitlines()
+
+    def key(line):
+        return {k: v for k, v in json.loads(line).items()
+                if k not in ("images_per_sec", "elapsed_s")}
+
+    assert [key(x) for x in la] == [key(x) for x in lb]
+
+
+def test_existing_run_is_never_overwritten(tiny_config_path, tiny_overrides):
+    cfg = load_config(tiny_config_path, tiny_overrides("keep"))
+    run = train(cfg).run_dir
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(DiffMoEError, match="already holds a run; add --resume"):
+        train(cfg)
+    after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_resume_with_other_architecture_is_refused(tiny_config_path, tiny_overrides):
+    train(load_config(tiny_config_path, tiny_overrides("arch")))
+    other = load_config(tiny_config_path, tiny_overrides("arch", **{
+        "model.moe.num_experts": 2, "train.steps": 9}))
+    with pytest.raises(CheckpointError, match="model.moe.num_experts"):
+        train(other, resume=True)
+
+
+def test_resume_skips_truncated_newest_checkpoint(tiny_config_path, tiny_overrides, caplog):
+    run = train(load_config(tiny_config_path, tiny_overrides("trunc"))).run_dir
+    newest = run / "checkpoints" / "step_00000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    resumed = train(load_config(tiny_config_path, tiny_overrides("trunc", **{
+        "train.steps": 7})), resume=True)
+    assert resumed.step == 7
+    assert "skipping damaged checkpoint" in caplog.text and "step_00000006" in caplog.text
+
+
+def test_sample_cli_writes_grid_and_capacity(tiny_config_path, tiny_overrides, tmp_path, capsys):
+    run = train(load_config(tiny_config_path, tiny_overrides("samp"))).run_dir
+    out = tmp_path / "grid.png"
+    for mode in ("dynamic", "static", "threshold"):
+        rc = main(["sample", str(run), "--num", "10", "--steps", "2", "--mode", mode,
+                   "--batch-size", "5", "--out", str(out), "--cfg-scale", "2", "--force"])
+        assert rc == 0 and out.is_file()
+        summary = json.loads(out.with_suffix(".json").read_text())
+        assert summary["settings"]["mode"] == mode
+        if mode == "static":
+            assert summary["c_avg_infer"] == pytest.approx(1.0)
+        assert summary["activated_params"] > 0
+    model, state, path = load_model(run)
+    assert state["step"] == 6 and path.name == "step_00000006"
+
+
+def test_checkpoints_are_pruned(tiny_config_path, tiny_overrides):
+    run = train(load_config(tiny_config_path, tiny_overrides("prune", **{
+        "train.ckpt_every": 1, "train.keep_checkpoints": 2}))).run_dir
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == [
+        "step_00000005", "step_00000006"]
