@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -42,7 +41,7 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .config import Config, config_from_dict
+from .config import Config
 from .data import BatchIterator, ImageDataset, build_dataset
 from .diffusion import FlowMatching
 from .ema import ema_decay, make_ema, update_ema
@@ -166,7 +165,7 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if t.compile:
             self.net = torch.compile(self.net)
-        self.moe_diffmoe = diffmoe_layers(self.model)
+        self.diffmoe_layers = diffmoe_layers(self.model)
 
     # -- run directory ----------------------------------------------------------------------
 
@@ -183,8 +182,8 @@ class Trainer:
             distributed.barrier()
             return None
         if not existing:
-            raise DiffMoEError(f"--resume: '{self.run_dir}' has no checkpoint to resume from; drop "
-                               f"--resume to start a new run there")
+            raise DiffMoEError(f"--resume: '{self.run_dir}' has no checkpoint to resume from; "
+                               f"start the run again with another train.out_dir")
         latest = find_latest_checkpoint(self.ckpt_root, check_hashes=True)
         if latest is None:
             raise CheckpointError(f"--resume: every checkpoint in '{self.ckpt_root}' is damaged; "
@@ -251,11 +250,11 @@ class Trainer:
     def _capacity_stats(self, out: DiTOutput) -> torch.Tensor:
         """(mean threshold, C of Eq. 9 that dynamic inference would spend on this batch) for
         DiffMoE; zeros for the other layers."""
-        if not self.moe_diffmoe:
+        if not self.diffmoe_layers:
             return torch.zeros(2, device=self.device)
         taus, caps = [], []
         for o, m in zip([o for o in out.layers if o.predictor_logits_SE is not None],
-                        self.moe_diffmoe):
+                        self.diffmoe_layers):
             taus.append(m.thresholds_E.mean())
             counts_E = dynamic_counts(o.predictor_logits_SE, m.thresholds_E)
             caps.append(expert_capacities(counts_E, o.num_tokens, o.base_experts).mean())
@@ -313,7 +312,7 @@ class Trainer:
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.optimizer.step()
-            average_thresholds_across_ranks(self.moe_diffmoe)
+            average_thresholds_across_ranks(self.diffmoe_layers)
             update_ema(self.ema, self.model, ema_decay(t.ema_decay, self.step, t.ema_warmup),
                        t.ema_buffers)
             self.step += 1
@@ -323,7 +322,12 @@ class Trainer:
             sums += torch.stack([out.loss.detach(), out.diffusion_loss, out.aux_loss,
                                  out.predictor_loss, stats[0], stats[1]]).double()
             count += 1
-            if self.step % t.log_every == 0 or self.step == t.steps:
+            if t.max_minutes:
+                over = torch.tensor(float(time.perf_counter() - start_time > 60 * t.max_minutes))
+                stop_early = bool(distributed.all_mean(over) > 0)
+                if stop_early and main:
+                    log.info("time limit of %.1f min reached at step %d", t.max_minutes, self.step)
+            if self.step % t.log_every == 0 or self.step == t.steps or stop_early:
                 means = distributed.all_mean(sums / count).tolist()
                 dt = time.perf_counter() - interval_start
                 record = dict(zip(["loss", "diffusion_loss", "aux_loss", "predictor_bce",
@@ -338,11 +342,6 @@ class Trainer:
                     log.debug("metrics %s", record)
                 sums.zero_()
                 count, interval_start = 0, time.perf_counter()
-            if t.max_minutes:
-                over = torch.tensor(float(time.perf_counter() - start_time > 60 * t.max_minutes))
-                stop_early = bool(distributed.all_mean(over) > 0)
-                if stop_early and main:
-                    log.info("time limit of %.1f min reached at step %d", t.max_minutes, self.step)
             done = self.step == t.steps or stop_early
             if self.step % t.sample_every == 0 or done:
                 if main:
@@ -362,9 +361,3 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     finally:
         distributed.teardown()
 
-
-def load_run_config(run_dir: Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"'{run_dir}' has no config.yaml; is it a diffmoe run directory?")
-    return config_from_dict(yaml.safe_load(path.read_text()))

@@ -125,3 +125,12 @@ def test_checkpoints_are_pruned(tiny_config_path, tiny_overrides):
         "train.ckpt_every": 1, "train.keep_checkpoints": 2}))).run_dir
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == [
         "step_00000005", "step_00000006"]
+
+
+def test_time_limit_stops_with_checkpoint_and_metrics(tiny_config_path, tiny_overrides):
+    run = train(load_config(tiny_config_path, tiny_overrides("limit", **{
+        "train.steps": 1000, "train.max_minutes": 1e-6}))).run_dir
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000001"]
+    assert (run / "samples" / "step_00000001.png").is_file()
