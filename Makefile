@@ -4,7 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= configs/mnist_diffmoe.yaml
-DEMO_DIR    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+ifndef DEMO_DIR
+DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+endif
 
 .PHONY: install demo test clean-venv
 
