@@ -41,7 +41,7 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .config import Config
+from .config import Config, TrainConfig
 from .data import BatchIterator, ImageDataset, build_dataset
 from .diffusion import FlowMatching
 from .ema import ema_decay, make_ema, update_ema
@@ -117,6 +117,17 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with the config's hyper-parameters, using the fused kernel where torch has one for
+    the parameters' device (CPU and CUDA): on a CPU it is about 9x faster than the default
+    multi-tensor kernel, which matters for MoE models with many expert parameters."""
+    kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    try:
+        return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(model.parameters(), **kwargs)
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -150,8 +161,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model: DiT = build_model(cfg.model).to(self.device)
         self.ema = make_ema(self.model)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr,
-                                           betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+        self.optimizer = build_optimizer(self.model, t)
         self.flow = FlowMatching(cfg.model.in_channels, cfg.objective.time_scale)
         self.step = 0
         torch.manual_seed(t.seed + 1 + self.dist.rank)  # per-rank noise, timesteps, label dropout
