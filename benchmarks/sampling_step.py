@@ -1,0 +1,99 @@
+"""Sampling: one denoising step (one model forward at inference) of DiffMoE-S-E16 in dynamic
+mode at several average capacities, vs Dense-DiT-S, interleaved in one process.
+
+The thresholds are set per expert to the quantile of the capacity predictor's probabilities on
+the benchmark batch that gives each expert about S*C/E tokens, so the measured C_avg is close to
+the target C (reported as measured).
+
+    python benchmarks/sampling_step.py [--batch 8] [--capacities 0.5 1.0 1.5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import emit, interleaved_medians, machine, table
+
+from diffmoe.capacity import forward_capacity
+from diffmoe.config import load_config
+from diffmoe.models import build_model
+from diffmoe.models.moe import Routing, diffmoe_layers
+
+
+def calibrate_thresholds(model, x, t, y, capacity: float) -> None:
+    """Set each DiffMoE layer's thresholds so that expert e takes about S*C/E tokens."""
+    captured = {}
+
+    def hook(layer):
+        def fn(module, args, out):
+            captured[layer] = out.predictor_logits_SE
+        return fn
+
+    layers = diffmoe_layers(model)
+    handles = [m.register_forward_hook(hook(m)) for m in layers]
+    with torch.no_grad():
+        for m in layers:
+            m.thresholds_E.fill_(0.5)
+        model(x, t, y, Routing("dynamic"))
+    for h in handles:
+        h.remove()
+    for m in layers:
+        probs = torch.sigmoid(captured[m].float())
+        q = min(1.0, max(0.0, 1.0 - capacity / m.base_experts))
+        m.thresholds_E.copy_(probs.quantile(q, dim=0))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--capacities", type=float, nargs="+", default=[0.5, 1.0, 1.5])
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 4, 32, 32, device=device)
+    t = torch.rand(args.batch, device=device) * 1000
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+
+    dense = build_model(load_config(None, ["model.preset=Dense-DiT-S"]).model).to(device).eval()
+    tasks, measured = {}, {}
+
+    def forward(model, routing):
+        def run():
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype,
+                                                 enabled=dtype != torch.float32):
+                return model(x, t, y, routing)
+        return run
+
+    tasks["Dense-DiT-S"] = forward(dense, Routing("static"))
+    moe_cfg = load_config(None, ["model.preset=DiffMoE-S-E16"]).model
+    for cap in args.capacities:
+        torch.manual_seed(0)
+        model = build_model(moe_cfg).to(device).eval()
+        # Random non-zero weights in the adaLN projections so the layers see varied inputs.
+        for blk in model.blocks:
+            torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.02)
+        calibrate_thresholds(model, x, t, y, cap)
+        run = forward(model, Routing("dynamic"))
+        measured[cap] = float(forward_capacity(run().layers))
+        tasks[f"DiffMoE-S-E16 C~{cap:g}"] = run
+    times = interleaved_medians(tasks, args.repeats, args.warmup, device)
+    base = times["Dense-DiT-S"]
+    rows = [{"model": "Dense-DiT-S", "c_avg": 1.0, "step_ms": 1e3 * base, "ratio": 1.0}]
+    for cap in args.capacities:
+        name = f"DiffMoE-S-E16 C~{cap:g}"
+        rows.append({"model": name, "c_avg": measured[cap], "step_ms": 1e3 * times[name],
+                     "ratio": times[name] / base})
+    result = {"benchmark": "sampling_step", "machine": machine(), "dtype": args.dtype,
+              "batch": args.batch, "rows": rows}
+    emit(result, table(rows, ["model", "c_avg", "step_ms", "ratio"]), args.json)
+
+
+if __name__ == "__main__":
+    main()
