@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .capacity import CapacityMeter, activated_params
-from .checkpoint import load_state_dict_checked, open_checkpoint
+from .checkpoint import LoadedCheckpoint, load_state_dict_checked, open_checkpoint
 from .config import SampleConfig, config_from_dict
 from .diffusion import FlowMatching
 from .diffusion.samplers import sample
@@ -75,9 +75,14 @@ def load_model(path: str | Path, weights: str = "ema", device: str | torch.devic
                ) -> tuple[DiT, dict, Path]:
     """Build the model a checkpoint was trained with and load its ``ema`` or ``raw`` weights.
     ``path`` may be a checkpoint or a run directory (its newest intact checkpoint)."""
+    ckpt = open_checkpoint(path)
+    return model_from_checkpoint(ckpt, weights, device), ckpt.state, ckpt.path
+
+
+def model_from_checkpoint(ckpt: LoadedCheckpoint, weights: str = "ema",
+                          device: str | torch.device = "cpu") -> DiT:
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights '{weights}' must be 'ema' or 'raw'")
-    ckpt = open_checkpoint(path)
     try:
         cfg = config_from_dict(ckpt.state["config"])
     except (KeyError, TypeError):
@@ -86,8 +91,7 @@ def load_model(path: str | Path, weights: str = "ema", device: str | torch.devic
     model = build_model(cfg.model)
     load_state_dict_checked(model, ckpt.tensors("ema" if weights == "ema" else "model"),
                             f"'{ckpt.path}'")
-    model.to(device).eval()
-    return model, ckpt.state, ckpt.path
+    return model.to(device).eval()
 
 
 def parse_labels(spec: Optional[str], num: int, num_classes: int, seed: int) -> Tensor:
@@ -119,7 +123,7 @@ def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
         s = SampleConfig(**{**base, **overrides})
     except TypeError as exc:
         raise ConfigError(f"bad sample settings ({exc}); check the options") from None
-    model, state, ckpt_path = load_model(ckpt.path, s.weights, device)
+    model, state, ckpt_path = model_from_checkpoint(ckpt, s.weights, device), ckpt.state, ckpt.path
     cfg = model.cfg
     routing = resolve_routing(model, s.mode, s.threshold)
     flow = FlowMatching(cfg.in_channels, state["config"]["objective"]["time_scale"])

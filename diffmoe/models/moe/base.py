@@ -142,17 +142,19 @@ class ExpertBank(nn.Module):
             return "grouped_mm"
         return "padded_bmm"
 
-    def forward_grouped(self, x_TD: Tensor, counts_E: Tensor,
-                        kernel: Optional[str] = None) -> Tensor:
+    def forward_grouped(self, x_TD: Tensor, counts_E: Tensor, kernel: Optional[str] = None,
+                        expert_T: Optional[Tensor] = None) -> Tensor:
         """Run rows ``x_TD``, sorted by expert with ``counts_E`` rows each, through their
-        experts."""
+        experts. ``expert_T`` (each row's expert) is derived from the counts if not given."""
         kernel = kernel or self.resolve_dispatch(x_TD)
         if x_TD.shape[0] == 0:
             return x_TD.new_zeros(0, self.dim)
+        if expert_T is None:
+            expert_T = self.row_experts(counts_E, x_TD.shape[0])
         if kernel == "grouped_mm":
-            return self._grouped_mm(x_TD, counts_E)
+            return self._grouped_mm(x_TD, counts_E, expert_T)
         if kernel == "padded_bmm":
-            return self._padded_bmm(x_TD, counts_E)
+            return self._padded_bmm(x_TD, counts_E, expert_T)
         if kernel == "loop":
             return self._loop(x_TD, counts_E)
         raise ValueError(f"unknown expert dispatch '{kernel}'")
@@ -161,21 +163,19 @@ class ExpertBank(nn.Module):
         experts = torch.arange(self.num_experts, device=counts_E.device)
         return torch.repeat_interleave(experts, counts_E, output_size=rows)
 
-    def _grouped_mm(self, x_TD: Tensor, counts_E: Tensor) -> Tensor:
+    def _grouped_mm(self, x_TD: Tensor, counts_E: Tensor, expert_T: Tensor) -> Tensor:
         dtype = x_TD.dtype
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        expert_T = self.row_experts(counts_E, x_TD.shape[0])
         h_TF = F.grouped_mm(x_TD, self.w1_EDF.to(dtype), offs=offs_E)
         h_TF = gelu_tanh(h_TF + self.b1_EF.to(dtype)[expert_T])
         y_TD = F.grouped_mm(h_TF, self.w2_EFD.to(dtype), offs=offs_E)
         return y_TD + self.b2_ED.to(dtype)[expert_T]
 
-    def _padded_bmm(self, x_TD: Tensor, counts_E: Tensor) -> Tensor:
+    def _padded_bmm(self, x_TD: Tensor, counts_E: Tensor, expert_T: Tensor) -> Tensor:
         # Scatter rows into an (E, max_count, D) buffer, one bmm per projection, gather back.
         rows = x_TD.shape[0]
         width = int(counts_E.max())  # the one host synchronisation of this kernel
         starts_E = torch.cumsum(counts_E, 0) - counts_E
-        expert_T = self.row_experts(counts_E, rows)
         slot_T = expert_T * width + (torch.arange(rows, device=x_TD.device) - starts_E[expert_T])
         buf = x_TD.new_zeros(self.num_experts * width, self.dim).index_copy(0, slot_T, x_TD)
         y = self.forward_equal(buf.view(self.num_experts, width, self.dim))
@@ -283,7 +283,8 @@ class MoELayer(nn.Module):
         """Experts with unequal counts: rows ``tok_T`` already grouped by expert (``counts_E``
         rows each) with router weights ``w_T``. Returns (y_SD, mask_SE)."""
         S = x_SD.shape[0]
-        y_TD = self.experts.forward_grouped(x_SD.index_select(0, tok_T), counts_E)
-        y_SD = combine(y_TD, tok_T, w_T, S)
         expert_T = self.experts.row_experts(counts_E, tok_T.shape[0])
+        y_TD = self.experts.forward_grouped(x_SD.index_select(0, tok_T), counts_E,
+                                            expert_T=expert_T)
+        y_SD = combine(y_TD, tok_T, w_T, S)
         return y_SD, selection_mask(tok_T, expert_T, S, self.num_experts)
