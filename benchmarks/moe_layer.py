@@ -1,5 +1,6 @@
 """MoE layer speed: forward and forward+backward of the dense FFN, diffmoe, expert_choice,
-token_choice, and a naive per-expert-loop DiffMoE, at the S-E16 and B-E16 shapes (8 samples x
+token_choice, and three naive DiffMoE implementations (per-expert loop, E x S buffer, one-hot
+einsums; checked to compute the same output as ours), at the S-E16 and B-E16 shapes (8 samples x
 256 tokens; D = 384 or 768; 16 experts of width 4D; capacity 1, so every variant has the dense
 FFN's activated FLOPs). Runs are interleaved and medians reported, with ratios to dense.
 
@@ -12,35 +13,83 @@ import argparse
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from common import emit, interleaved_medians, machine, table
 
 from diffmoe.config import MoEConfig
 from diffmoe.models.moe import FeedForward, build_ffn, expert_capacity
+from diffmoe.models.moe.diffmoe import CapacityPredictor
 
 SHAPES = {"S-E16": dict(dim=384, experts=16), "B-E16": dict(dim=768, experts=16)}
 SAMPLES, TOKENS = 8, 256
 
 
-class NaiveLoopDiffMoE(nn.Module):
-    """The straightforward implementation: a Python list of expert modules, a loop over them,
-    each gathering its top-k tokens of the pool and adding its weighted output back."""
+class NaiveDiffMoE(nn.Module):
+    """The straightforward implementations of the DiffMoE training layer that issue #3 names, for
+    reference: the same router, capacity predictor (forward only, as in our layer here: the
+    benchmark's loss does not include its BCE) and per-expert top-k over the batch pool, with
+    the experts run one of three ways:
 
-    def __init__(self, dim: int, hidden: int, experts: int, capacity: float = 1.0):
+    * ``loop``: a Python list of expert modules, each gathering its top-k tokens and adding its
+      weighted output back with ``index_add``;
+    * ``buffer``: each expert's weighted output scattered into an (E, S, D) buffer of zeros,
+      summed over experts at the end (the layout of the authors' public code);
+    * ``onehot``: one-hot dispatch and combine tensors (S, E, k) applied with einsums
+      (GShard/Switch style), experts as one stacked batched matmul.
+    """
+
+    def __init__(self, dim: int, hidden: int, experts: int, style: str, capacity: float = 1.0):
         super().__init__()
         self.router = nn.Linear(dim, experts, bias=False)
+        self.predictor = CapacityPredictor(dim, experts)
         self.experts = nn.ModuleList(FeedForward(dim, hidden) for _ in range(experts))
-        self.capacity = capacity
+        self.style, self.capacity = style, capacity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, s, D = x.shape
         pool = x.reshape(B * s, D)
+        S, E = pool.shape[0], len(self.experts)
         scores = self.router(pool).softmax(-1)
-        k = expert_capacity(B * s, self.capacity, len(self.experts))
-        out = torch.zeros_like(pool)
-        for e, expert in enumerate(self.experts):
-            w, idx = scores[:, e].topk(k)
-            out = out.index_add(0, idx, expert(pool[idx]) * w.unsqueeze(-1))
+        self.predictor(pool)
+        k = expert_capacity(S, self.capacity, E)
+        w_Ek, idx_Ek = scores.t().topk(k, dim=-1)
+        if self.style == "loop":
+            out = torch.zeros_like(pool)
+            for e, expert in enumerate(self.experts):
+                out = out.index_add(0, idx_Ek[e], expert(pool[idx_Ek[e]]) * w_Ek[e, :, None])
+        elif self.style == "buffer":
+            buf = pool.new_zeros(E, S, D)
+            for e, expert in enumerate(self.experts):
+                buf[e, idx_Ek[e]] = expert(pool[idx_Ek[e]]) * w_Ek[e, :, None]
+            out = buf.sum(0)
+        else:
+            dispatch_SEk = F.one_hot(idx_Ek, S).permute(2, 0, 1).to(pool.dtype)
+            x_EkD = torch.einsum("sek,sd->ekd", dispatch_SEk, pool)
+            w1 = torch.stack([m.fc1.weight for m in self.experts])
+            b1 = torch.stack([m.fc1.bias for m in self.experts])
+            w2 = torch.stack([m.fc2.weight for m in self.experts])
+            b2 = torch.stack([m.fc2.bias for m in self.experts])
+            h = F.gelu(torch.baddbmm(b1[:, None], x_EkD, w1.transpose(1, 2)), approximate="tanh")
+            y_EkD = torch.baddbmm(b2[:, None], h, w2.transpose(1, 2))
+            out = torch.einsum("sek,ekd->sd", dispatch_SEk * w_Ek, y_EkD)
         return out.view(B, s, D)
+
+
+NAIVE_STYLES = ("loop", "buffer", "onehot")
+
+
+class ExpertsOnly(nn.Module):
+    """Our stacked experts alone on pre-gathered (E, k, D) rows: no router, predictor, gather or
+    combine. Separates what the GEMM shapes cost (inner dimension k = S/E in the weight
+    gradients) from what routing costs."""
+
+    def __init__(self, dim: int, hidden: int, experts: int):
+        super().__init__()
+        self.bank = build_ffn(MoEConfig(type="diffmoe", num_experts=experts), dim, hidden).experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        E = self.bank.num_experts
+        return self.bank.forward_equal(x.reshape(E, -1, x.shape[-1])).view_as(x)
 
 
 def build_layers(dim: int, experts: int, device: torch.device) -> dict[str, nn.Module]:
@@ -48,8 +97,35 @@ def build_layers(dim: int, experts: int, device: torch.device) -> dict[str, nn.M
     layers: dict[str, nn.Module] = {"dense": FeedForward(dim, hidden)}
     for kind in ("diffmoe", "expert_choice", "token_choice"):
         layers[kind] = build_ffn(MoEConfig(type=kind, num_experts=experts), dim, hidden)
-    layers["naive_loop"] = NaiveLoopDiffMoE(dim, hidden, experts)
+    layers["experts_only"] = ExpertsOnly(dim, hidden, experts)
+    for style in NAIVE_STYLES:
+        layers[f"naive_{style}"] = NaiveDiffMoE(dim, hidden, experts, style)
     return {k: v.to(device).train() for k, v in layers.items()}
+
+
+def check_references(layers: dict[str, nn.Module], dim: int, device: torch.device) -> None:
+    """Give the naive references our diffmoe layer's weights and require the same output, so the
+    comparison is between implementations of one computation."""
+    ours = layers["diffmoe"]
+    bank = ours.experts
+    with torch.no_grad():
+        for style in NAIVE_STYLES:
+            ref = layers[f"naive_{style}"]
+            ref.router.weight.copy_(ours.router.weight_ED)
+            ref.predictor.load_state_dict(ours.predictor.state_dict())
+            for e, m in enumerate(ref.experts):
+                m.fc1.weight.copy_(bank.w1_EDF[e].t())
+                m.fc1.bias.copy_(bank.b1_EF[e])
+                m.fc2.weight.copy_(bank.w2_EFD[e].t())
+                m.fc2.bias.copy_(bank.b2_ED[e])
+        x = torch.randn(2, 64, dim, device=device)
+        thresholds = ours.thresholds_E.clone()
+        expected = ours(x).y
+        ours.thresholds_E.copy_(thresholds)
+        for style in NAIVE_STYLES:
+            got = layers[f"naive_{style}"](x)
+            if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+                raise RuntimeError(f"naive_{style} does not compute the diffmoe layer")
 
 
 def output_of(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +137,7 @@ def bench_shape(name: str, repeats: int, warmup: int, device: torch.device,
                 dtype: torch.dtype) -> list[dict]:
     cfg = SHAPES[name]
     layers = build_layers(cfg["dim"], cfg["experts"], device)
+    check_references(layers, cfg["dim"], device)
     x = torch.randn(SAMPLES, TOKENS, cfg["dim"], device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
