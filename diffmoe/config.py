@@ -35,6 +35,7 @@ EMA_BUFFER_RULES = ("average", "copy")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -122,7 +123,18 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 1000
     ckpt_every: int = 1000
+    # How many of the newest checkpoints to keep (older ones are deleted after each save).
     keep_checkpoints: int = 3
+    # A NaN/Inf loss: "stop" the run with an error naming the step and the last good checkpoint,
+    # or "skip" that optimizer step (weights, EMA, optimizer and thresholds untouched) and count it.
+    nonfinite_loss: str = "stop"
+    # With nonfinite_loss=skip, stop anyway when more than this many steps of the run would be
+    # skipped (0 = no limit).
+    max_skipped_steps: int = 100
+    # Under torchrun: seconds a rank waits in a collective (for a dead or hung rank) before the
+    # run stops with an error. Must exceed the slowest checkpoint write or sample grid, which the
+    # other ranks wait for.
+    dist_timeout_s: float = 600.0
     # Stop after this many minutes of training (0 = no limit); a checkpoint is written at the stop.
     max_minutes: float = 0.0
     device: str = "auto"
@@ -272,9 +284,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    article = "an" if tp.__name__[0] in "aeiou" else "a"
     raise ConfigError(
-        f"config key '{key}' expects a {tp.__name__}, got {value!r} ({type(value).__name__}); "
-        f"fix the value in the YAML file or the override")
+        f"config key '{key}' expects {article} {tp.__name__}, got {value!r} "
+        f"({type(value).__name__}); fix the value in the YAML file or the override")
 
 
 def _build(cls: type, data: dict, prefix: str) -> Any:
@@ -340,11 +353,20 @@ def config_from_dict(data: dict) -> Config:
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; pass a YAML file such as "
+                          f"configs/mnist_diffmoe.yaml")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as "
                           f"configs/mnist_diffmoe.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+        raise ConfigError(f"config file '{path}' cannot be read ({reason}); pass a YAML "
+                          f"file") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
@@ -386,6 +408,7 @@ def validate(cfg: Config) -> None:
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _choice("train.device", t.device, DEVICES)
+    _choice("train.nonfinite_loss", t.nonfinite_loss, NONFINITE_POLICIES)
     _choice("sample.sampler", s.sampler, SAMPLERS)
     _choice("sample.mode", s.mode, INFERENCE_MODES)
     _choice("sample.weights", s.weights, ("ema", "raw"))
@@ -448,6 +471,9 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     _require(t.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no limit)")
     _require(t.num_threads >= 0, "train.num_threads must be >= 0 (0 = torch's default)")
+    _require(t.max_skipped_steps >= 0, "train.max_skipped_steps must be >= 0 (0 = no limit)")
+    _require(t.dist_timeout_s > 0, f"train.dist_timeout_s={t.dist_timeout_s} must be positive "
+             f"(seconds a rank waits for the others)")
     _require(bool(t.out_dir), "train.out_dir may not be empty")
     _require(s.cfg_scale >= 0, f"sample.cfg_scale={s.cfg_scale} must be >= 0 (1 = no guidance)")
     _require(0.0 <= s.threshold <= 1.0, f"sample.threshold={s.threshold} must be in [0, 1] "

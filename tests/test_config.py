@@ -38,7 +38,7 @@ def test_preset_applies_first_and_yaml_wins(tmp_path):
     (["model.moe.type=diffmoe", "model.moe.capacity=0"], "model.moe.capacity=0.0 must be positive"),
     (["model.moe.type=diffmoe", "model.moe.capacity=-1"], "must be positive"),
     (["model.input_size=30", "model.patch_size=4"], "not divisible by model.patch_size=4"),
-    (["model.depth=two"], "expects a int"),
+    (["model.depth=two"], "expects an int"),
     (["model.moe.type=difmoe"], "did you mean 'diffmoe'"),
     (["sample.sampler=rk4"], "sample.sampler='rk4' is not one of"),
     (["model.preset=DiffMoE-M-E16"], "unknown model.preset"),
