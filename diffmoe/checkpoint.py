@@ -12,8 +12,14 @@ Layout of one checkpoint (a directory)::
 
 A checkpoint is written into a hidden temporary directory, every file is fsynced, ``state.json``
 last, and the directory is renamed into place; a crash at any moment leaves either the complete
-new checkpoint or none. ``state.json`` lists each file's size and hash, so a truncated or damaged
-checkpoint is detected and reported, never loaded silently.
+new checkpoint or none. Old checkpoints are deleted the same way round: renamed out of the
+``step_*`` namespace first, then removed, so a crash while pruning never leaves a half-deleted
+directory that looks like a checkpoint. Leftovers of either (``.tmp-*``, ``.deleting-*``) are
+removed on resume by :func:`remove_incomplete`.
+
+``state.json`` lists each file's size and hash, so a truncated or damaged checkpoint is detected
+and reported, never loaded silently: resume checks every hash before choosing a checkpoint, and
+:meth:`LoadedCheckpoint.tensors` checks the hash of each file it loads.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
 CKPT_RE = re.compile(r"^step_(\d{8})$")
+TMP_PREFIX = ".tmp-"  # a checkpoint being written
+DELETING_PREFIX = ".deleting-"  # a checkpoint being pruned
 HASH_CHUNK = 1 << 20
 
 
@@ -104,7 +112,7 @@ def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, dict[str, torch
     if final.exists():
         log.info("checkpoint %s already exists; not overwriting it", final)
         return final
-    tmp = ckpt_root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    tmp = ckpt_root / f"{TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -148,24 +156,29 @@ def verify_checkpoint(path: Path, check_hashes: bool = True) -> dict:
                               f"directory or a checkpoints/step_XXXXXXXX directory")
     try:
         state = json.loads(state_path.read_text())
-        manifest = state["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        manifest = {str(name): {"bytes": int(info["bytes"]), "sha256": str(info["sha256"])}
+                    for name, info in state["files"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError,
+            UnicodeDecodeError):
         raise CheckpointError(f"checkpoint '{path}' is corrupt ({STATE_FILE} is unreadable); "
                               f"use an earlier checkpoint of the run") from None
     for name, info in manifest.items():
-        fpath = path / name
-        if not fpath.is_file():
-            raise CheckpointError(f"checkpoint '{path}' is incomplete ({name} is missing); use an "
-                                  f"earlier checkpoint of the run")
-        size = fpath.stat().st_size
-        if size != info["bytes"]:
-            raise CheckpointError(f"checkpoint '{path}' is corrupt ({name} has {size} bytes, "
-                                  f"expected {info['bytes']}); use an earlier checkpoint of the "
-                                  f"run")
-        if check_hashes and _sha256(fpath) != info["sha256"]:
-            raise CheckpointError(f"checkpoint '{path}' is corrupt ({name} fails its SHA-256 "
-                                  f"check); use an earlier checkpoint of the run")
+        _check_file(path, name, info, check_hashes)
     return state
+
+
+def _check_file(path: Path, name: str, info: dict, check_hash: bool) -> None:
+    fpath = path / name
+    if not fpath.is_file():
+        raise CheckpointError(f"checkpoint '{path}' is incomplete ({name} is missing); use an "
+                              f"earlier checkpoint of the run")
+    size = fpath.stat().st_size
+    if size != info["bytes"]:
+        raise CheckpointError(f"checkpoint '{path}' is corrupt ({name} has {size} bytes, "
+                              f"expected {info['bytes']}); use an earlier checkpoint of the run")
+    if check_hash and _sha256(fpath) != info["sha256"]:
+        raise CheckpointError(f"checkpoint '{path}' is corrupt ({name} fails its SHA-256 "
+                              f"check); use an earlier checkpoint of the run")
 
 
 def find_latest_checkpoint(ckpt_root: Path, check_hashes: bool = True) -> Optional[Path]:
@@ -201,9 +214,19 @@ def resolve_checkpoint(path: str | Path, check_hashes: bool = False) -> Path:
 class LoadedCheckpoint:
     path: Path
     state: dict
+    # True when every file's hash was already checked (resume does so to choose a checkpoint).
+    verified: bool = False
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of ``<name>.safetensors``, after checking the file against the size and
+        SHA-256 that ``state.json`` recorded for it."""
         fpath = self.path / f"{name}.safetensors"
+        info = self.state.get("files", {}).get(fpath.name)
+        if info is None:
+            raise CheckpointError(f"checkpoint '{self.path}' has no {fpath.name} in its "
+                                  f"{STATE_FILE}; use an earlier checkpoint of the run")
+        if not self.verified:
+            _check_file(self.path, fpath.name, info, check_hash=True)
         try:
             return load_file(str(fpath))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -212,15 +235,34 @@ class LoadedCheckpoint:
 
 
 def open_checkpoint(path: str | Path, check_hashes: bool = False) -> LoadedCheckpoint:
+    """Open a checkpoint or a run's newest complete one. ``check_hashes`` checks every file now;
+    otherwise each file's hash is checked when :meth:`LoadedCheckpoint.tensors` loads it."""
     ckpt = resolve_checkpoint(path, check_hashes)
-    return LoadedCheckpoint(ckpt, verify_checkpoint(ckpt, check_hashes))
+    return LoadedCheckpoint(ckpt, verify_checkpoint(ckpt, check_hashes), verified=check_hashes)
 
 
 def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
+    """Delete all but the newest ``keep`` checkpoints (each renamed away first, then removed)."""
     for old in list_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(DELETING_PREFIX + old.name)
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
         log.info("removed old checkpoint %s", old)
+
+
+def remove_incomplete(ckpt_root: Path) -> list[Path]:
+    """Remove what an interrupted save or prune left behind (``.tmp-*``, ``.deleting-*``) and
+    return the paths removed. Only for a run no other process is writing to."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return []
+    removed = sorted(p for p in ckpt_root.iterdir()
+                     if p.is_dir() and p.name.startswith((TMP_PREFIX, DELETING_PREFIX)))
+    for path in removed:
+        log.warning("removing %s, left by an interrupted checkpoint %s", path,
+                    "write" if path.name.startswith(TMP_PREFIX) else "deletion")
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def load_state_dict_checked(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
