@@ -12,7 +12,10 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+# What a rank sees when another rank died (its connection closes) or stopped answering (the
+# collective times out): gloo and NCCL raise plain RuntimeErrors with these in the message.
+COLLECTIVE_FAILURE_MARKERS = ("gloo", "nccl", "connection reset", "connection closed",
+                              "timed out", "broken pipe")
 
 
 @dataclass
@@ -30,9 +33,10 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup(device_type: str) -> DistInfo:
+def setup(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1):
-    NCCL on GPU, gloo on CPU."""
+    NCCL on GPU, gloo on CPU. A collective that waits longer than ``timeout_s`` for another rank
+    (one that died or hangs) fails instead of blocking forever."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -41,7 +45,7 @@ def setup(device_type: str) -> DistInfo:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         log.info("rank %d/%d initialised (%s)", rank, world, backend)
     return DistInfo(rank, world, local)
 
@@ -51,6 +55,14 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank died or hung."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in COLLECTIVE_FAILURE_MARKERS)
+
+
 def all_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (identity without a process group)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -58,6 +70,14 @@ def all_mean(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= dist.get_world_size()
     return values
+
+
+def any_rank(flag: torch.Tensor) -> bool:
+    """True if ``flag`` (a 0-d bool tensor) is true on any rank, so all ranks decide alike."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = flag.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
 
 
 def gather_objects(obj) -> list:

@@ -2,7 +2,8 @@
 
 Every problem caused by input a person typed or a file they pointed at (a config value, a path, a
 checkpoint) is raised as :class:`DiffMoEError` with a one-line message that names the problem and
-the fix. The CLI prints such messages as a single ``error:`` line instead of a traceback.
+the fix; so is a training run that had to stop (:class:`TrainingError`). The CLI prints such
+messages as a single ``error:`` line instead of a traceback.
 """
 
 
@@ -20,3 +21,8 @@ class CheckpointError(DiffMoEError):
 
 class DataError(DiffMoEError):
     """A dataset that cannot be found or read."""
+
+
+class TrainingError(DiffMoEError):
+    """Training stopped: a non-finite loss, a rank that died or hung, or a termination signal. The
+    message names the step and the checkpoint to resume from."""

@@ -10,7 +10,15 @@ A run directory holds everything a run writes::
 
 An existing run is never overwritten: starting a run in a directory that already has checkpoints
 is refused unless ``resume`` is asked for, and resume continues from the newest intact checkpoint
-with the data order, RNG states, optimizer, EMA and thresholds restored.
+with the data order, RNG states, optimizer, EMA, thresholds and the partly accumulated logging
+interval restored, so that a killed and resumed run reproduces the uninterrupted one bit for bit.
+Metric records written after that checkpoint (by the run that died) are dropped from
+``metrics.jsonl`` and written again as the steps are replayed.
+
+Faults stop a run with a :class:`TrainingError` that names the step and the checkpoint to resume
+from: a non-finite loss (unless ``train.nonfinite_loss=skip``), a rank that died or stopped
+answering for ``train.dist_timeout_s`` under torchrun, and SIGTERM (which torchrun sends to the
+surviving ranks when one fails).
 """
 
 from __future__ import annotations
@@ -19,6 +27,10 @@ import contextlib
 import json
 import logging
 import math
+import os
+import re
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +50,7 @@ from .checkpoint import (
     optimizer_from_tensors,
     optimizer_to_tensors,
     prune_checkpoints,
+    remove_incomplete,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -45,7 +58,7 @@ from .config import Config, TrainConfig
 from .data import BatchIterator, ImageDataset, build_dataset
 from .diffusion import FlowMatching
 from .ema import ema_decay, make_ema, update_ema
-from .errors import CheckpointError, ConfigError, DiffMoEError
+from .errors import CheckpointError, ConfigError, DiffMoEError, TrainingError
 from .images import save_grid
 from .models import DiT, DiTOutput, build_model
 from .models.moe import average_thresholds_across_ranks, diffmoe_layers
@@ -58,6 +71,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 GRID_COLUMNS = 10  # sample grids cycle labels 0..9, one class per column
 
 METRIC_FIELDS = {
+    # The loss fields are null for an interval whose every step was skipped.
     "step": "optimizer steps done",
     "loss": "total loss backpropagated (diffusion + aux + predictor)",
     "diffusion_loss": "flow-matching MSE",
@@ -68,7 +82,12 @@ METRIC_FIELDS = {
     "images_per_sec": "training throughput over the interval (all ranks)",
     "lr": "learning rate",
     "elapsed_s": "seconds since this process started training",
+    "skipped_steps": "steps skipped for a non-finite loss since the run began "
+                     "(train.nonfinite_loss=skip)",
 }
+MEAN_FIELDS = ["loss", "diffusion_loss", "aux_loss", "predictor_bce", "threshold_mean",
+               "dynamic_capacity"]
+GLOO_LOCATION_RE = re.compile(r"^\[[^\]]*\]\s*")  # "[.../pair.cc:537] " before gloo messages
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,7 +162,7 @@ class Trainer:
         self.device = resolve_device(t.device)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        self.dist = distributed.setup(self.device.type)
+        self.dist = distributed.setup(self.device.type, t.dist_timeout_s)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         if t.batch_size % self.dist.world_size:
@@ -164,6 +183,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t)
         self.flow = FlowMatching(cfg.model.in_channels, cfg.objective.time_scale)
         self.step = 0
+        self.skipped_steps = 0
+        # The logging interval in progress: per-metric sums over its good (finite-loss) steps,
+        # and how many steps and good steps it has. Checkpointed, so resume can finish it.
+        self.interval_sums = torch.zeros(len(MEAN_FIELDS), device=self.device,
+                                         dtype=torch.float64)
+        self.interval_steps = 0
+        self.interval_good = 0
         torch.manual_seed(t.seed + 1 + self.dist.rank)  # per-rank noise, timesteps, label dropout
         if self.resume_from is not None:
             self._load(self.resume_from)
@@ -194,6 +220,8 @@ class Trainer:
         if not existing:
             raise DiffMoEError(f"--resume: '{self.run_dir}' has no checkpoint to resume from; "
                                f"start the run again with another train.out_dir")
+        if self.dist.is_main:
+            remove_incomplete(self.ckpt_root)
         latest = find_latest_checkpoint(self.ckpt_root, check_hashes=True)
         if latest is None:
             raise CheckpointError(f"--resume: every checkpoint in '{self.ckpt_root}' is damaged; "
@@ -201,7 +229,8 @@ class Trainer:
         return latest
 
     def _load(self, path: Path) -> None:
-        ckpt = LoadedCheckpoint(path, verify_checkpoint(path, check_hashes=False))
+        # Every hash was checked when the checkpoint was chosen (find_latest_checkpoint).
+        ckpt = LoadedCheckpoint(path, verify_checkpoint(path, check_hashes=False), verified=True)
         state = ckpt.state
         diffs = model_config_diff(state["config"]["model"], self.cfg.to_dict()["model"])
         if diffs:
@@ -221,16 +250,53 @@ class Trainer:
                         world, self.dist.world_size)
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        interval = state.get("interval")
+        if interval and world == self.dist.world_size:
+            self.interval_sums = torch.tensor(interval["sums"][self.dist.rank],
+                                              device=self.device, dtype=torch.float64)
+            self.interval_steps, self.interval_good = interval["steps"], interval["good"]
+        if self.dist.is_main:
+            self._rewind_metrics()
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _rewind_metrics(self) -> None:
+        """Drop metric records past the resumed step (and any line cut short by a crash): the
+        resumed run replays those steps and writes them again."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                if int(json.loads(line)["step"]) <= self.step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        if len(keep) == len(lines):
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.write("".join(line + "\n" for line in keep))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d record(s) written after step %d by the interrupted "
+                 "run; those steps are replayed", len(lines) - len(keep), self.step)
 
     def save(self) -> Optional[Path]:
         rng_all = distributed.gather_objects(_rng_state(self.device))
+        sums_all = distributed.gather_objects(self.interval_sums.tolist())
         path = None
         if self.dist.is_main:
             opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer.state_dict())
             rng = {f"rank{r}.{k}": v for r, st in enumerate(rng_all) for k, v in st.items()}
             state = {"config": self.cfg.to_dict(), "loader": self.loader.state_dict(),
-                     "optimizer": opt_meta, "world_size": self.dist.world_size}
+                     "optimizer": opt_meta, "world_size": self.dist.world_size,
+                     "skipped_steps": self.skipped_steps,
+                     "interval": {"sums": sums_all, "steps": self.interval_steps,
+                                  "good": self.interval_good}}
             path = save_checkpoint(self.ckpt_root, self.step,
                                    {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                                     "optimizer": opt_tensors, "rng": rng}, state)
@@ -286,6 +352,115 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    def _last_good_checkpoint(self) -> str:
+        latest = find_latest_checkpoint(self.ckpt_root, check_hashes=False)
+        return str(latest) if latest is not None else "none (no checkpoint written yet)"
+
+    def _nonfinite_loss(self, loss: torch.Tensor, thresholds: list[torch.Tensor]) -> None:
+        """A NaN/Inf loss on some rank at step ``self.step + 1``: stop with an error, or (with
+        ``train.nonfinite_loss=skip``) undo the thresholds' update of this forward and count a
+        skip; the caller then leaves weights, EMA and optimizer untouched."""
+        t = self.cfg.train
+        step = self.step + 1
+        value = loss.item()
+        what = f"{value}" if not math.isfinite(value) else "on another rank"
+        if t.nonfinite_loss == "stop":
+            raise TrainingError(
+                f"non-finite loss ({what}) at step {step}; last good checkpoint: "
+                f"{self._last_good_checkpoint()}; resume from it with --resume after lowering "
+                f"train.lr or setting train.grad_clip, or set train.nonfinite_loss=skip")
+        self.skipped_steps += 1
+        if t.max_skipped_steps and self.skipped_steps > t.max_skipped_steps:
+            raise TrainingError(
+                f"non-finite loss ({what}) at step {step}: more than train.max_skipped_steps="
+                f"{t.max_skipped_steps} steps skipped; last good checkpoint: "
+                f"{self._last_good_checkpoint()}; check the data, lower train.lr or set "
+                f"train.grad_clip, then resume with --resume")
+        for m, tau in zip(self.diffmoe_layers, thresholds):
+            m.thresholds_E.copy_(tau)
+        log.warning("non-finite loss (%s) at step %d: step skipped (%d skipped so far)", what,
+                    step, self.skipped_steps)
+
+    @contextlib.contextmanager
+    def _stop_cleanly(self):
+        """Turn what ends a run from outside into a :class:`TrainingError` naming the step and
+        the checkpoint to resume from: SIGTERM (a scheduler, or torchrun stopping the surviving
+        ranks after one failed), and a collective that failed because another rank died or
+        stopped answering within ``train.dist_timeout_s``."""
+        def on_sigterm(signum, frame):
+            raise TrainingError(
+                f"stopped by {signal.Signals(signum).name} at step {self.step} (the job was "
+                f"cancelled, or another rank failed); last good checkpoint: "
+                f"{self._last_good_checkpoint()}; resume with --resume")
+
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+        try:
+            yield
+        except RuntimeError as exc:
+            if not (self.dist.enabled and distributed.is_collective_failure(exc)):
+                raise
+            reason = GLOO_LOCATION_RE.sub("", str(exc).strip().splitlines()[0]).split(". ")[0]
+            raise TrainingError(
+                f"rank {self.dist.rank}: lost contact with another rank at step {self.step + 1} "
+                f"({reason}); another rank died or hung (see its log), so the run stopped; last "
+                f"good checkpoint: {self._last_good_checkpoint()}; resume with --resume") from exc
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _train_step(self) -> bool:
+        """One optimizer step (or one skipped for a non-finite loss). Returns whether it was
+        taken; adds its metrics to the interval."""
+        t = self.cfg.train
+        x, y = self.loader.next()
+        lr = self._lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        thresholds = ([m.thresholds_E.clone() for m in self.diffmoe_layers]
+                      if t.nonfinite_loss == "skip" else [])
+        with self._autocast():
+            out = self.flow.loss(self.net, x, y)
+        good = not distributed.any_rank(~torch.isfinite(out.loss.detach()))
+        if good:
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.optimizer.step()
+            average_thresholds_across_ranks(self.diffmoe_layers)
+            update_ema(self.ema, self.model, ema_decay(t.ema_decay, self.step, t.ema_warmup),
+                       t.ema_buffers)
+            stats = self._capacity_stats(out.model_output)
+            self.interval_sums += torch.stack([out.loss.detach(), out.diffusion_loss,
+                                               out.aux_loss, out.predictor_loss, stats[0],
+                                               stats[1]]).double()
+            self.interval_good += 1
+        else:
+            self._nonfinite_loss(out.loss.detach(), thresholds)
+        self.step += 1
+        self.interval_steps += 1
+        return good
+
+    def _log_interval(self, interval_start: float, timed_steps: int, start_time: float) -> dict:
+        """Write the interval's record (``timed_steps`` steps since ``interval_start`` in this
+        process, for the throughput) and start the next interval."""
+        t = self.cfg.train
+        means = distributed.all_mean(self.interval_sums / max(1, self.interval_good)).tolist()
+        if not self.interval_good:
+            means = [None] * len(means)
+        dt = time.perf_counter() - interval_start
+        record = {"step": self.step, **dict(zip(MEAN_FIELDS, means)),
+                  "images_per_sec": timed_steps * t.batch_size / dt,
+                  "lr": self._lr(self.step - 1), "elapsed_s": time.perf_counter() - start_time,
+                  "skipped_steps": self.skipped_steps}
+        if self.dist.is_main:
+            self._write_metrics(record)
+            log.debug("metrics %s", record)
+        self.interval_sums.zero_()
+        self.interval_steps = self.interval_good = 0
+        return record
+
     def train(self) -> TrainResult:
         t = self.cfg.train
         main = self.dist.is_main
@@ -297,70 +472,42 @@ class Trainer:
                      self.cfg.model.moe.type, self.model.num_params() / 1e6,
                      self.dist.world_size, self.device)
         self.net.train()
-        sums = torch.zeros(6, device=self.device, dtype=torch.float64)
-        count, interval_start = 0, time.perf_counter()
-        start_time = time.perf_counter()
+        interval_start = start_time = time.perf_counter()
+        timed_steps = 0
         last_ckpt: Optional[Path] = None
         last_samples: Optional[Path] = None
         bar = tqdm(total=t.steps, initial=self.step, disable=not main, desc="train",
                    dynamic_ncols=True, mininterval=1.0)
         stop_early = False
-        while self.step < t.steps and not stop_early:
-            x, y = self.loader.next()
-            lr = self._lr(self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            with self._autocast():
-                out = self.flow.loss(self.net, x, y)
-            if not torch.isfinite(out.loss):
-                latest = list_checkpoints(self.ckpt_root)
-                raise DiffMoEError(
-                    f"non-finite loss at step {self.step + 1}; last checkpoint: "
-                    f"{latest[-1] if latest else 'none'}; lower train.lr or set train.grad_clip")
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-            self.optimizer.step()
-            average_thresholds_across_ranks(self.diffmoe_layers)
-            update_ema(self.ema, self.model, ema_decay(t.ema_decay, self.step, t.ema_warmup),
-                       t.ema_buffers)
-            self.step += 1
-            bar.update(1)
-
-            stats = self._capacity_stats(out.model_output)
-            sums += torch.stack([out.loss.detach(), out.diffusion_loss, out.aux_loss,
-                                 out.predictor_loss, stats[0], stats[1]]).double()
-            count += 1
-            if t.max_minutes:
-                over = torch.tensor(float(time.perf_counter() - start_time > 60 * t.max_minutes))
-                stop_early = bool(distributed.all_mean(over) > 0)
-                if stop_early and main:
-                    log.info("time limit of %.1f min reached at step %d", t.max_minutes, self.step)
-            if self.step % t.log_every == 0 or self.step == t.steps or stop_early:
-                means = distributed.all_mean(sums / count).tolist()
-                dt = time.perf_counter() - interval_start
-                record = dict(zip(["loss", "diffusion_loss", "aux_loss", "predictor_bce",
-                                   "threshold_mean", "dynamic_capacity"], means))
-                record = {"step": self.step, **record,
-                          "images_per_sec": count * t.batch_size / dt, "lr": lr,
-                          "elapsed_s": time.perf_counter() - start_time}
-                if main:
-                    self._write_metrics(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}",
-                                    img_s=f"{record['images_per_sec']:.0f}")
-                    log.debug("metrics %s", record)
-                sums.zero_()
-                count, interval_start = 0, time.perf_counter()
-            done = self.step == t.steps or stop_early
-            if self.step % t.sample_every == 0 or done:
-                if main:
-                    last_samples = self.sample_grid()
-                    log.info("wrote samples %s", last_samples)
-                distributed.barrier()
-            if self.step % t.ckpt_every == 0 or done:
-                last_ckpt = self.save() or last_ckpt
+        with self._stop_cleanly():
+            while self.step < t.steps and not stop_early:
+                self._train_step()
+                timed_steps += 1
+                bar.update(1)
+                if t.max_minutes:
+                    over = time.perf_counter() - start_time > 60 * t.max_minutes
+                    stop_early = bool(distributed.all_mean(torch.tensor(float(over))) > 0)
+                    if stop_early and main:
+                        log.info("time limit of %.1f min reached at step %d", t.max_minutes,
+                                 self.step)
+                if self.step % t.log_every == 0 or self.step == t.steps or stop_early:
+                    record = self._log_interval(interval_start, timed_steps, start_time)
+                    if record["loss"] is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                        img_s=f"{record['images_per_sec']:.0f}")
+                    interval_start, timed_steps = time.perf_counter(), 0
+                done = self.step == t.steps or stop_early
+                if self.step % t.sample_every == 0 or done:
+                    if main:
+                        last_samples = self.sample_grid()
+                        log.info("wrote samples %s", last_samples)
+                    distributed.barrier()
+                if self.step % t.ckpt_every == 0 or done:
+                    last_ckpt = self.save() or last_ckpt
         bar.close()
+        if self.skipped_steps and main:
+            log.warning("%d step(s) of this run were skipped for a non-finite loss",
+                        self.skipped_steps)
         return TrainResult(self.run_dir, self.step, last_ckpt, last_samples)
 
 
