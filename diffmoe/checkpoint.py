@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -47,6 +48,7 @@ STATE_FILE = "state.json"
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"  # a checkpoint being written
 DELETING_PREFIX = ".deleting-"  # a checkpoint being pruned
+DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint moved aside; never deleted
 HASH_CHUNK = 1 << 20
 
 
@@ -105,13 +107,21 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict
 def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, dict[str, torch.Tensor]],
                     state: dict[str, Any]) -> Path:
     """Write ``files`` (name → tensors, each saved as ``<name>.safetensors``) and ``state`` as one
-    checkpoint for ``step``, atomically. An existing checkpoint of that step is never replaced."""
+    checkpoint for ``step``, atomically. An intact checkpoint of that step is never replaced; a
+    damaged one (which resume skipped) is moved aside to ``damaged-step_XXXXXXXX-<time>``, kept
+    for inspection, and replaced."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / checkpoint_name(step)
     if final.exists():
-        log.info("checkpoint %s already exists; not overwriting it", final)
-        return final
+        try:
+            verify_checkpoint(final)
+            log.info("checkpoint %s already exists; not overwriting it", final)
+            return final
+        except CheckpointError as exc:
+            aside = ckpt_root / f"{DAMAGED_PREFIX}{final.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(final, aside)
+            log.warning("moved damaged checkpoint %s aside to %s (%s)", final, aside, exc)
     tmp = ckpt_root / f"{TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -193,6 +193,8 @@ class Trainer:
         torch.manual_seed(t.seed + 1 + self.dist.rank)  # per-rank noise, timesteps, label dropout
         if self.resume_from is not None:
             self._load(self.resume_from)
+        if resume and self.dist.is_main:
+            self._rewind_metrics()
         self.net = self.model
         if self.dist.enabled:
             # Buffers (the thresholds) are averaged explicitly after each step, not broadcast.
@@ -217,11 +219,15 @@ class Trainer:
                 (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
             distributed.barrier()
             return None
-        if not existing:
-            raise DiffMoEError(f"--resume: '{self.run_dir}' has no checkpoint to resume from; "
-                               f"start the run again with another train.out_dir")
         if self.dist.is_main:
             remove_incomplete(self.ckpt_root)
+        if not existing:
+            if (self.run_dir / "config.yaml").is_file():
+                log.warning("--resume: '%s' has no checkpoint yet (the run stopped before its "
+                            "first); starting it again from step 0", self.run_dir)
+                return None
+            raise DiffMoEError(f"--resume: '{self.run_dir}' has no checkpoint to resume from; "
+                               f"start the run again with another train.out_dir")
         latest = find_latest_checkpoint(self.ckpt_root, check_hashes=True)
         if latest is None:
             raise CheckpointError(f"--resume: every checkpoint in '{self.ckpt_root}' is damaged; "
@@ -256,8 +262,6 @@ class Trainer:
             self.interval_sums = torch.tensor(interval["sums"][self.dist.rank],
                                               device=self.device, dtype=torch.float64)
             self.interval_steps, self.interval_good = interval["steps"], interval["good"]
-        if self.dist.is_main:
-            self._rewind_metrics()
         log.info("resumed from %s at step %d", path, self.step)
 
     def _rewind_metrics(self) -> None:
@@ -479,7 +483,8 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, disable=not main, desc="train",
                    dynamic_ncols=True, mininterval=1.0)
         stop_early = False
-        with self._stop_cleanly():
+        # Closing the bar first makes an error message start on a line of its own.
+        with self._stop_cleanly(), contextlib.closing(bar):
             while self.step < t.steps and not stop_early:
                 self._train_step()
                 timed_steps += 1
@@ -504,7 +509,6 @@ class Trainer:
                     distributed.barrier()
                 if self.step % t.ckpt_every == 0 or done:
                     last_ckpt = self.save() or last_ckpt
-        bar.close()
         if self.skipped_steps and main:
             log.warning("%d step(s) of this run were skipped for a non-finite loss",
                         self.skipped_steps)
