@@ -1,13 +1,16 @@
-"""Run under torchrun by test_ddp.py: train a few DDP steps, then check on every rank that
-weights, EMA weights and DiffMoE thresholds agree with rank 0's."""
+"""Run under torchrun by test_ddp.py: train a few DDP steps (with the faults of DIFFMOE_FAULTS
+injected, see fault_runner.py), then check on every rank that weights, EMA weights and DiffMoE
+thresholds agree with rank 0's."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
 import torch.distributed as dist
+from fault_runner import install, parse
 
 from diffmoe.config import load_config
 from diffmoe.train import Trainer
@@ -15,6 +18,7 @@ from diffmoe.train import Trainer
 
 def main() -> None:
     config, result_path, *overrides = sys.argv[1:]
+    install(parse(os.environ.get("DIFFMOE_FAULTS", "")))
     trainer = Trainer(load_config(config, overrides))
     trainer.train()
     report = {}
