@@ -17,9 +17,11 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .config import SampleConfig, load_config
 from .errors import DiffMoEError
+from .paths import file_in_the_way
 
 log = logging.getLogger("diffmoe")
 
@@ -54,9 +56,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if name in overrides and overrides[name] <= 0:
             raise DiffMoEError(f"--{name.replace('_', '-')}={overrides[name]} must be a positive "
                                f"integer")
-    if os.path.exists(args.out) and not args.force:
-        raise DiffMoEError(f"output '{args.out}' already exists; pass --force to replace it or "
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise DiffMoEError(f"--out '{out}' must end in .png (the grid is a PNG image; a JSON "
+                           f"summary is written beside it)")
+    if out.is_dir():
+        raise DiffMoEError(f"--out '{out}' is a directory; pass a file such as "
+                           f"{out / 'samples.png'}")
+    if out.exists() and not args.force:
+        raise DiffMoEError(f"output '{out}' already exists; pass --force to replace it or "
                            f"choose another --out")
+    blocker = file_in_the_way(out.parent)
+    if blocker is not None:
+        raise DiffMoEError(f"--out '{out}' cannot be written: '{blocker}' is a file, not a "
+                           f"directory; choose another --out")
     summary = sample_checkpoint(args.checkpoint, overrides, args.out, args.labels, args.device)
     log.info("wrote %s (C_avg_infer %.3f, mode %s)", summary["image"], summary["c_avg_infer"],
              summary["settings"]["mode"])
@@ -115,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except DiffMoEError as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except OSError as exc:
+        # The file system refused (permissions, a full disk, ...): one line naming the path.
+        where = f": '{exc.filename}'" if exc.filename else ""
+        sys.stderr.write(f"error: {exc.strerror or exc}{where}; check the path, its "
+                         f"permissions and the free disk space\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -43,6 +43,33 @@ def resolve_routing(model: DiT, mode: str, threshold: float) -> Routing:
     return Routing(mode, threshold)
 
 
+def capacity_warnings(model: DiT, routing: Routing, batch_size: int, c_avg: float) -> list[str]:
+    """Settings that work but are probably not what was meant: a DiffMoE token pool of a single
+    image, and a threshold under which no expert or every expert processes every token."""
+    if not diffmoe_layers(model):
+        return []
+    found = []
+    if batch_size == 1:
+        found.append("sampling batch size 1: DiffMoE's token pool holds a single image (two with "
+                     "guidance), so its tokens compete only with each other; the paper samples "
+                     "at batch 75-125")
+    if routing.mode == "static":
+        return found
+    experts = model.cfg.moe.num_experts
+    if routing.mode == "threshold":
+        lower, higher = "lower --threshold", "raise --threshold"
+    else:
+        lower = higher = ("the learned thresholds do not fit this model yet: train longer, or "
+                          "set one with --mode threshold --threshold G")
+    if c_avg == 0.0:
+        found.append(f"no expert selected any token (C_avg_infer 0, mode {routing.mode}): the MoE "
+                     f"layers added nothing; {lower}")
+    elif c_avg >= experts:
+        found.append(f"every expert selected every token (C_avg_infer {c_avg:g}, {experts}x the "
+                     f"dense compute, mode {routing.mode}); {higher}")
+    return found
+
+
 def generate(model: DiT, flow: FlowMatching, labels: Tensor, *, sampler: str, steps: int,
              cfg_scale: float, routing: Routing, batch_size: int, seed: int,
              progress: bool = True, meter: Optional[CapacityMeter] = None
@@ -134,6 +161,8 @@ def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
     nrow = 10 if cfg.num_classes >= 10 and s.num % 10 == 0 else None
     save_grid(images, out, nrow=nrow, upscale=2)
     cap = meter.summary()
+    for warning in capacity_warnings(model, routing, s.batch_size, cap["c_avg_infer"]):
+        log.warning("%s", warning)
     summary = {
         "checkpoint": str(ckpt_path), "step": state["step"], "image": str(out),
         "settings": dict(asdict(s), mode=routing.mode), "labels": y.tolist(),

@@ -63,6 +63,7 @@ from .images import save_grid
 from .models import DiT, DiTOutput, build_model
 from .models.moe import average_thresholds_across_ranks, diffmoe_layers
 from .models.moe.diffmoe import dynamic_counts
+from .paths import file_in_the_way
 from .sample import generate, resolve_routing
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,10 @@ class Trainer:
     # -- run directory ----------------------------------------------------------------------
 
     def _prepare_run_dir(self, resume: bool) -> Optional[Path]:
+        blocker = file_in_the_way(self.run_dir)
+        if blocker is not None:
+            raise DiffMoEError(f"train.out_dir '{self.run_dir}' cannot be created: '{blocker}' is "
+                               f"a file, not a directory; set train.out_dir to a directory")
         existing = list_checkpoints(self.ckpt_root)
         if not resume:
             if existing or (self.run_dir / "metrics.jsonl").exists():
