@@ -171,6 +171,15 @@ class Trainer:
                               f"{self.dist.world_size} ranks; pick a multiple of the world size")
         self.run_dir = Path(t.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.log_handler: Optional[logging.Handler] = None
+        try:
+            self._build(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, resume: bool) -> None:
+        cfg, t = self.cfg, self.cfg.train
         self.resume_from = self._prepare_run_dir(resume)
 
         self.dataset = build_dataset(cfg.data.name, cfg.data.split, cfg.data.limit)
@@ -222,9 +231,12 @@ class Trainer:
             if self.dist.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+                self._log_to_run_dir()
             distributed.barrier()
             return None
         if self.dist.is_main:
+            if self.run_dir.is_dir():
+                self._log_to_run_dir()
             remove_incomplete(self.ckpt_root)
         if not existing:
             if (self.run_dir / "config.yaml").is_file():
@@ -238,6 +250,19 @@ class Trainer:
             raise CheckpointError(f"--resume: every checkpoint in '{self.ckpt_root}' is damaged; "
                                   f"start a new run in another train.out_dir")
         return latest
+
+    def _log_to_run_dir(self) -> None:
+        """Copy the library's log to <out_dir>/train.log until :meth:`close`."""
+        self.log_handler = logging.FileHandler(self.run_dir / "train.log")
+        self.log_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger("diffmoe").addHandler(self.log_handler)
+
+    def close(self) -> None:
+        """Stop writing to train.log (later runs in this process must not log into this one)."""
+        if self.log_handler is not None:
+            logging.getLogger("diffmoe").removeHandler(self.log_handler)
+            self.log_handler.close()
+            self.log_handler = None
 
     def _load(self, path: Path) -> None:
         # Every hash was checked when the checkpoint was chosen (find_latest_checkpoint).
@@ -474,9 +499,6 @@ class Trainer:
         t = self.cfg.train
         main = self.dist.is_main
         if main:
-            handler = logging.FileHandler(self.run_dir / "train.log")
-            handler.setFormatter(logging.Formatter(LOG_FORMAT))
-            logging.getLogger("diffmoe").addHandler(handler)
             log.info("run %s: %s, %.2fM parameters, %d ranks, device %s", self.run_dir,
                      self.cfg.model.moe.type, self.model.num_params() / 1e6,
                      self.dist.world_size, self.device)
@@ -521,9 +543,12 @@ class Trainer:
 
 
 def train(cfg: Config, resume: bool = False) -> TrainResult:
-    trainer = Trainer(cfg, resume)
+    trainer = None
     try:
+        trainer = Trainer(cfg, resume)
         return trainer.train()
     finally:
+        if trainer is not None:
+            trainer.close()
         distributed.teardown()
 
