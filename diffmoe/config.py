@@ -213,8 +213,8 @@ def preset(name: str) -> dict[str, Any]:
         close = difflib.get_close_matches(name, preset_names(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(
-            f"unknown model.preset '{name}'{hint}; use FAMILY-SIZE[-E<experts>] with FAMILY in "
-            f"{list(FAMILIES)} and SIZE in {list(SIZES)}, e.g. DiffMoE-S-E16")
+            f"unknown model.preset {_quote(name)}{hint}; use FAMILY-SIZE[-E<experts>] with FAMILY "
+            f"in {list(FAMILIES)} and SIZE in {list(SIZES)}, e.g. DiffMoE-S-E16")
     family, size, experts = m.groups()
     ffn = FAMILIES[family]
     if ffn == "dense" and experts is not None:
@@ -233,6 +233,13 @@ def preset(name: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Building a Config from dictionaries
 # ---------------------------------------------------------------------------------------------
+
+def _quote(text: str) -> str:
+    """``text`` in single quotes for a one-line message; escaped (as Python would write it) if
+    it holds quotes, newlines or other unprintable characters."""
+    text = str(text)
+    return f"'{text}'" if text.isprintable() and "'" not in text else repr(text)
+
 
 def _deep_merge(base: dict, upd: dict) -> dict:
     out = dict(base)
@@ -302,8 +309,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; valid keys in this "
-                              f"section: {', '.join(names)}")
+            raise ConfigError(f"unknown config key {_quote(f'{prefix}{key}')}{hint}; valid keys "
+                              f"in this section: {', '.join(names)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
@@ -315,12 +322,12 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'model.moe.num_experts=8'`` → ``(['model', 'moe', 'num_experts'], 8)``."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value "
+        raise ConfigError(f"override {_quote(text)} is not of the form key=value "
                           f"(e.g. model.moe.num_experts=8)")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}' has an empty key; write e.g. train.steps=100")
+        raise ConfigError(f"override {_quote(text)} has an empty key; write e.g. train.steps=100")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -336,7 +343,7 @@ def overrides_to_dict(overrides: list[str]) -> dict:
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{text}' conflicts with an earlier override")
+                raise ConfigError(f"override {_quote(text)} conflicts with an earlier override")
         node[path[-1]] = value
     return out
 
@@ -396,7 +403,7 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         close = difflib.get_close_matches(value, choices, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{key}='{value}' is not one of {list(choices)}{hint}")
+        raise ConfigError(f"{key}={_quote(value)} is not one of {list(choices)}{hint}")
 
 
 def validate(cfg: Config) -> None:

@@ -4,12 +4,23 @@ parser round-trips what it accepts and rejects with ConfigError what it does not
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffmoe.config import MoEConfig, load_config, overrides_to_dict
+from diffmoe.config import (
+    DataConfig,
+    MoEConfig,
+    SampleConfig,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+    overrides_to_dict,
+)
 from diffmoe.errors import ConfigError
 from diffmoe.models.moe import Routing, build_ffn, expert_capacity
 
@@ -97,3 +108,140 @@ def test_overrides_nest_by_dots(pairs):
     for k, v in pairs:
         expected[k] = v
     assert nested.get("x", {}) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# More routing properties: extreme capacities, thresholds, gradients, the whole model
+# ---------------------------------------------------------------------------------------------
+
+@FAST
+@given(batch=st.integers(1, 4), tokens=st.integers(1, 8), experts=st.integers(1, 6),
+       capacity=st.sampled_from([0.001, 0.1, 1.0, 3.0, 8.0, 64.0]), seed=st.integers(0, 10_000),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_diffmoe_training_bounds_and_gradients_for_any_capacity(batch, tokens, experts, capacity,
+                                                               seed, scale):
+    """Capacities far below 1/S or above E clamp to 1 <= k <= S; inputs of any scale give finite
+    outputs and gradients; the thresholds stay probabilities (Eq. 17 averages values in [0, 1])."""
+    torch.manual_seed(seed)
+    layer = build_ffn(MoEConfig(type="diffmoe", num_experts=experts, capacity=capacity),
+                      D, HIDDEN).train()
+    x = (torch.randn(batch, tokens, D) * scale).requires_grad_()
+    for _ in range(3):
+        out = layer(x)
+    S = batch * tokens
+    k = expert_capacity(S, capacity, experts)
+    assert 1 <= k <= S
+    assert out.counts_E.tolist() == [k] * experts and out.mask_SE.sum(0).tolist() == [k] * experts
+    assert out.y.shape == x.shape and torch.isfinite(out.y).all()
+    (out.y.square().mean() + out.predictor_loss).backward()
+    grads = [x.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g).all() for g in grads)
+    tau = layer.thresholds_E
+    assert torch.isfinite(tau).all() and (tau >= 0).all() and (tau <= 1).all()
+
+
+@FAST
+@given(batch=st.integers(1, 4), tokens=st.integers(1, 8), experts=st.integers(1, 6),
+       seed=st.integers(0, 10_000))
+def test_threshold_zero_selects_every_token_and_one_selects_none(batch, tokens, experts, seed):
+    """gamma = 0 makes every expert process the whole pool (C = E), gamma = 1 none of it (C = 0,
+    the layer adds nothing): the two ends of the interval search (Eq. 16)."""
+    torch.manual_seed(seed)
+    layer = build_ffn(MoEConfig(type="diffmoe", num_experts=experts), D, HIDDEN).eval()
+    x = torch.randn(batch, tokens, D)
+    S = batch * tokens
+    with torch.no_grad():
+        every = layer(x, Routing("threshold", 0.0))
+        none = layer(x, Routing("threshold", 1.0))
+    assert every.counts_E.tolist() == [S] * experts and bool(every.mask_SE.all())
+    assert none.counts_E.tolist() == [0] * experts and not bool(none.mask_SE.any())
+    assert torch.isfinite(every.y).all() and torch.equal(none.y, torch.zeros_like(none.y))
+
+
+TINY_MODEL = ["model.input_size=4", "model.in_channels=1", "model.patch_size=2", "model.depth=2",
+              "model.hidden_size=16", "model.num_heads=2", "model.num_classes=3"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 6), kind=st.sampled_from(["dense", "token_choice", "expert_choice",
+                                                     "diffmoe"]),
+       experts=st.integers(1, 4), mode=st.sampled_from(["static", "dynamic", "threshold"]),
+       training=st.booleans(), seed=st.integers(0, 10_000))
+def test_whole_model_any_batch_size(batch, kind, experts, mode, training, seed):
+    """The DiT with every FFN variant, at any batch size including 1, in training and in every
+    inference mode its FFN supports: output shape and finiteness hold."""
+    from diffmoe.models import build_model
+    cfg = load_config(None, TINY_MODEL + [f"model.moe.type={kind}",
+                                          f"model.moe.num_experts={experts}"])
+    torch.manual_seed(seed)
+    model = build_model(cfg.model).train(training)
+    if kind != "diffmoe":
+        mode = "static"
+    x = torch.randn(batch, 1, 4, 4)
+    t = torch.rand(batch) * 1000
+    y = torch.randint(0, 4, (batch,))  # 3 is the null class
+    with torch.set_grad_enabled(training):
+        out = model(x, t, y, Routing(mode, 0.5))
+    assert out.out.shape == (batch, 1, 4, 4) and torch.isfinite(out.out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# More config-parser properties: it never fails with anything but ConfigError
+# ---------------------------------------------------------------------------------------------
+
+KEYS = [f"{section}.{f.name}" for section, cls in (("train", TrainConfig), ("sample", SampleConfig),
+                                                    ("data", DataConfig))
+        for f in dataclasses.fields(cls)] + [
+    "model.depth", "model.moe.type", "model.moe.capacity", "model.preset", "model", "moe",
+    "model.moe", "train", ""]
+VALUES = st.one_of(st.text(max_size=12), st.integers(-10**6, 10**6).map(str),
+                   st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                   st.sampled_from(["", "null", "[]", "{}", "{a: 1}", "[1, 2", "true", "1e309",
+                                    "-0", "0x10", "~", "'", "nan", ".inf"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(overrides=st.lists(st.tuples(st.sampled_from(KEYS) | st.text(max_size=15), VALUES),
+                          max_size=4))
+def test_config_parser_only_ever_raises_config_error(overrides):
+    """Whatever is typed on the command line, the parser accepts it or raises ConfigError (which
+    the CLI prints as one line): never a TypeError, KeyError or traceback."""
+    try:
+        cfg = load_config(None, [f"{k}={v}" for k, v in overrides])
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert cfg.model.moe.num_experts > 0 and cfg.train.steps > 0
+
+
+YAML_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=3), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.dictionaries(st.sampled_from(["model", "train", "sample", "data", "objective",
+                                             "extra"]), YAML_VALUES, max_size=4)
+       | YAML_VALUES)
+def test_config_from_any_yaml_document_only_raises_config_error(data):
+    """Any YAML document (nested lists, maps, nulls, NaN) is accepted or rejected with
+    ConfigError."""
+    try:
+        config_from_dict(data)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+
+
+@FAST
+@given(steps=st.integers(1, 10**7), lr=st.floats(1e-8, 10.0), nonfinite=st.sampled_from(
+    ["stop", "skip"]), keep=st.integers(1, 50), timeout=st.floats(0.001, 1e5),
+       experts=st.integers(1, 32), kind=st.sampled_from(["dense", "token_choice",
+                                                          "expert_choice", "diffmoe"]))
+def test_valid_config_round_trips_through_yaml(steps, lr, nonfinite, keep, timeout, experts,
+                                               kind):
+    cfg = load_config(None, [f"train.steps={steps}", f"train.lr={lr!r}",
+                             f"train.nonfinite_loss={nonfinite}",
+                             f"train.keep_checkpoints={keep}", f"train.dist_timeout_s={timeout!r}",
+                             f"model.moe.num_experts={experts}", f"model.moe.type={kind}"])
+    assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
