@@ -123,9 +123,11 @@ def restore_threads():
 
 @pytest.mark.slow
 def test_kill9_at_random_step_then_resume_is_bitwise_identical(reference, tmp_path):
+    # DIFFMOE_KILL_STEP=k picks the step (docs/reliability.md sweeps them all).
     seed = int(os.environ.get("DIFFMOE_FAULT_SEED", time.time_ns() % 2**32))
-    kill_step = random.Random(seed).randint(1, STEPS - 1)
-    context = f"killed at step {kill_step} (DIFFMOE_FAULT_SEED={seed} repeats this)"
+    kill_step = int(os.environ.get("DIFFMOE_KILL_STEP", 0)) or random.Random(seed).randint(
+        1, STEPS - 1)
+    context = f"killed at step {kill_step} (DIFFMOE_KILL_STEP={kill_step} repeats this)"
     ref_run, ref_losses = reference
     run, loss_log = tmp_path / "run", tmp_path / "losses.txt"
 
@@ -139,12 +141,38 @@ def test_kill9_at_random_step_then_resume_is_bitwise_identical(reference, tmp_pa
     resumed = run_cli(run, resume=True, loss_log=loss_log)
     assert resumed.returncode == 0, (context, resumed.stderr[-3000:])
     if last is None:  # killed before the first checkpoint: the run starts again from step 0
-        assert kill_step < COMMON["train.ckpt_every"], context
+        assert kill_step <= COMMON["train.ckpt_every"], context
         assert "has no checkpoint yet (the run stopped before its first)" in resumed.stderr
     else:
         assert f"resumed from {last} at step" in resumed.stderr, context
     assert losses(loss_log) == ref_losses, context
     assert_identical_runs(ref_run, run)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_with_a_message_then_resume_is_bitwise_identical(
+        reference, tmp_path, restore_threads):
+    """What a scheduler (or torchrun, for the surviving ranks) sends: the run stops with one
+    line naming the step and the checkpoint to resume from, and resumes exactly."""
+    run, loss_log = tmp_path / "run", tmp_path / "losses.txt"
+    env = dict(os.environ, DIFFMOE_FAULTS="hang:5", DIFFMOE_LOSS_LOG=str(loss_log),
+               PYTHONPATH=str(HERE.parent), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(HERE / "fault_runner.py"), "train", str(CONFIG),
+                             *overrides(run)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (loss_log.exists() and 5 in losses(loss_log)):  # hanging inside step 5
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 5"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=RUN_TIMEOUT_S)[1]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and lines == [
+        f"error: stopped by SIGTERM at step 4 (the job was cancelled, or another rank failed); "
+        f"last good checkpoint: {run / 'checkpoints' / checkpoint_name(3)}; resume with "
+        f"--resume"], err[-3000:]
+    result = train(load_config(CONFIG, overrides(run)), resume=True)
+    assert result.step == STEPS
+    assert_identical_runs(reference[0], run)
 
 
 # Where inside saving or pruning the writer is killed, which checkpoint must then be the newest
