@@ -19,6 +19,9 @@ a fault fires only on its rank):
 Steps count from 1 like the trainer's (step K is the K-th optimizer step of the run, whatever
 process runs it); checkpoints and deletions count per process.
 
+``DIFFMOE_FAULT_TIME``, if set, is a file to which the wall-clock time (time.time()) is written
+when a kill or hang fires, so that how long the rest of the job took to end can be measured.
+
 ``DIFFMOE_LOSS_LOG``, if set, is a file to which every training step appends ``step loss`` (the
 loss as a float.hex string, exact), so that per-step losses can be compared bit for bit; a
 ``{rank}`` in it is replaced by the rank.
@@ -42,7 +45,14 @@ from diffmoe.diffusion import FlowMatching
 HANG_S = 3600
 
 
+def stamp() -> None:
+    if os.environ.get("DIFFMOE_FAULT_TIME"):
+        with open(os.environ["DIFFMOE_FAULT_TIME"], "w") as fh:
+            fh.write(repr(time.time()))
+
+
 def die() -> None:
+    stamp()
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -94,6 +104,7 @@ def install(faults: dict[str, int]) -> None:
         if faults.get("kill") == train_step[0]:
             die()
         if faults.get("hang") == train_step[0]:
+            stamp()
             time.sleep(HANG_S)
         return original_update_ema(ema, model, decay, buffers)
 
