@@ -194,11 +194,10 @@ class Trainer:
         self.flow = FlowMatching(cfg.model.in_channels, cfg.objective.time_scale)
         self.step = 0
         self.skipped_steps = 0
-        # The logging interval in progress: per-metric sums over its good (finite-loss) steps,
-        # and how many steps and good steps it has. Checkpointed, so resume can finish it.
+        # The logging interval in progress: per-metric sums over its good (finite-loss) steps
+        # and how many there were. Checkpointed, so that resume can finish the interval.
         self.interval_sums = torch.zeros(len(MEAN_FIELDS), device=self.device,
                                          dtype=torch.float64)
-        self.interval_steps = 0
         self.interval_good = 0
         torch.manual_seed(t.seed + 1 + self.dist.rank)  # per-rank noise, timesteps, label dropout
         if self.resume_from is not None:
@@ -291,7 +290,7 @@ class Trainer:
         if interval and world == self.dist.world_size:
             self.interval_sums = torch.tensor(interval["sums"][self.dist.rank],
                                               device=self.device, dtype=torch.float64)
-            self.interval_steps, self.interval_good = interval["steps"], interval["good"]
+            self.interval_good = int(interval["good"])
         log.info("resumed from %s at step %d", path, self.step)
 
     def _rewind_metrics(self) -> None:
@@ -329,8 +328,7 @@ class Trainer:
             state = {"config": self.cfg.to_dict(), "loader": self.loader.state_dict(),
                      "optimizer": opt_meta, "world_size": self.dist.world_size,
                      "skipped_steps": self.skipped_steps,
-                     "interval": {"sums": sums_all, "steps": self.interval_steps,
-                                  "good": self.interval_good}}
+                     "interval": {"sums": sums_all, "good": self.interval_good}}
             path = save_checkpoint(self.ckpt_root, self.step,
                                    {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                                     "optimizer": opt_tensors, "rng": rng}, state)
@@ -443,9 +441,9 @@ class Trainer:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
 
-    def _train_step(self) -> bool:
-        """One optimizer step (or one skipped for a non-finite loss). Returns whether it was
-        taken; adds its metrics to the interval."""
+    def _train_step(self) -> None:
+        """One optimizer step (or one skipped for a non-finite loss); adds its metrics to the
+        logging interval."""
         t = self.cfg.train
         x, y = self.loader.next()
         lr = self._lr(self.step)
@@ -473,8 +471,6 @@ class Trainer:
         else:
             self._nonfinite_loss(out.loss.detach(), thresholds)
         self.step += 1
-        self.interval_steps += 1
-        return good
 
     def _log_interval(self, interval_start: float, timed_steps: int, start_time: float) -> dict:
         """Write the interval's record (``timed_steps`` steps since ``interval_start`` in this
@@ -492,7 +488,7 @@ class Trainer:
             self._write_metrics(record)
             log.debug("metrics %s", record)
         self.interval_sums.zero_()
-        self.interval_steps = self.interval_good = 0
+        self.interval_good = 0
         return record
 
     def train(self) -> TrainResult:
