@@ -82,11 +82,12 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
 def kernel_inception_distance(real: Tensor, fake: Tensor, subsets: int = KID_SUBSETS,
                               subset_size: int = KID_SUBSET_SIZE, seed: int = 0
                               ) -> tuple[float, float]:
-    """KID mean and standard deviation over ``subsets`` random subsets; the subset size is capped
-    by the smaller set."""
-    size = min(subset_size, real.shape[0], fake.shape[0])
+    """KID mean and standard deviation over ``subsets`` random subsets. The subset size is capped
+    at half the smaller set, so that subsets differ and the standard deviation means something
+    (the estimator is unbiased, so its mean does not depend on the subset size)."""
+    size = min(subset_size, real.shape[0] // 2, fake.shape[0] // 2)
     if size < 2:
-        raise DataError(f"KID needs at least 2 features per set, got {real.shape[0]} real and "
+        raise DataError(f"KID needs at least 4 features per set, got {real.shape[0]} real and "
                         f"{fake.shape[0]} generated")
     gen = torch.Generator().manual_seed(seed)
     real, fake = real.double(), fake.double()
