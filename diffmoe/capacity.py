@@ -36,6 +36,17 @@ def forward_capacity(layers: list[FFNOutput]) -> Tensor:
                         for o in routed]).mean()
 
 
+def sample_capacities(out: FFNOutput, rows: int) -> Tensor:
+    """Eq. 8-9 restricted to each sample's tokens: for each of the ``rows`` samples in the pool,
+    the mean over this layer's experts of E·(tokens of the sample the expert took)/(tokens of the
+    sample), i.e. how many experts (in units of one full expert) a token of that sample used."""
+    mask = out.mask_SE
+    experts = mask.shape[1]
+    tokens = out.num_tokens // rows
+    per_row = mask.view(rows, tokens, experts).sum((1, 2)).float()
+    return per_row * out.base_experts / (experts * tokens)
+
+
 @dataclass
 class CapacityMeter:
     """Records C (Eq. 9) per MoE layer for every model forward during sampling; C_avg_infer
@@ -43,15 +54,27 @@ class CapacityMeter:
 
     times: list[float] = field(default_factory=list)
     per_layer: list[Tensor] = field(default_factory=list)  # each (L,)
+    # Optional finer records (for ``diffmoe analyze``): per expert (L lists of (E,)) and per
+    # sample of the forward's batch ((rows,), mean over layers; needs the selection masks).
+    track_experts: bool = False
+    track_samples: bool = False
+    per_expert: list[list[Tensor]] = field(default_factory=list)
+    per_sample: list[Tensor] = field(default_factory=list)
 
     def on_forward(self, t: float, out: DiTOutput) -> None:
         routed = [o for o in out.layers if o.counts_E is not None]
         if not routed:
             return
+        per_expert = [expert_capacities(o.counts_E, o.num_tokens, o.base_experts).detach().cpu()
+                      for o in routed]
         self.times.append(float(t))
-        self.per_layer.append(torch.stack([
-            expert_capacities(o.counts_E, o.num_tokens, o.base_experts).mean()
-            for o in routed]).detach().cpu())
+        self.per_layer.append(torch.stack([c.mean() for c in per_expert]))
+        if self.track_experts:
+            self.per_expert.append(per_expert)
+        if self.track_samples:
+            rows = out.out.shape[0]
+            self.per_sample.append(torch.stack([sample_capacities(o, rows) for o in routed])
+                                   .mean(0).detach().cpu())
 
     @property
     def num_forwards(self) -> int:

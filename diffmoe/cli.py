@@ -5,6 +5,10 @@
                                --mode auto|dynamic|static|threshold --threshold G
                                --batch-size N --seed N --labels balanced|random|3,1,4
                                --weights ema|raw --out grid.png [--force]]
+    diffmoe eval CHECKPOINT [sampling options] [--num N --ref SPEC --save-npz F --out F]
+    diffmoe sweep-thresholds CHECKPOINT [--thresholds G ...] [--budget C] [--num N]
+    diffmoe analyze CHECKPOINT [--batch-sizes B ...] [--out DIR]
+    diffmoe fid SET SET         (SET: DATASET[:SPLIT][:N] or an ADM .npz)
 
 Problems with the input are reported as one ``error:`` line (exit status 2), not a traceback.
 """
@@ -78,6 +82,155 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_sampling_args(s: argparse.ArgumentParser, with_num: bool) -> None:
+    s.add_argument("checkpoint", help="a run directory or a checkpoints/step_XXXXXXXX directory")
+    if with_num:
+        s.add_argument("--num", type=int, help="number of images")
+    s.add_argument("--steps", type=int, help="sampling steps (paper: 250)")
+    s.add_argument("--sampler", choices=["euler", "heun"])
+    s.add_argument("--cfg-scale", dest="cfg_scale", type=float,
+                   help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--mode", choices=["auto", "dynamic", "static", "threshold"],
+                   help="MoE inference mode (auto: dynamic for DiffMoE)")
+    s.add_argument("--threshold", type=float, help="constant threshold gamma for --mode threshold")
+    s.add_argument("--batch-size", dest="batch_size", type=int,
+                   help="sampling batch size (DiffMoE's token pool)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--labels", default=None, help="balanced (default), random, or e.g. 3,1,4")
+    s.add_argument("--weights", choices=["ema", "raw"])
+    s.add_argument("--device", default="cpu")
+
+
+def sample_overrides(args: argparse.Namespace) -> dict:
+    """The sampling options given on the command line (the rest come from the checkpoint)."""
+    fields = {f.name for f in dataclasses.fields(SampleConfig)} - {"num"}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    for name in ("steps", "batch_size"):
+        if name in overrides and overrides[name] <= 0:
+            raise DiffMoEError(f"--{name.replace('_', '-')}={overrides[name]} must be a positive "
+                               f"integer")
+    return overrides
+
+
+def refuse_existing(path: str | Path, force: bool, option: str = "--out") -> None:
+    if os.path.exists(path) and not force:
+        raise DiffMoEError(f"output '{path}' already exists; pass --force to replace it or "
+                           f"choose another {option}")
+
+
+def default_output(checkpoint_path: Path, kind: str, name: str) -> Path:
+    """``<run>/<kind>/<step>/<name>`` next to the checkpoint's run."""
+    return checkpoint_path.parent.parent / kind / checkpoint_path.name / name
+
+
+def eval_options(args: argparse.Namespace):
+    from .evaluation.evaluate import EvalOptions
+
+    if args.num is not None and args.num < 2:
+        raise DiffMoEError(f"--num {args.num}: FID needs at least 2 samples")
+    if args.feature_batch <= 0:
+        raise DiffMoEError(f"--feature-batch {args.feature_batch} must be a positive integer")
+    return EvalOptions(num=args.num or EvalOptions.num, reference=args.ref,
+                       labels=args.labels or "balanced", feature_batch=args.feature_batch,
+                       cache_dir=args.cache_dir, device=args.device,
+                       progress=not args.no_progress)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.evaluate import Evaluator, write_json
+
+    options = eval_options(args)
+    evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), options)
+    out = Path(args.out) if args.out else default_output(evaluator.checkpoint, "eval",
+                                                          "eval.json")
+    refuse_existing(out, args.force)
+    if args.save_npz:
+        refuse_existing(args.save_npz, args.force, "--save-npz")
+    result = evaluator.run(save_npz=args.save_npz)
+    write_json(result, out)
+    log.info("FID %.3f  KID %s  precision %s  recall %s  C_avg_infer %.3f  (%s)", result["fid"],
+             _fmt(result["kid"]), _fmt(result["precision"]), _fmt(result["recall"]),
+             result["c_avg_infer"], out)
+    sys.stdout.write(json.dumps({k: result[k] for k in (
+        "fid", "kid", "precision", "recall", "c_avg_infer", "activated_params",
+        "images_per_second")} | {"out": str(out)}) + "\n")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .evaluation.evaluate import Evaluator, sweep, sweep_table, write_json
+    from .evaluation.plots import plot_sweep
+
+    options = eval_options(args)
+    evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), options)
+    out_dir = Path(args.out) if args.out else default_output(evaluator.checkpoint, "eval",
+                                                              "sweep")
+    refuse_existing(out_dir / "sweep.json", args.force)
+    result = sweep(evaluator, args.thresholds, args.budget)
+    plot = plot_sweep(result["rows"], out_dir / "sweep.png", args.budget)
+    result["figure"] = str(plot)
+    write_json(result, out_dir / "sweep.json")
+    sys.stdout.write(sweep_table(result) + "\n")
+    log.info("wrote %s and %s", out_dir / "sweep.json", plot)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .evaluation.analysis import AnalyzeOptions, analyze
+    from .evaluation.evaluate import EvalOptions, Evaluator
+
+    if args.num < 1 or args.num_per_batch_size < 1:
+        raise DiffMoEError("--num and --num-per-batch-size must be positive integers")
+    options = EvalOptions(num=max(args.num, 2), labels=args.labels or "balanced",
+                          device=args.device, progress=not args.no_progress)
+    evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), options)
+    out_dir = Path(args.out) if args.out else default_output(evaluator.checkpoint, "analysis",
+                                                              "")
+    refuse_existing(out_dir / "analysis.json", args.force)
+    result = analyze(evaluator, out_dir, AnalyzeOptions(
+        num=args.num, batch_sizes=tuple(args.batch_sizes),
+        num_per_batch_size=args.num_per_batch_size, progress=not args.no_progress))
+    for name, path in result["figures"].items():
+        log.info("%s: %s", name, path)
+    sys.stdout.write(json.dumps({"c_avg_infer": result["c_avg_infer"],
+                                 "capacity_by_class": result["capacity_by_class"],
+                                 "out": str(out_dir)}) + "\n")
+    return 0
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    from .evaluation.metrics import compare
+    from .evaluation.reference import load_reference
+
+    if args.num < 2:
+        raise DiffMoEError(f"--num {args.num}: FID needs at least 2 images per set")
+    refs = [load_reference(spec, args.num, args.cache_dir, args.feature_batch,
+                           not args.no_progress) for spec in (args.first, args.second)]
+    result = compare(refs[0].stats, refs[1].stats)
+    result.update(first=refs[0].source, second=refs[1].source)
+    for warning in result["warnings"]:
+        log.warning("%s", warning)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+def add_metric_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ref", default=None,
+                   help="reference set: DATASET[:SPLIT][:N] (default: the checkpoint's training "
+                        "data, first --num images) or an ADM .npz (mu/sigma or arr_0 images)")
+    p.add_argument("--feature-batch", dest="feature_batch", type=int, default=50,
+                   help="images per Inception forward")
+    p.add_argument("--cache-dir", dest="cache_dir", default=None,
+                   help="where reference statistics are cached (default $DIFFMOE_CACHE_DIR or "
+                        "~/.cache/diffmoe)")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true",
+                   help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffmoe", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -94,24 +247,64 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate a PNG grid from a checkpoint or run directory",
                        description="Options left out take their values from the sample section "
                                    "of the checkpoint's config.")
-    s.add_argument("checkpoint", help="a run directory or a checkpoints/step_XXXXXXXX directory")
-    s.add_argument("--num", type=int, help="number of images")
-    s.add_argument("--steps", type=int, help="sampling steps (paper: 250)")
-    s.add_argument("--sampler", choices=["euler", "heun"])
-    s.add_argument("--cfg-scale", dest="cfg_scale", type=float,
-                   help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--mode", choices=["auto", "dynamic", "static", "threshold"],
-                   help="MoE inference mode (auto: dynamic for DiffMoE)")
-    s.add_argument("--threshold", type=float, help="constant threshold gamma for --mode threshold")
-    s.add_argument("--batch-size", dest="batch_size", type=int,
-                   help="sampling batch size (DiffMoE's token pool)")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--labels", default=None, help="balanced (default), random, or e.g. 3,1,4")
-    s.add_argument("--weights", choices=["ema", "raw"])
-    s.add_argument("--device", default="cpu")
+    add_sampling_args(s, with_num=True)
     s.add_argument("--out", default="samples.png", help="output PNG (a JSON summary goes beside)")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="FID/KID/precision/recall and capacity of a checkpoint",
+                       description="Generates --num samples, streams them through the FID "
+                                   "Inception and writes one JSON. Sampling options left out "
+                                   "come from the checkpoint's sample config. Inception Score "
+                                   "is not available with the packaged Inception (no logits).")
+    add_sampling_args(e, with_num=False)
+    e.add_argument("--num", type=int, default=None, help="samples to generate (default 1000)")
+    add_metric_args(e)
+    e.add_argument("--save-npz", dest="save_npz", default=None,
+                   help="also save the samples as an ADM-style .npz (arr_0 images, arr_1 labels)")
+    e.add_argument("--out", default=None,
+                   help="results JSON (default <run>/eval/<step>/eval.json)")
+    e.add_argument("--force", action="store_true", help="replace existing outputs")
+    e.set_defaults(func=cmd_eval)
+
+    w = sub.add_parser("sweep-thresholds", help="interval search over constant thresholds "
+                                                "(Eq. 16): FID vs C_avg table and PNG")
+    add_sampling_args(w, with_num=False)
+    w.add_argument("--num", type=int, default=250, help="samples per row (default 250)")
+    w.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3, 0.1, 0.01],
+                   help="constant thresholds gamma to try")
+    w.add_argument("--budget", type=float, default=1.0,
+                   help="pick the best FID with C_avg_infer <= this (default 1)")
+    add_metric_args(w)
+    w.add_argument("--out", default=None,
+                   help="output directory (default <run>/eval/<step>/sweep)")
+    w.add_argument("--force", action="store_true", help="replace existing outputs")
+    w.set_defaults(func=cmd_sweep)
+
+    a = sub.add_parser("analyze", help="PNG plots: capacity vs timestep, expert load, capacity "
+                                       "by class, C_avg vs sampling batch size")
+    add_sampling_args(a, with_num=False)
+    a.add_argument("--num", type=int, default=100, help="samples for the main run (default 100)")
+    a.add_argument("--batch-sizes", dest="batch_sizes", type=int, nargs="+",
+                   default=[1, 2, 4, 8, 16, 32, 64], help="sampling batch sizes to compare")
+    a.add_argument("--num-per-batch-size", dest="num_per_batch_size", type=int, default=64,
+                   help="samples per batch-size run (default 64)")
+    a.add_argument("--out", default=None,
+                   help="output directory (default <run>/analysis/<step>)")
+    a.add_argument("--force", action="store_true", help="replace existing outputs")
+    a.add_argument("--no-progress", dest="no_progress", action="store_true")
+    a.set_defaults(func=cmd_analyze)
+
+    f = sub.add_parser("fid", help="FID/KID/precision/recall between two image sets",
+                       description="Each set is DATASET[:SPLIT][:N] or an ADM .npz, e.g. "
+                                   "diffmoe fid mnist:train:1000 mnist:test:1000")
+    f.add_argument("first")
+    f.add_argument("second")
+    f.add_argument("--num", type=int, default=1000, help="images per dataset set without :N")
+    f.add_argument("--feature-batch", dest="feature_batch", type=int, default=50)
+    f.add_argument("--cache-dir", dest="cache_dir", default=None)
+    f.add_argument("--no-progress", dest="no_progress", action="store_true")
+    f.set_defaults(func=cmd_fid)
     return p
 
 

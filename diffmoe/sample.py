@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -70,31 +70,44 @@ def capacity_warnings(model: DiT, routing: Routing, batch_size: int, c_avg: floa
     return found
 
 
+def generate_batches(model: DiT, flow: FlowMatching, labels: Tensor, *, sampler: str, steps: int,
+                     cfg_scale: float, routing: Routing, batch_size: int, seed: int,
+                     progress: bool = True, meter: Optional[CapacityMeter] = None
+                     ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Generate one image per label, ``batch_size`` at a time, yielding (images in [-1, 1] on
+    the CPU, their labels) per batch, so a caller can consume them without keeping them all.
+    Every forward is reported to ``meter`` if given."""
+    if steps <= 0:
+        raise ConfigError(f"sampling steps={steps} must be a positive integer")
+    if batch_size <= 0:
+        raise ConfigError(f"sampling batch size {batch_size} must be a positive integer")
+    on_forward = meter.on_forward if meter is not None else None
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, labels.shape[0], batch_size), disable=not progress,
+                          desc="sample", dynamic_ncols=True):
+            y = labels[start:start + batch_size]
+            images = sample(model, flow, y.to(device), sampler=sampler, steps=steps,
+                            cfg_scale=cfg_scale, routing=routing, generator=gen,
+                            on_forward=on_forward)
+            yield images.float().cpu(), y
+    finally:
+        model.train(was_training)
+
+
 def generate(model: DiT, flow: FlowMatching, labels: Tensor, *, sampler: str, steps: int,
              cfg_scale: float, routing: Routing, batch_size: int, seed: int,
              progress: bool = True, meter: Optional[CapacityMeter] = None
              ) -> tuple[Tensor, CapacityMeter]:
     """Generate one image per label, ``batch_size`` at a time. Returns images in [-1, 1] (on the
     CPU) and the capacity meter that recorded every forward."""
-    if steps <= 0:
-        raise ConfigError(f"sampling steps={steps} must be a positive integer")
-    if batch_size <= 0:
-        raise ConfigError(f"sampling batch size {batch_size} must be a positive integer")
     meter = meter if meter is not None else CapacityMeter()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    chunks = []
-    try:
-        for start in tqdm(range(0, labels.shape[0], batch_size), disable=not progress,
-                          desc="sample", dynamic_ncols=True):
-            y = labels[start:start + batch_size].to(device)
-            chunks.append(sample(model, flow, y, sampler=sampler, steps=steps,
-                                 cfg_scale=cfg_scale, routing=routing, generator=gen,
-                                 on_forward=meter.on_forward).float().cpu())
-    finally:
-        model.train(was_training)
+    chunks = [images for images, _ in generate_batches(
+        model, flow, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, routing=routing,
+        batch_size=batch_size, seed=seed, progress=progress, meter=meter)]
     return torch.cat(chunks), meter
 
 

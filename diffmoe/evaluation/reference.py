@@ -1,0 +1,192 @@
+"""Reference feature sets for FID/KID/precision-recall, cached on disk.
+
+A reference is named by a spec:
+
+* ``DATASET[:SPLIT][:N]`` — the first N images of a packaged dataset split (``mnist:train:1000``,
+  ``animal_mnist:all:1000``); N defaults to the number of generated samples;
+* a path to an ``.npz`` in the ADM evaluator's layout — either ``mu`` and ``sigma`` (the usual
+  ImageNet reference statistics: FID only) or raw images ``arr_0`` (N, H, W, C) uint8.
+
+Features of a dataset reference are cached as ``<cache>/fid/<dataset>-<split>-n<N>-<inception
+id>.npz`` (mean, covariance and features), and of an ``arr_0`` file by the file's hash, so a
+reference is pushed through the Inception once. The cache directory is ``$DIFFMOE_CACHE_DIR`` or
+``~/.cache/diffmoe``; cache files are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..data import build_dataset
+from ..errors import DataError
+from .inception import FEATURE_DIM, batched, extract_features, inception_id
+from .metrics import FeatureStats
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "DIFFMOE_CACHE_DIR"
+CACHE_FORMAT = 1
+HASH_CHUNK = 1 << 20
+DEFAULT_SPLITS = {"animal_mnist": "all"}
+
+
+def cache_dir(override: Optional[str | Path] = None) -> Path:
+    if override:
+        return Path(override)
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "diffmoe"
+
+
+@dataclass
+class Reference:
+    stats: FeatureStats
+    source: str  # what the spec resolved to, for the results file
+    cache_file: Optional[str] = None
+    cached: bool = False
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def save_stats(stats: FeatureStats, path: Path, meta: dict) -> None:
+    """Write mean, covariance, features and a JSON ``meta`` atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    arrays = {"mu": stats.mu.numpy(), "sigma": stats.sigma.numpy(),
+              "num": np.array(stats.num), "meta": np.array(json.dumps(meta))}
+    if stats.features is not None:
+        arrays["features"] = stats.features.numpy()
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"reference file {path} is not a readable .npz ({exc}); regenerate it or "
+                        f"point --ref at another file") from None
+
+
+def load_cached_stats(path: Path) -> Optional[FeatureStats]:
+    """A cached statistics file, or None (with a warning) if it is unreadable: it is rebuilt."""
+    try:
+        data = _load_npz(path)
+        meta = json.loads(str(data["meta"]))
+        if meta.get("format") != CACHE_FORMAT:
+            return None
+        return FeatureStats(torch.from_numpy(data["mu"]), torch.from_numpy(data["sigma"]),
+                            int(data["num"]), torch.from_numpy(data["features"]))
+    except (DataError, KeyError, ValueError) as exc:
+        log.warning("ignoring unreadable reference cache %s (%s); recomputing", path, exc)
+        return None
+
+
+def parse_dataset_spec(spec: str, default_num: int) -> tuple[str, str, int]:
+    parts = spec.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise DataError(f"reference '{spec}' is not DATASET[:SPLIT][:N] or an .npz path")
+    name = parts[0]
+    split = parts[1] if len(parts) > 1 and parts[1] else DEFAULT_SPLITS.get(name, "train")
+    num = default_num
+    if len(parts) == 3:
+        try:
+            num = int(parts[2])
+        except ValueError:
+            raise DataError(f"reference '{spec}': N '{parts[2]}' is not an integer") from None
+    if num < 2:
+        raise DataError(f"reference '{spec}': needs at least 2 images, got {num}")
+    return name, split, num
+
+
+def features_of_images(images_u8: torch.Tensor, batch_size: int, progress: bool,
+                       desc: str) -> FeatureStats:
+    feats = extract_features(batched(images_u8, batch_size), total=images_u8.shape[0],
+                             desc=desc, progress=progress)
+    return FeatureStats.from_features(feats)
+
+
+def dataset_reference(spec: str, default_num: int, cache: Optional[str | Path] = None,
+                      batch_size: int = 50, progress: bool = True) -> Reference:
+    name, split, num = parse_dataset_spec(spec, default_num)
+    ds = build_dataset(name, split)
+    if num > len(ds):
+        raise DataError(f"reference '{spec}' asks for {num} images but {name}:{split} has "
+                        f"{len(ds)}")
+    source = f"{name}:{split}:{num}"
+    path = cache_dir(cache) / "fid" / f"{name}-{split}-n{num}-{inception_id()}.npz"
+    if path.is_file():
+        stats = load_cached_stats(path)
+        if stats is not None:
+            log.info("reference %s from cache %s", source, path)
+            return Reference(stats, source, str(path), cached=True)
+    stats = features_of_images(ds.images[:num], batch_size, progress, f"reference {source}")
+    save_stats(stats, path, {"format": CACHE_FORMAT, "source": source,
+                             "inception": inception_id()})
+    log.info("reference %s cached at %s", source, path)
+    return Reference(stats, source, str(path))
+
+
+def _check_shape(path: Path, key: str, array: np.ndarray, expected: tuple) -> None:
+    if array.shape != expected:
+        raise DataError(f"reference file {path}: '{key}' has shape {array.shape}, expected "
+                        f"{expected} for {FEATURE_DIM}-d Inception pool3 statistics")
+
+
+def npz_reference(path: Path, cache: Optional[str | Path] = None, batch_size: int = 50,
+                  progress: bool = True) -> Reference:
+    if not path.is_file():
+        raise DataError(f"reference file {path} does not exist")
+    data = _load_npz(path)
+    if "mu" in data and "sigma" in data:
+        _check_shape(path, "mu", data["mu"], (FEATURE_DIM,))
+        _check_shape(path, "sigma", data["sigma"], (FEATURE_DIM, FEATURE_DIM))
+        num = int(data["num"]) if "num" in data else None
+        features = torch.from_numpy(data["features"]) if "features" in data else None
+        stats = FeatureStats(torch.from_numpy(data["mu"]).double(),
+                             torch.from_numpy(data["sigma"]).double(), num, features)
+        return Reference(stats, f"statistics {path}")
+    if "arr_0" not in data:
+        raise DataError(f"reference file {path} has neither 'mu'/'sigma' nor 'arr_0' images "
+                        f"(keys: {sorted(data)}); use an ADM-style reference batch")
+    images = data["arr_0"]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+        raise DataError(f"reference file {path}: 'arr_0' must be uint8 images (N, H, W, 1 or 3) "
+                        f"as the ADM evaluator writes them; got {images.dtype} {images.shape}")
+    source = f"images {path} ({images.shape[0]})"
+    cache_file = cache_dir(cache) / "fid" / f"npz-{_file_hash(path)}-{inception_id()}.npz"
+    if cache_file.is_file():
+        stats = load_cached_stats(cache_file)
+        if stats is not None:
+            return Reference(stats, source, str(cache_file), cached=True)
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+    stats = features_of_images(nchw, batch_size, progress, "reference images")
+    save_stats(stats, cache_file, {"format": CACHE_FORMAT, "source": str(path),
+                                   "inception": inception_id()})
+    return Reference(stats, source, str(cache_file))
+
+
+def load_reference(spec: str, default_num: int, cache: Optional[str | Path] = None,
+                   batch_size: int = 50, progress: bool = True) -> Reference:
+    if spec.endswith(".npz") or Path(spec).is_file():
+        return npz_reference(Path(spec), cache, batch_size, progress)
+    return dataset_reference(spec, default_num, cache, batch_size, progress)

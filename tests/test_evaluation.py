@@ -1,0 +1,321 @@
+"""Evaluation: metrics against closed forms and hand-built cases, reference files and caches,
+and the eval / sweep-thresholds / analyze / fid commands on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+from test_cli import error_line, run_cli
+from torch.testing import assert_close
+
+from diffmoe.capacity import CapacityMeter, sample_capacities
+from diffmoe.config import load_config
+from diffmoe.data import build_dataset
+from diffmoe.errors import DataError
+from diffmoe.evaluation.inception import FEATURE_DIM, default_extractor
+from diffmoe.evaluation.metrics import (
+    FeatureStats,
+    compare,
+    frechet_distance,
+    kernel_inception_distance,
+    precision_recall,
+)
+from diffmoe.evaluation.npz import NpzSampleWriter
+from diffmoe.evaluation.reference import dataset_reference, load_reference, save_stats
+from diffmoe.models.moe import FFNOutput
+from diffmoe.train import train
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFMOE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_closed_form():
+    a, b = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 9.0])
+    mu1, mu2 = torch.zeros(3), torch.tensor([1.0, 2.0, 0.0])
+    expected = 1 + 4 + ((a + b) - 2 * (a * b).sqrt()).sum()
+    assert frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(
+        float(expected), rel=1e-9)
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift():
+    feats = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    same = FeatureStats.from_features(feats)
+    assert abs(frechet_distance(same.mu, same.sigma, same.mu, same.sigma)) < 1e-8
+    shifted = FeatureStats.from_features(feats + 0.5)
+    assert frechet_distance(same.mu, same.sigma, shifted.mu, shifted.sigma) == pytest.approx(
+        16 * 0.25, rel=1e-6)
+
+
+def test_kid_small_for_one_distribution_large_for_two():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 8, generator=gen), torch.randn(300, 8, generator=gen)
+    same, _ = kernel_inception_distance(a, b, subsets=20, subset_size=100)
+    apart, _ = kernel_inception_distance(a, b + 1.0, subsets=20, subset_size=100)
+    assert abs(same) < 0.05 and apart > 10 * abs(same) and apart > 0.1
+
+
+def test_precision_recall_hand_built():
+    grid = torch.stack(torch.meshgrid(torch.arange(5.0), torch.arange(5.0), indexing="ij"),
+                       -1).reshape(-1, 2)
+    assert precision_recall(grid, grid.clone()) == (1.0, 1.0)
+    far = grid + 100.0
+    assert precision_recall(grid, far) == (0.0, 0.0)
+    # Half the generated points on the real grid, half far away; the real grid is covered by the
+    # generated half that lies on it only where its 3-NN balls reach.
+    half = torch.cat([grid[:12], far[12:]])
+    precision, _ = precision_recall(grid, half)
+    assert precision == pytest.approx(12 / 25)
+
+
+def test_too_few_samples_are_clear_errors():
+    with pytest.raises(DataError, match="at least 2 images"):
+        FeatureStats.from_features(torch.randn(1, 4))
+    with pytest.raises(DataError, match="more than 3 samples"):
+        precision_recall(torch.randn(3, 4), torch.randn(10, 4))
+
+
+def test_rank_deficient_covariance_is_warned_about():
+    small = FeatureStats.from_features(torch.randn(10, 32))
+    result = compare(small, small)
+    assert any("rank < 32" in w for w in result["warnings"])
+    big = FeatureStats.from_features(torch.randn(100, 32))
+    assert not compare(big, big)["warnings"]
+
+
+def test_sample_capacities_hand_built():
+    # 2 samples x 4 tokens, 2 experts: sample 0 has 3 of its 4 tokens taken by expert 0 and
+    # all 4 by expert 1; sample 1 has 1 token taken by expert 0.
+    mask = torch.zeros(8, 2, dtype=torch.bool)
+    mask[[0, 1, 2], 0] = True
+    mask[[0, 1, 2, 3], 1] = True
+    mask[4, 0] = True
+    out = FFNOutput(y=torch.zeros(2, 4, 1), mask_SE=mask, counts_E=mask.sum(0), num_tokens=8,
+                    base_experts=2)
+    assert_close(sample_capacities(out, 2), torch.tensor([7 / 4, 1 / 4]))
+    # Their mean is the layer's C of Eq. 9 when samples have equal token counts.
+    from diffmoe.capacity import forward_capacity
+    assert_close(sample_capacities(out, 2).mean(), forward_capacity([out]))
+
+
+def test_npz_writer_streams_the_adm_layout_and_aborts_cleanly(tmp_path):
+    x = torch.randint(0, 255, (5, 3, 4, 4), dtype=torch.uint8)
+    w = NpzSampleWriter(tmp_path / "s.npz", 5, 4, 4, 3)
+    w.add(x[:2], torch.tensor([0, 1]))
+    w.add(x[2:], torch.tensor([2, 3, 4]))
+    w.close()
+    data = np.load(tmp_path / "s.npz")
+    assert (data["arr_0"] == x.permute(0, 2, 3, 1).numpy()).all()
+    assert data["arr_1"].tolist() == [0, 1, 2, 3, 4]
+    broken = NpzSampleWriter(tmp_path / "b.npz", 5, 4, 4, 3)
+    broken.add(x[:2], torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="wrote 2 of 5"):
+        broken.close()
+    assert list(tmp_path.iterdir()) == [tmp_path / "s.npz"]
+
+
+@pytest.mark.parametrize("arrays, fragment", [
+    ({"mu": np.zeros(10), "sigma": np.eye(10)}, "'mu' has shape (10,), expected (2048,)"),
+    ({"mu": np.zeros(FEATURE_DIM), "sigma": np.eye(3)}, "'sigma' has shape (3, 3)"),
+    ({"arr_0": np.zeros((4, 8, 8), np.uint8)}, "'arr_0' must be uint8 images"),
+    ({"arr_0": np.zeros((4, 8, 8, 3), np.float32)}, "'arr_0' must be uint8 images"),
+    ({"images": np.zeros(3)}, "neither 'mu'/'sigma' nor 'arr_0'"),
+])
+def test_bad_reference_files(tmp_path, arrays, fragment):
+    path = tmp_path / "ref.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError) as err:
+        load_reference(str(path), 10)
+    assert fragment in str(err.value)
+
+
+def test_unreadable_and_missing_reference_files(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        load_reference(str(bad), 10)
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_reference("nosuchset:train:10", 10)
+    with pytest.raises(DataError, match="asks for 5000 images"):
+        load_reference("digits:test:5000", 10)
+
+
+def test_statistics_reference_gives_fid_only(tmp_path):
+    feats = torch.randn(40, FEATURE_DIM, generator=torch.Generator().manual_seed(1))
+    stats = FeatureStats.from_features(feats)
+    path = tmp_path / "adm_ref.npz"
+    np.savez(path, mu=stats.mu.numpy(), sigma=stats.sigma.numpy())
+    ref = load_reference(str(path), 10)
+    assert ref.stats.features is None and ref.stats.num is None
+    result = compare(ref.stats, stats)
+    assert abs(result["fid"]) < 1e-2 and result["kid"] is None and result["precision"] is None
+    assert any("KID and precision/recall are not computed" in w for w in result["warnings"])
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return default_extractor()
+
+
+def test_inception_features_real_images(inception, tmp_path):
+    digits = build_dataset("digits", "test").images[:6]
+    feats = inception(digits)
+    assert feats.shape == (6, FEATURE_DIM) and torch.isfinite(feats).all()
+    # Grey images are the same as their 3-channel copy; the set against itself has FID 0.
+    assert_close(inception(digits.expand(-1, 3, -1, -1)), feats)
+    stats = FeatureStats.from_features(feats)
+    assert abs(frechet_distance(stats.mu, stats.sigma, stats.mu, stats.sigma)) < 1e-3
+    animals = FeatureStats.from_features(inception(build_dataset("animal_mnist", "all").images[:6]))
+    assert frechet_distance(stats.mu, stats.sigma, animals.mu, animals.sigma) > 50
+
+
+def test_dataset_reference_is_cached_and_a_corrupt_cache_rebuilt(inception, tmp_path, caplog):
+    first = dataset_reference("digits:test:4", 99, progress=False)
+    assert not first.cached and first.source == "digits:test:4" and first.stats.num == 4
+    second = dataset_reference("digits:test:4", 99, progress=False)
+    assert second.cached and second.cache_file == first.cache_file
+    assert_close(second.stats.features, first.stats.features)
+    with open(first.cache_file, "wb") as fh:
+        fh.write(b"truncated")
+    third = dataset_reference("digits:test:4", 99, progress=False)
+    assert not third.cached and "unreadable reference cache" in caplog.text
+    assert_close(third.stats.features, first.stats.features)
+
+
+def test_saved_statistics_round_trip(tmp_path):
+    stats = FeatureStats.from_features(torch.randn(5, FEATURE_DIM))
+    save_stats(stats, tmp_path / "s.npz", {"format": 1})
+    ref = load_reference(str(tmp_path / "s.npz"), 10)
+    assert ref.stats.num == 5
+    assert_close(ref.stats.features, stats.features)
+    assert_close(ref.stats.sigma, stats.sigma)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", [
+        f"train.out_dir={root / 'run'}", "train.steps=2", "train.ckpt_every=2",
+        "train.sample_every=2", "sample.steps=2", "sample.num=4", "sample.batch_size=4"])
+    return train(cfg).run_dir
+
+
+def test_eval_command_writes_metrics_capacity_and_settings(capsys, tiny_run, tmp_path):
+    out, npz = tmp_path / "eval.json", tmp_path / "samples.npz"
+    rc, stdout, err = run_cli(["eval", str(tiny_run), "--num", "6", "--batch-size", "3",
+                               "--ref", "digits:test:5", "--out", str(out), "--save-npz",
+                               str(npz), "--no-progress"], capsys)
+    assert rc == 0, err
+    result = json.loads(out.read_text())
+    for key in ("fid", "kid", "kid_std", "precision", "recall"):
+        assert np.isfinite(result[key]), key
+    assert result["inception_score"] is None and "Inception Score" in result["notes"][0]
+    assert result["settings"]["mode"] == "dynamic" and result["settings"]["batch_size"] == 3
+    assert result["settings"]["num"] == 6 and result["reference"]["source"] == "digits:test:5"
+    per_step = result["capacity_per_timestep"]
+    # digits_tiny: depth 2 with MoE interleaved into the odd block, so one MoE layer.
+    assert len(per_step) == 2 and len(result["capacity_per_layer"]) == 1
+    assert result["c_avg_infer"] == pytest.approx(
+        sum(p["capacity"] for p in per_step) / len(per_step), rel=1e-6)
+    assert result["images_per_second"] > 0 and result["activated_params"] > 0
+    assert np.load(npz)["arr_0"].shape == (6, 8, 8, 1)
+    assert json.loads(stdout)["fid"] == result["fid"]
+    # The results file is not replaced without --force.
+    rc, _, err = run_cli(["eval", str(tiny_run), "--num", "6", "--ref", "digits:test:5",
+                          "--out", str(out)], capsys)
+    assert rc == 2 and "already exists" in error_line(err)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--num", "1"], "FID needs at least 2 samples"),
+    (["--ref", "digits:test:1"], "needs at least 2 images"),
+    (["--threshold", "2", "--mode", "threshold"], "must be in [0, 1]"),
+    (["--feature-batch", "0"], "--feature-batch 0 must be a positive integer"),
+])
+def test_eval_argument_errors(capsys, tiny_run, tmp_path, args, fragment):
+    rc, _, err = run_cli(["eval", str(tiny_run), "--out", str(tmp_path / "e.json"),
+                          "--no-progress", *args], capsys)
+    assert rc == 2 and fragment in error_line(err)
+
+
+def test_eval_with_a_wrong_reference_file_is_one_line(capsys, tiny_run, tmp_path):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(64), sigma=np.eye(64))
+    rc, _, err = run_cli(["eval", str(tiny_run), "--num", "4", "--ref", str(ref),
+                          "--out", str(tmp_path / "e.json"), "--no-progress"], capsys)
+    assert rc == 2 and "'mu' has shape (64,), expected (2048,)" in error_line(err)
+
+
+def test_dense_checkpoint_refuses_dynamic_eval_and_sweep(capsys, tmp_path):
+    cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", [
+        f"train.out_dir={tmp_path / 'dense'}", "train.steps=1", "model.moe.type=dense",
+        "sample.steps=1"])
+    run = train(cfg).run_dir
+    rc, _, err = run_cli(["eval", str(run), "--mode", "dynamic", "--num", "4",
+                          "--out", str(tmp_path / "e.json")], capsys)
+    assert rc == 2 and "needs a capacity predictor" in error_line(err)
+    rc, _, err = run_cli(["sweep-thresholds", str(run), "--num", "4",
+                          "--out", str(tmp_path / "sw")], capsys)
+    assert rc == 2 and "needs a capacity predictor" in error_line(err)
+
+
+def test_sweep_capacity_rises_as_the_threshold_falls(capsys, tiny_run, tmp_path):
+    out = tmp_path / "sweep"
+    rc, stdout, err = run_cli(["sweep-thresholds", str(tiny_run), "--num", "4",
+                               "--thresholds", "0.99", "0.5", "0.0", "--ref", "digits:test:4",
+                               "--budget", "1.0", "--out", str(out), "--no-progress"], capsys)
+    assert rc == 0, err
+    result = json.loads((out / "sweep.json").read_text())
+    rows = [r for r in result["rows"] if r["mode"] == "threshold"]
+    caps = [r["c_avg_infer"] for r in rows]
+    assert caps == sorted(caps) and caps[-1] == pytest.approx(4.0)  # gamma 0: every token
+    assert [r["mode"] for r in result["rows"]][-2:] == ["dynamic", "static"]
+    best = result["best"]
+    assert best is None or best["c_avg_infer"] <= 1.0
+    assert Image.open(out / "sweep.png").size[0] > 100
+    assert "best threshold" in stdout
+
+
+def test_analyze_writes_the_four_plots(capsys, tiny_run, tmp_path):
+    out = tmp_path / "analysis"
+    rc, _, err = run_cli(["analyze", str(tiny_run), "--num", "6", "--batch-sizes", "1", "3",
+                          "--num-per-batch-size", "3", "--cfg-scale", "2", "--out", str(out),
+                          "--no-progress"], capsys)
+    assert rc == 0, err
+    result = json.loads((out / "analysis.json").read_text())
+    for name, path in result["figures"].items():
+        assert Image.open(path).format == "PNG", name
+    assert [r["batch_size"] for r in result["capacity_vs_batch_size"]] == [1, 3]
+    assert set(result["capacity_by_class"]) == {"0", "1", "2", "3", "4", "5", "uncond"}
+    assert np.array(result["expert_load"]).shape == (1, 4)  # one MoE layer, 4 experts
+    assert len(result["capacity_per_timestep"]) == 2
+
+
+def test_capacity_meter_optional_records():
+    meter = CapacityMeter(track_experts=True, track_samples=True)
+    mask = torch.zeros(4, 2, dtype=torch.bool)
+    mask[0, 0] = mask[1, 1] = True
+    layer = FFNOutput(y=torch.zeros(2, 2, 1), mask_SE=mask, counts_E=mask.sum(0),
+                      num_tokens=4, base_experts=2)
+
+    class Out:
+        out = torch.zeros(2, 1)
+        layers = [layer]
+
+    meter.on_forward(0.5, Out())
+    assert_close(meter.per_expert[0][0], torch.tensor([0.5, 0.5]))
+    assert_close(meter.per_sample[0], torch.tensor([1.0, 0.0]))
+    assert meter.c_avg() == pytest.approx(0.5)
+
+
+def test_fid_command_between_two_sets(capsys):
+    rc, stdout, err = run_cli(["fid", "digits:train:4", "digits:train:4", "--no-progress"],
+                              capsys)
+    assert rc == 0, err
+    assert abs(json.loads(stdout)["fid"]) < 1e-3
