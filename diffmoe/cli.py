@@ -231,6 +231,11 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
                    help="no progress bars")
 
 
+# Defaults sized so that each command takes minutes on 2 CPU cores with the MNIST demo model.
+DEFAULT_THRESHOLDS = (0.9, 0.7, 0.5, 0.3, 0.1)
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffmoe", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -258,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "come from the checkpoint's sample config. Inception Score "
                                    "is not available with the packaged Inception (no logits).")
     add_sampling_args(e, with_num=False)
-    e.add_argument("--num", type=int, default=None, help="samples to generate (default 1000)")
+    e.add_argument("--num", type=int, default=None, help="samples to generate (default 500)")
     add_metric_args(e)
     e.add_argument("--save-npz", dest="save_npz", default=None,
                    help="also save the samples as an ADM-style .npz (arr_0 images, arr_1 labels)")
@@ -270,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep-thresholds", help="interval search over constant thresholds "
                                                 "(Eq. 16): FID vs C_avg table and PNG")
     add_sampling_args(w, with_num=False)
-    w.add_argument("--num", type=int, default=250, help="samples per row (default 250)")
-    w.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3, 0.1, 0.01],
+    w.add_argument("--num", type=int, default=100, help="samples per row (default 100)")
+    w.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS),
                    help="constant thresholds gamma to try")
     w.add_argument("--budget", type=float, default=1.0,
                    help="pick the best FID with C_avg_infer <= this (default 1)")
@@ -286,9 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(a, with_num=False)
     a.add_argument("--num", type=int, default=100, help="samples for the main run (default 100)")
     a.add_argument("--batch-sizes", dest="batch_sizes", type=int, nargs="+",
-                   default=[1, 2, 4, 8, 16, 32, 64], help="sampling batch sizes to compare")
-    a.add_argument("--num-per-batch-size", dest="num_per_batch_size", type=int, default=64,
-                   help="samples per batch-size run (default 64)")
+                   default=list(DEFAULT_BATCH_SIZES), help="sampling batch sizes to compare")
+    a.add_argument("--num-per-batch-size", dest="num_per_batch_size", type=int, default=32,
+                   help="samples per batch-size run (default 32)")
     a.add_argument("--out", default=None,
                    help="output directory (default <run>/analysis/<step>)")
     a.add_argument("--force", action="store_true", help="replace existing outputs")

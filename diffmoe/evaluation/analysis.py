@@ -24,14 +24,11 @@ from .evaluate import Evaluator, write_json
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-
-
 @dataclass
 class AnalyzeOptions:
     num: int = 100
-    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
-    num_per_batch_size: int = 64
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    num_per_batch_size: int = 32
     progress: bool = True
 
 

