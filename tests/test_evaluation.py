@@ -319,3 +319,14 @@ def test_fid_command_between_two_sets(capsys):
                               capsys)
     assert rc == 0, err
     assert abs(json.loads(stdout)["fid"]) < 1e-3
+
+
+def test_adm_image_reference_is_featurised_once(inception, tmp_path):
+    images = build_dataset("digits", "test").images[:4]
+    path = tmp_path / "ref_batch.npz"
+    np.savez(path, arr_0=images.permute(0, 2, 3, 1).numpy())
+    first = load_reference(str(path), 10, batch_size=2, progress=False)
+    assert first.stats.num == 4 and not first.cached
+    assert_close(first.stats.features, inception(images))
+    second = load_reference(str(path), 10, progress=False)
+    assert second.cached and second.cache_file == first.cache_file

@@ -22,7 +22,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -134,12 +134,19 @@ def dataset_reference(spec: str, default_num: int, cache: Optional[str | Path] =
                         f"{len(ds)}")
     source = f"{name}:{split}:{num}"
     path = cache_dir(cache) / "fid" / f"{name}-{split}-n{num}-{inception_id()}.npz"
+    return _cached_or_computed(path, source, lambda: ds.images[:num], batch_size, progress)
+
+
+def _cached_or_computed(path: Path, source: str, images_nchw: Callable[[], torch.Tensor],
+                        batch_size: int, progress: bool) -> Reference:
+    """The reference's features from the cache file if it is readable, else computed from
+    ``images_nchw()`` (uint8) and cached."""
     if path.is_file():
         stats = load_cached_stats(path)
         if stats is not None:
             log.info("reference %s from cache %s", source, path)
             return Reference(stats, source, str(path), cached=True)
-    stats = features_of_images(ds.images[:num], batch_size, progress, f"reference {source}")
+    stats = features_of_images(images_nchw(), batch_size, progress, f"reference {source}")
     save_stats(stats, path, {"format": CACHE_FORMAT, "source": source,
                              "inception": inception_id()})
     log.info("reference %s cached at %s", source, path)
@@ -174,15 +181,9 @@ def npz_reference(path: Path, cache: Optional[str | Path] = None, batch_size: in
                         f"as the ADM evaluator writes them; got {images.dtype} {images.shape}")
     source = f"images {path} ({images.shape[0]})"
     cache_file = cache_dir(cache) / "fid" / f"npz-{_file_hash(path)}-{inception_id()}.npz"
-    if cache_file.is_file():
-        stats = load_cached_stats(cache_file)
-        if stats is not None:
-            return Reference(stats, source, str(cache_file), cached=True)
-    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
-    stats = features_of_images(nchw, batch_size, progress, "reference images")
-    save_stats(stats, cache_file, {"format": CACHE_FORMAT, "source": str(path),
-                                   "inception": inception_id()})
-    return Reference(stats, source, str(cache_file))
+    return _cached_or_computed(cache_file, source,
+                               lambda: torch.from_numpy(images).permute(0, 3, 1, 2),
+                               batch_size, progress)
 
 
 def load_reference(spec: str, default_num: int, cache: Optional[str | Path] = None,
