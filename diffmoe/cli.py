@@ -54,12 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from .sample import sample_checkpoint
 
-    fields = {f.name for f in dataclasses.fields(SampleConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    for name in ("steps", "num", "batch_size"):
-        if name in overrides and overrides[name] <= 0:
-            raise DiffMoEError(f"--{name.replace('_', '-')}={overrides[name]} must be a positive "
-                               f"integer")
+    overrides = sample_overrides(args, with_num=True)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise DiffMoEError(f"--out '{out}' must end in .png (the grid is a PNG image; a JSON "
@@ -101,11 +96,12 @@ def add_sampling_args(s: argparse.ArgumentParser, with_num: bool) -> None:
     s.add_argument("--device", default="cpu")
 
 
-def sample_overrides(args: argparse.Namespace) -> dict:
-    """The sampling options given on the command line (the rest come from the checkpoint)."""
-    fields = {f.name for f in dataclasses.fields(SampleConfig)} - {"num"}
+def sample_overrides(args: argparse.Namespace, with_num: bool = False) -> dict:
+    """The sampling options given on the command line (the rest come from the checkpoint).
+    ``num`` is a sampling setting only for ``diffmoe sample``; the evaluation commands own it."""
+    fields = {f.name for f in dataclasses.fields(SampleConfig)} - (set() if with_num else {"num"})
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    for name in ("steps", "batch_size"):
+    for name in ("steps", "num", "batch_size"):
         if name in overrides and overrides[name] <= 0:
             raise DiffMoEError(f"--{name.replace('_', '-')}={overrides[name]} must be a positive "
                                f"integer")
