@@ -74,6 +74,11 @@ class FixedModel(torch.nn.Module):
         v = torch.where(y == 3, 0.0, y.float() + 1.0).view(-1, 1, 1, 1).expand_as(x)
         return DiTOutput(out=v.clone(), aux_loss=torch.zeros(()), predictor_loss=torch.zeros(()))
 
+    def null_condition(self, y):
+        return torch.full_like(y, 3)
+
+    cat_conditions = staticmethod(lambda a, b: torch.cat([a, b]))
+
 
 def test_cfg_formula():
     fm = FlowMatching(1)

@@ -25,11 +25,10 @@ def guided_velocity(model: DiT, flow: FlowMatching, z: Tensor, t: float, y: Tens
     """v = v_u + s·(v_c − v_u). With s = 1 only the conditional pass runs. With guidance the
     conditional and unconditional halves go through the model as one batch (as DiT does), so for
     DiffMoE they share one token pool."""
-    null = torch.full_like(y, model.cfg.num_classes)
     if cfg_scale == 1.0:
         zz, yy = z, y
     else:
-        zz, yy = torch.cat([z, z]), torch.cat([y, null])
+        zz, yy = torch.cat([z, z]), model.cat_conditions(y, model.null_condition(y))
     tt = torch.full((zz.shape[0],), t, device=z.device, dtype=torch.float32)
     out = model(zz, flow.model_time(tt), yy, routing)
     if on_forward is not None:

@@ -231,6 +231,18 @@ class DiT(nn.Module):
         pred_loss = moe.predictor_loss_weight * torch.stack(bce).mean() if bce else zero
         return DiTOutput(out=out, aux_loss=aux_loss, predictor_loss=pred_loss, layers=moe_outputs)
 
+    # -- conditioning, as classifier-free guidance sees it ----------------------------------
+
+    def null_condition(self, y: Tensor) -> Tensor:
+        """The unconditional input matching ``y`` (the null class). Guidance goes through this and
+        :meth:`cat_conditions`, so a model with another kind of condition overrides both."""
+        return torch.full_like(y, self.cfg.num_classes)
+
+    @staticmethod
+    def cat_conditions(a: Tensor, b: Tensor) -> Tensor:
+        """Stack two condition batches along the batch dimension."""
+        return torch.cat([a, b])
+
     # -- parameter accounting (PAPER section 1 and Eq. 40) ----------------------------------
 
     def num_params(self) -> int:
