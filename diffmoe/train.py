@@ -56,7 +56,7 @@ from .checkpoint import (
 )
 from .config import Config, TrainConfig
 from .data import BatchIterator, ImageDataset, build_dataset
-from .diffusion import FlowMatching
+from .diffusion import SamplerOptions, build_objective
 from .ema import ema_decay, make_ema, update_ema
 from .errors import CheckpointError, ConfigError, DiffMoEError, TrainingError
 from .images import save_grid
@@ -75,7 +75,7 @@ METRIC_FIELDS = {
     # The loss fields are null for an interval whose every step was skipped.
     "step": "optimizer steps done",
     "loss": "total loss backpropagated (diffusion + aux + predictor)",
-    "diffusion_loss": "flow-matching MSE",
+    "diffusion_loss": "objective loss: flow-matching MSE, or DDPM L_simple + vb_weight * L_vb",
     "aux_loss": "alpha-weighted token-choice balance loss (0 otherwise)",
     "predictor_bce": "weighted capacity-predictor BCE, mean over MoE layers (Eq. 12)",
     "threshold_mean": "mean DiffMoE threshold tau over layers and experts (Eq. 17)",
@@ -191,7 +191,7 @@ class Trainer:
         self.model: DiT = build_model(cfg.model).to(self.device)
         self.ema = make_ema(self.model)
         self.optimizer = build_optimizer(self.model, t)
-        self.flow = FlowMatching(cfg.model.in_channels, cfg.objective.time_scale)
+        self.objective = build_objective(cfg)
         self.step = 0
         self.skipped_steps = 0
         # The logging interval in progress: per-metric sums over its good (finite-loss) steps
@@ -373,9 +373,10 @@ class Trainer:
         classes = self.cfg.model.num_classes
         labels = torch.arange(s.num, device=self.device) % min(classes, GRID_COLUMNS)
         routing = resolve_routing(self.ema, s.mode, s.threshold)
-        images, _ = generate(self.ema, self.flow, labels, sampler=s.sampler, steps=s.steps,
+        images, _ = generate(self.ema, self.objective, labels, sampler=s.sampler, steps=s.steps,
                              cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
-                             seed=s.seed, progress=False)
+                             seed=s.seed, progress=False,
+                             options=SamplerOptions.from_settings(s))
         nrow = GRID_COLUMNS if classes >= GRID_COLUMNS else None
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", nrow=nrow,
                          upscale=2)
@@ -452,7 +453,7 @@ class Trainer:
         thresholds = ([m.thresholds_E.clone() for m in self.diffmoe_layers]
                       if t.nonfinite_loss == "skip" else [])
         with self._autocast():
-            out = self.flow.loss(self.net, x, y)
+            out = self.objective.loss(self.net, x, y)
         good = not distributed.any_rank(~torch.isfinite(out.loss.detach()))
         if good:
             self.optimizer.zero_grad(set_to_none=True)
