@@ -60,8 +60,11 @@ class CapacityMeter:
     track_samples: bool = False
     per_expert: list[list[Tensor]] = field(default_factory=list)
     per_sample: list[Tensor] = field(default_factory=list)
+    # Every model call seen, routed or not (the samplers' number of function evaluations).
+    calls: int = 0
 
     def on_forward(self, t: float, out: DiTOutput) -> None:
+        self.calls += 1
         routed = [o for o in out.layers if o.counts_E is not None]
         if not routed:
             return

@@ -331,3 +331,14 @@ def test_guidance_on_all_or_the_first_channels():
     assert full[0, :, 0, 0].tolist() == [4.0, 4.0, 2.0, 2.0]
     legacy = guided_output(TwoPass(), z, t, y, 3.0, Routing(), 1, 0.0)
     assert legacy[0, :, 0, 0].tolist() == [4.0, 2.0, 2.0, 2.0]
+
+
+def test_meter_counts_every_model_call_of_a_dense_model_too():
+    from diffmoe.capacity import CapacityMeter
+
+    cfg = ModelConfig(input_size=4, in_channels=1, patch_size=2, depth=2, hidden_size=16,
+                      num_heads=2, num_classes=3, learn_sigma=True)
+    meter = CapacityMeter()
+    sample(build_model(cfg).eval(), GaussianDiffusion.linear(1, True, 50), torch.tensor([0, 1]),
+           sampler="ddim", steps=5, cfg_scale=3.0, on_forward=meter.on_forward)
+    assert meter.calls == 5 and meter.num_forwards == 0  # nothing routed, every call counted

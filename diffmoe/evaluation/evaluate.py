@@ -152,6 +152,7 @@ class Evaluator:
             "activated_params": activated_params(self.model, cap["c_avg_infer"]),
             "total_params": self.model.num_params(),
             "images_per_second": s.num / sampling_s if sampling_s > 0 else math.nan,
+            "model_calls_per_batch": meter.calls / math.ceil(s.num / s.batch_size),
             "sampling_seconds": sampling_s, "feature_seconds": feature_s,
             "settings": dict(asdict(s), mode=routing.mode, labels=self.options.labels,
                              device=self.options.device, feature_dim=FEATURE_DIM),
