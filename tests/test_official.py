@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import yaml
 
 from diffmoe.cli import main
-from diffmoe.models.moe import Routing
 from diffmoe.models.dit import TimestepEmbedder, sincos_pos_embed_2d
+from diffmoe.models.moe import Routing
 from diffmoe.sample import load_model
 
 ARCH = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, num_classes=10)

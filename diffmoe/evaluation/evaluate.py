@@ -84,6 +84,10 @@ class Evaluator:
         flow = FlowMatching(model.cfg.in_channels, config["objective"]["time_scale"])
         data = config.get("data", {})
         data_spec = f"{data.get('name', 'mnist')}:{data.get('split', 'train')}"
+        if data.get("name") == "latents" and not options.reference:
+            raise ConfigError("a model trained on a latent cache has no packaged reference set; "
+                              "pass --ref with an ADM reference batch (e.g. "
+                              "VIRTUAL_imagenet256_labeled.npz)")
         return cls(ckpt.path, ckpt.state["step"], model, flow, s, options, data_spec, data=data,
                    decoder=sample_decoder(data, options.device))
 

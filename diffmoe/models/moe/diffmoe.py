@@ -29,7 +29,6 @@ Activation checkpointing recomputes a block's forward in the backward pass: insi
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import Iterable, Iterator
 
 import torch
@@ -41,18 +40,24 @@ from torch import Tensor
 from .base import FFNOutput, MoELayer, Routing, expert_capacity
 
 POOL_SCOPES = ("rank", "global")
-_RECOMPUTING = contextvars.ContextVar("diffmoe_recomputing", default=False)
+
+
+class _Recomputing:
+    """Whether an activation-checkpointing recomputation is running (a plain flag, which
+    torch.compile reads without a graph break; recomputation never overlaps a forward)."""
+
+    active = False
 
 
 @contextlib.contextmanager
 def recomputing() -> Iterator[None]:
     """Marks an activation-checkpointing recomputation: DiffMoE layers skip their threshold
     update (it already happened in the original forward)."""
-    token = _RECOMPUTING.set(True)
+    previous, _Recomputing.active = _Recomputing.active, True
     try:
         yield
     finally:
-        _RECOMPUTING.reset(token)
+        _Recomputing.active = previous
 
 
 def _world() -> tuple[int, int]:
@@ -135,14 +140,15 @@ class DiffMoE(MoELayer):
             counts_E = torch.full((E,), k, dtype=torch.long, device=x_SD.device)
             return FFNOutput(y=y_SD, mask_SE=mask_SE, counts_E=counts_E)
         logits_SE = self.predictor(x_SD)
-        rank, world = _world()
-        if self.training and self.pool == "global" and world > 1:
-            return self._train_global_pool(x_SD, scores_SE, logits_SE, rank, world)
+        if self.training and self.pool == "global":
+            rank, world = _world()
+            if world > 1:
+                return self._train_global_pool(x_SD, scores_SE, logits_SE, rank, world)
         if self.training:
             w_Ek, idx_Ek = scores_SE.t().topk(k, dim=1)
             y_SD, mask_SE = self.run_equal(x_SD, idx_Ek, w_Ek)
             counts_E = torch.full((E,), k, dtype=torch.long, device=x_SD.device)
-            if not _RECOMPUTING.get():
+            if not _Recomputing.active:
                 with torch.no_grad():
                     update_thresholds(self.thresholds_E, threshold_targets(logits_SE, k),
                                       self.threshold_ema)
@@ -176,7 +182,7 @@ class DiffMoE(MoELayer):
         expert_T = self.experts.row_experts(counts_E, tok_T.shape[0])
         w_T = scores_SE[tok_T, expert_T]
         y_SD, mask_SE = self.run_grouped(x_SD, tok_T, w_T, counts_E)
-        if not _RECOMPUTING.get():
+        if not _Recomputing.active:
             with torch.no_grad():
                 update_thresholds(self.thresholds_E, threshold_targets(logits_GE, k),
                                   self.threshold_ema)
