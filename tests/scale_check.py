@@ -5,9 +5,9 @@ rank r runs half of one fixed global batch with ``token_pool=global`` and averag
 across ranks (as DDP does); rank 0 also runs the whole batch through an identical model with a
 per-process pool and no collective. Outputs, gradients and thresholds must agree.
 
-``train``: a few training steps of a config (DDP or FSDP2 per the overrides), then a report of
-whether every rank's replicated tensors (all weights under DDP; the thresholds under FSDP, whose
-weights are shards) equal rank 0's.
+``train`` (or ``resume``, continuing a run): a few training steps of a config (DDP or FSDP2 per
+the overrides), then a report of whether every rank's replicated tensors (all weights under DDP;
+the thresholds under FSDP, whose weights are shards) equal rank 0's.
 """
 
 from __future__ import annotations
@@ -86,10 +86,10 @@ def check_pool(config: str, result: str, overrides: list[str]) -> None:
             json.dump(report, fh)
 
 
-def check_train(config: str, result: str, overrides: list[str]) -> None:
+def check_train(config: str, result: str, overrides: list[str], resume: bool = False) -> None:
     from diffmoe.train import Trainer
 
-    trainer = Trainer(load_config(config, overrides))
+    trainer = Trainer(load_config(config, overrides), resume=resume)
     trainer.train()
     report, sharded = {}, 0
     for name, module in (("model", trainer.model), ("ema", trainer.ema)):
@@ -113,7 +113,10 @@ def main() -> None:
     what, config, result, *overrides = sys.argv[1:]
     dist.init_process_group("gloo")
     try:
-        {"pool": check_pool, "train": check_train}[what](config, result, overrides)
+        if what == "resume":
+            check_train(config, result, overrides, resume=True)
+        else:
+            {"pool": check_pool, "train": check_train}[what](config, result, overrides)
     finally:
         dist.destroy_process_group()
 

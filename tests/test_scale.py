@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,13 +56,15 @@ def test_cross_rank_pool_matches_one_process_on_the_global_batch(tmp_path):
     assert r["per_rank_pool_out_max_diff"] > 1e-3
 
 
-def run_mnist(tmp_path: Path, parallel: str, **extra) -> tuple[dict, Path]:
-    run = tmp_path / parallel
+def run_mnist(tmp_path: Path, parallel: str, what: str = "train", run: Path | None = None,
+              **extra) -> tuple[dict, Path]:
+    run = run or tmp_path / parallel
     overrides = {**MNIST_RUN, "train.out_dir": run, "train.parallel": parallel, **extra}
-    proc = torchrun("train", str(ROOT / "configs" / "mnist_diffmoe.yaml"),
-                    str(tmp_path / f"{parallel}.json"), *[f"{k}={v}" for k, v in overrides.items()])
+    report = tmp_path / f"{parallel}-{what}.json"
+    proc = torchrun(what, str(ROOT / "configs" / "mnist_diffmoe.yaml"), str(report),
+                    *[f"{k}={v}" for k, v in overrides.items()])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((tmp_path / f"{parallel}.json").read_text()), run
+    return json.loads(report.read_text()), run
 
 
 @pytest.mark.slow
@@ -81,6 +84,18 @@ def test_mnist_demo_config_under_ddp_and_fsdp2_gives_the_same_weights(tmp_path):
         for k in ta:
             torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5, msg=f"{name}.{k}")
     assert (fsdp_run / "samples" / f"step_{STEPS:08d}.png").is_file()
+    # The DDP run's checkpoint resumes under FSDP2 (full tensors sharded on load, AdamW state
+    # included) and under DDP, one more step each: the two continuations agree.
+    for parallel, run in (("fsdp", tmp_path / "ddp-then-fsdp"), ("ddp", tmp_path / "ddp-more")):
+        shutil.copytree(ddp_run, run)
+        report, _ = run_mnist(tmp_path, parallel, "resume", run, **{"train.steps": STEPS + 1})
+        assert report["step"] == STEPS + 1
+    a, b = (r / "checkpoints" / checkpoint_name(STEPS + 1)
+            for r in (tmp_path / "ddp-more", tmp_path / "ddp-then-fsdp"))
+    for name in ("model", "ema", "optimizer"):
+        ta, tb = (load_file(str(p / f"{name}.safetensors")) for p in (a, b))
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5, msg=f"{name}.{k}")
 
 
 def test_activation_checkpointing_keeps_gradients_and_moves_thresholds_once():
