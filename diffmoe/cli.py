@@ -1,7 +1,7 @@
 """The ``diffmoe`` command.
 
     diffmoe train CONFIG [key=value ...] [--resume] [--dry-run]
-    diffmoe sample CHECKPOINT [--num N --steps N --sampler euler|heun --cfg-scale S
+    diffmoe sample CHECKPOINT [--num N --steps N --sampler NAME --cfg-scale S
                                --mode auto|dynamic|static|threshold --threshold G
                                --batch-size N --seed N --labels balanced|random|3,1,4
                                --weights ema|raw --out grid.png [--force]]
@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import SampleConfig, load_config
+from .config import SAMPLERS, SampleConfig, load_config
 from .errors import DiffMoEError
 from .paths import file_in_the_way
 
@@ -84,8 +84,17 @@ def add_sampling_args(s: argparse.ArgumentParser, with_num: bool) -> None:
     s.add_argument("checkpoint", help="a run directory or a checkpoints/step_XXXXXXXX directory")
     if with_num:
         s.add_argument("--num", type=int, help="number of images")
-    s.add_argument("--steps", type=int, help="sampling steps (paper: 250)")
-    s.add_argument("--sampler", choices=["euler", "heun"])
+    s.add_argument("--steps", type=int,
+                   help="sampling steps, or DDPM respaced timesteps (paper: 250)")
+    s.add_argument("--sampler", choices=list(SAMPLERS),
+                   help="flow: euler, heun, dopri5, sde; ddpm: ddpm, ddim (auto: euler or ddpm)")
+    s.add_argument("--ddim-eta", dest="ddim_eta", type=float, help="DDIM eta (0 = deterministic)")
+    s.add_argument("--ode-rtol", dest="ode_rtol", type=float, help="dopri5 relative tolerance")
+    s.add_argument("--ode-atol", dest="ode_atol", type=float, help="dopri5 absolute tolerance")
+    s.add_argument("--sde-noise", dest="sde_noise", type=float,
+                   help="flow SDE diffusion scale w (0 = Euler)")
+    s.add_argument("--guidance-channels", dest="guidance_channels", type=int,
+                   help="guide only the first N channels (0 = all; DiT's legacy: 3)")
     s.add_argument("--cfg-scale", dest="cfg_scale", type=float,
                    help="classifier-free guidance scale (1 = off)")
     s.add_argument("--mode", choices=["auto", "dynamic", "static", "threshold"],

@@ -22,14 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import yaml
 
 from .errors import ConfigError
 
 FFN_TYPES = ("dense", "token_choice", "expert_choice", "diffmoe")
 INFERENCE_MODES = ("auto", "dynamic", "static", "threshold")
-SAMPLERS = ("euler", "heun")
-OBJECTIVES = ("flow",)
+# Samplers per objective (diffusion/samplers.py); "auto" picks the first of the objective's list.
+SAMPLERS_BY_OBJECTIVE = {"flow": ("euler", "heun", "dopri5", "sde"), "ddpm": ("ddpm", "ddim")}
+SAMPLERS = ("auto",) + tuple(n for names in SAMPLERS_BY_OBJECTIVE.values() for n in names)
+OBJECTIVES = tuple(SAMPLERS_BY_OBJECTIVE)
+# A DDPM schedule must keep alpha_bar at its last step above this: respacing derives
+# beta' = 1 - alpha_bar_t / alpha_bar_prev, which rounds to 1 in float64 below it.
+MIN_ALPHA_BAR = 1e-12
 DATASETS = ("mnist", "digits", "latents")
 EMA_BUFFER_RULES = ("average", "copy")
 PRECISIONS = ("fp32", "bf16")
@@ -81,16 +87,25 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 1000
     class_dropout: float = 0.1  # label dropout for classifier-free guidance
-    learn_sigma: bool = False  # output 2x channels (the flow objective ignores the second half)
+    # Output 2x channels: DDPM's learned variance (the flow objective ignores the second half).
+    learn_sigma: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
 class ObjectiveConfig:
-    # flow: rectified flow as in SiT, z_t = t*x + (1-t)*eps, t=1 is data (see diffusion/flow.py).
+    # flow: rectified flow as in SiT, z_t = t*x + (1-t)*eps, t=1 is data (diffusion/flow.py).
+    # ddpm: DiT's DDPM, eps-prediction, learned variance with model.learn_sigma
+    # (diffusion/gaussian.py).
     type: str = "flow"
-    # The timestep embedder sees t * time_scale, so t in [0, 1] spans DiT's usual 0..1000 range.
+    # flow: the timestep embedder sees t * time_scale, so t in [0, 1] spans DiT's 0..1000 range.
     time_scale: float = 1000.0
+    # ddpm: T, and the linear beta schedule's ends (given for T = 1000, scaled by 1000/T).
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # ddpm: lambda in L_simple + lambda * L_vb (DiT: T/1000 = 1); used only with learn_sigma.
+    vb_weight: float = 1.0
 
 
 @dataclass
@@ -163,7 +178,9 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "euler"
+    # flow: euler | heun | dopri5 | sde; ddpm: ddpm | ddim; auto: euler (flow) or ddpm.
+    sampler: str = "auto"
+    # Integration steps (flow) or respaced timesteps (ddpm); dopri5: its first step is 1/steps.
     steps: int = 250
     cfg_scale: float = 1.0
     # MoE inference mode: dynamic | static | threshold | auto (dynamic for DiffMoE, else static).
@@ -173,6 +190,12 @@ class SampleConfig:
     num: int = 64
     seed: int = 0
     weights: str = "ema"  # ema | raw
+    ddim_eta: float = 0.0  # ddim: 0 = deterministic, 1 = as noisy as DDPM
+    ode_rtol: float = 1e-3  # dopri5 tolerances
+    ode_atol: float = 1e-6
+    sde_noise: float = 1.0  # sde: w in the diffusion g(t)^2 = w * (1 - t); 0 = Euler
+    # Guide the first N predicted channels (0 = all); DiT's public sampling guides 3 of 4.
+    guidance_channels: int = 0
 
 
 @dataclass
@@ -503,9 +526,8 @@ def validate(cfg: Config) -> None:
     _require(t.dist_timeout_s > 0, f"train.dist_timeout_s={t.dist_timeout_s} must be positive "
              f"(seconds a rank waits for the others)")
     _require(bool(t.out_dir), "train.out_dir may not be empty")
-    _require(s.cfg_scale >= 0, f"sample.cfg_scale={s.cfg_scale} must be >= 0 (1 = no guidance)")
-    _require(0.0 <= s.threshold <= 1.0, f"sample.threshold={s.threshold} must be in [0, 1] "
-             f"(it is compared with sigmoid probabilities)")
+    validate_objective(cfg.objective, m)
+    validate_sampling(cfg.objective, s, m)
     _require(cfg.data.limit >= 0, "data.limit must be >= 0 (0 = the whole split)")
     _require(t.grad_accum > 0, f"train.grad_accum={t.grad_accum} must be a positive integer "
              f"(1 = no accumulation)")
@@ -514,3 +536,45 @@ def validate(cfg: Config) -> None:
              f"{t.grad_accum}; pick a batch size that is a multiple of it")
     _require(cfg.data.name != "latents" or bool(cfg.data.path),
              "data.name=latents needs data.path, the directory written by diffmoe cache-latents")
+
+
+def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
+    if o.type == "flow":
+        _require(o.time_scale > 0, f"objective.time_scale={o.time_scale} must be positive")
+        return
+    _require(o.num_timesteps > 0, f"objective.num_timesteps={o.num_timesteps} must be a positive "
+             f"integer (DiT: 1000)")
+    scale = 1000 / o.num_timesteps
+    _require(0 < o.beta_start <= o.beta_end and o.beta_end * scale < 1,
+             f"objective.beta_start={o.beta_start}, beta_end={o.beta_end} must satisfy "
+             f"0 < beta_start <= beta_end and beta_end * 1000/num_timesteps < 1 "
+             f"(DiT: 1e-4 and 0.02)")
+    betas = np.linspace(scale * o.beta_start, scale * o.beta_end, o.num_timesteps)
+    alpha_bar_end = float(np.prod(1.0 - betas))
+    _require(alpha_bar_end > MIN_ALPHA_BAR,
+             f"objective.beta_end={o.beta_end} leaves alpha_bar={alpha_bar_end:.1e} at the last "
+             f"timestep, too close to 0 for respaced sampling; lower beta_end (DiT: 0.02)")
+    _require(o.vb_weight >= 0, f"objective.vb_weight={o.vb_weight} must be >= 0")
+
+
+def validate_sampling(o: ObjectiveConfig, s: SampleConfig, m: ModelConfig) -> None:
+    """Sampling settings against the objective and model; also run on command-line overrides."""
+    names = SAMPLERS_BY_OBJECTIVE[o.type]
+    _require(s.sampler == "auto" or s.sampler in names,
+             f"sample.sampler={_quote(s.sampler)} is not available for objective.type={o.type}; "
+             f"choose one of {list(names)} (or auto)")
+    _require(s.steps > 0, f"sample.steps={s.steps} must be a positive integer")
+    if o.type == "ddpm":
+        _require(s.steps <= o.num_timesteps,
+                 f"sample.steps={s.steps} respaces the DDPM schedule to more steps than its "
+                 f"{o.num_timesteps} (objective.num_timesteps); use at most {o.num_timesteps}")
+    _require(s.cfg_scale >= 0, f"sample.cfg_scale={s.cfg_scale} must be >= 0 (1 = no guidance)")
+    _require(0.0 <= s.threshold <= 1.0, f"sample.threshold={s.threshold} must be in [0, 1] "
+             f"(it is compared with sigmoid probabilities)")
+    _require(s.ddim_eta >= 0, f"sample.ddim_eta={s.ddim_eta} must be >= 0 (0 = deterministic)")
+    _require(s.ode_rtol > 0 and s.ode_atol > 0,
+             f"sample.ode_rtol={s.ode_rtol} and sample.ode_atol={s.ode_atol} must be positive")
+    _require(s.sde_noise >= 0, f"sample.sde_noise={s.sde_noise} must be >= 0 (0 = Euler)")
+    _require(0 <= s.guidance_channels <= m.in_channels,
+             f"sample.guidance_channels={s.guidance_channels} must be in 0..{m.in_channels} "
+             f"(0 = all channels; DiT's legacy behaviour is 3)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -18,10 +18,9 @@ from tqdm import tqdm
 
 from .capacity import CapacityMeter, activated_params
 from .checkpoint import LoadedCheckpoint, load_state_dict_checked, open_checkpoint
-from .config import SampleConfig, config_from_dict
+from .config import SampleConfig, config_from_dict, validate_sampling
 from .data import sample_decoder
-from .diffusion import FlowMatching
-from .diffusion.samplers import sample
+from .diffusion import Objective, SamplerOptions, objective_from_state, resolve_sampler, sample
 from .errors import CheckpointError, ConfigError
 from .images import save_grid
 from .models import DiT, build_model
@@ -71,9 +70,10 @@ def capacity_warnings(model: DiT, routing: Routing, batch_size: int, c_avg: floa
     return found
 
 
-def generate_batches(model: DiT, flow: FlowMatching, labels: Tensor, *, sampler: str, steps: int,
-                     cfg_scale: float, routing: Routing, batch_size: int, seed: int,
-                     progress: bool = True, meter: Optional[CapacityMeter] = None
+def generate_batches(model: DiT, objective: Objective, labels: Tensor, *, sampler: str,
+                     steps: int, cfg_scale: float, routing: Routing, batch_size: int, seed: int,
+                     progress: bool = True, meter: Optional[CapacityMeter] = None,
+                     options: Optional[SamplerOptions] = None
                      ) -> Iterator[tuple[Tensor, Tensor]]:
     """Generate one image per label, ``batch_size`` at a time, yielding (images in [-1, 1] on
     the CPU, their labels) per batch, so a caller can consume them without keeping them all.
@@ -91,24 +91,25 @@ def generate_batches(model: DiT, flow: FlowMatching, labels: Tensor, *, sampler:
         for start in tqdm(range(0, labels.shape[0], batch_size), disable=not progress,
                           desc="sample", dynamic_ncols=True):
             y = labels[start:start + batch_size]
-            images = sample(model, flow, y.to(device), sampler=sampler, steps=steps,
+            images = sample(model, objective, y.to(device), sampler=sampler, steps=steps,
                             cfg_scale=cfg_scale, routing=routing, generator=gen,
-                            on_forward=on_forward)
+                            on_forward=on_forward, options=options)
             yield images.float().cpu(), y
     finally:
         model.train(was_training)
 
 
-def generate(model: DiT, flow: FlowMatching, labels: Tensor, *, sampler: str, steps: int,
+def generate(model: DiT, objective: Objective, labels: Tensor, *, sampler: str, steps: int,
              cfg_scale: float, routing: Routing, batch_size: int, seed: int,
-             progress: bool = True, meter: Optional[CapacityMeter] = None
-             ) -> tuple[Tensor, CapacityMeter]:
+             progress: bool = True, meter: Optional[CapacityMeter] = None,
+             options: Optional[SamplerOptions] = None) -> tuple[Tensor, CapacityMeter]:
     """Generate one image per label, ``batch_size`` at a time. Returns images in [-1, 1] (on the
     CPU) and the capacity meter that recorded every forward."""
     meter = meter if meter is not None else CapacityMeter()
     chunks = [images for images, _ in generate_batches(
-        model, flow, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, routing=routing,
-        batch_size=batch_size, seed=seed, progress=progress, meter=meter)]
+        model, objective, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+        routing=routing, batch_size=batch_size, seed=seed, progress=progress, meter=meter,
+        options=options)]
     return torch.cat(chunks), meter
 
 
@@ -133,6 +134,16 @@ def model_from_checkpoint(ckpt: LoadedCheckpoint, weights: str = "ema",
     load_state_dict_checked(model, ckpt.tensors("ema" if weights == "ema" else "model"),
                             f"'{ckpt.path}'")
     return model.to(device).eval()
+
+
+def checked_objective(state: dict, s: SampleConfig) -> tuple[Objective, SampleConfig]:
+    """The checkpoint's objective, after checking the sampling settings ``s`` (the checkpoint's
+    own updated with command-line overrides) against it; and ``s`` with ``auto`` resolved to the
+    sampler it stands for, as results should record it."""
+    cfg = config_from_dict(state["config"])
+    validate_sampling(cfg.objective, s, cfg.model)
+    objective = objective_from_state(state["config"])
+    return objective, replace(s, sampler=resolve_sampler(objective.objective, s.sampler))
 
 
 def parse_labels(spec: Optional[str], num: int, num_classes: int, seed: int) -> Tensor:
@@ -166,12 +177,12 @@ def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
         raise ConfigError(f"bad sample settings ({exc}); check the options") from None
     model, state, ckpt_path = model_from_checkpoint(ckpt, s.weights, device), ckpt.state, ckpt.path
     cfg = model.cfg
+    objective, s = checked_objective(state, s)
     routing = resolve_routing(model, s.mode, s.threshold)
-    flow = FlowMatching(cfg.in_channels, state["config"]["objective"]["time_scale"])
     y = parse_labels(labels, s.num, cfg.num_classes, s.seed)
-    images, meter = generate(model, flow, y, sampler=s.sampler, steps=s.steps,
+    images, meter = generate(model, objective, y, sampler=s.sampler, steps=s.steps,
                              cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
-                             seed=s.seed)
+                             seed=s.seed, options=SamplerOptions.from_settings(s))
     decoder = sample_decoder(state["config"].get("data", {}), device)
     if decoder is not None:  # a latent model: decode with the cache's VAE
         images = decoder(images)

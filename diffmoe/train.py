@@ -58,7 +58,7 @@ from .checkpoint import (
 )
 from .config import Config, TrainConfig
 from .data import BatchIterator, ImageDataset, build_training_dataset, sample_decoder
-from .diffusion import FlowMatching
+from .diffusion import SamplerOptions, build_objective
 from .ema import ema_decay, make_ema, update_ema
 from .errors import CheckpointError, ConfigError, DiffMoEError, TrainingError
 from .images import save_grid
@@ -77,7 +77,7 @@ METRIC_FIELDS = {
     # The loss fields are null for an interval whose every step was skipped.
     "step": "optimizer steps done",
     "loss": "total loss backpropagated (diffusion + aux + predictor)",
-    "diffusion_loss": "flow-matching MSE",
+    "diffusion_loss": "objective loss: flow-matching MSE, or DDPM L_simple + vb_weight * L_vb",
     "aux_loss": "alpha-weighted token-choice balance loss (0 otherwise)",
     "predictor_bce": "weighted capacity-predictor BCE, mean over MoE layers (Eq. 12)",
     "threshold_mean": "mean DiffMoE threshold tau over layers and experts (Eq. 17)",
@@ -200,7 +200,7 @@ class Trainer:
             scale.shard(self.model)
             scale.shard(self.ema)
         self.optimizer = build_optimizer(self.model, t)
-        self.flow = FlowMatching(cfg.model.in_channels, cfg.objective.time_scale)
+        self.objective = build_objective(cfg)
         self.step = 0
         self.skipped_steps = 0
         # The logging interval in progress: per-metric sums over its good (finite-loss) steps
@@ -398,9 +398,10 @@ class Trainer:
         classes = self.cfg.model.num_classes
         labels = torch.arange(s.num, device=self.device) % min(classes, GRID_COLUMNS)
         routing = resolve_routing(self.ema, s.mode, s.threshold)
-        images, _ = generate(self.ema, self.flow, labels, sampler=s.sampler, steps=s.steps,
+        images, _ = generate(self.ema, self.objective, labels, sampler=s.sampler, steps=s.steps,
                              cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
-                             seed=s.seed, progress=False)
+                             seed=s.seed, progress=False,
+                             options=SamplerOptions.from_settings(s))
         if self.decoder is not None:
             images = self.decoder(images)
         if not self.dist.is_main:
@@ -489,7 +490,7 @@ class Trainer:
             with scale.gradient_sync(self.ddp, self.model if self.fsdp else None,
                                      i == len(micro) - 1):
                 with self._autocast():
-                    out = self.flow.loss(self.net, x_m, y_m)
+                    out = self.objective.loss(self.net, x_m, y_m)
                 (out.loss / len(micro)).backward()
             stats = self._capacity_stats(out.model_output)
             metrics.append(torch.stack([out.loss.detach(), out.diffusion_loss, out.aux_loss,

@@ -222,6 +222,24 @@ CASES = [
     Case("threshold-out-of-range", "config", TRAIN + ["sample.threshold=1.5"],
          "error: sample.threshold=1.5 must be in [0, 1] (it is compared with sigmoid "
          "probabilities)"),
+    Case("sampler-for-other-objective", "config",
+         TRAIN + ["objective.type=ddpm", "model.learn_sigma=true", "sample.sampler=heun"],
+         "error: sample.sampler='heun' is not available for objective.type=ddpm; choose one of "
+         "['ddpm', 'ddim'] (or auto)"),
+    Case("respacing-beyond-schedule", "config",
+         TRAIN + ["objective.type=ddpm", "objective.num_timesteps=100", "sample.steps=250"],
+         "error: sample.steps=250 respaces the DDPM schedule to more steps than its 100 "
+         "(objective.num_timesteps); use at most 100"),
+    Case("sampling-steps-zero", "config", TRAIN + ["sample.steps=0"],
+         "error: sample.steps=0 must be a positive integer"),
+    Case("beta-schedule-out-of-range", "config",
+         TRAIN + ["objective.type=ddpm", "objective.beta_end=1.5"],
+         "error: objective.beta_start=0.0001, beta_end=1.5 must satisfy 0 < beta_start <= "
+         "beta_end and beta_end * 1000/num_timesteps < 1 (DiT: 1e-4 and 0.02)"),
+    Case("beta-schedule-to-zero", "config",
+         TRAIN + ["objective.type=ddpm", "objective.beta_end=0.5"],
+         "error: objective.beta_end=0.5 leaves alpha_bar=4.9e-134 at the last timestep, too "
+         "close to 0 for respaced sampling; lower beta_end (DiT: 0.02)"),
     Case("section-not-mapping", "config", ["train", "<tmp>/c.yaml"],
          "error: config section 'model' must be a mapping of keys to values, got int",
          setup=write("c.yaml", "model: 3\n"), note="`<tmp>/c.yaml` is `model: 3`"),
@@ -295,7 +313,12 @@ CASES = [
          "error: --labels 'a,b' must be 'balanced', 'random' or integers like 3,1,4"),
     Case("sample-threshold-out-of-range", "cli",
          ["sample", "<run>", "--mode", "threshold", "--threshold", "2", "--out", "<tmp>/o.png"],
-         "error: threshold 2.0 must be in [0, 1]"),
+         "error: sample.threshold=2.0 must be in [0, 1] (it is compared with sigmoid "
+         "probabilities)"),
+    Case("sampler-not-for-checkpoint", "cli",
+         ["sample", "<run>", "--sampler", "ddim", "--out", "<tmp>/o.png"],
+         "error: sample.sampler='ddim' is not available for objective.type=flow; choose one of "
+         "['euler', 'heun', 'dopri5', 'sde'] (or auto)"),
     Case("dynamic-on-dense-checkpoint", "cli",
          ["sample", "<dense>", "--mode", "dynamic", "--out", "<tmp>/o.png"],
          "error: sample.mode=dynamic needs a capacity predictor, but this model's FFN is "

@@ -129,3 +129,44 @@ def test_existing_run_refused_by_cli(capsys, trained_run):
                           f"train.out_dir={trained_run}"], capsys)
     assert rc == 2 and "already holds a run; add --resume" in error_line(err)
     assert before == sorted(p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def ddpm_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddpm")
+    cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", [
+        f"train.out_dir={root / 'run'}", "train.steps=2", "train.ckpt_every=2",
+        "train.sample_every=2", "objective.type=ddpm", "model.learn_sigma=true",
+        "sample.steps=3", "sample.num=4", "sample.batch_size=4"])
+    assert cfg.sample.sampler == "auto"
+    return train(cfg).run_dir
+
+
+@pytest.mark.parametrize("sampler, extra", [("ddpm", []), ("ddim", ["--ddim-eta", "0.5"]),
+                                            (None, ["--guidance-channels", "1"])])
+def test_ddpm_checkpoint_samples_with_its_samplers(ddpm_run, sampler, extra, capsys, tmp_path):
+    out = tmp_path / "grid.png"
+    argv = ["sample", str(ddpm_run), "--num", "4", "--steps", "3", "--cfg-scale", "2",
+            "--out", str(out)] + (["--sampler", sampler] if sampler else []) + extra
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["settings"]["sampler"] == (sampler or "ddpm")  # auto resolved
+    assert summary["c_avg_infer"] > 0
+    assert (ddpm_run / "samples" / "step_00000002.png").exists()
+
+
+@pytest.mark.parametrize("sampler", ["dopri5", "sde"])
+def test_flow_checkpoint_samples_with_the_new_samplers(trained_run, sampler, capsys, tmp_path):
+    out = tmp_path / "grid.png"
+    rc, _, err = run_cli(["sample", str(trained_run), "--num", "4", "--steps", "2",
+                          "--sampler", sampler, "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert json.loads(out.with_suffix(".json").read_text())["c_avg_infer"] > 0
+
+
+def test_ddpm_checkpoint_refuses_flow_samplers(ddpm_run, capsys, tmp_path):
+    rc, _, err = run_cli(["sample", str(ddpm_run), "--sampler", "heun",
+                          "--out", str(tmp_path / "g.png")], capsys)
+    assert rc == 2
+    assert "not available for objective.type=ddpm" in error_line(err)

@@ -9,7 +9,8 @@ import torch
 from torch.testing import assert_close
 
 from diffmoe.config import ModelConfig, MoEConfig
-from diffmoe.diffusion import FlowMatching, euler, guided_velocity, heun, sample
+from diffmoe.diffusion import FlowMatching, dopri5, euler, guided_velocity, heun, sample, sde
+from diffmoe.errors import ConfigError
 from diffmoe.models import build_model
 from diffmoe.models.moe import Routing
 
@@ -104,3 +105,64 @@ def test_sample_runs_every_mode_and_reports_capacity():
                          on_forward=lambda t, o: seen.append(o.layers[0].counts_E))
             assert out.shape == (3, 1, 4, 4) and torch.isfinite(out).all()
     assert len(seen) == 3 * (3 + 6)
+    # The adaptive and stochastic samplers too, with capacity reported at every model call.
+    for mode in ("dynamic", "static", "threshold"):
+        for sampler in ("dopri5", "sde"):
+            times = []
+            out = sample(model, FlowMatching(1), torch.tensor([0, 1, 2]), sampler=sampler,
+                         steps=3, cfg_scale=1.5, routing=Routing(mode, 0.5),
+                         on_forward=lambda t, o, ts=times: ts.append(t))
+            assert out.shape == (3, 1, 4, 4) and torch.isfinite(out).all()
+            assert len(times) >= (6 if sampler == "dopri5" else 3)
+            assert min(times) == 0.0 and max(times) <= 1.0
+
+
+def test_dopri5_integrates_a_linear_ode_to_its_tolerance():
+    z0 = torch.ones(3, dtype=torch.float64)
+    for rtol in (1e-3, 1e-6):
+        got = dopri5(linear_ode, z0, rtol=rtol, atol=rtol * 1e-3)
+        assert abs(got[0].item() - math.exp(-1.3)) < 10 * rtol
+
+
+DATA_MEAN, DATA_STD = 0.4, 0.5
+
+
+def gaussian_velocity(z: torch.Tensor, t: float) -> torch.Tensor:
+    """The exact velocity for data x ~ N(m, s^2): with V = t^2 s^2 + (1-t)^2,
+    v = m + (t s^2 - (1 - t)) / V * (z - t m)."""
+    var = t * t * DATA_STD ** 2 + (1 - t) ** 2
+    return DATA_MEAN + (t * DATA_STD ** 2 - (1 - t)) / var * (z - t * DATA_MEAN)
+
+
+def test_ode_samplers_follow_the_gaussian_flow_map():
+    """The flow ODE maps noise z0 to m + s z0 exactly (it keeps z's standardised value)."""
+    z0 = torch.randn(256, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = DATA_MEAN + DATA_STD * z0
+    for method, order in ((euler, 1), (heun, 2)):
+        errors = [(method(gaussian_velocity, z0, n) - exact).abs().max().item()
+                  for n in (50, 100, 200)]
+        rates = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+        assert all(abs(r - order) < 0.2 for r in rates), (method.__name__, errors)
+    assert (heun(gaussian_velocity, z0, 200) - exact).abs().max() < 1e-4
+    assert (dopri5(gaussian_velocity, z0, rtol=1e-7, atol=1e-9) - exact).abs().max() < 1e-5
+
+
+def test_sde_sampler_reaches_the_data_distribution():
+    z0 = torch.randn(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = sde(gaussian_velocity, z0, 200, noise=1.0, generator=torch.Generator().manual_seed(2))
+    assert out.mean().item() == pytest.approx(DATA_MEAN, abs=0.015)
+    assert out.std().item() == pytest.approx(DATA_STD, rel=0.02)
+    # Not a relabelled ODE: the noise moves samples away from the ODE's map.
+    assert (out - (DATA_MEAN + DATA_STD * z0)).abs().mean() > 0.1
+    # With w = 0 the SDE sampler is Euler.
+    assert torch.equal(sde(gaussian_velocity, z0, 20, noise=0.0), euler(gaussian_velocity, z0, 20))
+
+
+def test_sampler_must_match_the_objective():
+    cfg = ModelConfig(input_size=4, in_channels=1, patch_size=2, depth=2, hidden_size=16,
+                      num_heads=2, num_classes=3)
+    model = build_model(cfg).eval()
+    with pytest.raises(ConfigError, match="not available for the flow objective"):
+        sample(model, FlowMatching(1), torch.tensor([0]), sampler="ddim", steps=2)
+    with pytest.raises(ConfigError, match="positive"):
+        sample(model, FlowMatching(1), torch.tensor([0]), sampler="euler", steps=0)

@@ -1,4 +1,46 @@
-from .flow import FlowMatching, LossOutput
-from .samplers import SAMPLERS, euler, guided_velocity, heun, sample
+"""The two training objectives (flow matching, DDPM) and their samplers."""
 
-__all__ = ["FlowMatching", "LossOutput", "SAMPLERS", "euler", "guided_velocity", "heun", "sample"]
+from __future__ import annotations
+
+from typing import Union
+
+from ..config import Config, config_from_dict
+from .flow import FlowMatching, LossOutput
+from .gaussian import GaussianDiffusion
+from .samplers import (
+    SAMPLERS,
+    SAMPLERS_BY_OBJECTIVE,
+    SamplerOptions,
+    ddim,
+    ddpm_ancestral,
+    dopri5,
+    euler,
+    guided_output,
+    guided_velocity,
+    heun,
+    resolve_sampler,
+    sample,
+    sde,
+)
+
+Objective = Union[FlowMatching, GaussianDiffusion]
+
+
+def build_objective(cfg: Config) -> Objective:
+    """The objective named by ``objective.type`` for this model."""
+    o, m = cfg.objective, cfg.model
+    if o.type == "ddpm":
+        return GaussianDiffusion.linear(m.in_channels, m.learn_sigma, o.num_timesteps,
+                                        o.beta_start, o.beta_end, o.vb_weight)
+    return FlowMatching(m.in_channels, o.time_scale)
+
+
+def objective_from_state(config: dict) -> Objective:
+    """The objective of a checkpoint, from the config dict stored with it."""
+    return build_objective(config_from_dict(config))
+
+
+__all__ = ["FlowMatching", "GaussianDiffusion", "LossOutput", "Objective", "SAMPLERS",
+           "SAMPLERS_BY_OBJECTIVE", "SamplerOptions", "build_objective", "ddim", "ddpm_ancestral",
+           "dopri5", "euler", "guided_output", "guided_velocity", "heun", "objective_from_state",
+           "resolve_sampler", "sample", "sde"]

@@ -34,6 +34,8 @@ class LossOutput:
 
 
 class FlowMatching:
+    objective = "flow"
+
     def __init__(self, in_channels: int, time_scale: float = 1000.0):
         self.in_channels = in_channels
         self.time_scale = time_scale

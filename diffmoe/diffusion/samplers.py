@@ -1,43 +1,122 @@
-"""ODE samplers for the flow objective (Euler, Heun) and classifier-free guidance.
+"""Samplers for both objectives, and classifier-free guidance.
 
-Each call of the model's velocity goes through :func:`guided_velocity`, which also hands the
-MoE layers' outputs to an optional ``on_forward`` callback, so capacity can be measured per step
-(Eq. 15).
+Flow matching (integrate dz/dt = v(z, t) from t = 0, noise, to t = 1, data):
+
+* ``euler`` — first order, one model call per step;
+* ``heun`` — second order (explicit trapezoid), two calls per step;
+* ``dopri5`` — adaptive Dormand–Prince 5(4) from ``torchdiffeq``; the tolerances
+  ``ode_rtol``/``ode_atol`` decide the number of calls, ``steps`` only sets the first step, 1/steps.
+  The solver is made to land on t = 1 rather than step past it and interpolate, and is given its
+  first step rather than guessing one, so the model is never called outside [0, 1];
+* ``sde`` — Euler–Maruyama on the SDE with the ODE's marginals,
+  dz = [v − (w/2)·ε̂] dt + √(w·(1−t)) dW with ε̂ = z − t·v, i.e. diffusion g(t)² = w·(1−t) and
+  score −ε̂/(1−t); w is ``sde_noise`` (0 gives back Euler). The last step adds no noise.
+
+DDPM (:mod:`.gaussian`), over ``steps`` respaced timesteps:
+
+* ``ddpm`` — ancestral sampling from p(x_{t−1} | x_t) with the learned (or fixed) variance;
+* ``ddim`` — DDIM with ``ddim_eta`` (0 = deterministic).
+
+Every model call goes through :func:`guided_output`, which also hands the MoE layers' outputs to an
+optional ``on_forward(t, out)`` callback with t on the flow axis (0 = noise, 1 = data) for both
+objectives, so capacity can be measured per step (Eq. 15).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass, fields
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..models.dit import DiT, DiTOutput
 from ..models.moe import STATIC, Routing
 from .flow import FlowMatching
+from .gaussian import GaussianDiffusion
 
 ForwardHook = Callable[[float, DiTOutput], None]
+Objective = Union[FlowMatching, GaussianDiffusion]
+
+SAMPLERS_BY_OBJECTIVE: dict[str, tuple[str, ...]] = {
+    "flow": ("euler", "heun", "dopri5", "sde"),
+    "ddpm": ("ddpm", "ddim"),
+}
+SAMPLERS = tuple(s for names in SAMPLERS_BY_OBJECTIVE.values() for s in names)
+
+
+@dataclass
+class SamplerOptions:
+    """Settings of particular samplers (the matching ``sample.*`` config keys)."""
+
+    ddim_eta: float = 0.0
+    ode_rtol: float = 1e-3
+    ode_atol: float = 1e-6
+    sde_noise: float = 1.0
+    # Classifier-free guidance on the first N predicted channels (0 = all of them). DiT's public
+    # sampling guides only 3 of the 4 latent channels: set 3 to reproduce it.
+    guidance_channels: int = 0
+
+    @classmethod
+    def from_settings(cls, settings) -> "SamplerOptions":
+        """From any object with the same attribute names (a ``SampleConfig``)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+
+def resolve_sampler(objective: str, sampler: str) -> str:
+    """``auto`` → the objective's default (euler for flow, ddpm for DDPM); anything not made for
+    the objective is an error."""
+    names = SAMPLERS_BY_OBJECTIVE[objective]
+    if sampler == "auto":
+        return names[0]
+    if sampler not in names:
+        raise ConfigError(f"sampler '{sampler}' is not available for the {objective} objective; "
+                          f"choose one of {list(names)}")
+    return sampler
+
+
+def guided_output(model: DiT, z: Tensor, model_t: Tensor, y: Tensor, cfg_scale: float,
+                  routing: Routing, guided: int, data_t: float,
+                  on_forward: Optional[ForwardHook] = None) -> Tensor:
+    """The model output (float32) with classifier-free guidance out = u + s·(c − u) on its first
+    ``guided`` channels; the other channels (DDPM's variance, or channels left unguided) are the
+    conditional pass's. With s = 1 only the conditional pass runs; otherwise both halves go
+    through the model as one batch (as DiT does), so for DiffMoE they share one token pool."""
+    if cfg_scale == 1.0:
+        out = model(z, model_t, y, routing)
+    else:
+        both = model.cat_conditions(y, model.null_condition(y))
+        out = model(torch.cat([z, z]), torch.cat([model_t, model_t]), both, routing)
+    if on_forward is not None:
+        on_forward(data_t, out)
+    pred = out.out.float()
+    if cfg_scale == 1.0:
+        return pred
+    cond, uncond = pred.chunk(2)
+    mixed = uncond[:, :guided] + cfg_scale * (cond[:, :guided] - uncond[:, :guided])
+    return torch.cat([mixed, cond[:, guided:]], dim=1)
+
+
+def _guided_channels(options: SamplerOptions, in_channels: int) -> int:
+    return options.guidance_channels or in_channels
 
 
 def guided_velocity(model: DiT, flow: FlowMatching, z: Tensor, t: float, y: Tensor,
                     cfg_scale: float, routing: Routing,
-                    on_forward: Optional[ForwardHook] = None) -> Tensor:
-    """v = v_u + s·(v_c − v_u). With s = 1 only the conditional pass runs. With guidance the
-    conditional and unconditional halves go through the model as one batch (as DiT does), so for
-    DiffMoE they share one token pool."""
-    if cfg_scale == 1.0:
-        zz, yy = z, y
-    else:
-        zz, yy = torch.cat([z, z]), model.cat_conditions(y, model.null_condition(y))
-    tt = torch.full((zz.shape[0],), t, device=z.device, dtype=torch.float32)
-    out = model(zz, flow.model_time(tt), yy, routing)
-    if on_forward is not None:
-        on_forward(t, out)
-    v = flow.velocity(out.out).float()
-    if cfg_scale == 1.0:
-        return v
-    v_c, v_u = v.chunk(2)
-    return v_u + cfg_scale * (v_c - v_u)
+                    on_forward: Optional[ForwardHook] = None,
+                    options: Optional[SamplerOptions] = None) -> Tensor:
+    """v = v_u + s·(v_c − v_u) at flow time t."""
+    options = options or SamplerOptions()
+    tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.float32)
+    out = guided_output(model, z, flow.model_time(tt), y, cfg_scale, routing,
+                        _guided_channels(options, flow.in_channels), t, on_forward)
+    return flow.velocity(out)
+
+
+# -- flow-matching integrators -------------------------------------------------------------
+
+Velocity = Callable[[Tensor, float], Tensor]
 
 
 def time_grid(steps: int, device: torch.device | str = "cpu") -> Tensor:
@@ -45,14 +124,14 @@ def time_grid(steps: int, device: torch.device | str = "cpu") -> Tensor:
     return torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64)
 
 
-def euler(velocity: Callable[[Tensor, float], Tensor], z: Tensor, steps: int) -> Tensor:
+def euler(velocity: Velocity, z: Tensor, steps: int) -> Tensor:
     ts = time_grid(steps).tolist()
     for t0, t1 in zip(ts[:-1], ts[1:]):
         z = z + (t1 - t0) * velocity(z, t0)
     return z
 
 
-def heun(velocity: Callable[[Tensor, float], Tensor], z: Tensor, steps: int) -> Tensor:
+def heun(velocity: Velocity, z: Tensor, steps: int) -> Tensor:
     """Heun's second-order method (explicit trapezoid): 2 model evaluations per step."""
     ts = time_grid(steps).tolist()
     for t0, t1 in zip(ts[:-1], ts[1:]):
@@ -63,23 +142,110 @@ def heun(velocity: Callable[[Tensor, float], Tensor], z: Tensor, steps: int) -> 
     return z
 
 
-SAMPLERS = {"euler": euler, "heun": heun}
+def dopri5(velocity: Velocity, z: Tensor, rtol: float, atol: float, first_step: float = 0.1
+           ) -> Tensor:
+    """Adaptive Dormand–Prince from t = 0 to 1 (``torchdiffeq.odeint``), starting with a step of
+    ``first_step`` and ending exactly at t = 1."""
+    from torchdiffeq import odeint
 
+    span = torch.tensor([0.0, 1.0], device=z.device, dtype=z.dtype)
+    path = odeint(lambda t, x: velocity(x, float(t)).to(x.dtype), z, span, method="dopri5",
+                  rtol=rtol, atol=atol,
+                  options={"first_step": first_step, "step_t": span[1:]})
+    return path[-1]
+
+
+def sde(velocity: Velocity, z: Tensor, steps: int, noise: float,
+        generator: Optional[torch.Generator] = None) -> Tensor:
+    """Euler–Maruyama on dz = [v − (w/2)·ε̂] dt + √(w·(1−t)) dW, ε̂ = z − t·v (see the module
+    docstring); no noise on the last step."""
+    ts = time_grid(steps).tolist()
+    for i, (t0, t1) in enumerate(zip(ts[:-1], ts[1:])):
+        dt = t1 - t0
+        v = velocity(z, t0)
+        eps_hat = z - t0 * v
+        z = z + dt * (v - 0.5 * noise * eps_hat)
+        if i < steps - 1 and noise > 0:
+            dw = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+            z = z + (noise * (1.0 - t0) * dt) ** 0.5 * dw
+    return z
+
+
+# -- DDPM samplers ---------------------------------------------------------------------------
+
+Prediction = Callable[[Tensor, int], Tensor]
+
+
+def ddpm_ancestral(process: GaussianDiffusion, predict: Prediction, x: Tensor,
+                   generator: Optional[torch.Generator] = None) -> Tensor:
+    """x_{t−1} ~ p(x_{t−1} | x_t) from the last respaced step down to 0 (no noise at the end)."""
+    for i in reversed(range(process.num_timesteps)):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        p = process.p_mean_variance(predict(x, i), x, t)
+        x = p["mean"]
+        if i > 0:
+            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            x = x + torch.exp(0.5 * p["log_variance"]) * noise
+    return x
+
+
+def ddim(process: GaussianDiffusion, predict: Prediction, x: Tensor, eta: float,
+         generator: Optional[torch.Generator] = None) -> Tensor:
+    """DDIM: x_{t'} = √ᾱ_{t'}·x̂_0 + √(1−ᾱ_{t'}−σ²)·ε̂ + σ·z with
+    σ = η·√((1−ᾱ_{t'})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t'}), t' the previous respaced step."""
+    for i in reversed(range(process.num_timesteps)):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        eps, _ = process.split_output(predict(x, i))
+        pred_x0 = process.predict_x0(x, t, eps)
+        ac = float(process.alphas_cumprod[i])
+        ac_prev = float(process.alphas_cumprod_prev[i])
+        sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)) ** 0.5
+        x = ac_prev ** 0.5 * pred_x0 + max(1 - ac_prev - sigma ** 2, 0.0) ** 0.5 * eps
+        if i > 0 and sigma > 0:
+            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            x = x + sigma * noise
+    return x
+
+
+# -- entry point -----------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample(model: DiT, flow: FlowMatching, labels: Tensor, *, sampler: str = "euler",
+def sample(model: DiT, objective: Objective, labels: Tensor, *, sampler: str = "auto",
            steps: int = 250, cfg_scale: float = 1.0, routing: Routing = STATIC,
            generator: Optional[torch.Generator] = None,
-           on_forward: Optional[ForwardHook] = None) -> Tensor:
-    """Generate one batch: start from noise at t = 0, integrate to t = 1, return (B, C, H, W)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{sampler}'; choose one of {list(SAMPLERS)}")
+           on_forward: Optional[ForwardHook] = None,
+           options: Optional[SamplerOptions] = None) -> Tensor:
+    """Generate one batch from noise with either objective; returns (B, C, H, W)."""
+    options = options or SamplerOptions()
+    sampler = resolve_sampler(objective.objective, sampler)
+    if steps <= 0:
+        raise ConfigError(f"sampling steps={steps} must be a positive integer")
     device = labels.device
     cfg = model.cfg
     shape = (labels.shape[0], cfg.in_channels, cfg.input_size, cfg.input_size)
     z = torch.randn(shape, generator=generator, device=device)
+    guided = _guided_channels(options, cfg.in_channels)
+
+    if isinstance(objective, GaussianDiffusion):
+        process = objective.respace(steps)
+
+        def predict(x: Tensor, i: int) -> Tensor:
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            return guided_output(model, x, process.model_time(t), labels, cfg_scale, routing,
+                                 guided, process.data_time(i), on_forward)
+
+        if sampler == "ddim":
+            return ddim(process, predict, z, options.ddim_eta, generator)
+        return ddpm_ancestral(process, predict, z, generator)
 
     def velocity(z_t: Tensor, t: float) -> Tensor:
-        return guided_velocity(model, flow, z_t, t, labels, cfg_scale, routing, on_forward)
+        return guided_velocity(model, objective, z_t, t, labels, cfg_scale, routing, on_forward,
+                               options)
 
-    return SAMPLERS[sampler](velocity, z, steps)
+    if sampler == "dopri5":
+        return dopri5(velocity, z, options.ode_rtol, options.ode_atol, 1.0 / steps)
+    if sampler == "sde":
+        return sde(velocity, z, steps, options.sde_noise, generator)
+    if sampler == "heun":
+        return heun(velocity, z, steps)
+    return euler(velocity, z, steps)

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..capacity import CapacityMeter
+from ..diffusion import SamplerOptions
 from ..errors import ConfigError
 from ..sample import generate_batches, parse_labels, resolve_routing
 from . import plots
@@ -56,10 +57,12 @@ def analyze(evaluator: Evaluator, out_dir: str | Path, options: AnalyzeOptions,
     class_sum = torch.zeros(num_classes + 1)  # last entry: the unconditional (null) label
     class_n = torch.zeros(num_classes + 1)
     seen = 0
-    for _, y in generate_batches(model, evaluator.flow, labels, sampler=s.sampler, steps=s.steps,
-                                 cfg_scale=s.cfg_scale, routing=routing,
+    sampler_options = SamplerOptions.from_settings(s)
+    for _, y in generate_batches(model, evaluator.objective, labels, sampler=s.sampler,
+                                 steps=s.steps, cfg_scale=s.cfg_scale, routing=routing,
                                  batch_size=s.batch_size, seed=s.seed,
-                                 progress=options.progress, meter=meter):
+                                 progress=options.progress, meter=meter,
+                                 options=sampler_options):
         per_row = torch.stack(meter.per_sample[seen:]).mean(0)  # this batch's forwards
         seen = len(meter.per_sample)
         rows_label = y if per_row.shape[0] == y.shape[0] else torch.cat(
@@ -76,9 +79,10 @@ def analyze(evaluator: Evaluator, out_dir: str | Path, options: AnalyzeOptions,
     for b in options.batch_sizes:
         m = CapacityMeter()
         y = parse_labels(evaluator.options.labels, options.num_per_batch_size, num_classes, s.seed)
-        for _ in generate_batches(model, evaluator.flow, y, sampler=s.sampler, steps=s.steps,
-                                  cfg_scale=s.cfg_scale, routing=routing, batch_size=b,
-                                  seed=s.seed, progress=False, meter=m):
+        for _ in generate_batches(model, evaluator.objective, y, sampler=s.sampler,
+                                  steps=s.steps, cfg_scale=s.cfg_scale, routing=routing,
+                                  batch_size=b, seed=s.seed, progress=False, meter=m,
+                                  options=sampler_options):
             pass
         batch_curve.append({"batch_size": b, "c_avg_infer": m.c_avg()})
         log.info("sampling batch %d: C_avg_infer %.3f", b, m.c_avg())

@@ -23,10 +23,16 @@ from ..capacity import CapacityMeter, activated_params
 from ..checkpoint import open_checkpoint
 from ..config import SampleConfig
 from ..data import decoded_size, sample_decoder, to_uint8
-from ..diffusion import FlowMatching
+from ..diffusion import Objective, SamplerOptions
 from ..errors import ConfigError
 from ..models import DiT
-from ..sample import generate_batches, model_from_checkpoint, parse_labels, resolve_routing
+from ..sample import (
+    checked_objective,
+    generate_batches,
+    model_from_checkpoint,
+    parse_labels,
+    resolve_routing,
+)
 from .inception import FEATURE_DIM, default_extractor
 from .metrics import FeatureStats, compare
 from .npz import NpzSampleWriter
@@ -61,7 +67,7 @@ class Evaluator:
     checkpoint: Path
     step: int
     model: DiT
-    flow: FlowMatching
+    objective: Objective
     sample: SampleConfig
     options: EvalOptions
     data_spec: str
@@ -81,15 +87,15 @@ class Evaluator:
             raise ConfigError(f"bad sample settings ({exc}); check the options") from None
         s = dataclasses.replace(s, num=options.num)
         model = model_from_checkpoint(ckpt, s.weights, options.device)
-        flow = FlowMatching(model.cfg.in_channels, config["objective"]["time_scale"])
+        objective, s = checked_objective(ckpt.state, s)
         data = config.get("data", {})
         data_spec = f"{data.get('name', 'mnist')}:{data.get('split', 'train')}"
         if data.get("name") == "latents" and not options.reference:
             raise ConfigError("a model trained on a latent cache has no packaged reference set; "
                               "pass --ref with an ADM reference batch (e.g. "
                               "VIRTUAL_imagenet256_labeled.npz)")
-        return cls(ckpt.path, ckpt.state["step"], model, flow, s, options, data_spec, data=data,
-                   decoder=sample_decoder(data, options.device))
+        return cls(ckpt.path, ckpt.state["step"], model, objective, s, options, data_spec,
+                   data=data, decoder=sample_decoder(data, options.device))
 
     def load_reference(self) -> Reference:
         if self.reference is None:
@@ -117,10 +123,11 @@ class Evaluator:
             writer = NpzSampleWriter(save_npz, s.num, size, size, channels)
         feats, sampling_s, feature_s = [], 0.0, 0.0
         try:
-            batches = generate_batches(self.model, self.flow, labels, sampler=s.sampler,
+            batches = generate_batches(self.model, self.objective, labels, sampler=s.sampler,
                                        steps=s.steps, cfg_scale=s.cfg_scale, routing=routing,
                                        batch_size=s.batch_size, seed=s.seed,
-                                       progress=self.options.progress, meter=meter)
+                                       progress=self.options.progress, meter=meter,
+                                       options=SamplerOptions.from_settings(s))
             while True:
                 start = time.perf_counter()
                 try:
