@@ -148,11 +148,9 @@ IMAGENET_CONFIGS = sorted((ROOT / "configs" / "imagenet").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", IMAGENET_CONFIGS, ids=[p.stem for p in IMAGENET_CONFIGS])
 def test_imagenet_configs_load(path):
-    from diffmoe.config import OBJECTIVES
-
-    if "ddpm" in path.stem and "ddpm" not in OBJECTIVES:
-        pytest.skip("objective.type=ddpm arrives with issue #6")
     cfg = load_config(path)
     assert cfg.train.batch_size == 256 and cfg.train.lr == 1e-4
     assert cfg.data.name == "latents" and cfg.model.input_size == 32
     assert cfg.model.moe.type == "diffmoe"
+    assert cfg.objective.type == path.stem.rsplit("-", 1)[1]
+    assert cfg.model.learn_sigma == (cfg.objective.type == "ddpm")
