@@ -12,10 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("diffusers")
-
-from diffmoe.cli import main  # noqa: E402
-from diffmoe.data.latents import LatentDataset, center_crop, encode_shard, load_vae  # noqa: E402
+from diffmoe.cli import main
+from diffmoe.data.latents import LatentDataset, center_crop, encode_shard, load_vae
 
 IMAGE_SIZE = 16
 CLASSES = ("ant", "bee", "cat")
