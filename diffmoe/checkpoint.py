@@ -33,7 +33,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -276,8 +276,9 @@ def remove_incomplete(ckpt_root: Path) -> list[Path]:
 
 
 def load_state_dict_checked(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
-                            where: str) -> None:
-    """Load weights, turning key or shape mismatches into one clear line."""
+                            where: str, load: Optional[Callable[[dict], Any]] = None) -> None:
+    """Load weights, turning key or shape mismatches into one clear line. ``load`` replaces
+    ``module.load_state_dict`` (a sharded module loads full tensors another way)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -295,4 +296,4 @@ def load_state_dict_checked(module: torch.nn.Module, tensors: dict[str, torch.Te
         raise CheckpointError(f"checkpoint {where} does not match the model architecture ("
                               f"{'; '.join(parts)}); use the config the checkpoint was trained "
                               f"with")
-    module.load_state_dict(tensors)
+    (load or module.load_state_dict)(tensors)

@@ -9,6 +9,9 @@
     diffmoe sweep-thresholds CHECKPOINT [--thresholds G ...] [--budget C] [--num N]
     diffmoe analyze CHECKPOINT [--batch-sizes B ...] [--out DIR]
     diffmoe fid SET SET         (SET: DATASET[:SPLIT][:N] or an ADM .npz)
+    diffmoe cache-latents IMAGE_FOLDER OUT --vae VAE_DIR [--image-size 256 --shard-size N
+                          --batch-size N --device auto|cpu|cuda]   (also under torchrun)
+    diffmoe import-official CHECKPOINT --config THEIR_YAML OUT [key=value ...] [--trust-pickle]
 
 Problems with the input are reported as one ``error:`` line (exit status 2), not a traceback.
 """
@@ -241,6 +244,54 @@ DEFAULT_THRESHOLDS = (0.9, 0.7, 0.5, 0.3, 0.1)
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
+def cmd_cache_latents(args: argparse.Namespace) -> int:
+    from .data.latents import cache_latents
+
+    index = cache_latents(args.image_folder, args.out, args.vae, image_size=args.image_size,
+                          shard_size=args.shard_size, batch_size=args.batch_size,
+                          device=args.device, progress=not args.no_progress)
+    if index is not None:
+        sys.stdout.write(json.dumps({k: index[k] for k in ("num_latents", "num_skipped")})
+                         + "\n")
+    return 0
+
+
+def cmd_import_official(args: argparse.Namespace) -> int:
+    from .official import import_official
+
+    path = import_official(args.checkpoint, args.config, args.out, args.overrides,
+                           trust_pickle=args.trust_pickle)
+    sys.stdout.write(json.dumps({"checkpoint": str(path)}) + "\n")
+    return 0
+
+
+def add_scale_commands(sub) -> None:
+    c = sub.add_parser("cache-latents", help="encode a class-folder image dataset to a sharded "
+                                             "VAE latent cache (resumable; torchrun-parallel)")
+    c.add_argument("image_folder", help="IMAGE_FOLDER/<class>/<image> (the ImageNet layout)")
+    c.add_argument("out", help="cache directory (data.path of a latents config)")
+    c.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
+    c.add_argument("--image-size", dest="image_size", type=int, default=256)
+    c.add_argument("--shard-size", dest="shard_size", type=int, default=1000,
+                   help="images per shard (the unit of resumption)")
+    c.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    c.add_argument("--no-progress", dest="no_progress", action="store_true")
+    c.set_defaults(func=cmd_cache_latents)
+
+    i = sub.add_parser("import-official", help="convert a checkpoint of the authors' public "
+                                               "code to this library's format")
+    i.add_argument("checkpoint", help="their .pt/.pth (state dict or training checkpoint with "
+                                      "model/ema) or .safetensors")
+    i.add_argument("--config", required=True, help="their YAML (model.params, MoE_config)")
+    i.add_argument("out", help="directory for the converted run (OUT/checkpoints/step_00000000)")
+    i.add_argument("overrides", nargs="*", help="dotted overrides of our config, e.g. "
+                                                "objective.time_scale=1")
+    i.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
+                   help="load a checkpoint holding Python objects (only for files you trust)")
+    i.set_defaults(func=cmd_import_official)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffmoe", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -315,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache-dir", dest="cache_dir", default=None)
     f.add_argument("--no-progress", dest="no_progress", action="store_true")
     f.set_defaults(func=cmd_fid)
+    add_scale_commands(sub)
     return p
 
 
@@ -322,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after the train options, so collect leftovers here.
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+    if args.command in ("train", "import-official") and all(
+            "=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -36,12 +36,14 @@ OBJECTIVES = tuple(SAMPLERS_BY_OBJECTIVE)
 # A DDPM schedule must keep alpha_bar at its last step above this: respacing derives
 # beta' = 1 - alpha_bar_t / alpha_bar_prev, which rounds to 1 in float64 below it.
 MIN_ALPHA_BAR = 1e-12
-DATASETS = ("mnist", "digits")
+DATASETS = ("mnist", "digits", "latents")
 EMA_BUFFER_RULES = ("average", "copy")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_POLICIES = ("stop", "skip")
+PARALLEL = ("ddp", "fsdp")
+TOKEN_POOLS = ("rank", "global")
 
 
 @dataclass
@@ -113,6 +115,11 @@ class DataConfig:
     split: str = "train"
     # Keep only the first N images (0 = all); handy for quick experiments and tests.
     limit: int = 0
+    # latents: the directory written by `diffmoe cache-latents` (see data/latents.py).
+    path: str = ""
+    # latents: the diffusers AutoencoderKL directory that decodes samples; empty = the one the
+    # cache was encoded with (recorded in its index.json).
+    vae: str = ""
 
 
 @dataclass
@@ -156,6 +163,17 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     num_threads: int = 0  # torch intra-op threads, 0 = torch's default
+    # Under torchrun: ddp (replicated weights) or fsdp (FSDP2 fully_shard: weights, gradients and
+    # optimizer state sharded over ranks, one unit per DiT block).
+    parallel: str = "ddp"
+    # Micro-batches per optimizer step: each rank's batch_size/world_size images are split into
+    # grad_accum micro-batches, each its own DiffMoE token pool (and threshold update).
+    grad_accum: int = 1
+    # Recompute each DiT block's activations in the backward pass instead of storing them.
+    activation_checkpointing: bool = False
+    # DiffMoE's training token pool under torchrun: "rank" (each rank's micro-batch, as the
+    # public code) or "global" (experts choose from the micro-batches of all ranks together).
+    token_pool: str = "rank"
 
 
 @dataclass
@@ -440,6 +458,8 @@ def validate(cfg: Config) -> None:
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _choice("train.device", t.device, DEVICES)
     _choice("train.nonfinite_loss", t.nonfinite_loss, NONFINITE_POLICIES)
+    _choice("train.parallel", t.parallel, PARALLEL)
+    _choice("train.token_pool", t.token_pool, TOKEN_POOLS)
     _choice("sample.sampler", s.sampler, SAMPLERS)
     _choice("sample.mode", s.mode, INFERENCE_MODES)
     _choice("sample.weights", s.weights, ("ema", "raw"))
@@ -509,6 +529,13 @@ def validate(cfg: Config) -> None:
     validate_objective(cfg.objective, m)
     validate_sampling(cfg.objective, s, m)
     _require(cfg.data.limit >= 0, "data.limit must be >= 0 (0 = the whole split)")
+    _require(t.grad_accum > 0, f"train.grad_accum={t.grad_accum} must be a positive integer "
+             f"(1 = no accumulation)")
+    _require(t.batch_size % t.grad_accum == 0,
+             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum="
+             f"{t.grad_accum}; pick a batch size that is a multiple of it")
+    _require(cfg.data.name != "latents" or bool(cfg.data.path),
+             "data.name=latents needs data.path, the directory written by diffmoe cache-latents")
 
 
 def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:

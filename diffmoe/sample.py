@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .capacity import CapacityMeter, activated_params
 from .checkpoint import LoadedCheckpoint, load_state_dict_checked, open_checkpoint
 from .config import SampleConfig, config_from_dict, validate_sampling
+from .data import sample_decoder
 from .diffusion import Objective, SamplerOptions, objective_from_state, resolve_sampler, sample
 from .errors import CheckpointError, ConfigError
 from .images import save_grid
@@ -182,6 +183,9 @@ def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
     images, meter = generate(model, objective, y, sampler=s.sampler, steps=s.steps,
                              cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
                              seed=s.seed, options=SamplerOptions.from_settings(s))
+    decoder = sample_decoder(state["config"].get("data", {}), device)
+    if decoder is not None:  # a latent model: decode with the cache's VAE
+        images = decoder(images)
     nrow = 10 if cfg.num_classes >= 10 and s.num % 10 == 0 else None
     save_grid(images, out, nrow=nrow, upscale=2)
     cap = meter.summary()

@@ -1,4 +1,6 @@
-"""Training loop: single process on CPU/GPU, or data-parallel under ``torchrun`` (DDP).
+"""Training loop: single process on CPU/GPU, or data-parallel under ``torchrun`` (DDP, or FSDP2
+with ``train.parallel=fsdp``), with gradient accumulation (``train.grad_accum``), activation
+checkpointing and bf16 autocast from the config.
 
 A run directory holds everything a run writes::
 
@@ -40,7 +42,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, scale
 from .capacity import expert_capacities
 from .checkpoint import (
     LoadedCheckpoint,
@@ -55,13 +57,13 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .config import Config, TrainConfig
-from .data import BatchIterator, ImageDataset, build_dataset
+from .data import BatchIterator, ImageDataset, build_training_dataset, sample_decoder
 from .diffusion import SamplerOptions, build_objective
 from .ema import ema_decay, make_ema, update_ema
 from .errors import CheckpointError, ConfigError, DiffMoEError, TrainingError
 from .images import save_grid
 from .models import DiT, DiTOutput, build_model
-from .models.moe import average_thresholds_across_ranks, diffmoe_layers
+from .models.moe import average_thresholds_across_ranks, diffmoe_layers, set_token_pool
 from .models.moe.diffmoe import dynamic_counts
 from .paths import file_in_the_way
 from .sample import generate, resolve_routing
@@ -166,9 +168,11 @@ class Trainer:
         self.dist = distributed.setup(self.device.type, t.dist_timeout_s)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        if t.batch_size % self.dist.world_size:
+        if t.batch_size % (self.dist.world_size * t.grad_accum):
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the "
-                              f"{self.dist.world_size} ranks; pick a multiple of the world size")
+                              f"{self.dist.world_size} ranks x train.grad_accum={t.grad_accum}; "
+                              f"pick a multiple of their product")
+        self.fsdp = self.dist.enabled and t.parallel == "fsdp"
         self.run_dir = Path(t.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.log_handler: Optional[logging.Handler] = None
@@ -182,14 +186,19 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.resume_from = self._prepare_run_dir(resume)
 
-        self.dataset = build_dataset(cfg.data.name, cfg.data.split, cfg.data.limit)
+        self.dataset = build_training_dataset(cfg)
         check_data_matches_model(cfg, self.dataset)
         self.loader = BatchIterator(self.dataset, t.batch_size // self.dist.world_size, t.seed,
                                     self.dist.rank, self.dist.world_size, self.device)
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model: DiT = build_model(cfg.model).to(self.device)
+        self.model.activation_checkpointing = t.activation_checkpointing
+        set_token_pool(self.model, t.token_pool)
         self.ema = make_ema(self.model)
+        if self.fsdp:
+            scale.shard(self.model)
+            scale.shard(self.ema)
         self.optimizer = build_optimizer(self.model, t)
         self.objective = build_objective(cfg)
         self.step = 0
@@ -205,14 +214,18 @@ class Trainer:
         if resume and self.dist.is_main:
             self._rewind_metrics()
         self.net = self.model
-        if self.dist.enabled:
+        self.ddp: Optional[DistributedDataParallel] = None
+        if self.dist.enabled and not self.fsdp:
             # Buffers (the thresholds) are averaged explicitly after each step, not broadcast.
-            self.net = DistributedDataParallel(
+            self.net = self.ddp = DistributedDataParallel(
                 self.model, broadcast_buffers=False,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if t.compile:
             self.net = torch.compile(self.net)
         self.diffmoe_layers = diffmoe_layers(self.model)
+        # Latent models' sample grids are decoded with the VAE (by the ranks that sample).
+        self.decoder = (sample_decoder(cfg.to_dict()["data"], self.device)
+                        if self.dist.is_main or self.fsdp else None)
 
     # -- run directory ----------------------------------------------------------------------
 
@@ -271,10 +284,14 @@ class Trainer:
         if diffs:
             raise CheckpointError(f"checkpoint '{path}' was trained with a different architecture: "
                                   f"{'; '.join(diffs[:3])}; resume with the run's config.yaml")
-        load_state_dict_checked(self.model, ckpt.tensors("model"), f"'{path}' (model)")
-        load_state_dict_checked(self.ema, ckpt.tensors("ema"), f"'{path}' (ema)")
-        self.optimizer.load_state_dict(optimizer_from_tensors(ckpt.tensors("optimizer"),
-                                                              state["optimizer"]))
+        for name, module in (("model", self.model), ("ema", self.ema)):
+            load_state_dict_checked(module, ckpt.tensors(name), f"'{path}' ({name})",
+                                    scale.load_full_model_state(module) if self.fsdp else None)
+        opt_state = optimizer_from_tensors(ckpt.tensors("optimizer"), state["optimizer"])
+        if self.fsdp:
+            scale.load_full_optimizer_state(self.model, self.optimizer, opt_state)
+        else:
+            self.optimizer.load_state_dict(opt_state)
         rng = ckpt.tensors("rng")
         world = state.get("world_size", 1)
         if world == self.dist.world_size:
@@ -321,17 +338,23 @@ class Trainer:
     def save(self) -> Optional[Path]:
         rng_all = distributed.gather_objects(_rng_state(self.device))
         sums_all = distributed.gather_objects(self.interval_sums.tolist())
+        if self.fsdp:  # collectives: every rank takes part, rank 0 receives the full tensors
+            weights = {"model": scale.full_model_state(self.model),
+                       "ema": scale.full_model_state(self.ema)}
+            opt_full = scale.full_optimizer_state(self.model, self.optimizer)
+        else:
+            weights = {"model": self.model.state_dict(), "ema": self.ema.state_dict()}
+            opt_full = self.optimizer.state_dict() if self.dist.is_main else {}
         path = None
         if self.dist.is_main:
-            opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer.state_dict())
+            opt_tensors, opt_meta = optimizer_to_tensors(opt_full)
             rng = {f"rank{r}.{k}": v for r, st in enumerate(rng_all) for k, v in st.items()}
             state = {"config": self.cfg.to_dict(), "loader": self.loader.state_dict(),
                      "optimizer": opt_meta, "world_size": self.dist.world_size,
                      "skipped_steps": self.skipped_steps,
                      "interval": {"sums": sums_all, "good": self.interval_good}}
             path = save_checkpoint(self.ckpt_root, self.step,
-                                   {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                                    "optimizer": opt_tensors, "rng": rng}, state)
+                                   {**weights, "optimizer": opt_tensors, "rng": rng}, state)
             prune_checkpoints(self.ckpt_root, self.cfg.train.keep_checkpoints)
             log.info("saved checkpoint %s", path)
         distributed.barrier()
@@ -368,7 +391,9 @@ class Trainer:
             caps.append(expert_capacities(counts_E, o.num_tokens, o.base_experts).mean())
         return torch.stack([torch.stack(taus).mean(), torch.stack(caps).mean()])
 
-    def sample_grid(self) -> Path:
+    def sample_grid(self) -> Optional[Path]:
+        """The EMA model's sample grid, written by rank 0. Under FSDP every rank takes part (the
+        sharded EMA's forward is collective) and all compute the same images."""
         s = self.cfg.sample
         classes = self.cfg.model.num_classes
         labels = torch.arange(s.num, device=self.device) % min(classes, GRID_COLUMNS)
@@ -377,6 +402,10 @@ class Trainer:
                              cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
                              seed=s.seed, progress=False,
                              options=SamplerOptions.from_settings(s))
+        if self.decoder is not None:
+            images = self.decoder(images)
+        if not self.dist.is_main:
+            return None
         nrow = GRID_COLUMNS if classes >= GRID_COLUMNS else None
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", nrow=nrow,
                          upscale=2)
@@ -452,25 +481,34 @@ class Trainer:
             group["lr"] = lr
         thresholds = ([m.thresholds_E.clone() for m in self.diffmoe_layers]
                       if t.nonfinite_loss == "skip" else [])
-        with self._autocast():
-            out = self.objective.loss(self.net, x, y)
-        good = not distributed.any_rank(~torch.isfinite(out.loss.detach()))
+        # Each micro-batch is its own DiffMoE token pool (and threshold update); gradients of
+        # loss / grad_accum accumulate, and are reduced across ranks on the last one only.
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = []
+        micro = list(zip(x.chunk(t.grad_accum), y.chunk(t.grad_accum)))
+        for i, (x_m, y_m) in enumerate(micro):
+            with scale.gradient_sync(self.ddp, self.model if self.fsdp else None,
+                                     i == len(micro) - 1):
+                with self._autocast():
+                    out = self.objective.loss(self.net, x_m, y_m)
+                (out.loss / len(micro)).backward()
+            stats = self._capacity_stats(out.model_output)
+            metrics.append(torch.stack([out.loss.detach(), out.diffusion_loss, out.aux_loss,
+                                        out.predictor_loss, stats[0], stats[1]]).double())
+        step_metrics = torch.stack(metrics).mean(0)
+        good = not distributed.any_rank(~torch.isfinite(step_metrics[0]))
         if good:
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.optimizer.step()
             average_thresholds_across_ranks(self.diffmoe_layers)
             update_ema(self.ema, self.model, ema_decay(t.ema_decay, self.step, t.ema_warmup),
                        t.ema_buffers)
-            stats = self._capacity_stats(out.model_output)
-            self.interval_sums += torch.stack([out.loss.detach(), out.diffusion_loss,
-                                               out.aux_loss, out.predictor_loss, stats[0],
-                                               stats[1]]).double()
+            self.interval_sums += step_metrics
             self.interval_good += 1
         else:
-            self._nonfinite_loss(out.loss.detach(), thresholds)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._nonfinite_loss(step_metrics[0], thresholds)
         self.step += 1
 
     def _log_interval(self, interval_start: float, timed_steps: int, start_time: float) -> dict:
@@ -527,9 +565,10 @@ class Trainer:
                     interval_start, timed_steps = time.perf_counter(), 0
                 done = self.step == t.steps or stop_early
                 if self.step % t.sample_every == 0 or done:
-                    if main:
-                        last_samples = self.sample_grid()
-                        log.info("wrote samples %s", last_samples)
+                    if main or self.fsdp:
+                        last_samples = self.sample_grid() or last_samples
+                        if main:
+                            log.info("wrote samples %s", last_samples)
                     distributed.barrier()
                 if self.step % t.ckpt_every == 0 or done:
                     last_ckpt = self.save() or last_ckpt

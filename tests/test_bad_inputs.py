@@ -125,6 +125,40 @@ def mnist_split(images, labels) -> tuple:
     return ((images, labels),) * 3
 
 
+def chain(*setups: Callable[[Context], None]) -> Callable[[Context], None]:
+    def setup(ctx: Context) -> None:
+        for fn in setups:
+            fn(ctx)
+    return setup
+
+
+def image_folder(ctx: Context) -> None:
+    from PIL import Image
+    (ctx.tmp / "images" / "cat").mkdir(parents=True)
+    Image.new("RGB", (20, 16), (200, 30, 30)).save(ctx.tmp / "images" / "cat" / "0.png")
+
+
+def official_checkpoint(depth_in_yaml: int) -> Callable[[Context], None]:
+    """A checkpoint in the authors' layout of the tiny digits model, and their YAML for it."""
+    def setup(ctx: Context) -> None:
+        import torch
+        import yaml
+
+        from diffmoe.config import load_config
+        from diffmoe.models import build_model
+        from diffmoe.official import to_official
+        m = load_config(ROOT / CONFIG).model
+        torch.save({"model": to_official(build_model(m).state_dict())}, ctx.tmp / "theirs.pt")
+        params = dict(depth=depth_in_yaml, hidden_size=m.hidden_size, num_heads=m.num_heads,
+                      patch_size=m.patch_size, input_size=m.input_size,
+                      num_classes=m.num_classes)
+        moe = dict(num_experts=m.moe.num_experts, capacity=m.moe.capacity, n_shared_experts=0,
+                   interleave=True)
+        (ctx.tmp / "theirs.yaml").write_text(yaml.safe_dump(
+            {"model": {"params": params}, "MoE_config": moe}))
+    return setup
+
+
 def no_cuda() -> Optional[str]:
     import torch
     return "a CUDA device is present" if torch.cuda.is_available() else None
@@ -367,6 +401,34 @@ CASES = [
          "error: run '<tmp>/copy' has no intact checkpoint; train longer or point at another run",
          setup=copy_run(truncate("model.safetensors")),
          note="the run's only checkpoint is truncated"),
+    # The ImageNet-scale path: latent caches and the authors' checkpoints
+    Case("vae-missing", "latents",
+         ["cache-latents", "<tmp>/images", "<tmp>/cache", "--vae", "<tmp>/no-vae"],
+         "error: VAE directory '<tmp>/no-vae' does not exist; pass the local directory of a "
+         "diffusers AutoencoderKL (e.g. sd-vae-ft-ema, with config.json and its weights)",
+         setup=image_folder, note="`<tmp>/images/cat/0.png` is an image"),
+    Case("vae-not-a-vae", "latents",
+         ["cache-latents", "<tmp>/images", "<tmp>/cache", "--vae", "<tmp>/unet"],
+         "error: '<tmp>/unet' is not a VAE directory (its config.json describes UNet2DModel, not "
+         "AutoencoderKL); pass the local directory of a diffusers AutoencoderKL (e.g. "
+         "sd-vae-ft-ema, with config.json and its weights)",
+         setup=chain(image_folder, write("unet/config.json", '{"_class_name": "UNet2DModel"}')),
+         note="`<tmp>/unet/config.json` names a UNet2DModel"),
+    Case("image-folder-without-classes", "latents",
+         ["cache-latents", "<tmp>", "<tmp>/cache", "--vae", "<tmp>/no-vae"],
+         "error: image folder '<tmp>' has no class subfolders; put each class's images in a "
+         "subfolder of it (the ImageNet layout)"),
+    Case("latent-cache-missing", "latents", TRAIN + ["data.name=latents", "data.path=<tmp>"],
+         "error: '<tmp>' is not a finished latent cache (no index.json); write one with diffmoe "
+         "cache-latents IMAGE_FOLDER OUT --vae VAE_DIR"),
+    Case("official-keys-mismatch", "checkpoint",
+         ["import-official", "<tmp>/theirs.pt", "--config", "<tmp>/theirs.yaml", "<tmp>/out"],
+         "error: checkpoint '<tmp>/theirs.pt' (model) does not match their config's architecture "
+         "(10 missing, e.g. ['blocks.2.adaLN_modulation.1.bias', 'blocks.2.adaLN_modulation.1."
+         "weight', 'blocks.2.attn.proj.bias']); pass the YAML it was trained with",
+         setup=official_checkpoint(depth_in_yaml=3),
+         note="`<tmp>/theirs.pt` has 2 blocks in the authors' layout, `<tmp>/theirs.yaml` says "
+              "depth 3"),
     # Sampling settings that work but are probably not what was meant
     Case("sample-batch-size-1", "sampling",
          ["sample", "<run>", "--batch-size", "1", "--num", "2", "--out", "<tmp>/o.png"],

@@ -1,5 +1,42 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
 from .datasets import ImageDataset, build_dataset, load_digits, load_mnist, to_model_range, to_uint8
+from .latents import LatentDataset, latent_decoder, read_index
 from .loader import BatchIterator
 
-__all__ = ["BatchIterator", "ImageDataset", "build_dataset", "load_digits", "load_mnist",
-           "to_model_range", "to_uint8"]
+
+def build_training_dataset(cfg) -> ImageDataset | LatentDataset:
+    """The dataset ``cfg.data`` names: a packaged image set or a latent cache."""
+    d = cfg.data
+    if d.name == "latents":
+        return LatentDataset.open(d.path, d.limit)
+    return build_dataset(d.name, d.split, d.limit)
+
+
+def sample_decoder(data: dict, device: torch.device | str
+                   ) -> Optional[Callable[[Tensor], Tensor]]:
+    """For a model trained on a latent cache (``data`` is the config's data section as a dict):
+    a function decoding its samples to images with the VAE (``data.vae``, or the one the cache
+    was encoded with). None for pixel-space models."""
+    if data.get("name") != "latents":
+        return None
+    index = read_index(data["path"])
+    return latent_decoder(data.get("vae") or index["vae"], index, device)
+
+
+def decoded_size(data: dict, input_size: int) -> int:
+    """Side of the images a model's samples become (latent side × the VAE's downsampling)."""
+    if data.get("name") != "latents":
+        return input_size
+    return input_size * int(read_index(Path(data["path"])).get("downsampling", 1))
+
+
+__all__ = ["BatchIterator", "ImageDataset", "LatentDataset", "build_dataset",
+           "build_training_dataset", "decoded_size", "load_digits", "load_mnist",
+           "sample_decoder", "to_model_range", "to_uint8"]

@@ -18,6 +18,7 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -51,6 +52,12 @@ class ImageDataset:
     @property
     def image_size(self) -> int:
         return self.images.shape[-1]
+
+    def batch(self, idx: Tensor, generator: Optional[torch.Generator] = None
+              ) -> tuple[Tensor, Tensor]:
+        """Images of ``idx`` in [-1, 1] and their labels (``generator`` is for datasets with
+        random augmentation; unused here)."""
+        return to_model_range(self.images[idx]), self.labels[idx]
 
 
 def to_model_range(images_uint8: Tensor) -> Tensor:

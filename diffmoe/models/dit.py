@@ -8,6 +8,7 @@ D width.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -15,10 +16,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from ..config import ModelConfig
-from .moe import STATIC, DenseFFN, FFNOutput, MoELayer, Routing, build_ffn
+from .moe import STATIC, DenseFFN, FFNOutput, MoELayer, Routing, build_ffn, recomputing
 
 TIMESTEP_FREQ_DIM = 256  # sinusoidal features fed to the timestep MLP (DiT)
 TIMESTEP_MAX_PERIOD = 10000
@@ -167,6 +169,9 @@ class DiT(nn.Module):
                      else DenseFFN(D, hidden))
             for i in range(cfg.depth))
         self.final_layer = FinalLayer(D, p, self.out_channels)
+        # Recompute each block in the backward pass instead of keeping its activations (set by
+        # the trainer from train.activation_checkpointing; training with gradients only).
+        self.activation_checkpointing = False
         self.initialize_weights()
 
     def is_moe_block(self, i: int) -> bool:
@@ -218,8 +223,14 @@ class DiT(nn.Module):
         h = self.patchify(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         moe_outputs: list[FFNOutput] = []
+        checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            h, ffn_out = block(h, c, routing)
+            if checkpointed:
+                h, ffn_out = torch.utils.checkpoint.checkpoint(
+                    block, h, c, routing, use_reentrant=False,
+                    context_fn=lambda: (contextlib.nullcontext(), recomputing()))
+            else:
+                h, ffn_out = block(h, c, routing)
             if i in self.moe_blocks:
                 moe_outputs.append(ffn_out)
         out = self.unpatchify(self.final_layer(h, c))

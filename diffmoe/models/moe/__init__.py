@@ -16,7 +16,14 @@ import torch.nn as nn
 from ...config import MoEConfig
 from .base import STATIC, ExpertBank, FeedForward, FFNOutput, MoELayer, Routing, expert_capacity
 from .dense import DenseFFN
-from .diffmoe import CapacityPredictor, DiffMoE, average_thresholds_across_ranks, diffmoe_layers
+from .diffmoe import (
+    CapacityPredictor,
+    DiffMoE,
+    average_thresholds_across_ranks,
+    diffmoe_layers,
+    recomputing,
+    set_token_pool,
+)
 from .expert_choice import ExpertChoiceMoE
 from .token_choice import TokenChoiceMoE
 
@@ -38,4 +45,4 @@ def build_ffn(moe: MoEConfig, dim: int, hidden: int) -> nn.Module:
 __all__ = ["STATIC", "CapacityPredictor", "DenseFFN", "DiffMoE", "ExpertBank",
            "ExpertChoiceMoE", "FFNOutput", "FeedForward", "MoELayer", "Routing",
            "TokenChoiceMoE", "average_thresholds_across_ranks", "build_ffn", "diffmoe_layers",
-           "expert_capacity"]
+           "expert_capacity", "recomputing", "set_token_pool"]

@@ -11,11 +11,25 @@ its BCE loss trains only the predictor. Thresholds (Eq. 17): after every trainin
 
 Inference (Eq. 14, 16): expert e processes k_e = #{s : p[s, e] > τ_e} tokens (or > γ for a
 constant threshold), and the router decides which: expert e takes its top-k_e tokens by score.
+
+Pool scope under torchrun (``pool = "rank"`` or ``"global"``, set by the trainer from
+``train.token_pool``): with "rank" (the public code) the pool is this rank's micro-batch; with
+"global" the router scores and predictor logits of every rank are all-gathered, each expert takes
+its top k = S_global·C/E tokens of the global pool, and each rank runs the chosen tokens it holds.
+The gathered scores only decide *which* tokens are chosen (top-k indices carry no gradient); the
+weights of Eq. 7 are the local scores, so a plain all-gather gives the same gradients as an
+autograd one. The threshold targets q_e are taken over the global pool, so every rank makes the
+same update.
+
+Activation checkpointing recomputes a block's forward in the backward pass: inside
+:func:`recomputing` the threshold update (a side effect of the training forward) is skipped, so
+τ moves once per forward, as without checkpointing.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,6 +38,41 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import FFNOutput, MoELayer, Routing, expert_capacity
+
+POOL_SCOPES = ("rank", "global")
+
+
+class _Recomputing:
+    """Whether an activation-checkpointing recomputation is running (a plain flag, which
+    torch.compile reads without a graph break; recomputation never overlaps a forward)."""
+
+    active = False
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Marks an activation-checkpointing recomputation: DiffMoE layers skip their threshold
+    update (it already happened in the original forward)."""
+    previous, _Recomputing.active = _Recomputing.active, True
+    try:
+        yield
+    finally:
+        _Recomputing.active = previous
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_rows(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (same shape on every rank) of all ranks along dim 0, rank order.
+    Not differentiable: used for selections and threshold targets only."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 class CapacityPredictor(nn.Module):
@@ -78,6 +127,7 @@ class DiffMoE(MoELayer):
         self.threshold_ema = threshold_ema
         self.predictor = CapacityPredictor(self.dim, self.num_experts)
         self.register_buffer("thresholds_E", torch.zeros(self.num_experts))
+        self.pool = "rank"  # training pool scope under torchrun (see the module docstring)
 
     def route_and_compute(self, x_SD: Tensor, batch: int, routing: Routing) -> FFNOutput:
         S, E = x_SD.shape[0], self.num_experts
@@ -90,13 +140,18 @@ class DiffMoE(MoELayer):
             counts_E = torch.full((E,), k, dtype=torch.long, device=x_SD.device)
             return FFNOutput(y=y_SD, mask_SE=mask_SE, counts_E=counts_E)
         logits_SE = self.predictor(x_SD)
+        if self.training and self.pool == "global":
+            rank, world = _world()
+            if world > 1:
+                return self._train_global_pool(x_SD, scores_SE, logits_SE, rank, world)
         if self.training:
             w_Ek, idx_Ek = scores_SE.t().topk(k, dim=1)
             y_SD, mask_SE = self.run_equal(x_SD, idx_Ek, w_Ek)
             counts_E = torch.full((E,), k, dtype=torch.long, device=x_SD.device)
-            with torch.no_grad():
-                update_thresholds(self.thresholds_E, threshold_targets(logits_SE, k),
-                                  self.threshold_ema)
+            if not _Recomputing.active:
+                with torch.no_grad():
+                    update_thresholds(self.thresholds_E, threshold_targets(logits_SE, k),
+                                      self.threshold_ema)
         else:
             if routing.mode == "dynamic":
                 thresholds_E = self.thresholds_E
@@ -107,6 +162,40 @@ class DiffMoE(MoELayer):
             y_SD, mask_SE = self.run_grouped(x_SD, tok_T, w_T, counts_E)
         return FFNOutput(y=y_SD, predictor_loss=predictor_loss(logits_SE, mask_SE),
                          mask_SE=mask_SE, predictor_logits_SE=logits_SE, counts_E=counts_E)
+
+
+    def _train_global_pool(self, x_SD: Tensor, scores_SE: Tensor, logits_SE: Tensor, rank: int,
+                           world: int) -> FFNOutput:
+        """Training rule over the pool of all ranks (G = world·S tokens, equal S per rank):
+        expert e takes its top k = G·C/E tokens of the gathered scores; this rank runs the
+        chosen tokens it holds (unequal counts per expert) weighted by their local scores."""
+        S = x_SD.shape[0]
+        with torch.no_grad():
+            scores_GE = all_gather_rows(scores_SE.detach())
+            logits_GE = all_gather_rows(logits_SE.detach())
+        G = scores_GE.shape[0]
+        k = expert_capacity(G, self.capacity, self.base_experts)
+        idx_Ek = scores_GE.t().topk(k, dim=1).indices - rank * S
+        mine_Ek = (idx_Ek >= 0) & (idx_Ek < S)
+        counts_E = mine_Ek.sum(1)
+        tok_T = idx_Ek[mine_Ek]  # row-major: grouped by expert
+        expert_T = self.experts.row_experts(counts_E, tok_T.shape[0])
+        w_T = scores_SE[tok_T, expert_T]
+        y_SD, mask_SE = self.run_grouped(x_SD, tok_T, w_T, counts_E)
+        if not _Recomputing.active:
+            with torch.no_grad():
+                update_thresholds(self.thresholds_E, threshold_targets(logits_GE, k),
+                                  self.threshold_ema)
+        return FFNOutput(y=y_SD, predictor_loss=predictor_loss(logits_SE, mask_SE),
+                         mask_SE=mask_SE, predictor_logits_SE=logits_SE, counts_E=counts_E)
+
+
+def set_token_pool(model: nn.Module, pool: str) -> None:
+    """Set the training pool scope ("rank" or "global") of every DiffMoE layer in ``model``."""
+    if pool not in POOL_SCOPES:
+        raise ValueError(f"token pool '{pool}' is not one of {POOL_SCOPES}")
+    for m in diffmoe_layers(model):
+        m.pool = pool
 
 
 def diffmoe_layers(model: nn.Module) -> list[DiffMoE]:

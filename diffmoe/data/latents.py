@@ -1,0 +1,362 @@
+"""Latent caches for ImageNet-scale training (PAPER section 6): images → VAE latents, once.
+
+``diffmoe cache-latents IMAGE_FOLDER OUT`` reads a class-subfolder dataset (the ImageNet layout:
+``IMAGE_FOLDER/<class>/<image>``, classes numbered in sorted order), center-crops every image to
+``--image-size`` as ADM does (halve with a box filter while the short side is at least twice the
+target, resize the short side to the target with bicubic, crop the centre), and encodes the image
+and its horizontal flip with a diffusers ``AutoencoderKL`` loaded from a local directory (nothing
+is downloaded). The posterior mean is stored, as float16.
+
+Layout of OUT::
+
+    cache.json               the settings (source, VAE, sizes); a rerun must match them
+    shard_00000.npy          (n, 2, C, h, w) float16 latents: [:, 0] the image, [:, 1] its flip
+    shard_00000.labels.npy   (n,) int64 class indices
+    shard_00000.json         written last: the shard's count and the images that failed to decode
+    index.json               written when every shard is done: shards, classes, scale factor
+    skipped.txt              every image that could not be decoded (also logged as a warning)
+
+Shard i belongs to rank i mod W under ``torchrun``; a shard whose ``.json`` exists is done, so a
+killed run started again continues where it stopped. Training (``data.name=latents``,
+``data.path=OUT``) reads the shards memory-mapped and returns ``(z - shift) · scale`` of the image
+or its flip, chosen at random per sample; samples are decoded with the same VAE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .. import distributed
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+DEFAULT_SCALE_FACTOR = 0.18215  # Stable Diffusion's VAE, when its config names none
+CACHE_VERSION = 1
+LATENT_DTYPE = np.float16
+VAE_CLASS = "AutoencoderKL"
+DIFFUSERS_INSTALL = "pip install diffusers==0.42.1"
+
+
+# -- the VAE --------------------------------------------------------------------------------
+
+def load_vae(path: str | Path, device: torch.device | str = "cpu"):
+    """A diffusers ``AutoencoderKL`` from a local directory (config.json + weights), in eval
+    mode. A missing directory, another kind of model or unreadable weights raise DataError."""
+    path = Path(path)
+    fix = ("pass the local directory of a diffusers AutoencoderKL (e.g. sd-vae-ft-ema, with "
+           "config.json and its weights)")
+    if not path.is_dir():
+        raise DataError(f"VAE directory '{path}' does not exist; {fix}")
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise DataError(f"'{path}' is not a VAE directory (no config.json); {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"'{path}' is not a VAE directory (config.json is not JSON); "
+                        f"{fix}") from None
+    if not isinstance(config, dict) or config.get("_class_name") != VAE_CLASS:
+        found = config.get("_class_name") if isinstance(config, dict) else None
+        raise DataError(f"'{path}' is not a VAE directory (its config.json describes "
+                        f"{found or 'no diffusers model'}, not {VAE_CLASS}); {fix}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise DataError(f"the VAE needs diffusers: {DIFFUSERS_INSTALL}") from None
+    try:
+        vae = AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"VAE directory '{path}' cannot be loaded ({reason}); {fix}") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_factors(vae) -> tuple[float, float]:
+    """(scale, shift) of the latent normalisation z' = (z − shift) · scale, from the VAE's
+    config (SD's 0.18215 and no shift when it names none)."""
+    cfg = vae.config
+    scale = getattr(cfg, "scaling_factor", None) or DEFAULT_SCALE_FACTOR
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    return float(scale), float(shift)
+
+
+def vae_downsampling(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+# -- images ---------------------------------------------------------------------------------
+
+def center_crop(image, size: int) -> np.ndarray:
+    """ADM's center crop of a PIL image to ``size``×``size`` RGB, as a uint8 (size, size, 3)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(d // 2 for d in image.size), resample=Image.BOX)
+    ratio = size / min(image.size)
+    image = image.resize(tuple(round(d * ratio) for d in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def list_images(folder: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Classes (sorted subfolder names) and every (image file, class index), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"image folder '{folder}' does not exist; pass a directory with one "
+                        f"subfolder of images per class (the ImageNet layout)")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"image folder '{folder}' has no class subfolders; put each class's "
+                        f"images in a subfolder of it (the ImageNet layout)")
+    files = [(p, label) for label, name in enumerate(classes)
+             for p in sorted((folder / name).iterdir())
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DataError(f"image folder '{folder}' has no images ({', '.join(IMAGE_SUFFIXES)}) in "
+                        f"its class subfolders")
+    return classes, files
+
+
+# -- writing the cache ----------------------------------------------------------------------
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _shard_name(i: int) -> str:
+    return f"shard_{i:05d}"
+
+
+@torch.no_grad()
+def encode_shard(vae, files: list[tuple[Path, int]], image_size: int, batch_size: int,
+                 device: torch.device) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Latents (n, 2, C, h, w) of the images and their flips, labels, and the files that could
+    not be decoded (left out)."""
+    from PIL import Image, UnidentifiedImageError
+
+    latents, labels, skipped = [], [], []
+    for start in range(0, len(files), batch_size):
+        pixels = []
+        for path, label in files[start:start + batch_size]:
+            try:
+                with Image.open(path) as image:
+                    pixels.append(center_crop(image, image_size))
+                labels.append(label)
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+                skipped.append(f"{path}\t{type(exc).__name__}: {exc}")
+        if not pixels:
+            continue
+        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(device)
+        x = x.float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
+        both = torch.stack([x, x.flip(-1)], 1).flatten(0, 1)  # image, flip, image, flip, ...
+        z = vae.encode(both).latent_dist.mean
+        latents.append(z.view(x.shape[0], 2, *z.shape[1:]).float().cpu().numpy())
+    if latents:
+        out = np.concatenate(latents).astype(LATENT_DTYPE)
+    else:
+        out = np.zeros((0, 2, 0, 0, 0), dtype=LATENT_DTYPE)
+    return out, np.asarray(labels, dtype=np.int64), skipped
+
+
+def cache_latents(image_folder: str | Path, out: str | Path, vae_dir: str | Path,
+                  image_size: int = 256, shard_size: int = 1000, batch_size: int = 32,
+                  device: str = "auto", progress: bool = True) -> Optional[dict]:
+    """Write (or finish) a latent cache; under torchrun each rank encodes its shards. Returns
+    the index on rank 0 (None elsewhere)."""
+    if image_size <= 0 or shard_size <= 0 or batch_size <= 0:
+        raise DataError(f"--image-size {image_size}, --shard-size {shard_size} and --batch-size "
+                        f"{batch_size} must be positive integers")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"cache directory '{out}' is a file; choose another OUT")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                       else ("cpu" if device == "auto" else device))
+    info = distributed.setup(dev.type)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", info.local_rank)
+    try:
+        classes, files = list_images(image_folder)
+        vae = load_vae(vae_dir, dev)
+        scale, shift = vae_factors(vae)
+        settings = {"version": CACHE_VERSION, "source": str(Path(image_folder).resolve()),
+                    "vae": str(Path(vae_dir).resolve()), "image_size": image_size,
+                    "shard_size": shard_size, "num_files": len(files), "classes": classes,
+                    "scale_factor": scale, "shift_factor": shift,
+                    "downsampling": vae_downsampling(vae)}
+        _check_settings(out, settings, info.is_main)
+        distributed.barrier()
+        shards = [files[i:i + shard_size] for i in range(0, len(files), shard_size)]
+        mine = [i for i in range(len(shards)) if i % info.world_size == info.rank]
+        todo = [i for i in mine if not (out / f"{_shard_name(i)}.json").is_file()]
+        if len(todo) < len(mine):
+            log.info("rank %d: %d of its %d shards already done; continuing", info.rank,
+                     len(mine) - len(todo), len(mine))
+        for i in tqdm(todo, desc="cache-latents", disable=not (progress and info.is_main),
+                      dynamic_ncols=True):
+            z, y, skipped = encode_shard(vae, shards[i], image_size, batch_size, dev)
+            name = _shard_name(i)
+            _atomic_write(out / f"{name}.npy", lambda p, z=z: _save_npy(p, z))
+            _atomic_write(out / f"{name}.labels.npy", lambda p, y=y: _save_npy(p, y))
+            meta = {"count": int(z.shape[0]), "skipped": skipped}
+            _atomic_write(out / f"{name}.json", lambda p, m=meta: p.write_text(json.dumps(m)))
+        distributed.barrier()
+        return _write_index(out, settings, len(shards)) if info.is_main else None
+    finally:
+        distributed.teardown()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, array)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _check_settings(out: Path, settings: dict, main: bool) -> None:
+    path = out / "cache.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diffs = [k for k in settings if old.get(k) != settings[k]]
+        if diffs:
+            raise DataError(f"cache directory '{out}' holds a cache made with other settings "
+                            f"({', '.join(diffs[:3])} differ); choose another OUT or repeat the "
+                            f"original command")
+    elif main:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda p: p.write_text(json.dumps(settings, indent=1)))
+
+
+def _write_index(out: Path, settings: dict, num_shards: int) -> dict:
+    shards, skipped = [], []
+    for i in range(num_shards):
+        meta = json.loads((out / f"{_shard_name(i)}.json").read_text())
+        shards.append({"name": _shard_name(i), "count": meta["count"]})
+        skipped += meta["skipped"]
+    index = dict(settings, shards=shards, num_latents=sum(s["count"] for s in shards),
+                 num_skipped=len(skipped))
+    (out / "skipped.txt").write_text("".join(line + "\n" for line in skipped))
+    if skipped:
+        log.warning("%d image(s) could not be decoded and were left out; they are listed in %s",
+                    len(skipped), out / "skipped.txt")
+    _atomic_write(out / "index.json", lambda p: p.write_text(json.dumps(index, indent=1)))
+    log.info("latent cache %s: %d images of %d classes in %d shards", out,
+             index["num_latents"], len(settings["classes"]), num_shards)
+    return index
+
+
+# -- reading the cache ----------------------------------------------------------------------
+
+def read_index(path: str | Path) -> dict:
+    path = Path(path)
+    index_file = path / "index.json"
+    if not index_file.is_file():
+        partial = (path / "cache.json").is_file()
+        raise DataError(
+            f"'{path}' is not a finished latent cache (no index.json); "
+            + ("run the same diffmoe cache-latents command again to finish it" if partial
+               else "write one with diffmoe cache-latents IMAGE_FOLDER OUT --vae VAE_DIR"))
+    try:
+        return json.loads(index_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"latent cache index '{index_file}' is damaged; write the cache "
+                        f"again") from None
+
+
+@dataclass
+class LatentDataset:
+    """The shards of a latent cache, memory-mapped. Same attributes as ImageDataset as far as
+    training needs them: ``image_size`` and ``channels`` are the latents'."""
+
+    path: Path
+    index: dict
+    latents: list[np.ndarray]  # per shard (n, 2, C, h, w)
+    labels: Tensor  # (N,)
+    offsets: np.ndarray  # first global index of each shard, plus N
+    name: str = "latents"
+
+    @classmethod
+    def open(cls, path: str | Path, limit: int = 0) -> "LatentDataset":
+        path = Path(path)
+        index = read_index(path)
+        latents, labels = [], []
+        for shard in index["shards"]:
+            if shard["count"] == 0:
+                continue
+            try:
+                latents.append(np.load(path / f"{shard['name']}.npy", mmap_mode="r"))
+                labels.append(np.load(path / f"{shard['name']}.labels.npy"))
+            except (OSError, ValueError) as exc:
+                raise DataError(f"latent cache shard {path / shard['name']} is unreadable "
+                                f"({exc}); write the cache again") from None
+        if not latents:
+            raise DataError(f"latent cache '{path}' holds no latents; check its skipped.txt")
+        counts = [a.shape[0] for a in latents]
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        ds = cls(path, index, latents, torch.from_numpy(np.concatenate(labels)), offsets)
+        if limit and limit < len(ds):
+            ds.labels = ds.labels[:limit]
+        return ds
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.latents[0].shape[2])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.latents[0].shape[-1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.index["classes"])
+
+    def batch(self, idx: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Normalised latents of ``idx``, each the image or its flip at random."""
+        idx_np = idx.numpy()
+        shard = np.searchsorted(self.offsets, idx_np, side="right") - 1
+        rows = np.empty((len(idx_np), *self.latents[0].shape[1:]), dtype=LATENT_DTYPE)
+        for s in np.unique(shard):
+            sel = np.nonzero(shard == s)[0]
+            local = idx_np[sel] - self.offsets[s]
+            order = np.argsort(local)  # sorted reads from the memory map
+            rows[sel[order]] = self.latents[s][local[order]]
+        flip = torch.randint(0, 2, (len(idx_np),), generator=generator)
+        z = torch.from_numpy(rows)[torch.arange(len(idx_np)), flip].float()
+        scale, shift = self.index["scale_factor"], self.index["shift_factor"]
+        return (z - shift) * scale, self.labels[idx]
+
+
+def latent_decoder(vae_dir: str | Path, index: dict, device: torch.device | str,
+                   batch_size: int = 16) -> Callable[[Tensor], Tensor]:
+    """A function from normalised latents to images in [-1, 1] (on the CPU) with the VAE."""
+    vae = load_vae(vae_dir, device)
+    scale, shift = index["scale_factor"], index["shift_factor"]
+
+    @torch.no_grad()
+    def decode(z: Tensor) -> Tensor:
+        out = []
+        for chunk in z.split(batch_size):
+            chunk = chunk.to(device, torch.float32) / scale + shift
+            out.append(vae.decode(chunk).sample.clamp(-1, 1).float().cpu())
+        return torch.cat(out)
+
+    return decode

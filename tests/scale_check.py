@@ -1,0 +1,125 @@
+"""Run under 2-process torchrun by test_scale.py.
+
+``pool``: a cross-rank DiffMoE pool against a single process. Every rank builds the same model;
+rank r runs half of one fixed global batch with ``token_pool=global`` and averages gradients
+across ranks (as DDP does); rank 0 also runs the whole batch through an identical model with a
+per-process pool and no collective. Outputs, gradients and thresholds must agree.
+
+``train`` (or ``resume``, continuing a run): a few training steps of a config (DDP or FSDP2 per
+the overrides), then a report of whether every rank's replicated tensors (all weights under DDP;
+the thresholds under FSDP, whose weights are shards) equal rank 0's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from diffmoe.config import load_config
+from diffmoe.models import build_model
+from diffmoe.models.moe import set_token_pool
+
+GLOBAL_BATCH = 8
+PERTURB_STD = 0.05
+
+
+def fixed_batch(cfg):
+    g = torch.Generator().manual_seed(123)
+    m = cfg.model
+    x = torch.randn(GLOBAL_BATCH, m.in_channels, m.input_size, m.input_size, generator=g)
+    t = torch.rand(GLOBAL_BATCH, generator=g) * 1000
+    y = torch.randint(0, m.num_classes, (GLOBAL_BATCH,), generator=g)
+    return x, t, y
+
+
+def loss_of(model, x, t, y):
+    out = model(x, t, y)
+    return out.out.pow(2).mean() + out.predictor_loss, out.out
+
+
+def check_pool(config: str, result: str, overrides: list[str]) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = load_config(config, overrides + ["model.class_dropout=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    with torch.no_grad():  # leave adaLN-Zero's all-zero start, so that outputs depend on routing
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=PERTURB_STD)
+    single = copy.deepcopy(model)
+    per_rank = copy.deepcopy(model)  # control: a per-rank pool must NOT match the single process
+    set_token_pool(model, "global")
+    x, t, y = fixed_batch(cfg)
+    part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    _, control = loss_of(per_rank, x[part], t[part], y[part])
+    controls = [torch.empty_like(control) for _ in range(world)]
+    dist.all_gather(controls, control.detach())
+    loss, out = loss_of(model, x[part], t[part], y[part])
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    dist.all_reduce(grads)
+    grads /= world
+    outs = [torch.empty_like(out) for _ in range(world)]
+    dist.all_gather(outs, out.detach())
+    taus = torch.cat([m.thresholds_E for m in model.moe_layers()])
+    if rank == 0:
+        ref_loss, ref_out = loss_of(single, x, t, y)
+        ref_loss.backward()
+        ref_grads = torch.cat([p.grad.flatten() for p in single.parameters()
+                               if p.grad is not None])
+        ref_taus = torch.cat([m.thresholds_E for m in single.moe_layers()])
+        report = {
+            "out_max_diff": float((torch.cat(outs) - ref_out.detach()).abs().max()),
+            "out_max": float(ref_out.detach().abs().max()),
+            "per_rank_pool_out_max_diff": float((torch.cat(controls) - ref_out.detach())
+                                                .abs().max()),
+            "grad_max_diff": float((grads - ref_grads).abs().max()),
+            "grad_max": float(ref_grads.abs().max()),
+            "tau_max_diff": float((taus - ref_taus).abs().max()),
+            "tau_sum": float(ref_taus.sum()),
+            "num_grads": int(grads.numel()),
+        }
+        with open(result, "w") as fh:
+            json.dump(report, fh)
+
+
+def check_train(config: str, result: str, overrides: list[str], resume: bool = False) -> None:
+    from diffmoe.train import Trainer
+
+    trainer = Trainer(load_config(config, overrides), resume=resume)
+    trainer.train()
+    report, sharded = {}, 0
+    for name, module in (("model", trainer.model), ("ema", trainer.ema)):
+        for key, value in module.state_dict().items():
+            if hasattr(value, "to_local"):  # an FSDP shard: each rank holds another part
+                sharded += 1
+                continue
+            ref = value.clone()
+            dist.broadcast(ref, src=0)
+            report[f"{name}.{key}"] = bool(torch.equal(ref, value))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, report)
+    if dist.get_rank() == 0:
+        with open(result, "w") as fh:
+            json.dump({"ranks": gathered, "fsdp": trainer.fsdp, "sharded": sharded,
+                       "step": trainer.step}, fh)
+    trainer.close()
+
+
+def main() -> None:
+    what, config, result, *overrides = sys.argv[1:]
+    dist.init_process_group("gloo")
+    try:
+        if what == "resume":
+            check_train(config, result, overrides, resume=True)
+        else:
+            {"pool": check_pool, "train": check_train}[what](config, result, overrides)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

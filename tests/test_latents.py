@@ -1,0 +1,166 @@
+"""Latent caches with a tiny randomly initialised AutoencoderKL and a few generated images:
+ADM crop, image + flip encoding, undecodable images skipped and listed, resumption after a
+killed run, training on the cache and decoding samples with the same VAE."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffmoe.cli import main
+from diffmoe.data.latents import LatentDataset, center_crop, encode_shard, load_vae
+
+IMAGE_SIZE = 16
+CLASSES = ("ant", "bee", "cat")
+PER_CLASS = 3
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        layers_per_block=1, norm_num_groups=4, sample_size=IMAGE_SIZE)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            size = (24 + 4 * i, 20)  # landscape, odd sizes: the crop has work to do
+            Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(
+                root / c / f"{i}.png")
+    (root / "bee" / "broken.jpg").write_bytes(b"not an image")
+    return root
+
+
+def cache(images, out, vae_dir, *extra):
+    return main(["cache-latents", str(images), str(out), "--vae", str(vae_dir), "--image-size",
+                 str(IMAGE_SIZE), "--shard-size", "4", "--batch-size", "3", "--no-progress",
+                 *extra])
+
+
+def test_center_crop_is_adm_style():
+    # 64x40 → short side 40 ≥ 2*16: halve to 32x20, resize to 26x16 (bicubic), crop centre.
+    arr = np.zeros((40, 64, 3), dtype=np.uint8)
+    arr[:, 32:] = 255
+    out = center_crop(Image.fromarray(arr), IMAGE_SIZE)
+    assert out.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert out[:, 0].max() == 0 and out[:, -1].min() == 255  # the centre column is kept
+
+
+def test_cache_holds_image_and_flip_skips_broken_and_trains(images, vae_dir, tmp_path, caplog):
+    out = tmp_path / "cache"
+    caplog.set_level(logging.WARNING, logger="diffmoe")
+    assert cache(images, out, vae_dir) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["num_latents"] == len(CLASSES) * PER_CLASS and index["num_skipped"] == 1
+    assert index["classes"] == list(CLASSES) and index["scale_factor"] == pytest.approx(0.18215)
+    skipped = (out / "skipped.txt").read_text()
+    assert "broken.jpg" in skipped and any("could not be decoded" in r.getMessage()
+                                           for r in caplog.records)
+    # Stored latents are the VAE's posterior means of the crop and of its flip.
+    vae = load_vae(vae_dir)
+    z, y, bad = encode_shard(vae, [(images / "ant" / "1.png", 0)], IMAGE_SIZE, 1, "cpu")
+    ds = LatentDataset.open(out)
+    assert ds.image_size == IMAGE_SIZE // 2 and ds.channels == 4 and len(ds) == 9
+    stored = np.load(out / "shard_00000.npy")
+    np.testing.assert_allclose(stored[1], z[0], atol=1e-3)
+    pixels = torch.from_numpy(center_crop(Image.open(images / "ant" / "1.png"), IMAGE_SIZE).copy())
+    x = pixels.permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        flip = vae.encode(x.flip(-1)).latent_dist.mean
+    np.testing.assert_allclose(stored[1, 1], flip[0].numpy(), atol=1e-2)
+    # Batches are scaled latents, image or flip at random, with the labels.
+    xb, yb = ds.batch(torch.arange(9), torch.Generator().manual_seed(0))
+    scaled = torch.from_numpy(np.concatenate([np.load(out / f"shard_0000{i}.npy")
+                                              for i in range(3)])).float() * 0.18215
+    assert all(torch.allclose(xb[i], scaled[i, 0]) or torch.allclose(xb[i], scaled[i, 1])
+               for i in range(9))
+    assert yb.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # Train two steps on the cache; the sample grid is decoded to RGB by the same VAE.
+    run = tmp_path / "run"
+    rc = main(["train", "configs/digits_tiny.yaml", f"train.out_dir={run}", "data.name=latents",
+               f"data.path={out}", "model.in_channels=4", f"model.input_size={IMAGE_SIZE // 2}",
+               "train.batch_size=4", "train.steps=2", "train.ckpt_every=2", "train.sample_every=2",
+               "sample.steps=1", "sample.num=3", "sample.batch_size=3"])
+    assert rc == 0
+    grid = Image.open(run / "samples" / "step_00000002.png")
+    assert grid.mode == "RGB" and grid.size[1] >= 2 * IMAGE_SIZE  # decoded, upscaled x2
+    assert main(["sample", str(run), "--num", "2", "--steps", "1", "--batch-size", "2",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    assert Image.open(tmp_path / "s.png").size[1] >= 2 * IMAGE_SIZE
+
+
+def test_killed_cache_run_continues_where_it_stopped(images, vae_dir, tmp_path, monkeypatch):
+    import diffmoe.data.latents as latents
+
+    out = tmp_path / "cache"
+    original, calls = latents.encode_shard, []
+
+    def dies_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if killed while encoding shard 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(latents, "encode_shard", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        latents.cache_latents(images, out, vae_dir, IMAGE_SIZE, shard_size=4, batch_size=3,
+                              progress=False)
+    assert (out / "shard_00000.json").is_file() and not (out / "shard_00001.json").exists()
+    assert not (out / "index.json").exists()
+    first = (out / "shard_00000.npy").stat().st_mtime_ns
+    monkeypatch.setattr(latents, "encode_shard", original)
+    encoded = []
+    monkeypatch.setattr(latents, "encode_shard",
+                        lambda *a, **k: encoded.append(len(a[1])) or original(*a, **k))
+    index = latents.cache_latents(images, out, vae_dir, IMAGE_SIZE, shard_size=4, batch_size=3,
+                                  progress=False)
+    assert encoded == [4, 2]  # shards 1 and 2 only: shard 0 was done
+    assert (out / "shard_00000.npy").stat().st_mtime_ns == first
+    assert index["num_latents"] == 9
+    # Other settings in the same directory are refused.
+    assert cache(images, out, vae_dir, "--shard-size", "2") == 2
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_same_cache_as_one(images, vae_dir, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert cache(images, tmp_path / "one", vae_dir) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+         "127.0.0.1", "--master_port", str(port), "-m", "diffmoe", "cache-latents", str(images),
+         str(tmp_path / "two"), "--vae", str(vae_dir), "--image-size", str(IMAGE_SIZE),
+         "--shard-size", "4", "--batch-size", "3", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("one", "two"))
+    assert one["shards"] == two["shards"] and two["num_skipped"] == 1
+    for i in range(len(one["shards"])):
+        a, b = (np.load(tmp_path / d / f"shard_{i:05d}.npy") for d in ("one", "two"))
+        np.testing.assert_allclose(a, b, atol=1e-3)

@@ -1,0 +1,156 @@
+"""Scale-out training: a cross-rank DiffMoE pool against one process, DDP and FSDP2 runs of the
+MNIST demo config under 2-process torchrun (gloo, CPU), and in-process checks of activation
+checkpointing and gradient accumulation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffmoe.checkpoint import checkpoint_name
+from diffmoe.config import load_config
+from diffmoe.models import build_model
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+TIMEOUT_S = 300
+STEPS = 2
+MNIST_RUN = {"train.steps": STEPS, "train.batch_size": 8, "data.limit": 64,
+             "train.ckpt_every": STEPS, "train.log_every": 1, "train.sample_every": STEPS,
+             "sample.steps": 1, "sample.num": 4, "sample.batch_size": 4,
+             "train.grad_accum": 2, "train.activation_checkpointing": "true"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(HERE / "scale_check.py"), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.mark.slow
+def test_cross_rank_pool_matches_one_process_on_the_global_batch(tmp_path):
+    proc = torchrun("pool", str(ROOT / "configs" / "digits_tiny.yaml"), str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["out_max"] > 0.1 and r["grad_max"] > 1e-3 and r["tau_sum"] > 0
+    assert r["out_max_diff"] < 1e-5 and r["grad_max_diff"] < 1e-5 and r["tau_max_diff"] < 1e-6
+    # The control: each rank pooling its own half gives other selections, other outputs.
+    assert r["per_rank_pool_out_max_diff"] > 1e-3
+
+
+def run_mnist(tmp_path: Path, parallel: str, what: str = "train", run: Path | None = None,
+              **extra) -> tuple[dict, Path]:
+    run = run or tmp_path / parallel
+    overrides = {**MNIST_RUN, "train.out_dir": run, "train.parallel": parallel, **extra}
+    report = tmp_path / f"{parallel}-{what}.json"
+    proc = torchrun(what, str(ROOT / "configs" / "mnist_diffmoe.yaml"), str(report),
+                    *[f"{k}={v}" for k, v in overrides.items()])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(report.read_text()), run
+
+
+@pytest.mark.slow
+def test_mnist_demo_config_under_ddp_and_fsdp2_gives_the_same_weights(tmp_path):
+    ddp, ddp_run = run_mnist(tmp_path, "ddp")
+    fsdp, fsdp_run = run_mnist(tmp_path, "fsdp")
+    assert not ddp["fsdp"] and fsdp["fsdp"] and fsdp["sharded"] > 0
+    for report in (ddp, fsdp):  # replicated tensors (thresholds included) agree across ranks
+        assert report["step"] == STEPS
+        for rank in report["ranks"]:
+            assert rank and all(rank.values()), rank
+    # Both engines write full checkpoints of one layout, with (nearly) the same numbers.
+    a, b = (r / "checkpoints" / checkpoint_name(STEPS) for r in (ddp_run, fsdp_run))
+    for name in ("model", "ema", "optimizer"):
+        ta, tb = (load_file(str(p / f"{name}.safetensors")) for p in (a, b))
+        assert ta.keys() == tb.keys(), name
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5, msg=f"{name}.{k}")
+    assert (fsdp_run / "samples" / f"step_{STEPS:08d}.png").is_file()
+    # The DDP run's checkpoint resumes under FSDP2 (full tensors sharded on load, AdamW state
+    # included) and under DDP, one more step each: the two continuations agree.
+    for parallel, run in (("fsdp", tmp_path / "ddp-then-fsdp"), ("ddp", tmp_path / "ddp-more")):
+        shutil.copytree(ddp_run, run)
+        report, _ = run_mnist(tmp_path, parallel, "resume", run, **{"train.steps": STEPS + 1})
+        assert report["step"] == STEPS + 1
+    a, b = (r / "checkpoints" / checkpoint_name(STEPS + 1)
+            for r in (tmp_path / "ddp-more", tmp_path / "ddp-then-fsdp"))
+    for name in ("model", "ema", "optimizer"):
+        ta, tb = (load_file(str(p / f"{name}.safetensors")) for p in (a, b))
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5, msg=f"{name}.{k}")
+
+
+def test_activation_checkpointing_keeps_gradients_and_moves_thresholds_once():
+    cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", ["model.class_dropout=0"])
+    torch.manual_seed(0)
+    plain = build_model(cfg.model)
+    ckpt = copy.deepcopy(plain)
+    ckpt.activation_checkpointing = True
+    x, t, y = torch.randn(8, 1, 8, 8), torch.rand(8) * 1000, torch.randint(0, 10, (8,))
+    for m in (plain, ckpt):
+        out = m(x, t, y)
+        (out.out.pow(2).mean() + out.predictor_loss).backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    tau_plain, tau_ckpt = (m.moe_layers()[0].thresholds_E for m in (plain, ckpt))
+    assert tau_plain.abs().sum() > 0
+    torch.testing.assert_close(tau_plain, tau_ckpt, rtol=0, atol=0)
+
+
+def test_gradient_accumulation_pools_each_micro_batch(tmp_path, monkeypatch):
+    from diffmoe.models.moe.diffmoe import DiffMoE
+    from diffmoe.train import Trainer
+
+    pools = []
+    original = DiffMoE.route_and_compute
+
+    def spy(self, x_SD, batch, routing):
+        if self.training:
+            pools.append(x_SD.shape[0])
+        return original(self, x_SD, batch, routing)
+
+    monkeypatch.setattr(DiffMoE, "route_and_compute", spy)
+    cfg = load_config(ROOT / "configs" / "digits_tiny.yaml",
+                      [f"train.out_dir={tmp_path / 'run'}", "train.steps=2", "train.batch_size=16",
+                       "train.grad_accum=4", "train.ckpt_every=2", "train.sample_every=2",
+                       "sample.steps=1", "sample.num=2", "sample.batch_size=2"])
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    tokens = (8 // 2) ** 2  # digits 8x8, patch 2
+    assert pools == [4 * tokens] * 8  # 2 steps x 4 micro-batches of 4 images, one pool each
+    assert trainer.step == 2
+
+
+IMAGENET_CONFIGS = sorted((ROOT / "configs" / "imagenet").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", IMAGENET_CONFIGS, ids=[p.stem for p in IMAGENET_CONFIGS])
+def test_imagenet_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.train.batch_size == 256 and cfg.train.lr == 1e-4
+    assert cfg.data.name == "latents" and cfg.model.input_size == 32
+    assert cfg.model.moe.type == "diffmoe"
+    assert cfg.objective.type == path.stem.rsplit("-", 1)[1]
+    assert cfg.model.learn_sigma == (cfg.objective.type == "ddpm")
