@@ -55,7 +55,7 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .config import Config, TrainConfig
-from .data import BatchIterator, ImageDataset, build_dataset
+from .data import BatchIterator, ImageDataset
 from .diffusion import FlowMatching
 from .ema import ema_decay, make_ema, update_ema
 from .errors import CheckpointError, ConfigError, DiffMoEError, TrainingError
@@ -65,6 +65,7 @@ from .models.moe import average_thresholds_across_ranks, diffmoe_layers
 from .models.moe.diffmoe import dynamic_counts
 from .paths import file_in_the_way
 from .sample import generate, resolve_routing
+from .t2i.data import build_training_dataset
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def check_data_matches_model(cfg: Config, ds: ImageDataset) -> None:
             f"dataset '{ds.name}' has {ds.channels}x{ds.image_size}x{ds.image_size} images but the "
             f"model expects {m.in_channels}x{m.input_size}x{m.input_size}; set "
             f"model.input_size={ds.image_size} model.in_channels={ds.channels}")
-    if ds.num_classes > m.num_classes:
+    if m.condition == "class" and ds.num_classes > m.num_classes:
         raise ConfigError(f"dataset '{ds.name}' has {ds.num_classes} classes but "
                           f"model.num_classes={m.num_classes}; set "
                           f"model.num_classes={ds.num_classes}")
@@ -182,7 +183,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.resume_from = self._prepare_run_dir(resume)
 
-        self.dataset = build_dataset(cfg.data.name, cfg.data.split, cfg.data.limit)
+        self.dataset = build_training_dataset(cfg)
         check_data_matches_model(cfg, self.dataset)
         self.loader = BatchIterator(self.dataset, t.batch_size // self.dist.world_size, t.seed,
                                     self.dist.rank, self.dist.world_size, self.device)
@@ -372,6 +373,8 @@ class Trainer:
         s = self.cfg.sample
         classes = self.cfg.model.num_classes
         labels = torch.arange(s.num, device=self.device) % min(classes, GRID_COLUMNS)
+        if self.cfg.model.condition == "text":  # the captions of the first images
+            labels = self.dataset.conditions(torch.arange(s.num) % len(self.dataset))
         routing = resolve_routing(self.ema, s.mode, s.threshold)
         images, _ = generate(self.ema, self.flow, labels, sampler=s.sampler, steps=s.steps,
                              cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,

@@ -52,6 +52,11 @@ class ImageDataset:
     def image_size(self) -> int:
         return self.images.shape[-1]
 
+    def conditions(self, index: Tensor):
+        """What the model is conditioned on for these images: their class labels here; a
+        captioned dataset gives their captions' embeddings."""
+        return self.labels[index]
+
 
 def to_model_range(images_uint8: Tensor) -> Tensor:
     return images_uint8.float().div(127.5).sub(1.0)

@@ -53,7 +53,7 @@ class BatchIterator:
         idx = self._permutation()[start:start + self.batch_size]
         self.state = LoaderState(self.state.epoch, self.state.position + 1)
         x = to_model_range(self.dataset.images[idx]).to(self.device, non_blocking=True)
-        y = self.dataset.labels[idx].to(self.device, non_blocking=True)
+        y = self.dataset.conditions(idx).to(self.device, non_blocking=True)
         return x, y
 
     def state_dict(self) -> dict:
