@@ -273,10 +273,14 @@ def test_emoji_dataset_has_named_images_on_white():
     from diffmoe.t2i.data import emoji_caption, load_emoji
     assert emoji_caption("1f600") == "grinning face"
     assert emoji_caption("1f44d-1f3fb") is None  # skin-tone variant
-    ds = load_emoji(limit=5)
-    assert ds.images.shape == (5, 3, 32, 32) and ds.images.dtype == torch.uint8
-    assert (ds.images[:, :, 0, 0] == 255).all()  # the white background in a corner
-    assert len(ds.captions) == ds.num_classes and all(ds.captions)
+    for split in ("twemoji", "openmoji"):
+        ds = load_emoji(split, limit=5)
+        assert ds.images.shape == (5, 3, 32, 32) and ds.images.dtype == torch.uint8
+        assert (ds.images[:, :, 0, 0] == 255).all()  # the white background in a corner
+        assert (ds.images < 128).flatten(1).any(1).all()  # and a drawn emoji on it
+        assert len(ds.captions) == ds.num_classes and all(ds.captions)
+    with pytest.raises(DataError, match="no split"):
+        load_emoji("train")
 
 
 def test_tiny_text_to_image_run_trains_and_samples(tmp_path):

