@@ -3,6 +3,7 @@ caption-embedding cache, the packaged encoder and datasets, and a tiny training 
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -53,6 +54,7 @@ def test_judge_passes_ground_truth_renders():
     assert all(result["counts"][c] == 40 for c in CATEGORY_NAMES)
     assert min(result["scores"].values()) >= 0.99, result["scores"]
     assert result["overall"] >= 0.99
+    json.dumps(result)  # plain Python values, ready for the eval JSON
 
 
 def _wrong(scene: Scene, rng: random.Random) -> Scene:

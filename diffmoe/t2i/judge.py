@@ -111,8 +111,8 @@ def detect(image: np.ndarray) -> list[Detection]:
 
 def judge_image(scene: Scene, image: np.ndarray) -> bool:
     """Whether the image shows exactly the scene."""
-    objects = [PlacedObject(d.colour, d.shape, d.cx, d.cy) for d in detect(image)]
-    return scene_holds(scene, objects)
+    objects = [PlacedObject(d.colour, d.shape, float(d.cx), float(d.cy)) for d in detect(image)]
+    return bool(scene_holds(scene, objects))
 
 
 def judge(prompts: list[str], images: np.ndarray) -> dict:
