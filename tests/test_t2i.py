@@ -55,6 +55,7 @@ def test_judge_passes_ground_truth_renders():
     assert min(result["scores"].values()) >= 0.99, result["scores"]
     assert result["overall"] >= 0.99
     json.dumps(result)  # plain Python values, ready for the eval JSON
+    assert result["colour_match"] == {"colors": 1.0, "color_attr": 1.0}
 
 
 def _wrong(scene: Scene, rng: random.Random) -> Scene:
@@ -101,6 +102,7 @@ def test_judge_fails_corrupted_pixels():
     # Colour channels rotated: every colour changes, so colour prompts fail.
     rotated = judge(prompts, images[..., [1, 2, 0]])
     assert rotated["scores"]["colors"] == 0.0 and rotated["scores"]["color_attr"] == 0.0
+    assert rotated["colour_match"]["colors"] <= 0.1
 
 
 def test_detect_finds_each_object_of_a_render():

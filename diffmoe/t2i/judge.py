@@ -14,6 +14,9 @@ shapes domain detection can be exact instead:
    disc π/4 of it, a triangle about half (``SQUARE_MIN_FILL``, ``CIRCLE_MIN_FILL``).
 4. The image is correct when these objects are exactly what the prompt describes
    (:func:`shapes.scene_holds`: counts, shapes, colours, and the relative position of centroids).
+
+Beside the strict verdict, :func:`colour_match` is a lenient diagnostic for prompts that name
+colours: are the named colours the image's largest colour areas, whatever the shapes?
 """
 
 from __future__ import annotations
@@ -115,6 +118,19 @@ def judge_image(scene: Scene, image: np.ndarray) -> bool:
     return bool(scene_holds(scene, objects))
 
 
+def colour_match(scene: Scene, image: np.ndarray) -> bool | None:
+    """A lenient diagnostic beside the strict verdict: whether the colours the prompt names are
+    the image's largest colour areas (k named colours → the k largest), whatever the shapes and
+    counts. None for a prompt that names no colour."""
+    named = {g.colour for g in scene.groups if g.colour}
+    if not named:
+        return None
+    area = np.bincount(segment_colours(image).ravel(), minlength=len(_PALETTE))[:-1]
+    largest = {_PALETTE_NAMES[i] for i in np.argsort(-area, kind="stable")[:len(named)]
+               if area[i] > 0}
+    return largest == named
+
+
 def judge(prompts: list[str], images: np.ndarray) -> dict:
     """Judge one image per prompt ((N, H, W, 3) uint8). Returns the fraction correct per GenEval
     category (categories without prompts are left out), ``overall`` (their mean), the number of
@@ -122,13 +138,18 @@ def judge(prompts: list[str], images: np.ndarray) -> dict:
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
     verdicts, by_category = [], {name: [] for name in CATEGORY_NAMES}
+    colour_hits: dict[str, list[bool]] = {name: [] for name in CATEGORY_NAMES}
     for prompt, image in zip(prompts, images):
         scene = parse_caption(prompt)
         ok = judge_image(scene, image)
         verdicts.append(ok)
         by_category[category_of(scene)].append(ok)
+        hit = colour_match(scene, image)
+        if hit is not None:
+            colour_hits[category_of(scene)].append(bool(hit))
     scores = {name: float(np.mean(v)) for name, v in by_category.items() if v}
     return {"scores": scores,
             "overall": float(np.mean(list(scores.values()))) if scores else float("nan"),
             "counts": {name: len(v) for name, v in by_category.items() if v},
+            "colour_match": {name: float(np.mean(v)) for name, v in colour_hits.items() if v},
             "verdicts": verdicts}

@@ -166,7 +166,9 @@ def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOp
     return {
         "checkpoint": str(ckpt.path), "step": ckpt.state["step"],
         "scores": result["scores"], "overall": result["overall"], "counts": result["counts"],
-        "chance": {"scores": chance["scores"], "overall": chance["overall"]},
+        "colour_match": result["colour_match"],
+        "chance": {"scores": chance["scores"], "overall": chance["overall"],
+                   "colour_match": chance["colour_match"]},
         "fid": fid,
         "c_avg_infer": cap["c_avg_infer"],
         "activated_params": activated_params(model, cap["c_avg_infer"]),
@@ -212,17 +214,23 @@ def public(result: dict) -> dict:
 
 def judge_table(results: dict[str, dict]) -> str:
     """A Markdown table of judged results by name, with the chance level as the last row."""
-    head = "| model | " + " | ".join(CATEGORY_NAMES) + " | overall | FID |"
-    rows = [head, "|" + "---|" * (len(CATEGORY_NAMES) + 3)]
+    head = ("| model | " + " | ".join(CATEGORY_NAMES)
+            + " | overall | colour match (colors, color_attr) | FID |")
+    rows = [head, "|" + "---|" * (len(CATEGORY_NAMES) + 4)]
+
+    def match(r: dict) -> str:
+        m = r.get("colour_match") or {}
+        return ", ".join(f"{m[c]:.2f}" if c in m else "-" for c in ("colors", "color_attr"))
+
     for name, r in results.items():
         fid = f"{r['fid']['fid']:.1f}" if r.get("fid") else "-"
         rows.append(f"| {name} | " + " | ".join(f"{r['scores'].get(c, float('nan')):.2f}"
                                                   for c in CATEGORY_NAMES)
-                    + f" | {r['overall']:.2f} | {fid} |")
-    any_result = next(iter(results.values()))
-    chance = any_result["chance"]
+                    + f" | {r['overall']:.2f} | {match(r)} | {fid} |")
+    chance = next(iter(results.values()))["chance"]
     rows.append("| chance (renders of other prompts) | "
                 + " | ".join(f"{chance['scores'].get(c, float('nan')):.2f}"
-                             for c in CATEGORY_NAMES) + f" | {chance['overall']:.2f} | - |")
+                             for c in CATEGORY_NAMES)
+                + f" | {chance['overall']:.2f} | {match(chance)} | - |")
     return "\n".join(rows)
 
