@@ -299,3 +299,14 @@ def test_tiny_text_to_image_run_trains_and_samples(tmp_path):
     assert len(list((tmp_path / "c").glob("text-*.safetensors"))) == 1
     model = model_from_checkpoint(open_checkpoint(result.run_dir))
     assert isinstance(model, TextDiT)
+
+
+def test_captioned_batches_carry_caption_embeddings(tmp_path):
+    from diffmoe.t2i.data import load_shapes
+    ds = load_shapes("test", limit=12)
+    ds.attach_text(CountingEncoder("enc"), tmp_path)
+    idx = torch.tensor([3, 0, 7])
+    x, cond = ds.batch(idx)
+    assert x.shape == (3, 3, 32, 32) and -1 <= x.min() and x.max() <= 1
+    assert torch.equal(cond.tokens, ds.text.tokens[ds.labels[idx]])
+    assert torch.equal(ds.conditions(idx).pooled, cond.pooled)

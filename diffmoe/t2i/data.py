@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..config import Config
-from ..data.datasets import ImageDataset, build_dataset
+from ..data.datasets import ImageDataset, build_dataset, to_model_range
 from ..errors import DataError
 from .condition import TextCondition
 from .encoder import Encoder, TextEncoder, cached_embeddings, encoder_dir, encoder_identity
@@ -66,6 +66,12 @@ class CaptionedDataset(ImageDataset):
         if self.text is None:
             raise RuntimeError("caption embeddings not attached; call attach_text first")
         return self.text[self.labels[index]]
+
+    def batch(self, idx: Tensor, generator: Optional[torch.Generator] = None
+              ) -> tuple[Tensor, TextCondition]:
+        """Images of ``idx`` in [-1, 1] and their captions' embeddings (the batch interface
+        that main's BatchIterator uses; no augmentation, so ``generator`` is unused)."""
+        return to_model_range(self.images[idx]), self.conditions(idx)
 
     def attach_text(self, encoder: Encoder, cache_dir: str | Path) -> None:
         self.text = cached_embeddings(encoder, self.captions, cache_dir)
