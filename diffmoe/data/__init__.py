@@ -12,10 +12,15 @@ from .loader import BatchIterator
 
 
 def build_training_dataset(cfg) -> ImageDataset | LatentDataset:
-    """The dataset ``cfg.data`` names: a packaged image set or a latent cache."""
+    """The dataset ``cfg.data`` names: a packaged image set, a latent cache, or (for
+    ``model.condition: text``) a captioned set with its caption embeddings attached."""
     d = cfg.data
     if d.name == "latents":
         return LatentDataset.open(d.path, d.limit)
+    if cfg.model.condition == "text":
+        from ..t2i.data import build_training_dataset as build_captioned
+
+        return build_captioned(cfg)
     return build_dataset(d.name, d.split, d.limit)
 
 

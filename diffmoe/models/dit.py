@@ -77,6 +77,9 @@ class LabelEmbedder(nn.Module):
         self.dropout = dropout
         self.table = nn.Embedding(num_classes + 1, dim)
 
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.table.weight, std=EMBED_INIT_STD)
+
     def forward(self, y: Tensor) -> Tensor:
         if self.training and self.dropout > 0:
             drop = torch.rand(y.shape[0], device=y.device) < self.dropout
@@ -198,7 +201,7 @@ class DiT(nn.Module):
         w = self.x_embedder.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.y_embedder.table.weight, std=EMBED_INIT_STD)
+        self.y_embedder.reset_parameters()
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=EMBED_INIT_STD)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=EMBED_INIT_STD)
         for block in self.blocks:
@@ -233,7 +236,10 @@ class DiT(nn.Module):
                 h, ffn_out = block(h, c, routing)
             if i in self.moe_blocks:
                 moe_outputs.append(ffn_out)
-        out = self.unpatchify(self.final_layer(h, c))
+        return self.output(self.unpatchify(self.final_layer(h, c)), moe_outputs)
+
+    def output(self, out: Tensor, moe_outputs: list[FFNOutput]) -> DiTOutput:
+        """The prediction with the weighted auxiliary losses of the MoE layers."""
         zero = out.new_zeros((), dtype=torch.float32)
         aux = [o.aux_loss for o in moe_outputs if o.aux_loss is not None]
         bce = [o.predictor_loss for o in moe_outputs if o.predictor_loss is not None]
@@ -264,4 +270,9 @@ class DiT(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> DiT:
+    """The class-conditional DiT, or the text-conditioned one for ``model.condition: text``."""
+    if cfg.condition == "text":
+        from .t2i import TextDiT
+
+        return TextDiT(cfg)
     return DiT(cfg)

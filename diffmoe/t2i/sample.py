@@ -1,0 +1,243 @@
+"""Sampling from a text-to-image checkpoint, and judging it (``diffmoe sample --prompt``,
+``diffmoe eval`` on a text-to-image run).
+
+The evaluation generates ``samples_per_prompt`` images for each of ``per_category`` prompts of
+each GenEval category (shapes.eval_prompts), judges them from their pixels (judge.py), and
+compares them with the shapes test split by FID with the project's Inception. Beside the scores
+it reports the judge's *chance level*: the same judge on ground-truth renders of other prompts of
+the same category, i.e. what an image that ignores the prompt's details scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..capacity import CapacityMeter, activated_params
+from ..checkpoint import open_checkpoint
+from ..config import ModelConfig, SampleConfig
+from ..data import to_model_range, to_uint8
+from ..diffusion import SamplerOptions
+from ..errors import ConfigError
+from ..images import save_grid
+from ..sample import (
+    capacity_warnings,
+    checked_objective,
+    generate,
+    model_from_checkpoint,
+    resolve_routing,
+)
+from .condition import TextCondition
+from .encoder import TextEncoder, check_prompts
+from .judge import judge
+from .shapes import CATEGORY_NAMES, eval_prompts, parse_caption, render
+
+log = logging.getLogger(__name__)
+
+CHANCE_SEED = 12345  # the shuffle of prompts for the chance level
+
+
+def checkpoint_condition(path: str | Path) -> str:
+    """``class`` or ``text``: what the checkpoint's model is conditioned on."""
+    ckpt = open_checkpoint(path)
+    model = ckpt.state.get("config", {}).get("model", {})
+    return model.get("condition", "class") if isinstance(model, dict) else "class"
+
+
+def check_condition_args(condition: str, prompts: Optional[list[str]], labels: Optional[str],
+                         command: str) -> None:
+    """Class labels for a text model, or prompts for a class model: one-line errors."""
+    if condition == "text" and labels is not None:
+        raise ConfigError("this checkpoint is text-to-image and has no class labels; drop "
+                          "--labels and describe the images with --prompt 'a red circle'"
+                          if command == "sample" else
+                          "this checkpoint is text-to-image and has no class labels; drop "
+                          "--labels (the evaluation uses the shapes prompts)")
+    if condition == "text" and command == "sample" and not prompts:
+        raise ConfigError("this checkpoint is text-to-image; say what to draw with --prompt, "
+                          "e.g. --prompt 'a red circle' --prompt 'two blue squares'")
+    if condition == "class" and prompts:
+        raise ConfigError("this checkpoint is class-conditional and takes no --prompt; choose "
+                          "classes with --labels, or sample a text-to-image run")
+
+
+def encode_prompts(cfg: ModelConfig, prompts: list[str], device: str | torch.device = "cpu"
+                   ) -> TextCondition:
+    check_prompts(prompts)
+    encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens)
+    cond = encoder.encode(prompts)
+    if cond.tokens.shape[-1] != cfg.text.dim:
+        raise ConfigError(f"text encoder '{cfg.text.encoder}' gives {cond.tokens.shape[-1]}-d "
+                          f"states but the checkpoint's model.text.dim is {cfg.text.dim}; use "
+                          f"the encoder it was trained with")
+    return cond.to(device)
+
+
+def _load(path: str | Path, overrides: dict, device: str):
+    ckpt = open_checkpoint(path)
+    config = ckpt.state.get("config", {})
+    try:
+        s = SampleConfig(**{**config.get("sample", {}), **overrides})
+    except TypeError as exc:
+        raise ConfigError(f"bad sample settings ({exc}); check the options") from None
+    model = model_from_checkpoint(ckpt, s.weights, device)
+    objective, s = checked_objective(ckpt.state, s)
+    return ckpt, s, model, objective
+
+
+def sample_prompts(path: str | Path, overrides: dict, out: str | Path, prompts: list[str],
+                   device: str = "cpu") -> dict:
+    """``diffmoe sample RUN --prompt P ...``: one grid row per prompt, ``sample.num`` images
+    split evenly over the prompts (at least one each), and a JSON summary beside the PNG."""
+    out = Path(out)
+    check_prompts(prompts)
+    ckpt, s, model, objective = _load(path, overrides, device)
+    per_prompt = max(1, s.num // len(prompts))
+    cond = encode_prompts(model.cfg, prompts, device)
+    index = torch.arange(len(prompts)).repeat_interleave(per_prompt)
+    routing = resolve_routing(model, s.mode, s.threshold)
+    images, meter = generate(model, objective, cond[index], sampler=s.sampler, steps=s.steps,
+                             cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
+                             seed=s.seed, options=SamplerOptions.from_settings(s))
+    save_grid(images, out, nrow=per_prompt, upscale=2)
+    cap = meter.summary()
+    for warning in capacity_warnings(model, routing, s.batch_size, cap["c_avg_infer"]):
+        log.warning("%s", warning)
+    summary = {
+        "checkpoint": str(ckpt.path), "step": ckpt.state["step"], "image": str(out),
+        "settings": dict(asdict(s), num=len(index), mode=routing.mode),
+        "prompts": prompts, "rows": "one row per prompt, in order",
+        "c_avg_infer": cap["c_avg_infer"], "capacity_per_layer": cap["per_layer"],
+        "activated_params": activated_params(model, cap["c_avg_infer"]),
+        "total_params": model.num_params(),
+    }
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+@dataclass
+class JudgeOptions:
+    per_category: int = 8  # prompts per GenEval category
+    samples_per_prompt: int = 4
+    prompt_seed: int = 0
+    fid: bool = True
+    feature_batch: int = 50
+    cache_dir: Optional[str] = None
+    device: str = "cpu"
+    progress: bool = True
+
+
+def chance_level(prompts: list[str], categories: list[str], seed: int = CHANCE_SEED) -> dict:
+    """The judge's scores for ground-truth renders of *other* prompts of the same category."""
+    rng = random.Random(seed)
+    shuffled = list(prompts)
+    for name in CATEGORY_NAMES:
+        idx = [i for i, c in enumerate(categories) if c == name]
+        other = [prompts[i] for i in idx]
+        rng.shuffle(other)
+        for i, p in zip(idx, other):
+            shuffled[i] = p
+    images = np.stack([render(parse_caption(p), seed + i) for i, p in enumerate(shuffled)])
+    return judge(prompts, images)
+
+
+def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOptions) -> dict:
+    """The judge's six GenEval-style scores and overall, the chance level, FID against the
+    shapes test split, and the capacity DiffMoE spent."""
+    ckpt, s, model, objective = _load(path, overrides, options.device)
+    data = ckpt.state["config"].get("data", {})
+    if data.get("name") != "shapes":
+        raise ConfigError(f"the judge knows the shapes domain only, but this checkpoint was "
+                          f"trained on data.name={data.get('name')}; evaluate a shapes run")
+    pairs = eval_prompts(options.per_category, options.prompt_seed)
+    categories = [c for c, _ in pairs for _ in range(options.samples_per_prompt)]
+    prompts = [p for _, p in pairs for _ in range(options.samples_per_prompt)]
+    cond = encode_prompts(model.cfg, prompts, options.device)
+    routing = resolve_routing(model, s.mode, s.threshold)
+    images, meter = generate(model, objective, cond, sampler=s.sampler, steps=s.steps,
+                             cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
+                             seed=s.seed, progress=options.progress, meter=CapacityMeter(),
+                             options=SamplerOptions.from_settings(s))
+    pixels = to_uint8(images)
+    result = judge(prompts, pixels.permute(0, 2, 3, 1).numpy())
+    chance = chance_level(prompts, categories)
+    fid = _fid(pixels, options) if options.fid else None
+    cap = meter.summary()
+    return {
+        "checkpoint": str(ckpt.path), "step": ckpt.state["step"],
+        "scores": result["scores"], "overall": result["overall"], "counts": result["counts"],
+        "colour_match": result["colour_match"],
+        "chance": {"scores": chance["scores"], "overall": chance["overall"],
+                   "colour_match": chance["colour_match"]},
+        "fid": fid,
+        "c_avg_infer": cap["c_avg_infer"],
+        "activated_params": activated_params(model, cap["c_avg_infer"]),
+        "total_params": model.num_params(),
+        "settings": dict(asdict(s), num=len(prompts), mode=routing.mode,
+                         **{f"judge_{k}": v for k, v in asdict(options).items()}),
+        "samples": [{"prompt": p, "category": c, "correct": v}
+                    for p, c, v in zip(prompts, categories, result["verdicts"])],
+        "_images": pixels,
+    }
+
+
+def _fid(pixels: torch.Tensor, options: JudgeOptions) -> dict:
+    from ..evaluation.inception import inception_id
+    from ..evaluation.metrics import compare
+    from ..evaluation.reference import _cached_or_computed, cache_dir, features_of_images
+    from .data import load_shapes
+
+    num = pixels.shape[0]
+    path = cache_dir(options.cache_dir) / "fid" / f"shapes-test-n{num}-{inception_id()}.npz"
+    reference = _cached_or_computed(path, f"shapes:test:{num}",
+                                    lambda: load_shapes("test", num).images,
+                                    options.feature_batch, options.progress)
+    generated = features_of_images(pixels, options.feature_batch, options.progress,
+                                   "generated")
+    metrics = compare(reference.stats, generated)
+    for warning in metrics["warnings"]:
+        log.warning("%s", warning)
+    return {"fid": metrics["fid"], "kid": metrics["kid"], "reference": reference.source,
+            "num": num}
+
+
+def save_judged_grid(result: dict, path: str | Path) -> Path:
+    """The evaluation's images, two prompts per row, in the order of ``result['samples']``."""
+    per_prompt = result["settings"]["judge_samples_per_prompt"]
+    return save_grid(to_model_range(result["_images"]), path, nrow=per_prompt * 2, upscale=2)
+
+
+def public(result: dict) -> dict:
+    """The result without its in-memory images (for JSON)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def judge_table(results: dict[str, dict]) -> str:
+    """A Markdown table of judged results by name, with the chance level as the last row."""
+    head = ("| model | " + " | ".join(CATEGORY_NAMES)
+            + " | overall | colour match (colors, color_attr) | FID |")
+    rows = [head, "|" + "---|" * (len(CATEGORY_NAMES) + 4)]
+
+    def match(r: dict) -> str:
+        m = r.get("colour_match") or {}
+        return ", ".join(f"{m[c]:.2f}" if c in m else "-" for c in ("colors", "color_attr"))
+
+    for name, r in results.items():
+        fid = f"{r['fid']['fid']:.1f}" if r.get("fid") else "-"
+        rows.append(f"| {name} | " + " | ".join(f"{r['scores'].get(c, float('nan')):.2f}"
+                                                  for c in CATEGORY_NAMES)
+                    + f" | {r['overall']:.2f} | {match(r)} | {fid} |")
+    chance = next(iter(results.values()))["chance"]
+    rows.append("| chance (renders of other prompts) | "
+                + " | ".join(f"{chance['scores'].get(c, float('nan')):.2f}"
+                             for c in CATEGORY_NAMES)
+                + f" | {chance['overall']:.2f} | {match(chance)} | - |")
+    return "\n".join(rows)
+
