@@ -51,7 +51,11 @@ def setup(device_type: str, timeout_s: float = 600.0) -> DistInfo:
 
 
 def teardown() -> None:
+    """Destroy the process group once every rank has reached this point (a rank destroying the
+    gloo group while another still has work queued on it can leave that rank stuck)."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

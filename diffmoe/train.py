@@ -484,21 +484,27 @@ class Trainer:
         thresholds = ([m.thresholds_E.clone() for m in self.diffmoe_layers]
                       if t.nonfinite_loss == "skip" else [])
         # Each micro-batch is its own DiffMoE token pool (and threshold update); gradients of
-        # loss / grad_accum accumulate, and are reduced across ranks on the last one only.
+        # loss / grad_accum accumulate, and are reduced across ranks on the last one only. The
+        # ranks agree that a micro-batch's loss is finite (one collective) before its backward,
+        # so a non-finite loss on any rank skips the step everywhere without a backward or a
+        # gradient all-reduce.
         self.optimizer.zero_grad(set_to_none=True)
         metrics = []
+        good = True
         micro = list(zip(x.chunk(t.grad_accum), y.chunk(t.grad_accum)))
         for i, (x_m, y_m) in enumerate(micro):
             with scale.gradient_sync(self.ddp, self.model if self.fsdp else None,
                                      i == len(micro) - 1):
                 with self._autocast():
                     out = self.objective.loss(self.net, x_m, y_m)
+                stats = self._capacity_stats(out.model_output)
+                metrics.append(torch.stack([out.loss.detach(), out.diffusion_loss, out.aux_loss,
+                                            out.predictor_loss, stats[0], stats[1]]).double())
+                if distributed.any_rank(~torch.isfinite(out.loss.detach())):
+                    good = False
+                    break
                 (out.loss / len(micro)).backward()
-            stats = self._capacity_stats(out.model_output)
-            metrics.append(torch.stack([out.loss.detach(), out.diffusion_loss, out.aux_loss,
-                                        out.predictor_loss, stats[0], stats[1]]).double())
         step_metrics = torch.stack(metrics).mean(0)
-        good = not distributed.any_rank(~torch.isfinite(step_metrics[0]))
         if good:
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
