@@ -50,11 +50,12 @@ def setup(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(rank, world, local)
 
 
-def teardown() -> None:
-    """Destroy the process group once every rank has reached this point (a rank destroying the
-    gloo group while another still has work queued on it can leave that rank stuck)."""
+def teardown(wait_for_others: bool = True) -> None:
+    """Destroy the process group, after a barrier when ``wait_for_others`` (a normal end: a rank
+    destroying the gloo group while another still has work queued on it can leave that rank
+    stuck). After a failure, e.g. a dead rank, there is no barrier to wait on."""
     if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
+        if wait_for_others and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
 

@@ -587,12 +587,14 @@ class Trainer:
 
 
 def train(cfg: Config, resume: bool = False) -> TrainResult:
-    trainer = None
+    trainer, finished = None, False
     try:
         trainer = Trainer(cfg, resume)
-        return trainer.train()
+        result = trainer.train()
+        finished = True
+        return result
     finally:
         if trainer is not None:
             trainer.close()
-        distributed.teardown()
+        distributed.teardown(wait_for_others=finished)
 
