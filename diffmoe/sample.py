@@ -146,6 +146,22 @@ def checked_objective(state: dict, s: SampleConfig) -> tuple[Objective, SampleCo
     return objective, replace(s, sampler=resolve_sampler(objective.objective, s.sampler))
 
 
+def load_for_sampling(path: str | Path, overrides: dict, device: str | torch.device = "cpu"
+                      ) -> tuple[LoadedCheckpoint, SampleConfig, DiT, Objective]:
+    """A checkpoint (or a run's newest) ready to sample: its ``sample`` settings updated with
+    ``overrides`` and checked against its objective, the model with the chosen weights, and the
+    objective."""
+    ckpt = open_checkpoint(path)
+    base = ckpt.state.get("config", {}).get("sample", {})
+    try:
+        s = SampleConfig(**{**base, **overrides})
+    except TypeError as exc:
+        raise ConfigError(f"bad sample settings ({exc}); check the options") from None
+    model = model_from_checkpoint(ckpt, s.weights, device)
+    objective, s = checked_objective(ckpt.state, s)
+    return ckpt, s, model, objective
+
+
 def parse_labels(spec: Optional[str], num: int, num_classes: int, seed: int) -> Tensor:
     """``None``/"balanced": 0, 1, 2, ... cycling over classes; "random": uniform with ``seed``;
     otherwise a comma-separated list cycled to ``num``."""
@@ -169,15 +185,8 @@ def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
     """The ``diffmoe sample`` command: a PNG grid at ``out`` and a JSON summary beside it.
     Settings are the checkpoint's ``sample`` config updated with ``overrides``."""
     out = Path(out)
-    ckpt = open_checkpoint(path)
-    base = ckpt.state.get("config", {}).get("sample", {})
-    try:
-        s = SampleConfig(**{**base, **overrides})
-    except TypeError as exc:
-        raise ConfigError(f"bad sample settings ({exc}); check the options") from None
-    model, state, ckpt_path = model_from_checkpoint(ckpt, s.weights, device), ckpt.state, ckpt.path
-    cfg = model.cfg
-    objective, s = checked_objective(state, s)
+    ckpt, s, model, objective = load_for_sampling(path, overrides, device)
+    state, ckpt_path, cfg = ckpt.state, ckpt.path, model.cfg
     routing = resolve_routing(model, s.mode, s.threshold)
     y = parse_labels(labels, s.num, cfg.num_classes, s.seed)
     images, meter = generate(model, objective, y, sampler=s.sampler, steps=s.steps,

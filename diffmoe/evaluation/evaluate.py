@@ -20,16 +20,14 @@ from typing import Callable, Optional
 import torch
 
 from ..capacity import CapacityMeter, activated_params
-from ..checkpoint import open_checkpoint
 from ..config import SampleConfig
 from ..data import decoded_size, sample_decoder, to_uint8
 from ..diffusion import Objective, SamplerOptions
 from ..errors import ConfigError
 from ..models import DiT
 from ..sample import (
-    checked_objective,
     generate_batches,
-    model_from_checkpoint,
+    load_for_sampling,
     parse_labels,
     resolve_routing,
 )
@@ -79,15 +77,9 @@ class Evaluator:
     def load(cls, path: str | Path, overrides: dict, options: EvalOptions) -> "Evaluator":
         if options.num < 2:
             raise ConfigError(f"--num {options.num}: FID needs at least 2 samples")
-        ckpt = open_checkpoint(path)
-        config = ckpt.state.get("config", {})
-        try:
-            s = SampleConfig(**{**config.get("sample", {}), **overrides})
-        except TypeError as exc:
-            raise ConfigError(f"bad sample settings ({exc}); check the options") from None
+        ckpt, s, model, objective = load_for_sampling(path, overrides, options.device)
         s = dataclasses.replace(s, num=options.num)
-        model = model_from_checkpoint(ckpt, s.weights, options.device)
-        objective, s = checked_objective(ckpt.state, s)
+        config = ckpt.state.get("config", {})
         data = config.get("data", {})
         data_spec = f"{data.get('name', 'mnist')}:{data.get('split', 'train')}"
         if data.get("name") == "latents" and not options.reference:

@@ -22,16 +22,15 @@ import torch
 
 from ..capacity import CapacityMeter, activated_params
 from ..checkpoint import open_checkpoint
-from ..config import ModelConfig, SampleConfig
+from ..config import ModelConfig
 from ..data import to_model_range, to_uint8
 from ..diffusion import SamplerOptions
 from ..errors import ConfigError
 from ..images import save_grid
 from ..sample import (
     capacity_warnings,
-    checked_objective,
     generate,
-    model_from_checkpoint,
+    load_for_sampling,
     resolve_routing,
 )
 from .condition import TextCondition
@@ -80,25 +79,13 @@ def encode_prompts(cfg: ModelConfig, prompts: list[str], device: str | torch.dev
     return cond.to(device)
 
 
-def _load(path: str | Path, overrides: dict, device: str):
-    ckpt = open_checkpoint(path)
-    config = ckpt.state.get("config", {})
-    try:
-        s = SampleConfig(**{**config.get("sample", {}), **overrides})
-    except TypeError as exc:
-        raise ConfigError(f"bad sample settings ({exc}); check the options") from None
-    model = model_from_checkpoint(ckpt, s.weights, device)
-    objective, s = checked_objective(ckpt.state, s)
-    return ckpt, s, model, objective
-
-
 def sample_prompts(path: str | Path, overrides: dict, out: str | Path, prompts: list[str],
                    device: str = "cpu") -> dict:
     """``diffmoe sample RUN --prompt P ...``: one grid row per prompt, ``sample.num`` images
     split evenly over the prompts (at least one each), and a JSON summary beside the PNG."""
     out = Path(out)
     check_prompts(prompts)
-    ckpt, s, model, objective = _load(path, overrides, device)
+    ckpt, s, model, objective = load_for_sampling(path, overrides, device)
     per_prompt = max(1, s.num // len(prompts))
     cond = encode_prompts(model.cfg, prompts, device)
     index = torch.arange(len(prompts)).repeat_interleave(per_prompt)
@@ -151,7 +138,7 @@ def chance_level(prompts: list[str], categories: list[str], seed: int = CHANCE_S
 def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOptions) -> dict:
     """The judge's six GenEval-style scores and overall, the chance level, FID against the
     shapes test split, and the capacity DiffMoE spent."""
-    ckpt, s, model, objective = _load(path, overrides, options.device)
+    ckpt, s, model, objective = load_for_sampling(path, overrides, options.device)
     data = ckpt.state["config"].get("data", {})
     if data.get("name") != "shapes":
         raise ConfigError(f"the judge knows the shapes domain only, but this checkpoint was "
