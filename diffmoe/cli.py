@@ -139,9 +139,12 @@ def cmd_eval_text(args: argparse.Namespace) -> int:
     result = evaluate_text_checkpoint(args.checkpoint, sample_overrides(args), options)
     write_json(public(result), out)
     grid = save_judged_grid(result, out.with_suffix(".png"))
-    table = judge_table({f"step {result['step']}": result})
-    log.info("judge (%s, samples %s):\n%s", out, grid, table)
+    name = {f"step {result['step']}": result}
+    log.info("judge, GenEval's rules (%s, samples %s):\n%s\nthe strict rule (exactly the "
+             "objects named, nothing else):\n%s", out, grid, judge_table(name),
+             judge_table(name, strict=True))
     sys.stdout.write(json.dumps({"scores": result["scores"], "overall": result["overall"],
+                                 "strict_overall": result["strict_overall"],
                                  "fid": result["fid"], "out": str(out)}) + "\n")
     return 0
 

@@ -35,6 +35,7 @@ from diffmoe.t2i.shapes import (
     parse_caption,
     random_scenes,
     render,
+    shape_mask,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +53,9 @@ def test_judge_passes_ground_truth_renders():
     result = judge([s.caption() for s in scenes], _renders(scenes))
     assert set(result["scores"]) == set(CATEGORY_NAMES)
     assert all(result["counts"][c] == 40 for c in CATEGORY_NAMES)
-    assert min(result["scores"].values()) >= 0.99, result["scores"]
-    assert result["overall"] >= 0.99
+    for rule in ("", "strict_"):
+        assert min(result[rule + "scores"].values()) >= 0.99, result[rule + "scores"]
+        assert result[rule + "overall"] >= 0.99
     json.dumps(result)  # plain Python values, ready for the eval JSON
     assert result["colour_match"] == {"colors": 1.0, "color_attr": 1.0}
 
@@ -90,18 +92,50 @@ def test_judge_fails_wrong_renders():
     wrong = [_wrong(s, rng) for s in scenes]
     result = judge([s.caption() for s in scenes], _renders(wrong))
     assert max(result["scores"].values()) <= 0.02, result["scores"]
+    assert max(result["strict_scores"].values()) <= 0.02, result["strict_scores"]
+
+
+def _verdicts(prompt: str, drawn: str, seed: int = 0) -> tuple[bool, bool]:
+    """(GenEval rule, strict rule) for a render of ``drawn`` judged against ``prompt``."""
+    result = judge([prompt], render(parse_caption(drawn), seed)[None])
+    return result["verdicts"][0], result["strict_verdicts"][0]
+
+
+def test_geneval_rule_ignores_unnamed_objects_and_the_strict_rule_does_not():
+    assert _verdicts("a circle", "a circle and a square") == (True, False)
+    assert _verdicts("a red circle", "a red circle above a blue triangle") == (True, False)
+    assert _verdicts("a triangle and a square", "a triangle and two squares") == (True, False)
+    # Counting is exact under both (GenEval's "exclude" clause), whatever else is drawn.
+    assert _verdicts("three circles", "four circles") == (False, False)
+    assert _verdicts("two squares", "two squares and a circle") == (True, False)
+    assert _verdicts("two squares", "three squares") == (False, False)
+    assert _verdicts("a circle", "a square") == (False, False)
+
+
+def test_geneval_rule_checks_the_colour_of_the_largest_objects():
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    image[2:15, 2:15][shape_mask("circle", 13)] = COLOURS["blue"]  # the larger circle
+    image[20:30, 20:30][shape_mask("circle", 10)] = COLOURS["red"]
+    result = judge(["a blue circle", "a red circle", "two circles"], np.stack([image] * 3))
+    # The largest circle decides, as the most confident detection does in GenEval.
+    assert result["verdicts"] == [True, False, True]
+    assert result["strict_verdicts"] == [False, False, True]
 
 
 def test_judge_fails_corrupted_pixels():
     scenes = random_scenes(60, seed=5)
     images = _renders(scenes)
     prompts = [s.caption() for s in scenes]
-    assert judge(prompts, np.zeros_like(images))["overall"] == 0.0  # blank
+    blank = judge(prompts, np.zeros_like(images))
+    assert blank["overall"] == 0.0 and blank["strict_overall"] == 0.0
     noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
-    assert judge(prompts, noise)["overall"] <= 0.05
+    noisy = judge(prompts, noise)
+    assert noisy["overall"] <= 0.05 and noisy["strict_overall"] <= 0.05
     # Colour channels rotated: every colour changes, so colour prompts fail.
     rotated = judge(prompts, images[..., [1, 2, 0]])
-    assert rotated["scores"]["colors"] == 0.0 and rotated["scores"]["color_attr"] == 0.0
+    for rule in ("", "strict_"):
+        assert rotated[rule + "scores"]["colors"] == 0.0
+        assert rotated[rule + "scores"]["color_attr"] == 0.0
     assert rotated["colour_match"]["colors"] <= 0.1
 
 

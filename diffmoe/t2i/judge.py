@@ -12,10 +12,22 @@ shapes domain detection can be exact instead:
    pixels are noise and dropped.
 3. **Shape** from how much of its bounding box a component fills: a square fills all of it, a
    disc π/4 of it, a triangle about half (``SQUARE_MIN_FILL``, ``CIRCLE_MIN_FILL``).
-4. The image is correct when these objects are exactly what the prompt describes
-   (:func:`shapes.scene_holds`: counts, shapes, colours, and the relative position of centroids).
+4. The verdict, by one of two rules:
 
-Beside the strict verdict, :func:`colour_match` is a lenient diagnostic for prompts that name
+   * ``geneval`` (the headline scores): GenEval's own rules (:func:`geneval_holds`). Each group
+     of the prompt needs at least its count of objects of its shape; the largest of them (area
+     standing in for the detector's confidence) must have the colour it names; a counting
+     prompt also fails when there are more objects of the shape than it names (GenEval's
+     "exclude" clause); for a relation, every object of the first group must be on the named
+     side of every object of the second, by centre. Objects the prompt does not mention are
+     ignored, as GenEval ignores other detections.
+   * ``strict``: the objects are exactly what the prompt describes and nothing else
+     (:func:`shapes.scene_holds`, the rule the renderer's scenes satisfy).
+
+   Both rules use the same relation test (by centre, the renderer's rule), not GenEval's
+   "mostly horizontal / vertical" angle test, so that every ground-truth render passes.
+
+Beside the verdicts, :func:`colour_match` is a lenient diagnostic for prompts that name
 colours: are the named colours the image's largest colour areas, whatever the shapes?
 """
 
@@ -34,6 +46,7 @@ from .shapes import (
     Scene,
     category_of,
     parse_caption,
+    relation_holds,
     scene_holds,
 )
 
@@ -112,10 +125,46 @@ def detect(image: np.ndarray) -> list[Detection]:
     return found
 
 
-def judge_image(scene: Scene, image: np.ndarray) -> bool:
-    """Whether the image shows exactly the scene."""
-    objects = [PlacedObject(d.colour, d.shape, float(d.cx), float(d.cy)) for d in detect(image)]
-    return bool(scene_holds(scene, objects))
+RULES = ("geneval", "strict")
+
+
+def geneval_holds(scene: Scene, found: list[Detection]) -> bool:
+    """GenEval's verdict on detected objects (see the module docstring). Groups are matched in
+    the prompt's order, each taking the largest objects of its shape not taken by an earlier
+    group (GenEval's groups always name different classes; disjoint objects keep "a red circle
+    and a blue circle" possible)."""
+    taken: set[int] = set()
+    matched: list[list[Detection]] = []
+    for g in scene.groups:
+        candidates = sorted((i for i, d in enumerate(found) if d.shape == g.shape
+                             and i not in taken), key=lambda i: -found[i].area)
+        if len(candidates) < g.count:
+            return False
+        chosen = candidates[:g.count]
+        if g.colour is not None and any(found[i].colour != g.colour for i in chosen):
+            return False
+        taken.update(chosen)
+        matched.append([found[i] for i in chosen])
+    if len(scene.groups) == 1 and scene.groups[0].count > 1:  # counting: GenEval's "exclude"
+        g = scene.groups[0]
+        if sum(d.shape == g.shape for d in found) > g.count:
+            return False
+    if scene.joiner in (None, "and"):
+        return True
+    a, b = ([PlacedObject(d.colour, d.shape, float(d.cx), float(d.cy)) for d in group]
+            for group in matched)
+    return relation_holds(scene.joiner, a, b)
+
+
+def judge_image(scene: Scene, image: np.ndarray, rule: str = "geneval") -> bool:
+    """Whether the image shows the scene, by ``rule`` ("geneval" or "strict")."""
+    found = detect(image)
+    if rule == "geneval":
+        return geneval_holds(scene, found)
+    if rule == "strict":
+        return bool(scene_holds(scene, [PlacedObject(d.colour, d.shape, float(d.cx),
+                                                     float(d.cy)) for d in found]))
+    raise ValueError(f"unknown judge rule {rule!r}; use one of {list(RULES)}")
 
 
 def colour_match(scene: Scene, image: np.ndarray) -> bool | None:
@@ -132,24 +181,35 @@ def colour_match(scene: Scene, image: np.ndarray) -> bool | None:
 
 
 def judge(prompts: list[str], images: np.ndarray) -> dict:
-    """Judge one image per prompt ((N, H, W, 3) uint8). Returns the fraction correct per GenEval
-    category (categories without prompts are left out), ``overall`` (their mean), the number of
-    images per category, and the verdict per image."""
+    """Judge one image per prompt ((N, H, W, 3) uint8). Returns, by GenEval's rules, the
+    fraction correct per category (categories without prompts are left out), ``overall``
+    (their mean) and the verdict per image; the same by the strict rule (``strict_scores``,
+    ``strict_overall``, ``strict_verdicts``); the number of images per category; and the
+    colour-match diagnostic."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-    verdicts, by_category = [], {name: [] for name in CATEGORY_NAMES}
+    verdicts: dict[str, list[bool]] = {rule: [] for rule in RULES}
+    by_category = {rule: {name: [] for name in CATEGORY_NAMES} for rule in RULES}
     colour_hits: dict[str, list[bool]] = {name: [] for name in CATEGORY_NAMES}
     for prompt, image in zip(prompts, images):
         scene = parse_caption(prompt)
-        ok = judge_image(scene, image)
-        verdicts.append(ok)
-        by_category[category_of(scene)].append(ok)
+        category = category_of(scene)
+        found = detect(image)
+        placed = [PlacedObject(d.colour, d.shape, float(d.cx), float(d.cy)) for d in found]
+        for rule, ok in (("geneval", geneval_holds(scene, found)),
+                         ("strict", bool(scene_holds(scene, placed)))):
+            verdicts[rule].append(ok)
+            by_category[rule][category].append(ok)
         hit = colour_match(scene, image)
         if hit is not None:
-            colour_hits[category_of(scene)].append(bool(hit))
-    scores = {name: float(np.mean(v)) for name, v in by_category.items() if v}
-    return {"scores": scores,
-            "overall": float(np.mean(list(scores.values()))) if scores else float("nan"),
-            "counts": {name: len(v) for name, v in by_category.items() if v},
-            "colour_match": {name: float(np.mean(v)) for name, v in colour_hits.items() if v},
-            "verdicts": verdicts}
+            colour_hits[category].append(bool(hit))
+    out: dict = {}
+    for rule, prefix in (("geneval", ""), ("strict", "strict_")):
+        scores = {name: float(np.mean(v)) for name, v in by_category[rule].items() if v}
+        out[f"{prefix}scores"] = scores
+        out[f"{prefix}overall"] = (float(np.mean(list(scores.values()))) if scores
+                                   else float("nan"))
+        out[f"{prefix}verdicts"] = verdicts[rule]
+    out["counts"] = {name: len(v) for name, v in by_category["geneval"].items() if v}
+    out["colour_match"] = {name: float(np.mean(v)) for name, v in colour_hits.items() if v}
+    return out

@@ -159,18 +159,21 @@ def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOp
     cap = meter.summary()
     return {
         "checkpoint": str(ckpt.path), "step": ckpt.state["step"],
+        "rule": "geneval",
         "scores": result["scores"], "overall": result["overall"], "counts": result["counts"],
+        "strict_scores": result["strict_scores"], "strict_overall": result["strict_overall"],
         "colour_match": result["colour_match"],
-        "chance": {"scores": chance["scores"], "overall": chance["overall"],
-                   "colour_match": chance["colour_match"]},
+        "chance": {k: chance[k] for k in ("scores", "overall", "strict_scores",
+                                          "strict_overall", "colour_match")},
         "fid": fid,
         "c_avg_infer": cap["c_avg_infer"],
         "activated_params": activated_params(model, cap["c_avg_infer"]),
         "total_params": model.num_params(),
         "settings": dict(asdict(s), num=len(prompts), mode=routing.mode,
                          **{f"judge_{k}": v for k, v in asdict(options).items()}),
-        "samples": [{"prompt": p, "category": c, "correct": v}
-                    for p, c, v in zip(prompts, categories, result["verdicts"])],
+        "samples": [{"prompt": p, "category": c, "correct": v, "correct_strict": w}
+                    for p, c, v, w in zip(prompts, categories, result["verdicts"],
+                                          result["strict_verdicts"])],
         "_images": pixels,
     }
 
@@ -206,8 +209,10 @@ def public(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
-def judge_table(results: dict[str, dict]) -> str:
-    """A Markdown table of judged results by name, with the chance level as the last row."""
+def judge_table(results: dict[str, dict], strict: bool = False) -> str:
+    """A Markdown table of judged results by name, with the chance level as the last row:
+    GenEval's rules, or the strict rule with ``strict``."""
+    key = "strict_" if strict else ""
     head = ("| model | " + " | ".join(CATEGORY_NAMES)
             + " | overall | colour match (colors, color_attr) | FID |")
     rows = [head, "|" + "---|" * (len(CATEGORY_NAMES) + 4)]
@@ -216,15 +221,13 @@ def judge_table(results: dict[str, dict]) -> str:
         m = r.get("colour_match") or {}
         return ", ".join(f"{m[c]:.2f}" if c in m else "-" for c in ("colors", "color_attr"))
 
+    def cells(r: dict) -> str:
+        return " | ".join(f"{r[key + 'scores'].get(c, float('nan')):.2f}"
+                          for c in CATEGORY_NAMES) + f" | {r[key + 'overall']:.2f}"
+
     for name, r in results.items():
         fid = f"{r['fid']['fid']:.1f}" if r.get("fid") else "-"
-        rows.append(f"| {name} | " + " | ".join(f"{r['scores'].get(c, float('nan')):.2f}"
-                                                  for c in CATEGORY_NAMES)
-                    + f" | {r['overall']:.2f} | {match(r)} | {fid} |")
+        rows.append(f"| {name} | {cells(r)} | {match(r)} | {fid} |")
     chance = next(iter(results.values()))["chance"]
-    rows.append("| chance (renders of other prompts) | "
-                + " | ".join(f"{chance['scores'].get(c, float('nan')):.2f}"
-                             for c in CATEGORY_NAMES)
-                + f" | {chance['overall']:.2f} | {match(chance)} | - |")
+    rows.append(f"| chance (renders of other prompts) | {cells(chance)} | {match(chance)} | - |")
     return "\n".join(rows)
-

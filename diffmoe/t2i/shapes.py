@@ -44,7 +44,7 @@ WORD_COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
 MAX_COUNT = 4
 RELATIONS = ("left of", "right of", "above", "below")
 JOINERS = ("and",) + RELATIONS
-MIN_SIZE, MAX_SIZE = 8, 10  # object side (bounding box) in pixels
+MIN_SIZE, MAX_SIZE = 10, 13  # object side (bounding box) in pixels
 GAP = 2  # minimum empty pixels between two objects' bounding boxes
 PLACEMENT_TRIES = 200
 
@@ -144,14 +144,21 @@ def scene_holds(scene: Scene, objects: list[PlacedObject]) -> bool:
     assigned = [by_group[i] for i in range(len(scene.groups))]
     if scene.joiner in (None, "and"):
         return True
-    a, b = assigned
-    if scene.joiner == "left of":
+    return relation_holds(scene.joiner, *assigned)
+
+
+def relation_holds(relation: str, a: list[PlacedObject], b: list[PlacedObject]) -> bool:
+    """Whether every object of ``a`` is ``relation`` ("left of", ...) every object of ``b``, by
+    centre."""
+    if relation == "left of":
         return max(o.cx for o in a) < min(o.cx for o in b)
-    if scene.joiner == "right of":
+    if relation == "right of":
         return min(o.cx for o in a) > max(o.cx for o in b)
-    if scene.joiner == "above":
+    if relation == "above":
         return max(o.cy for o in a) < min(o.cy for o in b)
-    return min(o.cy for o in a) > max(o.cy for o in b)  # below
+    if relation == "below":
+        return min(o.cy for o in a) > max(o.cy for o in b)
+    raise DataError(f"unknown relation {relation!r}; use one of {list(RELATIONS)}")
 
 
 # -- rendering ---------------------------------------------------------------------------------
