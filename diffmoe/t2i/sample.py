@@ -10,6 +10,7 @@ the same category, i.e. what an image that ignores the prompt's details scores.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -185,9 +186,13 @@ def _fid(pixels: torch.Tensor, options: JudgeOptions) -> dict:
     from .data import load_shapes
 
     num = pixels.shape[0]
-    path = cache_dir(options.cache_dir) / "fid" / f"shapes-test-n{num}-{inception_id()}.npz"
-    reference = _cached_or_computed(path, f"shapes:test:{num}",
-                                    lambda: load_shapes("test", num).images,
+    # The renders are cheap; naming the cache by their content keeps it from outliving a change
+    # to the renderer (object sizes, colours), which the split's name alone would not show.
+    images = load_shapes("test", num).images
+    digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+    path = (cache_dir(options.cache_dir) / "fid"
+            / f"shapes-test-n{num}-{digest}-{inception_id()}.npz")
+    reference = _cached_or_computed(path, f"shapes:test:{num}", lambda: images,
                                     options.feature_batch, options.progress)
     generated = features_of_images(pixels, options.feature_batch, options.progress,
                                    "generated")
