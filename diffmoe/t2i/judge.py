@@ -156,15 +156,17 @@ def geneval_holds(scene: Scene, found: list[Detection]) -> bool:
     return relation_holds(scene.joiner, a, b)
 
 
+def verdicts(scene: Scene, found: list[Detection]) -> dict[str, bool]:
+    """The verdict of each rule in :data:`RULES` on detected objects."""
+    placed = [PlacedObject(d.colour, d.shape, float(d.cx), float(d.cy)) for d in found]
+    return {"geneval": geneval_holds(scene, found), "strict": bool(scene_holds(scene, placed))}
+
+
 def judge_image(scene: Scene, image: np.ndarray, rule: str = "geneval") -> bool:
     """Whether the image shows the scene, by ``rule`` ("geneval" or "strict")."""
-    found = detect(image)
-    if rule == "geneval":
-        return geneval_holds(scene, found)
-    if rule == "strict":
-        return bool(scene_holds(scene, [PlacedObject(d.colour, d.shape, float(d.cx),
-                                                     float(d.cy)) for d in found]))
-    raise ValueError(f"unknown judge rule {rule!r}; use one of {list(RULES)}")
+    if rule not in RULES:
+        raise ValueError(f"unknown judge rule {rule!r}; use one of {list(RULES)}")
+    return verdicts(scene, detect(image))[rule]
 
 
 def colour_match(scene: Scene, image: np.ndarray) -> bool | None:
@@ -188,17 +190,14 @@ def judge(prompts: list[str], images: np.ndarray) -> dict:
     colour-match diagnostic."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-    verdicts: dict[str, list[bool]] = {rule: [] for rule in RULES}
+    verdict_lists: dict[str, list[bool]] = {rule: [] for rule in RULES}
     by_category = {rule: {name: [] for name in CATEGORY_NAMES} for rule in RULES}
     colour_hits: dict[str, list[bool]] = {name: [] for name in CATEGORY_NAMES}
     for prompt, image in zip(prompts, images):
         scene = parse_caption(prompt)
         category = category_of(scene)
-        found = detect(image)
-        placed = [PlacedObject(d.colour, d.shape, float(d.cx), float(d.cy)) for d in found]
-        for rule, ok in (("geneval", geneval_holds(scene, found)),
-                         ("strict", bool(scene_holds(scene, placed)))):
-            verdicts[rule].append(ok)
+        for rule, ok in verdicts(scene, detect(image)).items():
+            verdict_lists[rule].append(ok)
             by_category[rule][category].append(ok)
         hit = colour_match(scene, image)
         if hit is not None:
@@ -209,7 +208,7 @@ def judge(prompts: list[str], images: np.ndarray) -> dict:
         out[f"{prefix}scores"] = scores
         out[f"{prefix}overall"] = (float(np.mean(list(scores.values()))) if scores
                                    else float("nan"))
-        out[f"{prefix}verdicts"] = verdicts[rule]
+        out[f"{prefix}verdicts"] = verdict_lists[rule]
     out["counts"] = {name: len(v) for name, v in by_category["geneval"].items() if v}
     out["colour_match"] = {name: float(np.mean(v)) for name, v in colour_hits.items() if v}
     return out
