@@ -57,25 +57,32 @@ YAML_MODEL_KEYS = ("depth", "hidden_size", "num_heads", "patch_size", "input_siz
 YAML_MOE_KEYS = {"num_experts": "num_experts", "capacity": "capacity",
                  "n_shared_experts": "shared_experts", "interleave": "interleave"}
 IGNORED = re.compile(r"^pos_embed$")
-# (their pattern, our replacement) for every tensor that maps one to one.
-RENAMES = [
-    (r"^x_embedder\.proj\.", "x_embedder."),
-    (r"^y_embedder\.embedding_table\.", "y_embedder.table."),
-    (r"^(blocks\.\d+\.mlp)\.gate_weight$", r"\1.router.weight_ED"),
-    (r"^(blocks\.\d+\.mlp)\.capacity_predictor\.0\.", r"\1.predictor.fc1."),
-    (r"^(blocks\.\d+\.mlp)\.capacity_predictor\.2\.", r"\1.predictor.fc2."),
-    (r"^(blocks\.\d+\.mlp)\.expert_threshold$", r"\1.thresholds_E"),
-    (r"^(blocks\.\d+\.mlp)\.shared_experts\.", r"\1.shared."),
+# (in a block's MLP?, their name, our name) for every tensor that maps one to one: a name ending
+# in "." is a module prefix, any other a whole tensor name.
+NAME_PAIRS = [
+    (False, "x_embedder.proj.", "x_embedder."),
+    (False, "y_embedder.embedding_table.", "y_embedder.table."),
+    (True, "gate_weight", "router.weight_ED"),
+    (True, "capacity_predictor.0.", "predictor.fc1."),
+    (True, "capacity_predictor.2.", "predictor.fc2."),
+    (True, "expert_threshold", "thresholds_E"),
+    (True, "shared_experts.", "shared."),
 ]
-OURS_TO_THEIRS = [
-    (r"^x_embedder\.", "x_embedder.proj."),
-    (r"^y_embedder\.table\.", "y_embedder.embedding_table."),
-    (r"^(blocks\.\d+\.mlp)\.router\.weight_ED$", r"\1.gate_weight"),
-    (r"^(blocks\.\d+\.mlp)\.predictor\.fc1\.", r"\1.capacity_predictor.0."),
-    (r"^(blocks\.\d+\.mlp)\.predictor\.fc2\.", r"\1.capacity_predictor.2."),
-    (r"^(blocks\.\d+\.mlp)\.thresholds_E$", r"\1.expert_threshold"),
-    (r"^(blocks\.\d+\.mlp)\.shared\.", r"\1.shared_experts."),
-]
+
+
+def _rename_rules(to_ours: bool) -> list[tuple[str, str]]:
+    """(pattern, replacement) for :data:`NAME_PAIRS`, their names to ours or back."""
+    rules = []
+    for in_mlp, theirs, ours in NAME_PAIRS:
+        src, dst = (theirs, ours) if to_ours else (ours, theirs)
+        pattern = re.escape(src) + ("" if src.endswith(".") else "$")
+        rules.append((r"^(blocks\.\d+\.mlp)\." + pattern, r"\1." + dst) if in_mlp
+                     else ("^" + pattern, dst))
+    return rules
+
+
+RENAMES = _rename_rules(to_ours=True)
+OURS_TO_THEIRS = _rename_rules(to_ours=False)
 EXPERT_RE = re.compile(r"^(blocks\.\d+\.mlp)\.experts\.(\d+)\.(fc1|fc2)\.(weight|bias)$")
 # Our stacked expert tensors: (their layer, their tensor) → (our name, transpose?)
 STACKED = {("fc1", "weight"): ("w1_EDF", True), ("fc1", "bias"): ("b1_EF", False),
