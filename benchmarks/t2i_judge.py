@@ -6,8 +6,9 @@ strict one) for several checkpoints and guidance scales, all on the same prompts
         [--out t2i.json] [--grids DIR]
 
 Every (checkpoint, guidance scale) pair is one row; the last row is the judge's chance level
-(ground-truth renders of other prompts of the same category). ``--grids`` also writes each row's
-judged images as a PNG (two prompts per row of the grid, in the JSON's order).
+(ground-truth renders of other prompts of the same category); a third table says what the
+one-object prompts drew (asked shape against the largest object's shape). ``--grids`` also
+writes each row's judged images as a PNG (two prompts per row of the grid, in the JSON's order).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from diffmoe.t2i.sample import (
     judge_table,
     public,
     save_judged_grid,
+    shape_confusion_table,
 )
 
 
@@ -71,7 +73,9 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": machine(), "rows": results}, indent=1))
     print("GenEval's rules:\n" + judge_table(results)
-          + "\n\nstrict rule (exactly the objects named):\n" + judge_table(results, strict=True))
+          + "\n\nstrict rule (exactly the objects named):\n" + judge_table(results, strict=True)
+          + "\n\nwhat one-object prompts drew (shape of the largest object):\n"
+          + shape_confusion_table(results))
 
 
 if __name__ == "__main__":

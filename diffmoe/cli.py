@@ -114,6 +114,7 @@ def cmd_eval_text(args: argparse.Namespace) -> int:
         judge_table,
         public,
         save_judged_grid,
+        shape_confusion_table,
     )
 
     check_condition_args("text", None, args.labels, "eval")
@@ -141,8 +142,9 @@ def cmd_eval_text(args: argparse.Namespace) -> int:
     grid = save_judged_grid(result, out.with_suffix(".png"))
     name = {f"step {result['step']}": result}
     log.info("judge, GenEval's rules (%s, samples %s):\n%s\nthe strict rule (exactly the "
-             "objects named, nothing else):\n%s", out, grid, judge_table(name),
-             judge_table(name, strict=True))
+             "objects named, nothing else):\n%s\nwhat one-object prompts drew (shape of the "
+             "largest object):\n%s", out, grid, judge_table(name),
+             judge_table(name, strict=True), shape_confusion_table(name))
     sys.stdout.write(json.dumps({"scores": result["scores"], "overall": result["overall"],
                                  "strict_overall": result["strict_overall"],
                                  "fid": result["fid"], "out": str(out)}) + "\n")

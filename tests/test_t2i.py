@@ -58,6 +58,11 @@ def test_judge_passes_ground_truth_renders():
         assert result[rule + "overall"] >= 0.99
     json.dumps(result)  # plain Python values, ready for the eval JSON
     assert result["colour_match"] == {"colors": 1.0, "color_attr": 1.0}
+    # Every one-object prompt (single_object and colors, 80 images) drew its own shape.
+    confusion = result["shape_confusion"]
+    assert set(confusion) == set(SHAPES)
+    assert all(set(row) == {shape} for shape, row in confusion.items()), confusion
+    assert sum(row[shape] for shape, row in confusion.items()) == 80
 
 
 def _wrong(scene: Scene, rng: random.Random) -> Scene:
@@ -128,6 +133,7 @@ def test_judge_fails_corrupted_pixels():
     prompts = [s.caption() for s in scenes]
     blank = judge(prompts, np.zeros_like(images))
     assert blank["overall"] == 0.0 and blank["strict_overall"] == 0.0
+    assert all(set(row) == {"none"} for row in blank["shape_confusion"].values())
     noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
     noisy = judge(prompts, noise)
     assert noisy["overall"] <= 0.05 and noisy["strict_overall"] <= 0.05
@@ -333,6 +339,26 @@ def test_tiny_text_to_image_run_trains_and_samples(tmp_path):
     assert len(list((tmp_path / "c").glob("text-*.safetensors"))) == 1
     model = model_from_checkpoint(open_checkpoint(result.run_dir))
     assert isinstance(model, TextDiT)
+
+    # The CLI on the run: a prompt grid, then the judge's evaluation.
+    from diffmoe.cli import main
+    grid = tmp_path / "prompts.png"
+    assert main(["sample", str(result.run_dir), "--prompt", "a circle", "--prompt",
+                 "two red squares", "--num", "4", "--steps", "2", "--out", str(grid)]) == 0
+    summary = json.loads(grid.with_suffix(".json").read_text())
+    assert grid.is_file() and summary["prompts"] == ["a circle", "two red squares"]
+    assert summary["settings"]["num"] == 4
+    out = tmp_path / "judge.json"
+    assert main(["eval", str(result.run_dir), "--no-fid", "--per-category", "2",
+                 "--samples-per-prompt", "2", "--steps", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    judged = json.loads(out.read_text())
+    assert judged["counts"] == {c: 4 for c in CATEGORY_NAMES}
+    assert len(judged["samples"]) == 24 and out.with_suffix(".png").is_file()
+    # single_object and colors are the one-object prompts: 8 images tallied by asked shape.
+    assert sum(sum(row.values()) for row in judged["shape_confusion"].values()) == 8
+    # The chance level judges ground-truth renders: each holds a real shape.
+    assert all("none" not in row for row in judged["chance"]["shape_confusion"].values())
 
 
 def test_captioned_batches_carry_caption_embeddings(tmp_path):

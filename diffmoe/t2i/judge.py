@@ -27,8 +27,10 @@ shapes domain detection can be exact instead:
    Both rules use the same relation test (by centre, the renderer's rule), not GenEval's
    "mostly horizontal / vertical" angle test, so that every ground-truth render passes.
 
-Beside the verdicts, :func:`colour_match` is a lenient diagnostic for prompts that name
-colours: are the named colours the image's largest colour areas, whatever the shapes?
+Beside the verdicts, two diagnostics say what failed: :func:`colour_match`, for prompts that
+name colours (are the named colours the image's largest colour areas, whatever the shapes?), and
+:func:`largest_shape`, tallied by :func:`judge` into a confusion table for one-object prompts
+(asked shape → shape of the largest object found, or ``"none"``).
 """
 
 from __future__ import annotations
@@ -182,21 +184,36 @@ def colour_match(scene: Scene, image: np.ndarray) -> bool | None:
     return largest == named
 
 
+NO_OBJECT = "none"
+
+
+def largest_shape(found: list[Detection]) -> str:
+    """The shape of the largest detected object, or :data:`NO_OBJECT`."""
+    return max(found, key=lambda d: d.area).shape if found else NO_OBJECT
+
+
 def judge(prompts: list[str], images: np.ndarray) -> dict:
     """Judge one image per prompt ((N, H, W, 3) uint8). Returns, by GenEval's rules, the
     fraction correct per category (categories without prompts are left out), ``overall``
     (their mean) and the verdict per image; the same by the strict rule (``strict_scores``,
-    ``strict_overall``, ``strict_verdicts``); the number of images per category; and the
-    colour-match diagnostic."""
+    ``strict_overall``, ``strict_verdicts``); the number of images per category; the
+    colour-match diagnostic; and ``shape_confusion``, for prompts of one object ("a circle",
+    "a red square"): asked shape → {shape of the largest object found, or "none": images}."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
     verdict_lists: dict[str, list[bool]] = {rule: [] for rule in RULES}
     by_category = {rule: {name: [] for name in CATEGORY_NAMES} for rule in RULES}
     colour_hits: dict[str, list[bool]] = {name: [] for name in CATEGORY_NAMES}
+    confusion: dict[str, dict[str, int]] = {}
     for prompt, image in zip(prompts, images):
         scene = parse_caption(prompt)
         category = category_of(scene)
-        for rule, ok in verdicts(scene, detect(image)).items():
+        found = detect(image)
+        if scene.num_objects == 1:
+            row = confusion.setdefault(scene.groups[0].shape, {})
+            drawn = largest_shape(found)
+            row[drawn] = row.get(drawn, 0) + 1
+        for rule, ok in verdicts(scene, found).items():
             verdict_lists[rule].append(ok)
             by_category[rule][category].append(ok)
         hit = colour_match(scene, image)
@@ -211,4 +228,6 @@ def judge(prompts: list[str], images: np.ndarray) -> dict:
         out[f"{prefix}verdicts"] = verdict_lists[rule]
     out["counts"] = {name: len(v) for name, v in by_category["geneval"].items() if v}
     out["colour_match"] = {name: float(np.mean(v)) for name, v in colour_hits.items() if v}
+    out["shape_confusion"] = {shape: dict(sorted(row.items())) for shape, row in
+                              sorted(confusion.items())}
     return out

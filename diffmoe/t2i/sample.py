@@ -36,8 +36,8 @@ from ..sample import (
 )
 from .condition import TextCondition
 from .encoder import TextEncoder, check_prompts
-from .judge import judge
-from .shapes import CATEGORY_NAMES, eval_prompts, parse_caption, render
+from .judge import NO_OBJECT, judge
+from .shapes import CATEGORY_NAMES, SHAPES, eval_prompts, parse_caption, render
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +163,10 @@ def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOp
         "rule": "geneval",
         "scores": result["scores"], "overall": result["overall"], "counts": result["counts"],
         "strict_scores": result["strict_scores"], "strict_overall": result["strict_overall"],
-        "colour_match": result["colour_match"],
+        "colour_match": result["colour_match"], "shape_confusion": result["shape_confusion"],
         "chance": {k: chance[k] for k in ("scores", "overall", "strict_scores",
-                                          "strict_overall", "colour_match")},
+                                          "strict_overall", "colour_match",
+                                          "shape_confusion")},
         "fid": fid,
         "c_avg_infer": cap["c_avg_infer"],
         "activated_params": activated_params(model, cap["c_avg_infer"]),
@@ -235,4 +236,20 @@ def judge_table(results: dict[str, dict], strict: bool = False) -> str:
         rows.append(f"| {name} | {cells(r)} | {match(r)} | {fid} |")
     chance = next(iter(results.values()))["chance"]
     rows.append(f"| chance (renders of other prompts) | {cells(chance)} | {match(chance)} | - |")
+    return "\n".join(rows)
+
+
+def shape_confusion_table(results: dict[str, dict]) -> str:
+    """A Markdown table of what each result drew for one-object prompts: per asked shape, the
+    fraction of images whose largest object has each shape (or none), chance level last."""
+    drawn = list(SHAPES) + [NO_OBJECT]
+    rows = ["| model | asked | " + " | ".join(drawn) + " | images |",
+            "|" + "---|" * (len(drawn) + 3)]
+    named = dict(results)
+    named["chance (renders of other prompts)"] = next(iter(results.values()))["chance"]
+    for name, r in named.items():
+        for asked, counts in r.get("shape_confusion", {}).items():
+            total = sum(counts.values())
+            cells = " | ".join(f"{counts.get(d, 0) / total:.2f}" for d in drawn)
+            rows.append(f"| {name} | {asked} | {cells} | {total} |")
     return "\n".join(rows)
