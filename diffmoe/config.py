@@ -105,6 +105,9 @@ class ModelConfig:
     class_dropout: float = 0.1  # label dropout for classifier-free guidance
     # Output 2x channels: DDPM's learned variance (the flow objective ignores the second half).
     learn_sigma: bool = False
+    # A 3x3 convolution on the unpatchified output (U-ViT's extra decoder convolution), so that
+    # pixels on either side of a patch border are drawn together; it starts as the identity.
+    final_conv: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
     # class: class labels (num_classes, class_dropout); text: captions through a frozen text
     # encoder into cross-attention (model.text).

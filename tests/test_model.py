@@ -36,6 +36,32 @@ def test_adaln_zero_starts_at_zero_output():
     assert torch.count_nonzero(out.out) == 0
 
 
+def test_final_conv_starts_as_the_identity_and_learns():
+    plain = build_model(tiny(learn_sigma=True))
+    conv = build_model(tiny(learn_sigma=True, final_conv=True))
+    missing, unexpected = conv.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["final_conv.weight", "final_conv.bias"] and not unexpected
+    for m in (plain, conv):  # a trained-looking final layer, so outputs are not all zero
+        torch.manual_seed(1)
+        torch.nn.init.normal_(m.final_layer.linear.weight, std=0.1)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2) * 1000, torch.tensor([0, 5])
+    assert_close(conv(x, t, y).out, plain(x, t, y).out)
+    conv(x, t, y).out.square().mean().backward()
+    assert conv.final_conv.weight.grad.abs().sum() > 0
+    # Each output pixel sees its 3x3 neighbourhood: the first token (the top-left 2x2 patch)
+    # reaches one pixel past its patch, into the next patches, and no farther.
+    h = torch.zeros(1, 16, 32)
+    h[0, 0, 0] = 1.0
+    with torch.no_grad():
+        conv.final_conv.weight.fill_(1.0)
+        conv.final_layer.linear.weight.zero_()
+        conv.final_layer.linear.weight[:, 0] = 1.0
+        reached = conv.decode(h, torch.zeros(1, 32))[0, 0] != 0
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[:3, :3] = True
+    assert torch.equal(reached, expected)
+
+
 def test_unpatchify_inverts_patch_layout():
     model = build_model(tiny(in_channels=2))
     x = torch.randn(2, 2, 8, 8)

@@ -26,6 +26,7 @@ TIMESTEP_FREQ_DIM = 256  # sinusoidal features fed to the timestep MLP (DiT)
 TIMESTEP_MAX_PERIOD = 10000
 EMBED_INIT_STD = 0.02  # label table and timestep MLP init (DiT)
 LN_EPS = 1e-6
+FINAL_CONV_KERNEL = 3  # model.final_conv: U-ViT's 3x3 convolution after the patch decoder
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -172,6 +173,8 @@ class DiT(nn.Module):
                      else DenseFFN(D, hidden))
             for i in range(cfg.depth))
         self.final_layer = FinalLayer(D, p, self.out_channels)
+        self.final_conv = (nn.Conv2d(self.out_channels, self.out_channels, FINAL_CONV_KERNEL,
+                                     padding=FINAL_CONV_KERNEL // 2) if cfg.final_conv else None)
         # Recompute each block in the backward pass instead of keeping its activations (set by
         # the trainer from train.activation_checkpointing; training with gradients only).
         self.activation_checkpointing = False
@@ -185,7 +188,8 @@ class DiT(nn.Module):
         """DiT's initialisation. Every Linear: Xavier-uniform, zero bias. The patch embedding is a
         Linear in disguise. adaLN-Zero: each block's modulation projection and the final layer are
         zero, so every block starts as the identity and the model's first output is 0. MoE layers
-        keep their own init (router N(0, 0.006²), experts Xavier per expert)."""
+        keep their own init (router N(0, 0.006²), experts Xavier per expert). The optional final
+        convolution starts as the identity kernel."""
 
         def _basic(m: nn.Module) -> None:
             if isinstance(m, nn.Linear):
@@ -210,6 +214,9 @@ class DiT(nn.Module):
         for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+        if self.final_conv is not None:
+            nn.init.dirac_(self.final_conv.weight)
+            nn.init.zeros_(self.final_conv.bias)
 
     def patchify(self, x: Tensor) -> Tensor:
         return self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, s, D)
@@ -219,6 +226,12 @@ class DiT(nn.Module):
         B, p, g, c = x.shape[0], self.patch_size, self.grid, self.out_channels
         x = x.view(B, g, g, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, c, g * p, g * p)
+
+    def decode(self, h: Tensor, c: Tensor) -> Tensor:
+        """Final layer, unpatchify and (``model.final_conv``) the 3x3 convolution: tokens
+        (B, s, D) → prediction (B, C_out, H, W)."""
+        out = self.unpatchify(self.final_layer(h, c))
+        return out if self.final_conv is None else self.final_conv(out)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, routing: Routing = STATIC) -> DiTOutput:
         """x: (B, C, H, W) noisy input; t: (B,) timesteps as the embedder sees them; y: (B,) labels
@@ -236,7 +249,7 @@ class DiT(nn.Module):
                 h, ffn_out = block(h, c, routing)
             if i in self.moe_blocks:
                 moe_outputs.append(ffn_out)
-        return self.output(self.unpatchify(self.final_layer(h, c)), moe_outputs)
+        return self.output(self.decode(h, c), moe_outputs)
 
     def output(self, out: Tensor, moe_outputs: list[FFNOutput]) -> DiTOutput:
         """The prediction with the weighted auxiliary losses of the MoE layers."""

@@ -130,7 +130,7 @@ class TextDiT(DiT):
             h, ffn_out = block(h, c, routing, ctx, mask)
             if i in self.moe_blocks:
                 moe_outputs.append(ffn_out)
-        return self.output(self.unpatchify(self.final_layer(h, c)), moe_outputs)
+        return self.output(self.decode(h, c), moe_outputs)
 
     def null_condition(self, y: TextCondition) -> TextCondition:
         return y.as_null()
