@@ -53,7 +53,7 @@ from .shapes import (
 )
 
 MAX_COLOUR_DISTANCE = 110.0  # RGB distance beyond which a pixel belongs to no palette colour
-MIN_AREA = 10  # pixels; the smallest rendered object (an 8-pixel triangle) has about 36
+MIN_AREA = 10  # pixels; the smallest rendered object (a 10-pixel triangle) has 50
 SQUARE_MIN_FILL = 0.88  # fraction of the bounding box: square ~1.0
 CIRCLE_MIN_FILL = 0.66  # disc ~0.79, triangle ~0.5-0.6
 
