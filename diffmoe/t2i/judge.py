@@ -35,7 +35,7 @@ name colours (are the named colours the image's largest colour areas, whatever t
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,15 +204,13 @@ def judge(prompts: list[str], images: np.ndarray) -> dict:
     verdict_lists: dict[str, list[bool]] = {rule: [] for rule in RULES}
     by_category = {rule: {name: [] for name in CATEGORY_NAMES} for rule in RULES}
     colour_hits: dict[str, list[bool]] = {name: [] for name in CATEGORY_NAMES}
-    confusion: dict[str, dict[str, int]] = {}
+    confusion: dict[str, Counter] = defaultdict(Counter)
     for prompt, image in zip(prompts, images):
         scene = parse_caption(prompt)
         category = category_of(scene)
         found = detect(image)
         if scene.num_objects == 1:
-            row = confusion.setdefault(scene.groups[0].shape, {})
-            drawn = largest_shape(found)
-            row[drawn] = row.get(drawn, 0) + 1
+            confusion[scene.groups[0].shape][largest_shape(found)] += 1
         for rule, ok in verdicts(scene, found).items():
             verdict_lists[rule].append(ok)
             by_category[rule][category].append(ok)

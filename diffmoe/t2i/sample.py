@@ -42,6 +42,7 @@ from .shapes import CATEGORY_NAMES, SHAPES, eval_prompts, parse_caption, render
 log = logging.getLogger(__name__)
 
 CHANCE_SEED = 12345  # the shuffle of prompts for the chance level
+CHANCE_ROW = "chance (renders of other prompts)"  # its row in the tables
 
 
 def checkpoint_condition(path: str | Path) -> str:
@@ -235,7 +236,7 @@ def judge_table(results: dict[str, dict], strict: bool = False) -> str:
         fid = f"{r['fid']['fid']:.1f}" if r.get("fid") else "-"
         rows.append(f"| {name} | {cells(r)} | {match(r)} | {fid} |")
     chance = next(iter(results.values()))["chance"]
-    rows.append(f"| chance (renders of other prompts) | {cells(chance)} | {match(chance)} | - |")
+    rows.append(f"| {CHANCE_ROW} | {cells(chance)} | {match(chance)} | - |")
     return "\n".join(rows)
 
 
@@ -246,7 +247,7 @@ def shape_confusion_table(results: dict[str, dict]) -> str:
     rows = ["| model | asked | " + " | ".join(drawn) + " | images |",
             "|" + "---|" * (len(drawn) + 3)]
     named = dict(results)
-    named["chance (renders of other prompts)"] = next(iter(results.values()))["chance"]
+    named[CHANCE_ROW] = next(iter(results.values()))["chance"]
     for name, r in named.items():
         for asked, counts in r.get("shape_confusion", {}).items():
             total = sum(counts.values())
