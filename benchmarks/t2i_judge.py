@@ -3,7 +3,7 @@ strict one) for several checkpoints and guidance scales, all on the same prompts
 
     python benchmarks/t2i_judge.py --ckpt dense=runs/t2i_shapes_dense \\
         --ckpt diffmoe=runs/t2i_shapes_diffmoe --cfg-scale 1.5 4 [--steps 25] [--no-fid] \\
-        [--out t2i.json] [--grids DIR]
+        [--categories single_object colors] [--out t2i.json] [--grids DIR]
 
 Every (checkpoint, guidance scale) pair is one row; the last row is the judge's chance level
 (ground-truth renders of other prompts of the same category); a third table says what the
@@ -28,6 +28,7 @@ from diffmoe.t2i.sample import (
     save_judged_grid,
     shape_confusion_table,
 )
+from diffmoe.t2i.shapes import CATEGORY_NAMES
 
 
 def parse_ckpt(text: str) -> tuple[str, str]:
@@ -47,13 +48,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--per-category", type=int, default=8)
     p.add_argument("--samples-per-prompt", type=int, default=4)
+    p.add_argument("--categories", nargs="+", default=list(CATEGORY_NAMES),
+                   help="the GenEval categories to judge (default all six)")
     p.add_argument("--no-fid", action="store_true")
     p.add_argument("--out", help="write every row's scores as JSON here")
     p.add_argument("--grids", help="write every row's judged images as PNGs into this folder")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     options = JudgeOptions(per_category=args.per_category,
-                           samples_per_prompt=args.samples_per_prompt, fid=not args.no_fid,
+                           samples_per_prompt=args.samples_per_prompt,
+                           categories=tuple(args.categories), fid=not args.no_fid,
                            progress=False)
     results: dict[str, dict] = {}
     for name, path in args.ckpt:

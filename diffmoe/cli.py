@@ -31,6 +31,7 @@ from pathlib import Path
 from .config import SAMPLERS, SampleConfig, load_config
 from .errors import DiffMoEError
 from .paths import file_in_the_way
+from .t2i.shapes import CATEGORY_NAMES
 
 log = logging.getLogger("diffmoe")
 
@@ -129,7 +130,8 @@ def cmd_eval_text(args: argparse.Namespace) -> int:
             raise DiffMoEError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a "
                                f"positive integer")
     options = JudgeOptions(per_category=args.per_category,
-                           samples_per_prompt=args.samples_per_prompt, fid=not args.no_fid,
+                           samples_per_prompt=args.samples_per_prompt,
+                           categories=tuple(args.categories), fid=not args.no_fid,
                            feature_batch=args.feature_batch, cache_dir=args.cache_dir,
                            device=args.device, progress=not args.no_progress)
     from .checkpoint import open_checkpoint
@@ -408,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text-to-image: prompts per GenEval category (default 8)")
     e.add_argument("--samples-per-prompt", dest="samples_per_prompt", type=int, default=4,
                    help="text-to-image: images per prompt (default 4)")
+    e.add_argument("--categories", nargs="+", default=list(CATEGORY_NAMES), metavar="CATEGORY",
+                   help="text-to-image: the GenEval categories to judge (default all six: "
+                        + ", ".join(CATEGORY_NAMES) + ")")
     e.add_argument("--no-fid", dest="no_fid", action="store_true",
                    help="text-to-image: judge only, skip FID against the shapes test split")
     e.set_defaults(func=cmd_eval)

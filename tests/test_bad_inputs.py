@@ -469,6 +469,10 @@ CASES = [
          ["eval", "<t2i>", "--num", "10", "--no-fid"],
          "error: --num does not apply to a text-to-image checkpoint; set the sample count with "
          "--per-category and --samples-per-prompt"),
+    Case("t2i-eval-unknown-category", "text-to-image",
+         ["eval", "<t2i>", "--categories", "single_object", "shapes", "--no-fid"],
+         "error: unknown judge categories ['shapes']; choose from ['single_object', "
+         "'two_object', 'counting', 'colors', 'position', 'color_attr']"),
     Case("class-run-prompt", "text-to-image",
          ["sample", "<run>", "--prompt", "a red circle", "--out", "<tmp>/o.png"],
          "error: this checkpoint is class-conditional and takes no --prompt; choose classes "

@@ -10,8 +10,14 @@ shapes domain detection can be exact instead:
    colour counts as background.
 2. **Connected components** (4-connected) of each colour; components smaller than ``MIN_AREA``
    pixels are noise and dropped.
-3. **Shape** from how much of its bounding box a component fills: a square fills all of it, a
-   disc π/4 of it, a triangle about half (``SQUARE_MIN_FILL``, ``CIRCLE_MIN_FILL``).
+3. **Shape** by template matching (:func:`shape_fit`): each shape's mask, as the renderer draws
+   it, is slid over the component at every position and at sizes from half its extent to
+   ``TEMPLATE_EXTRA_PIXELS`` beyond it; the shape whose best placement overlaps the component
+   most (intersection over union) names it. A ground-truth object matches its own template
+   exactly (IoU 1); a few patch-sized bites or bumps along an edge lower every template's IoU
+   alike and rarely change which is best, where the fraction of the bounding box filled (kept
+   as ``Detection.fill``, the test of earlier versions) moves past its thresholds after two or
+   three (benchmarks/judge_robustness.py measures both on renders degraded in known ways).
 4. The verdict, by one of two rules:
 
    * ``geneval`` (the headline scores): GenEval's own rules (:func:`geneval_holds`). Each group
@@ -39,23 +45,26 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .shapes import (
     BACKGROUND,
     CATEGORY_NAMES,
     COLOURS,
+    SHAPES,
     PlacedObject,
     Scene,
     category_of,
     parse_caption,
     relation_holds,
     scene_holds,
+    shape_mask,
 )
 
 MAX_COLOUR_DISTANCE = 110.0  # RGB distance beyond which a pixel belongs to no palette colour
 MIN_AREA = 10  # pixels; the smallest rendered object (a 10-pixel triangle) has 50
-SQUARE_MIN_FILL = 0.88  # fraction of the bounding box: square ~1.0
-CIRCLE_MIN_FILL = 0.66  # disc ~0.79, triangle ~0.5-0.6
+TEMPLATE_MIN_SCALE = 0.5  # smallest template tried, as a fraction of the component's extent
+TEMPLATE_EXTRA_PIXELS = 2  # largest template tried: the component's extent plus this
 
 _PALETTE_NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES] + [BACKGROUND], dtype=np.float32)
@@ -69,7 +78,8 @@ class Detection:
     cx: float
     cy: float
     area: int
-    fill: float
+    fill: float  # fraction of the bounding box covered (a diagnostic; not the shape test)
+    fit: float  # intersection over union with the best-placed template of ``shape``
 
 
 def segment_colours(image: np.ndarray) -> np.ndarray:
@@ -104,10 +114,28 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def classify_shape(fill: float) -> str:
-    if fill >= SQUARE_MIN_FILL:
-        return "square"
-    return "circle" if fill >= CIRCLE_MIN_FILL else "triangle"
+def shape_fit(pixels: np.ndarray) -> dict[str, float]:
+    """For one component ((n, 2) array of (y, x)), the best intersection over union of each
+    shape's template with it, over template sizes and every placement (see the module
+    docstring)."""
+    ys, xs = pixels[:, 0], pixels[:, 1]
+    extent = int(max(np.ptp(ys), np.ptp(xs))) + 1
+    sizes = range(max(1, int(np.ceil(extent * TEMPLATE_MIN_SCALE))),
+                  extent + TEMPLATE_EXTRA_PIXELS + 1)
+    pad = sizes[-1]
+    canvas = np.zeros((np.ptp(ys) + 1 + 2 * pad, np.ptp(xs) + 1 + 2 * pad), dtype=np.float32)
+    canvas[ys - ys.min() + pad, xs - xs.min() + pad] = 1.0
+    best = {}
+    for shape in SHAPES:
+        score = 0.0
+        for size in sizes:
+            template = shape_mask(shape, size).astype(np.float32)
+            windows = sliding_window_view(canvas, template.shape)
+            inter = np.einsum("ijkl,kl->ij", windows, template)
+            iou = inter / (len(pixels) + template.sum() - inter)
+            score = max(score, float(iou.max()))
+        best[shape] = score
+    return best
 
 
 def detect(image: np.ndarray) -> list[Detection]:
@@ -120,10 +148,12 @@ def detect(image: np.ndarray) -> list[Detection]:
                 continue
             ys, xs = pixels[:, 0], pixels[:, 1]
             box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-            fill = len(pixels) / box
+            fits = shape_fit(pixels)
+            shape = max(fits, key=fits.get)
             # Centroid of the bounding box, as the renderer places objects (pixel centres at +0.5).
-            found.append(Detection(colour, classify_shape(fill), (xs.min() + xs.max() + 1) / 2,
-                                   (ys.min() + ys.max() + 1) / 2, len(pixels), fill))
+            found.append(Detection(colour, shape, (xs.min() + xs.max() + 1) / 2,
+                                   (ys.min() + ys.max() + 1) / 2, len(pixels),
+                                   len(pixels) / box, fits[shape]))
     return found
 
 

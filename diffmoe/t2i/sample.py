@@ -115,6 +115,7 @@ def sample_prompts(path: str | Path, overrides: dict, out: str | Path, prompts: 
 class JudgeOptions:
     per_category: int = 8  # prompts per GenEval category
     samples_per_prompt: int = 4
+    categories: tuple[str, ...] = CATEGORY_NAMES  # the GenEval categories to judge
     prompt_seed: int = 0
     fid: bool = True
     feature_batch: int = 50
@@ -145,7 +146,7 @@ def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOp
     if data.get("name") != "shapes":
         raise ConfigError(f"the judge knows the shapes domain only, but this checkpoint was "
                           f"trained on data.name={data.get('name')}; evaluate a shapes run")
-    pairs = eval_prompts(options.per_category, options.prompt_seed)
+    pairs = eval_prompts(options.per_category, options.prompt_seed, tuple(options.categories))
     categories = [c for c, _ in pairs for _ in range(options.samples_per_prompt)]
     prompts = [p for _, p in pairs for _ in range(options.samples_per_prompt)]
     cond = encode_prompts(model.cfg, prompts, options.device)
@@ -220,9 +221,12 @@ def judge_table(results: dict[str, dict], strict: bool = False) -> str:
     """A Markdown table of judged results by name, with the chance level as the last row:
     GenEval's rules, or the strict rule with ``strict``."""
     key = "strict_" if strict else ""
-    head = ("| model | " + " | ".join(CATEGORY_NAMES)
-            + " | overall | colour match (colors, color_attr) | FID |")
-    rows = [head, "|" + "---|" * (len(CATEGORY_NAMES) + 4)]
+    judged = [c for c in CATEGORY_NAMES if c in next(iter(results.values()))["scores"]]
+    # GenEval's overall is the mean of all six; of fewer it is only their mean.
+    overall = "overall" if len(judged) == len(CATEGORY_NAMES) else "mean of these"
+    head = ("| model | " + " | ".join(judged)
+            + f" | {overall} | colour match (colors, color_attr) | FID |")
+    rows = [head, "|" + "---|" * (len(judged) + 4)]
 
     def match(r: dict) -> str:
         m = r.get("colour_match") or {}
@@ -230,7 +234,7 @@ def judge_table(results: dict[str, dict], strict: bool = False) -> str:
 
     def cells(r: dict) -> str:
         return " | ".join(f"{r[key + 'scores'].get(c, float('nan')):.2f}"
-                          for c in CATEGORY_NAMES) + f" | {r[key + 'overall']:.2f}"
+                          for c in judged) + f" | {r[key + 'overall']:.2f}"
 
     for name, r in results.items():
         fid = f"{r['fid']['fid']:.1f}" if r.get("fid") else "-"

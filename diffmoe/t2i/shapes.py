@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle")
@@ -47,6 +47,7 @@ JOINERS = ("and",) + RELATIONS
 MIN_SIZE, MAX_SIZE = 10, 13  # object side (bounding box) in pixels
 GAP = 2  # minimum empty pixels between two objects' bounding boxes
 PLACEMENT_TRIES = 200
+EDGE_DEFECT_LENGTH = 4  # pixels: the patch size of the T2I configs
 
 CATEGORY_NAMES = ("single_object", "two_object", "counting", "colors", "position",
                   "color_attr")
@@ -224,6 +225,35 @@ def render(scene: Scene, seed: int, image_size: int = IMAGE_SIZE) -> np.ndarray:
     return image
 
 
+def add_edge_defects(image: np.ndarray, count: int, depth: int, rng: random.Random) -> np.ndarray:
+    """A copy of a one-object render with ``count`` edge defects of the kind a patch-4 model
+    draws: each a strip ``EDGE_DEFECT_LENGTH`` pixels along the edge at a random boundary pixel,
+    ``depth`` pixels deep, either added outside the object (a bump) or cut from it (a bite).
+    For checking how the judge's shape test copes with imperfect drawing."""
+    out = image.copy()
+    height, width = out.shape[:2]
+    drawn = (out != BACKGROUND).any(-1)
+    if not drawn.any():
+        raise ValueError("add_edge_defects needs an image with an object; this one is blank")
+    colour = out[drawn][0].copy()
+    for _ in range(count):
+        mask = (out != BACKGROUND).any(-1)
+        edges = [(y, x, dy, dx) for y, x in zip(*np.nonzero(mask))
+                 for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))
+                 if not (0 <= y + dy < height and 0 <= x + dx < width) or not mask[y + dy, x + dx]]
+        y, x, dy, dx = rng.choice(edges)
+        along_y, along_x = (0, 1) if dy else (1, 0)
+        start = rng.randint(1 - EDGE_DEFECT_LENGTH, 0)
+        bump = rng.random() < 0.5
+        for a in range(start, start + EDGE_DEFECT_LENGTH):
+            for d in range(depth):
+                step = d + 1 if bump else -d  # outward from the edge pixel, or inward from it
+                py, px = y + dy * step + along_y * a, x + dx * step + along_x * a
+                if 0 <= py < height and 0 <= px < width:
+                    out[py, px] = colour if bump else BACKGROUND
+    return out
+
+
 # -- GenEval-style categories ------------------------------------------------------------------
 
 def _two_shapes(rng: random.Random) -> tuple[str, str]:
@@ -283,9 +313,16 @@ def random_scenes(num: int, seed: int) -> list[Scene]:
     return [CATEGORIES[CATEGORY_NAMES[i % len(CATEGORY_NAMES)]](rng) for i in range(num)]
 
 
-def eval_prompts(per_category: int, seed: int) -> list[tuple[str, str]]:
-    """(category, caption) pairs, ``per_category`` of each category, deterministic in ``seed``:
-    distinct captions, cycled where a category has fewer (single_object has only 3)."""
+def eval_prompts(per_category: int, seed: int,
+                 categories: tuple[str, ...] = CATEGORY_NAMES) -> list[tuple[str, str]]:
+    """(category, caption) pairs, ``per_category`` of each of ``categories``, deterministic in
+    ``seed``: distinct captions, cycled where a category has fewer (single_object has only 3).
+    A category's prompts are the same whichever other categories are asked for."""
+    unknown = [c for c in categories if c not in CATEGORY_NAMES]
+    if unknown or not categories:
+        raise ConfigError(f"unknown judge categories {unknown}; choose from {list(CATEGORY_NAMES)}"
+                        if unknown else f"no judge category given; choose from "
+                        f"{list(CATEGORY_NAMES)}")
     rng = random.Random(seed)
     out: list[tuple[str, str]] = []
     for name in CATEGORY_NAMES:
@@ -296,5 +333,6 @@ def eval_prompts(per_category: int, seed: int) -> list[tuple[str, str]]:
                 seen.append(caption)
             if len(seen) == per_category:
                 break
-        out += [(name, seen[i % len(seen)]) for i in range(per_category)]
+        if name in categories:
+            out += [(name, seen[i % len(seen)]) for i in range(per_category)]
     return out
