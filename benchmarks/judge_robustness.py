@@ -16,36 +16,18 @@ import argparse
 import random
 from collections import Counter
 
-import numpy as np
-
-from diffmoe.t2i.judge import (
-    _PALETTE_NAMES,
-    MIN_AREA,
-    connected_components,
-    segment_colours,
-    shape_fit,
-)
+from diffmoe.t2i.judge import NO_OBJECT, Detection, detect, largest_shape
 from diffmoe.t2i.shapes import COLOURS, SHAPES, Group, Scene, add_edge_defects, render
 
 # The fill test of diffmoe's judge before the template test, kept here as the baseline.
 FILL_SQUARE, FILL_CIRCLE = 0.88, 0.66
 
 
-def largest_component(image: np.ndarray) -> np.ndarray | None:
-    labels = segment_colours(image)
-    comps = [c for i in range(len(_PALETTE_NAMES)) for c in connected_components(labels == i)
-             if len(c) >= MIN_AREA]
-    return max(comps, key=len) if comps else None
-
-
-def by_fill(pixels: np.ndarray) -> str:
-    fill = len(pixels) / ((np.ptp(pixels[:, 0]) + 1) * (np.ptp(pixels[:, 1]) + 1))
+def by_fill(found: list[Detection]) -> str:
+    if not found:
+        return NO_OBJECT
+    fill = max(found, key=lambda d: d.area).fill
     return "square" if fill >= FILL_SQUARE else "circle" if fill >= FILL_CIRCLE else "triangle"
-
-
-def by_template(pixels: np.ndarray) -> str:
-    fits = shape_fit(pixels)
-    return max(fits, key=fits.get)
 
 
 def main() -> None:
@@ -54,7 +36,7 @@ def main() -> None:
     p.add_argument("--counts", type=int, nargs="+", default=[0, 1, 2, 3, 4, 6])
     p.add_argument("--depths", type=int, nargs="+", default=[1, 2])
     args = p.parse_args()
-    tests = {"template": by_template, "fill": by_fill}
+    tests = {"template": largest_shape, "fill": by_fill}
     columns = ["depth", "defects"] + [f"{t}: {c}" for t in tests
                                        for c in (*SHAPES, "others as square")]
     print("| " + " | ".join(columns) + " |")
@@ -66,9 +48,9 @@ def main() -> None:
             for i in range(args.per_shape * len(SHAPES)):
                 shape = SHAPES[i % len(SHAPES)]
                 clean = render(Scene((Group(1, rng.choice(list(COLOURS)), shape),)), i)
-                pixels = largest_component(add_edge_defects(clean, count, depth, rng))
+                found = detect(add_edge_defects(clean, count, depth, rng))
                 for name, test in tests.items():
-                    confusion[name][shape]["none" if pixels is None else test(pixels)] += 1
+                    confusion[name][shape][test(found)] += 1
             cells = []
             for name in tests:
                 cells += [f"{confusion[name][s][s] / args.per_shape:.2f}" for s in SHAPES]

@@ -24,7 +24,7 @@ from diffmoe.models.moe import Routing
 from diffmoe.models.t2i import TextDiT
 from diffmoe.t2i.condition import TextCondition
 from diffmoe.t2i.encoder import cached_embeddings, encoder_dir, encoder_hash
-from diffmoe.t2i.judge import detect, judge, shape_fit
+from diffmoe.t2i.judge import detect, judge, largest_shape, shape_fit
 from diffmoe.t2i.shapes import (
     CATEGORY_NAMES,
     COLOURS,
@@ -163,7 +163,7 @@ def test_shape_test_tolerates_patch_sized_edge_defects(count, depth):
         shape = SHAPES[i % len(SHAPES)]
         clean = render(Scene((Group(1, rng.choice(list(COLOURS)), shape),)), i)
         found = detect(add_edge_defects(clean, count, depth, rng))
-        confusion[shape][max(found, key=lambda d: d.area).shape if found else "none"] += 1
+        confusion[shape][largest_shape(found)] += 1
     for shape, row in confusion.items():
         assert row[shape] >= 0.9 * per_shape, confusion
 

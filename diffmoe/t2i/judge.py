@@ -79,7 +79,6 @@ class Detection:
     cy: float
     area: int
     fill: float  # fraction of the bounding box covered (a diagnostic; not the shape test)
-    fit: float  # intersection over union with the best-placed template of ``shape``
 
 
 def segment_colours(image: np.ndarray) -> np.ndarray:
@@ -149,11 +148,10 @@ def detect(image: np.ndarray) -> list[Detection]:
             ys, xs = pixels[:, 0], pixels[:, 1]
             box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
             fits = shape_fit(pixels)
-            shape = max(fits, key=fits.get)
             # Centroid of the bounding box, as the renderer places objects (pixel centres at +0.5).
-            found.append(Detection(colour, shape, (xs.min() + xs.max() + 1) / 2,
-                                   (ys.min() + ys.max() + 1) / 2, len(pixels),
-                                   len(pixels) / box, fits[shape]))
+            found.append(Detection(colour, max(fits, key=fits.get),
+                                   (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2,
+                                   len(pixels), len(pixels) / box))
     return found
 
 

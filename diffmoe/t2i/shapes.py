@@ -319,10 +319,10 @@ def eval_prompts(per_category: int, seed: int,
     ``seed``: distinct captions, cycled where a category has fewer (single_object has only 3).
     A category's prompts are the same whichever other categories are asked for."""
     unknown = [c for c in categories if c not in CATEGORY_NAMES]
-    if unknown or not categories:
-        raise ConfigError(f"unknown judge categories {unknown}; choose from {list(CATEGORY_NAMES)}"
-                        if unknown else f"no judge category given; choose from "
-                        f"{list(CATEGORY_NAMES)}")
+    if unknown:
+        raise ConfigError(f"unknown judge categories {unknown}; choose from {list(CATEGORY_NAMES)}")
+    if not categories:
+        raise ConfigError(f"no judge category given; choose from {list(CATEGORY_NAMES)}")
     rng = random.Random(seed)
     out: list[tuple[str, str]] = []
     for name in CATEGORY_NAMES:
