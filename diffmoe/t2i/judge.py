@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -113,6 +114,15 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+@lru_cache(maxsize=None)
+def _template(shape: str, size: int) -> np.ndarray:
+    """The renderer's (size, size) mask of ``shape`` as float32, built once per shape and size
+    (read-only: shared between calls)."""
+    template = shape_mask(shape, size).astype(np.float32)
+    template.flags.writeable = False
+    return template
+
+
 def shape_fit(pixels: np.ndarray) -> dict[str, float]:
     """For one component ((n, 2) array of (y, x)), the best intersection over union of each
     shape's template with it, over template sizes and every placement (see the module
@@ -128,7 +138,7 @@ def shape_fit(pixels: np.ndarray) -> dict[str, float]:
     for shape in SHAPES:
         score = 0.0
         for size in sizes:
-            template = shape_mask(shape, size).astype(np.float32)
+            template = _template(shape, size)
             windows = sliding_window_view(canvas, template.shape)
             inter = np.einsum("ijkl,kl->ij", windows, template)
             iou = inter / (len(pixels) + template.sum() - inter)
