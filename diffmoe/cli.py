@@ -25,7 +25,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .config import SAMPLERS, SampleConfig, load_config
@@ -469,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.verbose)
+    previous = _stop_on_sigterm()
     try:
         return args.func(args)
     except DiffMoEError as exc:
@@ -483,6 +486,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM (a scheduler, or torchrun stopping the other ranks) end the command with an
+    ``error:`` line, as an error does, instead of silently; training replaces this with its
+    own handler, which names the step. Returns the previous handler (None off the main
+    thread, where signals cannot be handled)."""
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # already ending: later ones change nothing
+        raise DiffMoEError(f"stopped by {signal.Signals(signum).name} (the job was cancelled, "
+                           f"or another rank failed)")
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, on_sigterm)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ class Trainer:
         self.run_dir = Path(t.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.log_handler: Optional[logging.Handler] = None
+        self.net: Optional[torch.nn.Module] = None
+        self.ddp: Optional[DistributedDataParallel] = None
         try:
             self._build(resume)
         except BaseException:
@@ -270,7 +272,13 @@ class Trainer:
         logging.getLogger("diffmoe").addHandler(self.log_handler)
 
     def close(self) -> None:
-        """Stop writing to train.log (later runs in this process must not log into this one)."""
+        """Free the DDP / compiled wrappers and stop writing to train.log (later runs in this
+        process must not log into this one).
+
+        The DDP wrapper's ``Reducer`` holds the process group from C++; it must be freed before
+        the group is destroyed, so that the group's last reference is a Python one, which
+        releases the GIL as gloo joins its threads (see :mod:`diffmoe.distributed`)."""
+        self.net = self.ddp = None
         if self.log_handler is not None:
             logging.getLogger("diffmoe").removeHandler(self.log_handler)
             self.log_handler.close()
@@ -587,6 +595,8 @@ class Trainer:
 
 
 def train(cfg: Config, resume: bool = False) -> TrainResult:
+    """Train ``cfg`` to its end; under torchrun, also end this rank's part of the job (the exit
+    barrier and the process group's teardown, :func:`diffmoe.distributed.teardown`)."""
     trainer, finished = None, False
     try:
         trainer = Trainer(cfg, resume)
@@ -594,7 +604,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         finished = True
         return result
     finally:
+        step = trainer.step if trainer is not None else None
         if trainer is not None:
             trainer.close()
-        distributed.teardown(wait_for_others=finished)
+        distributed.teardown(wait_for_others=finished, step=step)
 

@@ -8,6 +8,8 @@ a fault fires only on its rank):
   EMA update and the step counter): everything since the last checkpoint is lost.
 * ``hang:K``   stop answering in the middle of step K (sleep), so the other ranks wait.
 * ``nan:K``    poison step K's batch with NaN, so its loss is not finite.
+* ``hang-at-exit:K``  after a run that ended normally at step K, stop answering (sleep) before
+  the exit barrier, so the other ranks wait for this one at the end.
 * ``save-mid-file:N``      SIGKILL while writing optimizer.safetensors of this process's N-th
   checkpoint, half of its bytes on disk.
 * ``save-before-rename:N`` SIGKILL after every file of the N-th checkpoint is written and
@@ -38,6 +40,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 import diffmoe.checkpoint as checkpoint
+import diffmoe.distributed as distributed
 import diffmoe.train as train
 from diffmoe.cli import main
 from diffmoe.diffusion import FlowMatching
@@ -91,6 +94,7 @@ def install(faults: dict[str, int]) -> None:
     original_save_file = checkpoint.save_file
     original_fsync_dir = checkpoint._fsync_dir
     original_rmtree = checkpoint.shutil.rmtree
+    original_teardown = distributed.teardown
 
     def next_batch(self):
         x, y = original_next(self)
@@ -138,7 +142,14 @@ def install(faults: dict[str, int]) -> None:
                 die()
         return original_rmtree(path, *args, **kwargs)
 
+    def teardown(wait_for_others=True, step=None):
+        if wait_for_others and faults.get("hang-at-exit") == step:
+            stamp()
+            time.sleep(HANG_S)
+        return original_teardown(wait_for_others, step)
+
     train.update_ema = update_ema
+    distributed.teardown = teardown
     train.BatchIterator.next = next_batch
     checkpoint.save_file = save_file
     checkpoint._fsync_dir = fsync_dir
@@ -150,12 +161,4 @@ if __name__ == "__main__":
     if os.environ.get("DIFFMOE_LOSS_LOG"):
         record_losses(os.environ["DIFFMOE_LOSS_LOG"].replace("{rank}",
                                                              os.environ.get("RANK", "0")))
-    code = main(sys.argv[1:])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Under torchrun one rank has been seen to hang at interpreter exit, after its work and
-        # the process group's teardown (intermittently, under load, since the scale-out merge;
-        # cause not found yet). Leave without the interpreter's shutdown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code or 0)
-    sys.exit(code)
+    sys.exit(main(sys.argv[1:]))

@@ -19,6 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from diffmoe import distributed
 from diffmoe.config import load_config
 from diffmoe.models import build_model
 from diffmoe.models.moe import set_token_pool
@@ -112,13 +113,15 @@ def check_train(config: str, result: str, overrides: list[str], resume: bool = F
 def main() -> None:
     what, config, result, *overrides = sys.argv[1:]
     dist.init_process_group("gloo")
+    finished = False
     try:
         if what == "resume":
             check_train(config, result, overrides, resume=True)
         else:
             {"pool": check_pool, "train": check_train}[what](config, result, overrides)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        distributed.teardown(wait_for_others=finished)
 
 
 if __name__ == "__main__":

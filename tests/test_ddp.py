@@ -1,27 +1,29 @@
 """Data-parallel training with 2 CPU processes (gloo) under torchrun, with faults: a NaN on one
 rank (skipped on both), a rank killed with SIGKILL (the run ends promptly with a message and
-resumes exactly), and a rank that hangs (the others stop after train.dist_timeout_s)."""
+resumes exactly), a rank that hangs in a step or at the end (the others stop after
+train.dist_timeout_s), and a launcher killed with SIGKILL (no rank is left behind). Every job runs
+through tests/jobs.py: a job that hangs fails its test with the stacks of its processes, and one
+that leaves a process running fails too."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
+import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from jobs import Job, JobHung, Running, job_env, torchrun_cmd
 from safetensors.torch import load_file
 
 from diffmoe.checkpoint import checkpoint_name, list_checkpoints
+from diffmoe.distributed import LAUNCHER_GONE_GRACE_S, LAUNCHER_POLL_S
 
 HERE = Path(__file__).parent
 CONFIG = HERE.parent / "configs" / "digits_tiny.yaml"
-TIMEOUT_S = 300
+TIMEOUT_S = 180
 STEPS = 6
 # Every run injects a NaN into rank 1's batch at step 3 and skips it: both ranks must skip it
 # together (one rank stepping alone would hang or desynchronise the other).
@@ -29,39 +31,27 @@ NAN = "nan:3:1"
 COMMON = {"train.steps": STEPS, "train.ckpt_every": 2, "train.log_every": 2,
           "train.sample_every": 3, "train.nonfinite_loss": "skip", "sample.steps": 1,
           "sample.num": 4, "sample.batch_size": 4}
-HANG_TIMEOUT_S = 8  # train.dist_timeout_s for the hung-rank test
+HANG_TIMEOUT_S = 8  # train.dist_timeout_s for the hung-rank tests
 # A run whose rank died must end this soon (torchrun start-up included, on a busy 2-core host).
 PROMPT_END_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in dict(COMMON, **{"train.out_dir": run_dir}, **extra).items()]
 
 
-def torchrun(args: list[str], faults: str = "") -> tuple[subprocess.CompletedProcess, float]:
-    """Run ``args`` under 2-process torchrun; returns the process and its wall time."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent),
-               DIFFMOE_FAULTS=faults)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + args
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    return proc, time.perf_counter() - start
+def torchrun(args: list[str], faults: str = "", **env: str) -> tuple[Job, float]:
+    """Run ``args`` under 2-process torchrun; returns the job and its wall time."""
+    job = Running(torchrun_cmd(args), job_env(DIFFMOE_FAULTS=faults, **env), TIMEOUT_S).finish()
+    return job, job.seconds
 
 
-def train_cli(run_dir: Path, faults: str, *extra: str, **config) -> tuple[
-        subprocess.CompletedProcess, float]:
+def train_cli(run_dir: Path, faults: str, *extra: str, **config) -> tuple[Job, float]:
     return torchrun([str(HERE / "fault_runner.py"), "train", str(CONFIG),
                      *overrides(run_dir, **config), *extra], faults)
 
 
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+def error_lines(proc: Job) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
 
 
@@ -89,6 +79,17 @@ def test_two_process_ddp_keeps_ranks_in_sync(reference):
         assert rank_report and not differing, differing
     records = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped_steps"]) for r in records] == [(2, 0), (4, 1), (6, 1)]
+
+
+@pytest.mark.slow
+def test_teardown_destroys_the_group_and_stops_its_threads(reference):
+    """After the teardown no gloo thread is left: the group was destroyed inside it, its last
+    reference a Python one. Before the fix the DDP wrapper outlived destroy_process_group, and
+    its Reducer dropped the group later from a destructor holding the GIL (the deadlock)."""
+    for rank in (0, 1):
+        left = json.loads((reference.parent / f"ddp.json.rank{rank}").read_text())
+        assert not [t for t in left["os_threads"] if "gloo" in t], left
+        assert "diffmoe-launcher-watch" not in left["python_threads"], left
 
 
 @pytest.mark.slow
@@ -133,3 +134,63 @@ def test_ddp_hung_rank_stops_run_after_the_timeout(tmp_path):
                and f"Timed out waiting {HANG_TIMEOUT_S * 1000}ms" in line
                and f"last good checkpoint: {run / 'checkpoints' / checkpoint_name(2)}" in line
                for line in lines), proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ddp_rank_missing_at_the_end_stops_the_others_with_one_line(tmp_path):
+    run = tmp_path / "run"
+    proc, seconds = train_cli(run, "hang-at-exit:6:1", **{"train.dist_timeout_s": HANG_TIMEOUT_S})
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert seconds < HANG_TIMEOUT_S + PROMPT_END_S, seconds
+    # Rank 0's line, then rank 1's, which torchrun stopped with SIGTERM once rank 0 had failed.
+    assert error_lines(proc) == [
+        f"error: rank 0: rank(s) 1 did not reach the end of the run within "
+        f"train.dist_timeout_s={HANG_TIMEOUT_S} s after this rank finished at step {STEPS}; they "
+        f"died or hung (see their logs); the checkpoint of step {STEPS} was written before, so "
+        f"nothing is lost",
+        "error: stopped by SIGTERM (the job was cancelled, or another rank failed)"
+    ], proc.stderr[-3000:]
+    assert list_checkpoints(run / "checkpoints")[-1].name == checkpoint_name(STEPS)
+
+
+@pytest.mark.slow
+def test_killed_launcher_leaves_no_rank_behind(tmp_path):
+    """torchrun SIGKILLed (it passes no signal on) while rank 1 hangs in step 3 and rank 0 waits
+    for it: both ranks notice they lost their launcher, say so, and end."""
+    run, fired = tmp_path / "run", tmp_path / "fired"
+    job = Running(torchrun_cmd([str(HERE / "fault_runner.py"), "train", str(CONFIG),
+                                *overrides(run, **{"train.dist_timeout_s": 300})]),
+                  job_env(DIFFMOE_FAULTS="hang:3:1", DIFFMOE_FAULT_TIME=str(fired)), TIMEOUT_S)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not fired.exists():
+        assert job.proc.poll() is None and time.monotonic() < deadline, "rank 1 never hung"
+        time.sleep(0.1)
+    ranks = [pid for pid in job.pids() if pid != job.proc.pid]
+    assert len(ranks) == 2, ranks
+    job.proc.send_signal(signal.SIGKILL)
+    killed_at = time.perf_counter()
+    # finish() fails (JobLeftProcesses) if any rank is still running after the grace period.
+    done = job.finish(leftover_grace_s=LAUNCHER_POLL_S + LAUNCHER_GONE_GRACE_S + 10)
+    ended_after = time.perf_counter() - killed_at
+    gone = [line for line in done.stderr.splitlines() if "its launcher (pid" in line]
+    assert sorted(line.split(":")[1] for line in gone) == [" rank 0", " rank 1"], done.stderr
+    assert ended_after < LAUNCHER_POLL_S + LAUNCHER_GONE_GRACE_S + 10, ended_after
+
+
+@pytest.mark.slow
+def test_a_hung_job_fails_with_the_stacks_of_its_ranks(tmp_path):
+    """The harness itself: a job past its timeout fails with every rank's Python stack and
+    leaves nothing running."""
+    job = Running(torchrun_cmd([str(HERE / "stuck_ranks.py"), str(tmp_path)]), job_env(),
+                  TIMEOUT_S)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not all((tmp_path / f"rank{r}").exists() for r in (0, 1)):  # both about to be stuck
+        assert job.proc.poll() is None and time.monotonic() < deadline, "the ranks never started"
+        time.sleep(0.1)
+    with pytest.raises(JobHung) as hung:
+        job.finish(within_s=3)
+    message = str(hung.value)
+    assert "did not end within" in message
+    assert "in sleep_forever" in message  # rank 1's stack
+    assert "in barrier" in message  # rank 0's stack, waiting for it
+    assert job.pids() == []

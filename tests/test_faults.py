@@ -14,13 +14,14 @@ import logging
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jobs
 import pytest
 import torch
+from jobs import Job, job_env
 from safetensors.torch import load_file
 
 from diffmoe.checkpoint import (
@@ -54,15 +55,14 @@ def overrides(run_dir: Path, **extra) -> list[str]:
 
 
 def run_cli(run_dir: Path, faults: str = "", resume: bool = False,
-            loss_log: Path | None = None) -> subprocess.CompletedProcess:
+            loss_log: Path | None = None) -> Job:
     """``diffmoe train`` in a subprocess through tests/fault_runner.py with ``faults``."""
-    env = dict(os.environ, DIFFMOE_FAULTS=faults, PYTHONPATH=str(HERE.parent),
-               OMP_NUM_THREADS="1")
+    env = job_env(DIFFMOE_FAULTS=faults)
     if loss_log is not None:
         env["DIFFMOE_LOSS_LOG"] = str(loss_log)
     cmd = [sys.executable, str(HERE / "fault_runner.py"), "train", str(CONFIG),
            *overrides(run_dir)] + (["--resume"] if resume else [])
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    return jobs.run(cmd, RUN_TIMEOUT_S, env)
 
 
 def losses(path: Path) -> dict[int, str]:
@@ -155,16 +155,17 @@ def test_sigterm_stops_with_a_message_then_resume_is_bitwise_identical(
     """What a scheduler (or torchrun, for the surviving ranks) sends: the run stops with one
     line naming the step and the checkpoint to resume from, and resumes exactly."""
     run, loss_log = tmp_path / "run", tmp_path / "losses.txt"
-    env = dict(os.environ, DIFFMOE_FAULTS="hang:5", DIFFMOE_LOSS_LOG=str(loss_log),
-               PYTHONPATH=str(HERE.parent), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(HERE / "fault_runner.py"), "train", str(CONFIG),
-                             *overrides(run)], env=env, stderr=subprocess.PIPE, text=True)
+    env = job_env(DIFFMOE_FAULTS="hang:5", DIFFMOE_LOSS_LOG=str(loss_log))
+    job = jobs.Running([sys.executable, str(HERE / "fault_runner.py"), "train", str(CONFIG),
+                        *overrides(run)], env, RUN_TIMEOUT_S)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not (loss_log.exists() and 5 in losses(loss_log)):  # hanging inside step 5
-        assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 5"
+        assert job.proc.poll() is None and time.monotonic() < deadline, \
+            "the run did not reach step 5"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=RUN_TIMEOUT_S)[1]
+    job.proc.send_signal(signal.SIGTERM)
+    proc = job.finish()
+    err = proc.stderr
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and lines == [
         f"error: stopped by SIGTERM at step 4 (the job was cancelled, or another rank failed); "

@@ -140,24 +140,13 @@ def test_killed_cache_run_continues_where_it_stopped(images, vae_dir, tmp_path, 
 
 @pytest.mark.slow
 def test_two_ranks_write_the_same_cache_as_one(images, vae_dir, tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
+    import jobs
 
-    root = Path(__file__).resolve().parents[1]
     assert cache(images, tmp_path / "one", vae_dir) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-         "127.0.0.1", "--master_port", str(port), "-m", "diffmoe", "cache-latents", str(images),
-         str(tmp_path / "two"), "--vae", str(vae_dir), "--image-size", str(IMAGE_SIZE),
-         "--shard-size", "4", "--batch-size", "3", "--no-progress"],
-        env=env, capture_output=True, text=True, timeout=300)
+    proc = jobs.torchrun(
+        ["-m", "diffmoe", "cache-latents", str(images), str(tmp_path / "two"), "--vae",
+         str(vae_dir), "--image-size", str(IMAGE_SIZE), "--shard-size", "4", "--batch-size", "3",
+         "--no-progress"], timeout_s=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("one", "two"))
     assert one["shards"] == two["shards"] and two["num_skipped"] == 1

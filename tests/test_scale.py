@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
+import jobs
 import pytest
 import torch
+from jobs import Job
 from safetensors.torch import load_file
 
 from diffmoe.checkpoint import checkpoint_name
@@ -31,18 +29,10 @@ MNIST_RUN = {"train.steps": STEPS, "train.batch_size": 8, "data.limit": 64,
              "train.grad_accum": 2, "train.activation_checkpointing": "true"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(HERE / "scale_check.py"), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+def torchrun(*args: str) -> Job:
+    """tests/scale_check.py under 2-process torchrun (tests/jobs.py: fails with the ranks'
+    stacks rather than hang)."""
+    return jobs.torchrun([str(HERE / "scale_check.py"), *args], TIMEOUT_S)
 
 
 @pytest.mark.slow

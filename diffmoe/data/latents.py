@@ -191,6 +191,7 @@ def cache_latents(image_folder: str | Path, out: str | Path, vae_dir: str | Path
     info = distributed.setup(dev.type)
     if dev.type == "cuda":
         dev = torch.device("cuda", info.local_rank)
+    finished = False
     try:
         classes, files = list_images(image_folder)
         vae = load_vae(vae_dir, dev)
@@ -217,9 +218,11 @@ def cache_latents(image_folder: str | Path, out: str | Path, vae_dir: str | Path
             meta = {"count": int(z.shape[0]), "skipped": skipped}
             _atomic_write(out / f"{name}.json", lambda p, m=meta: p.write_text(json.dumps(m)))
         distributed.barrier()
-        return _write_index(out, settings, len(shards)) if info.is_main else None
+        index = _write_index(out, settings, len(shards)) if info.is_main else None
+        finished = True
+        return index
     finally:
-        distributed.teardown()
+        distributed.teardown(wait_for_others=finished)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
