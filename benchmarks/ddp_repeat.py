@@ -27,7 +27,8 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HANG_MARKERS = ("JobHung", "JobLeftProcesses")
+# How pytest names the harness's exceptions in a failure report (tests/jobs.py).
+HANG_MARKERS = ("jobs.JobHung", "jobs.JobLeftProcesses")
 
 
 def one_run(timeout_s: float, select: str) -> dict:

@@ -136,9 +136,10 @@ def teardown(wait_for_others: bool = True, step: Optional[int] = None) -> None:
                 finally:
                     destroy_group()
             if received and sys.exc_info()[1] is None:  # else that error says why it ends
+                after = f" after step {step}" if step is not None else ""
                 raise TrainingError(
-                    f"stopped by SIGTERM while ending the run after step {step} (the job was "
-                    f"cancelled, or another rank failed); its last checkpoint was written before")
+                    f"stopped by SIGTERM while ending the run{after} (the job was cancelled, or "
+                    f"another rank failed); all its work was done and written before")
     finally:
         if _session.watch is not None:
             _session.watch.stop()
@@ -179,11 +180,13 @@ def _exit_barrier(step: Optional[int]) -> None:
         missing = [r for r in range(world) if not store.check([f"{prefix}/rank{r}"])]
         if not missing:  # they all arrived as the wait timed out
             return
+        finished = (f"finished at step {step}; they died or hung (see their logs); the "
+                    f"checkpoint of step {step} was written before, so nothing is lost"
+                    if step is not None else "finished; they died or hung (see their logs)")
         raise TrainingError(
             f"rank {rank}: rank(s) {', '.join(map(str, missing))} did not reach the end of the "
-            f"run within train.dist_timeout_s={_session.timeout_s:g} s after this rank finished "
-            f"at step {step}; they died or hung (see their logs); the checkpoint of step {step} "
-            f"was written before, so nothing is lost") from exc
+            f"run within train.dist_timeout_s={_session.timeout_s:g} s after this rank "
+            f"{finished}") from exc
     if rank == 0:  # outside torchrun rank 0 hosts the store: let the others read it first
         store.add(f"{prefix}/left", 1)
         deadline = time.monotonic() + EXIT_DEPARTURE_S
