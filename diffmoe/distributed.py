@@ -29,9 +29,9 @@ A distributed run must always end, whatever its peers or its launcher do. Three 
 
 * **A launcher watch**. A rank whose launcher dies without passing a signal on (``torchrun``
   killed with ``SIGKILL``, a scheduler killing the job step) is re-parented; a daemon thread
-  notices within :data:`LAUNCHER_POLL_S`, prints one line, sends this process ``SIGTERM`` (which
-  the trainer turns into a clean stop) and arms the same deadline, so the rank ends even if it is
-  stuck in a collective.
+  notices within :data:`LAUNCHER_POLL_S`, prints one line, sends the main thread ``SIGTERM``
+  (which the trainer turns into a clean stop) and arms the same deadline, so the rank ends even
+  if it is stuck in a collective.
 """
 
 from __future__ import annotations
@@ -246,7 +246,10 @@ class _LauncherWatch(threading.Thread):
             f"{LAUNCHER_GONE_GRACE_S:g} s\n")
         sys.stderr.flush()
         _arm_deadline(LAUNCHER_GONE_GRACE_S)
-        os.kill(os.getpid(), signal.SIGTERM)
+        # To the main thread, where Python runs signal handlers: a process-directed signal can
+        # land on another thread and leave a main thread blocked in a system call (a sleep, a
+        # read) unwoken until that call returns.
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
     def stop(self) -> None:
         self.stopped.set()
