@@ -63,7 +63,7 @@ from .ema import ema_decay, make_ema, update_ema
 from .errors import CheckpointError, ConfigError, DiffMoEError, TrainingError
 from .images import save_grid
 from .models import DiT, DiTOutput, build_model
-from .models.moe import average_thresholds_across_ranks, diffmoe_layers, set_token_pool
+from .models.moe import apply_threshold_updates, diffmoe_layers, set_token_pool
 from .models.moe.diffmoe import dynamic_counts
 from .paths import file_in_the_way
 from .sample import generate, resolve_routing
@@ -80,7 +80,8 @@ METRIC_FIELDS = {
     "diffusion_loss": "objective loss: flow-matching MSE, or DDPM L_simple + vb_weight * L_vb",
     "aux_loss": "alpha-weighted token-choice balance loss (0 otherwise)",
     "predictor_bce": "weighted capacity-predictor BCE, mean over MoE layers (Eq. 12)",
-    "threshold_mean": "mean DiffMoE threshold tau over layers and experts (Eq. 17)",
+    "threshold_mean": "mean DiffMoE threshold tau over layers and experts (Eq. 17), as the "
+                      "step's forward saw it",
     "dynamic_capacity": "C (Eq. 9) dynamic inference would use on the training batch",
     "images_per_sec": "training throughput over the interval (all ranks)",
     "lr": "learning rate",
@@ -428,10 +429,10 @@ class Trainer:
         latest = find_latest_checkpoint(self.ckpt_root, check_hashes=False)
         return str(latest) if latest is not None else "none (no checkpoint written yet)"
 
-    def _nonfinite_loss(self, loss: torch.Tensor, thresholds: list[torch.Tensor]) -> None:
+    def _nonfinite_loss(self, loss: torch.Tensor) -> None:
         """A NaN/Inf loss on some rank at step ``self.step + 1``: stop with an error, or (with
-        ``train.nonfinite_loss=skip``) undo the thresholds' update of this forward and count a
-        skip; the caller then leaves weights, EMA and optimizer untouched."""
+        ``train.nonfinite_loss=skip``) count a skip; the caller then leaves weights, EMA,
+        optimizer and thresholds untouched."""
         t = self.cfg.train
         step = self.step + 1
         value = loss.item()
@@ -448,8 +449,6 @@ class Trainer:
                 f"{t.max_skipped_steps} steps skipped; last good checkpoint: "
                 f"{self._last_good_checkpoint()}; check the data, lower train.lr or set "
                 f"train.grad_clip, then resume with --resume")
-        for m, tau in zip(self.diffmoe_layers, thresholds):
-            m.thresholds_E.copy_(tau)
         log.warning("non-finite loss (%s) at step %d: step skipped (%d skipped so far)", what,
                     step, self.skipped_steps)
 
@@ -489,15 +488,13 @@ class Trainer:
         lr = self._lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        thresholds = ([m.thresholds_E.clone() for m in self.diffmoe_layers]
-                      if t.nonfinite_loss == "skip" else [])
-        # Each micro-batch is its own DiffMoE token pool (and threshold update); gradients of
-        # loss / grad_accum accumulate, and are reduced across ranks on the last one only. The
-        # ranks agree that a micro-batch's loss is finite (one collective) before its backward,
-        # so a non-finite loss on any rank skips the step everywhere without a backward or a
-        # gradient all-reduce.
+        # Each micro-batch is its own DiffMoE token pool (and threshold update, Eq. 17, applied
+        # once the step is known to be kept); gradients of loss / grad_accum accumulate, and are
+        # reduced across ranks on the last one only. The ranks agree that a micro-batch's loss is
+        # finite (one collective) before its backward, so a non-finite loss on any rank skips the
+        # step everywhere without a backward or a gradient all-reduce, and leaves τ as it was.
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = []
+        metrics, targets = [], []
         good = True
         micro = list(zip(x.chunk(t.grad_accum), y.chunk(t.grad_accum)))
         for i, (x_m, y_m) in enumerate(micro):
@@ -511,20 +508,23 @@ class Trainer:
                 if distributed.any_rank(~torch.isfinite(out.loss.detach())):
                     good = False
                     break
+                targets.append([o.threshold_targets_E for o in out.model_output.layers
+                                if o.threshold_targets_E is not None])
                 (out.loss / len(micro)).backward()
         step_metrics = torch.stack(metrics).mean(0)
         if good:
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.optimizer.step()
-            average_thresholds_across_ranks(self.diffmoe_layers)
+            for micro_targets in targets:
+                apply_threshold_updates(self.diffmoe_layers, micro_targets)
             update_ema(self.ema, self.model, ema_decay(t.ema_decay, self.step, t.ema_warmup),
                        t.ema_buffers)
             self.interval_sums += step_metrics
             self.interval_good += 1
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            self._nonfinite_loss(step_metrics[0], thresholds)
+            self._nonfinite_loss(step_metrics[0])
         self.step += 1
 
     def _log_interval(self, interval_start: float, timed_steps: int, start_time: float) -> dict:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from diffmoe import distributed
 from diffmoe.config import load_config
 from diffmoe.models import build_model
-from diffmoe.models.moe import set_token_pool
+from diffmoe.models.moe import apply_threshold_updates, diffmoe_layers, set_token_pool
 
 GLOBAL_BATCH = 8
 PERTURB_STD = 0.05
@@ -37,8 +37,12 @@ def fixed_batch(cfg):
     return x, t, y
 
 
-def loss_of(model, x, t, y):
+def loss_of(model, x, t, y, average_over_ranks=True):
+    """The loss and output of one training forward, with the thresholds' update (Eq. 17)
+    applied as the trainer applies it."""
     out = model(x, t, y)
+    apply_threshold_updates(diffmoe_layers(model),
+                            [o.threshold_targets_E for o in out.layers], average_over_ranks)
     return out.out.pow(2).mean() + out.predictor_loss, out.out
 
 
@@ -55,7 +59,7 @@ def check_pool(config: str, result: str, overrides: list[str]) -> None:
     set_token_pool(model, "global")
     x, t, y = fixed_batch(cfg)
     part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-    _, control = loss_of(per_rank, x[part], t[part], y[part])
+    _, control = loss_of(per_rank, x[part], t[part], y[part], average_over_ranks=False)
     controls = [torch.empty_like(control) for _ in range(world)]
     dist.all_gather(controls, control.detach())
     loss, out = loss_of(model, x[part], t[part], y[part])
@@ -67,7 +71,7 @@ def check_pool(config: str, result: str, overrides: list[str]) -> None:
     dist.all_gather(outs, out.detach())
     taus = torch.cat([m.thresholds_E for m in model.moe_layers()])
     if rank == 0:
-        ref_loss, ref_out = loss_of(single, x, t, y)
+        ref_loss, ref_out = loss_of(single, x, t, y, average_over_ranks=False)
         ref_loss.backward()
         ref_grads = torch.cat([p.grad.flatten() for p in single.parameters()
                                if p.grad is not None])

@@ -19,6 +19,7 @@ from diffmoe.models.moe import (
     DenseFFN,
     FFNOutput,
     Routing,
+    apply_threshold_updates,
     build_ffn,
     expert_capacity,
 )
@@ -188,15 +189,23 @@ def test_threshold_update_is_eq17():
     before = layer.thresholds_E.clone()
     x = inputs(requires_grad=False)
     out = layer(x)
+    # The forward only records the targets q_e: no side effect on the thresholds.
+    assert torch.equal(layer.thresholds_E, before)
     k = 24 // 4
     probs = torch.sigmoid(out.predictor_logits_SE.float())
     q = torch.stack([torch.sort(probs[:, e], descending=True).values[k - 1] for e in range(4)])
+    assert torch.equal(out.threshold_targets_E, q)
+    apply_threshold_updates([layer], [out.threshold_targets_E])
     assert_close(layer.thresholds_E, 0.95 * before + 0.05 * q.to(before.dtype))
-    # Eval forwards do not move the thresholds.
+    # Eval forwards record no targets.
     layer.eval()
-    after = layer.thresholds_E.clone()
-    layer(x, Routing("dynamic"))
-    assert torch.equal(layer.thresholds_E, after)
+    assert layer(x, Routing("dynamic")).threshold_targets_E is None
+
+
+def test_threshold_updates_need_one_target_per_layer():
+    layer = make("diffmoe").train()
+    with pytest.raises(ValueError, match="2 threshold targets for 1 DiffMoE layers"):
+        apply_threshold_updates([layer], [torch.zeros(4), torch.zeros(4)])
 
 
 def test_threshold_helpers_vectorised_match_loop():

@@ -22,7 +22,7 @@ from diffmoe.config import (
     overrides_to_dict,
 )
 from diffmoe.errors import ConfigError
-from diffmoe.models.moe import Routing, build_ffn, expert_capacity
+from diffmoe.models.moe import Routing, apply_threshold_updates, build_ffn, expert_capacity
 
 D, HIDDEN = 8, 16
 FAST = settings(max_examples=40, deadline=None)
@@ -128,6 +128,7 @@ def test_diffmoe_training_bounds_and_gradients_for_any_capacity(batch, tokens, e
     x = (torch.randn(batch, tokens, D) * scale).requires_grad_()
     for _ in range(3):
         out = layer(x)
+        apply_threshold_updates([layer], [out.threshold_targets_E])
     S = batch * tokens
     k = expert_capacity(S, capacity, experts)
     assert 1 <= k <= S

@@ -8,7 +8,6 @@ D width.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -20,7 +19,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from ..config import ModelConfig
-from .moe import STATIC, DenseFFN, FFNOutput, MoELayer, Routing, build_ffn, recomputing
+from .moe import STATIC, DenseFFN, FFNOutput, MoELayer, Routing, build_ffn
 
 TIMESTEP_FREQ_DIM = 256  # sinusoidal features fed to the timestep MLP (DiT)
 TIMESTEP_MAX_PERIOD = 10000
@@ -242,9 +241,8 @@ class DiT(nn.Module):
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if checkpointed:
-                h, ffn_out = torch.utils.checkpoint.checkpoint(
-                    block, h, c, routing, use_reentrant=False,
-                    context_fn=lambda: (contextlib.nullcontext(), recomputing()))
+                h, ffn_out = torch.utils.checkpoint.checkpoint(block, h, c, routing,
+                                                               use_reentrant=False)
             else:
                 h, ffn_out = block(h, c, routing)
             if i in self.moe_blocks:

@@ -19,9 +19,8 @@ from .dense import DenseFFN
 from .diffmoe import (
     CapacityPredictor,
     DiffMoE,
-    average_thresholds_across_ranks,
+    apply_threshold_updates,
     diffmoe_layers,
-    recomputing,
     set_token_pool,
 )
 from .expert_choice import ExpertChoiceMoE
@@ -44,5 +43,5 @@ def build_ffn(moe: MoEConfig, dim: int, hidden: int) -> nn.Module:
 
 __all__ = ["STATIC", "CapacityPredictor", "DenseFFN", "DiffMoE", "ExpertBank",
            "ExpertChoiceMoE", "FFNOutput", "FeedForward", "MoELayer", "Routing",
-           "TokenChoiceMoE", "average_thresholds_across_ranks", "build_ffn", "diffmoe_layers",
-           "expert_capacity", "recomputing", "set_token_pool"]
+           "TokenChoiceMoE", "apply_threshold_updates", "build_ffn", "diffmoe_layers",
+           "expert_capacity", "set_token_pool"]

@@ -6,8 +6,12 @@ takes the top k = S·C/E tokens of the *whole pool* by its router score, so toke
 samples (and noise levels) compete. Tokens chosen by no expert get zero FFN output.
 
 Capacity predictor (Eq. 12-13): a 2-layer MLP on the detached pool predicts the selection mask O;
-its BCE loss trains only the predictor. Thresholds (Eq. 17): after every training forward,
-τ_e ← α·τ_e + (1−α)·q_e with q_e the k-th largest sigmoid(prediction) of expert e.
+its BCE loss trains only the predictor. Thresholds (Eq. 17): τ_e ← α·τ_e + (1−α)·q_e with q_e the
+k-th largest sigmoid(prediction) of expert e. A training forward only records q_e (in its
+:class:`FFNOutput`); the trainer applies Eq. 17 to every layer with :func:`apply_threshold_updates`
+once per micro-batch it keeps, averaged over ranks in one collective. The forward has no side
+effect, so activation checkpointing's recomputation and torch.compile need no special case, and a
+micro-batch skipped for a non-finite loss leaves τ as it was.
 
 Inference (Eq. 14, 16): expert e processes k_e = #{s : p[s, e] > τ_e} tokens (or > γ for a
 constant threshold), and the router decides which: expert e takes its top-k_e tokens by score.
@@ -18,18 +22,14 @@ Pool scope under torchrun (``pool = "rank"`` or ``"global"``, set by the trainer
 its top k = S_global·C/E tokens of the global pool, and each rank runs the chosen tokens it holds.
 The gathered scores only decide *which* tokens are chosen (top-k indices carry no gradient); the
 weights of Eq. 7 are the local scores, so a plain all-gather gives the same gradients as an
-autograd one. The threshold targets q_e are taken over the global pool, so every rank makes the
-same update.
-
-Activation checkpointing recomputes a block's forward in the backward pass: inside
-:func:`recomputing` the threshold update (a side effect of the training forward) is skipped, so
-τ moves once per forward, as without checkpointing.
+autograd one. The threshold targets q_e are taken over the global pool, so every rank records the
+same targets.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,24 +40,6 @@ from torch import Tensor
 from .base import FFNOutput, MoELayer, Routing, expert_capacity
 
 POOL_SCOPES = ("rank", "global")
-
-
-class _Recomputing:
-    """Whether an activation-checkpointing recomputation is running (a plain flag, which
-    torch.compile reads without a graph break; recomputation never overlaps a forward)."""
-
-    active = False
-
-
-@contextlib.contextmanager
-def recomputing() -> Iterator[None]:
-    """Marks an activation-checkpointing recomputation: DiffMoE layers skip their threshold
-    update (it already happened in the original forward)."""
-    previous, _Recomputing.active = _Recomputing.active, True
-    try:
-        yield
-    finally:
-        _Recomputing.active = previous
 
 
 def _world() -> tuple[int, int]:
@@ -121,6 +103,20 @@ def top_by_score(scores_SE: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:
     return tok_ES[keep_ES], w_ES[keep_ES]
 
 
+@dataclass
+class Selection:
+    """Which tokens each expert processes, and with which weights (Eq. 7).
+
+    Equal capacities (the training rule of the rank pool, static inference): ``tokens`` and
+    ``weights`` are (E, k), run as one batched matmul without a host synchronisation. Otherwise
+    rows grouped by expert with ``counts_E`` rows each."""
+
+    tokens: Tensor
+    weights: Tensor
+    counts_E: Tensor
+    equal: bool
+
+
 class DiffMoE(MoELayer):
     def __init__(self, *args, threshold_ema: float = 0.95, **kwargs):
         super().__init__(*args, **kwargs)
@@ -130,46 +126,66 @@ class DiffMoE(MoELayer):
         self.pool = "rank"  # training pool scope under torchrun (see the module docstring)
 
     def route_and_compute(self, x_SD: Tensor, batch: int, routing: Routing) -> FFNOutput:
-        S, E = x_SD.shape[0], self.num_experts
+        """Choose (tokens, weights, counts) by the mode, then run one shared tail."""
         scores_SE = self.router(x_SD)
-        k = expert_capacity(S, self.capacity, self.base_experts)
+        logits_SE: Optional[Tensor] = None
+        targets_E: Optional[Tensor] = None
         if not self.training and routing.mode == "static":
             # Static inference needs no prediction: skip the predictor's compute.
-            w_Ek, idx_Ek = scores_SE.t().topk(k, dim=1)
-            y_SD, mask_SE = self.run_equal(x_SD, idx_Ek, w_Ek)
-            counts_E = torch.full((E,), k, dtype=torch.long, device=x_SD.device)
-            return FFNOutput(y=y_SD, mask_SE=mask_SE, counts_E=counts_E)
-        logits_SE = self.predictor(x_SD)
-        if self.training and self.pool == "global":
+            selection = self._equal_selection(scores_SE, x_SD.shape[0])
+        else:
+            logits_SE = self.predictor(x_SD)
+            if self.training:
+                selection, targets_E = self._training_selection(scores_SE, logits_SE)
+            else:
+                selection = self._inference_selection(scores_SE, logits_SE, routing)
+        if selection.equal:
+            y_SD, mask_SE = self.run_equal(x_SD, selection.tokens, selection.weights)
+        else:
+            y_SD, mask_SE = self.run_grouped(x_SD, selection.tokens, selection.weights,
+                                             selection.counts_E)
+        return FFNOutput(
+            y=y_SD, mask_SE=mask_SE, counts_E=selection.counts_E, predictor_logits_SE=logits_SE,
+            predictor_loss=None if logits_SE is None else predictor_loss(logits_SE, mask_SE),
+            threshold_targets_E=targets_E)
+
+    def _equal_selection(self, scores_SE: Tensor, pool: int) -> Selection:
+        """The training rule on this pool: expert e takes its top k = S·C/E tokens."""
+        k = expert_capacity(pool, self.capacity, self.base_experts)
+        w_Ek, idx_Ek = scores_SE.t().topk(k, dim=1)
+        counts_E = torch.full((self.num_experts,), k, dtype=torch.long, device=scores_SE.device)
+        return Selection(idx_Ek, w_Ek, counts_E, equal=True)
+
+    def _training_selection(self, scores_SE: Tensor, logits_SE: Tensor
+                            ) -> tuple[Selection, Tensor]:
+        """The training rule over the pool (this rank's, or all ranks' with ``pool="global"``),
+        and the threshold targets q_e over the same pool."""
+        if self.pool == "global":
             rank, world = _world()
             if world > 1:
-                return self._train_global_pool(x_SD, scores_SE, logits_SE, rank, world)
-        if self.training:
-            w_Ek, idx_Ek = scores_SE.t().topk(k, dim=1)
-            y_SD, mask_SE = self.run_equal(x_SD, idx_Ek, w_Ek)
-            counts_E = torch.full((E,), k, dtype=torch.long, device=x_SD.device)
-            if not _Recomputing.active:
-                with torch.no_grad():
-                    update_thresholds(self.thresholds_E, threshold_targets(logits_SE, k),
-                                      self.threshold_ema)
+                return self._global_pool_selection(scores_SE, logits_SE, rank, world)
+        selection = self._equal_selection(scores_SE, scores_SE.shape[0])
+        with torch.no_grad():
+            targets_E = threshold_targets(logits_SE, int(selection.tokens.shape[1]))
+        return selection, targets_E
+
+    def _inference_selection(self, scores_SE: Tensor, logits_SE: Tensor,
+                             routing: Routing) -> Selection:
+        """Eq. 14 (dynamic: τ) or Eq. 16 (one threshold γ): k_e tokens, the router's best."""
+        if routing.mode == "dynamic":
+            thresholds_E = self.thresholds_E
         else:
-            if routing.mode == "dynamic":
-                thresholds_E = self.thresholds_E
-            else:
-                thresholds_E = torch.full_like(self.thresholds_E, routing.threshold)
-            counts_E = dynamic_counts(logits_SE, thresholds_E)
-            tok_T, w_T = top_by_score(scores_SE, counts_E)
-            y_SD, mask_SE = self.run_grouped(x_SD, tok_T, w_T, counts_E)
-        return FFNOutput(y=y_SD, predictor_loss=predictor_loss(logits_SE, mask_SE),
-                         mask_SE=mask_SE, predictor_logits_SE=logits_SE, counts_E=counts_E)
+            thresholds_E = torch.full_like(self.thresholds_E, routing.threshold)
+        counts_E = dynamic_counts(logits_SE, thresholds_E)
+        tok_T, w_T = top_by_score(scores_SE, counts_E)
+        return Selection(tok_T, w_T, counts_E, equal=False)
 
-
-    def _train_global_pool(self, x_SD: Tensor, scores_SE: Tensor, logits_SE: Tensor, rank: int,
-                           world: int) -> FFNOutput:
+    def _global_pool_selection(self, scores_SE: Tensor, logits_SE: Tensor, rank: int,
+                               world: int) -> tuple[Selection, Tensor]:
         """Training rule over the pool of all ranks (G = world·S tokens, equal S per rank):
         expert e takes its top k = G·C/E tokens of the gathered scores; this rank runs the
         chosen tokens it holds (unequal counts per expert) weighted by their local scores."""
-        S = x_SD.shape[0]
+        S = scores_SE.shape[0]
         with torch.no_grad():
             scores_GE = all_gather_rows(scores_SE.detach())
             logits_GE = all_gather_rows(logits_SE.detach())
@@ -180,14 +196,31 @@ class DiffMoE(MoELayer):
         counts_E = mine_Ek.sum(1)
         tok_T = idx_Ek[mine_Ek]  # row-major: grouped by expert
         expert_T = self.experts.row_experts(counts_E, tok_T.shape[0])
-        w_T = scores_SE[tok_T, expert_T]
-        y_SD, mask_SE = self.run_grouped(x_SD, tok_T, w_T, counts_E)
-        if not _Recomputing.active:
-            with torch.no_grad():
-                update_thresholds(self.thresholds_E, threshold_targets(logits_GE, k),
-                                  self.threshold_ema)
-        return FFNOutput(y=y_SD, predictor_loss=predictor_loss(logits_SE, mask_SE),
-                         mask_SE=mask_SE, predictor_logits_SE=logits_SE, counts_E=counts_E)
+        with torch.no_grad():
+            targets_E = threshold_targets(logits_GE, k)
+        return Selection(tok_T, scores_SE[tok_T, expert_T], counts_E, equal=False), targets_E
+
+
+def apply_threshold_updates(layers: Sequence["DiffMoE"], targets: Sequence[Tensor],
+                            average_over_ranks: bool = True) -> None:
+    """Eq. 17 for every DiffMoE layer of a model, from the targets q_e its training forward
+    recorded (``FFNOutput.threshold_targets_E``, in layer order). Under a process group (and
+    ``average_over_ranks``) the targets are first averaged over the data-parallel ranks in one
+    collective, so every rank makes the same update; τ being a linear EMA of q, this equals
+    averaging the ranks' updated τ."""
+    layers, targets = list(layers), list(targets)
+    if len(layers) != len(targets):
+        raise ValueError(f"{len(targets)} threshold targets for {len(layers)} DiffMoE layers")
+    if not layers:
+        return
+    with torch.no_grad():
+        flat = torch.cat([q.detach().float().to(layers[0].thresholds_E.device) for q in targets])
+        if (average_over_ranks and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= dist.get_world_size()
+        for m, q_E in zip(layers, flat.split([m.thresholds_E.numel() for m in layers])):
+            update_thresholds(m.thresholds_E, q_E, m.threshold_ema)
 
 
 def set_token_pool(model: nn.Module, pool: str) -> None:
@@ -200,21 +233,3 @@ def set_token_pool(model: nn.Module, pool: str) -> None:
 
 def diffmoe_layers(model: nn.Module) -> list[DiffMoE]:
     return [m for m in model.modules() if isinstance(m, DiffMoE)]
-
-
-def average_thresholds_across_ranks(layers: Iterable[DiffMoE]) -> None:
-    """Average every layer's τ over data-parallel ranks in one collective.
-
-    Since τ is a linear EMA of q, averaging τ after each local update equals updating with the
-    rank-averaged q. Without an initialised process group this does nothing.
-    """
-    layers = list(layers)
-    if not layers or not (dist.is_available() and dist.is_initialized()):
-        return
-    if dist.get_world_size() == 1:
-        return
-    flat = torch.cat([m.thresholds_E for m in layers])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    for m, chunk in zip(layers, flat.split([m.thresholds_E.numel() for m in layers])):
-        m.thresholds_E.copy_(chunk)
