@@ -87,6 +87,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_class_conditional(path: str, command: str, instead: str) -> None:
+    """``command`` measures over class labels: refuse a text-to-image checkpoint in one line."""
+    if checkpoint_condition(path) == "text":
+        raise DiffMoEError(f"{command} works on class-conditional checkpoints and '{path}' is "
+                           f"text-to-image; {instead}")
+
+
 def checkpoint_condition(path: str) -> str:
     from .t2i.sample import checkpoint_condition as condition
 
@@ -250,8 +257,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import Evaluator, sweep, sweep_table, write_json
     from .evaluation.plots import plot_sweep
 
-    if checkpoint_condition(args.checkpoint) == "text":
-        return cmd_eval_text(args)
+    require_class_conditional(
+        args.checkpoint, "sweep-thresholds",
+        "judge one threshold at a time with diffmoe eval CHECKPOINT --mode threshold --threshold G")
     options = eval_options(args)
     evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), options)
     out_dir = Path(args.out) if args.out else default_output(evaluator.checkpoint, "eval",
@@ -272,6 +280,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     if args.num < 1 or args.num_per_batch_size < 1:
         raise DiffMoEError("--num and --num-per-batch-size must be positive integers")
+    require_class_conditional(
+        args.checkpoint, "analyze",
+        "diffmoe eval CHECKPOINT reports its capacity (C_avg_infer) on the judge's prompts")
     options = EvalOptions(num=max(args.num, 2), labels=args.labels or "balanced",
                           device=args.device, progress=not args.no_progress)
     evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), options)

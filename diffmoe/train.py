@@ -63,7 +63,7 @@ from .ema import ema_decay, make_ema, update_ema
 from .errors import CheckpointError, ConfigError, DiffMoEError, TrainingError
 from .images import save_grid
 from .models import DiT, DiTOutput, build_model
-from .models.moe import apply_threshold_updates, diffmoe_layers, set_token_pool
+from .models.moe import apply_threshold_updates, diffmoe_layers
 from .models.moe.diffmoe import dynamic_counts
 from .paths import file_in_the_way
 from .sample import generate, resolve_routing
@@ -195,9 +195,8 @@ class Trainer:
                                     self.dist.rank, self.dist.world_size, self.device)
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.model: DiT = build_model(cfg.model).to(self.device)
+        self.model: DiT = build_model(cfg.model, t.token_pool).to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
-        set_token_pool(self.model, t.token_pool)
         self.ema = make_ema(self.model)
         if self.fsdp:
             scale.shard(self.model)
@@ -390,15 +389,15 @@ class Trainer:
     def _capacity_stats(self, out: DiTOutput) -> torch.Tensor:
         """(mean threshold, C of Eq. 9 that dynamic inference would spend on this batch) for
         DiffMoE; zeros for the other layers."""
-        if not self.diffmoe_layers:
+        layers = [o for o in out.layers
+                  if o.thresholds_E is not None and o.predictor_logits_SE is not None]
+        if not layers:
             return torch.zeros(2, device=self.device)
-        taus, caps = [], []
-        for o, m in zip([o for o in out.layers if o.predictor_logits_SE is not None],
-                        self.diffmoe_layers):
-            taus.append(m.thresholds_E.mean())
-            counts_E = dynamic_counts(o.predictor_logits_SE, m.thresholds_E)
-            caps.append(expert_capacities(counts_E, o.num_tokens, o.base_experts).mean())
-        return torch.stack([torch.stack(taus).mean(), torch.stack(caps).mean()])
+        taus = torch.stack([o.thresholds_E.mean() for o in layers])
+        caps = torch.stack([
+            expert_capacities(dynamic_counts(o.predictor_logits_SE, o.thresholds_E),
+                              o.num_tokens, o.base_experts).mean() for o in layers])
+        return torch.stack([taus.mean(), caps.mean()])
 
     def sample_grid(self) -> Optional[Path]:
         """The EMA model's sample grid, written by rank 0. Under FSDP every rank takes part (the

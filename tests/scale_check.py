@@ -12,7 +12,6 @@ the thresholds under FSDP, whose weights are shards) equal rank 0's.
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 
@@ -22,7 +21,7 @@ import torch.distributed as dist
 from diffmoe import distributed
 from diffmoe.config import load_config
 from diffmoe.models import build_model
-from diffmoe.models.moe import apply_threshold_updates, diffmoe_layers, set_token_pool
+from diffmoe.models.moe import apply_threshold_updates, diffmoe_layers
 
 GLOBAL_BATCH = 8
 PERTURB_STD = 0.05
@@ -50,13 +49,13 @@ def check_pool(config: str, result: str, overrides: list[str]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = load_config(config, overrides + ["model.class_dropout=0"])
     torch.manual_seed(0)
-    model = build_model(cfg.model).train()
+    model = build_model(cfg.model, token_pool="global").train()
     with torch.no_grad():  # leave adaLN-Zero's all-zero start, so that outputs depend on routing
         for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=PERTURB_STD)
-    single = copy.deepcopy(model)
-    per_rank = copy.deepcopy(model)  # control: a per-rank pool must NOT match the single process
-    set_token_pool(model, "global")
+    single, per_rank = (build_model(cfg.model).train() for _ in range(2))  # per-rank pools
+    for copy_ in (single, per_rank):  # per_rank, the control, must NOT match the single process
+        copy_.load_state_dict(model.state_dict())
     x, t, y = fixed_batch(cfg)
     part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     _, control = loss_of(per_rank, x[part], t[part], y[part], average_over_ranks=False)

@@ -473,6 +473,15 @@ CASES = [
          ["eval", "<t2i>", "--categories", "single_object", "shapes", "--no-fid"],
          "error: unknown judge categories ['shapes']; choose from ['single_object', "
          "'two_object', 'counting', 'colors', 'position', 'color_attr']"),
+    Case("t2i-sweep-thresholds", "text-to-image",
+         ["sweep-thresholds", "<t2i>", "--num", "4"],
+         "error: sweep-thresholds works on class-conditional checkpoints and '<t2i>' is "
+         "text-to-image; judge one threshold at a time with diffmoe eval CHECKPOINT --mode "
+         "threshold --threshold G"),
+    Case("t2i-analyze", "text-to-image",
+         ["analyze", "<t2i>", "--num", "4"],
+         "error: analyze works on class-conditional checkpoints and '<t2i>' is text-to-image; "
+         "diffmoe eval CHECKPOINT reports its capacity (C_avg_infer) on the judge's prompts"),
     Case("class-run-prompt", "text-to-image",
          ["sample", "<run>", "--prompt", "a red circle", "--out", "<tmp>/o.png"],
          "error: this checkpoint is class-conditional and takes no --prompt; choose classes "

@@ -21,7 +21,7 @@ from diffmoe.diffusion.samplers import guided_velocity
 from diffmoe.errors import ConfigError, DataError
 from diffmoe.models import build_model
 from diffmoe.models.moe import Routing
-from diffmoe.models.t2i import TextDiT
+from diffmoe.models.t2i import TextDiT, TextDiTBlock
 from diffmoe.t2i.condition import TextCondition
 from diffmoe.t2i.encoder import cached_embeddings, encoder_dir, encoder_hash
 from diffmoe.t2i.judge import detect, judge, largest_shape, shape_fit
@@ -241,6 +241,34 @@ def test_every_ffn_variant_runs_with_text(ffn):
     (out.out.pow(2).mean() + out.aux_loss + out.predictor_loss).backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert not unused, unused  # DDP needs every parameter in the graph
+
+
+def test_activation_checkpointing_recomputes_the_text_blocks(monkeypatch):
+    """With activation checkpointing each block of a text model runs again in the backward
+    pass, and the gradients are those of the plain model (the text model used to ignore it)."""
+    calls = []
+    original = TextDiTBlock.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TextDiTBlock, "forward", counted)
+    torch.manual_seed(0)
+    plain = _trained_a_little(build_model(_cfg("diffmoe"))).train()
+    ckpt = build_model(_cfg("diffmoe")).train()
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.activation_checkpointing = True
+    x, t, cond = torch.randn(4, 3, 8, 8), torch.rand(4) * 1000, _cond(4, 5)
+    for model in (plain, ckpt):
+        calls.clear()
+        torch.manual_seed(2)  # the same flow noise / caption dropout draws for both
+        out = model(x, t, cond)
+        (out.out.pow(2).mean() + out.predictor_loss).backward()
+        assert len(calls) == len(model.blocks) * (2 if model is ckpt else 1)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, msg=name)
 
 
 def test_padding_the_caption_changes_nothing():

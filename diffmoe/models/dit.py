@@ -151,7 +151,9 @@ class DiTOutput:
 
 
 class DiT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, token_pool: str = "rank"):
+        """``token_pool``: the DiffMoE layers' training pool under torchrun ("rank", or "global"
+        for the pool of every rank's micro-batch)."""
         super().__init__()
         self.cfg = cfg
         D, p = cfg.hidden_size, cfg.patch_size
@@ -168,7 +170,7 @@ class DiT(nn.Module):
         self.moe_blocks = [i for i in range(cfg.depth) if self.is_moe_block(i)]
         self.blocks = nn.ModuleList(
             DiTBlock(D, cfg.num_heads,
-                     build_ffn(cfg.moe, D, hidden) if i in self.moe_blocks
+                     build_ffn(cfg.moe, D, hidden, token_pool) if i in self.moe_blocks
                      else DenseFFN(D, hidden))
             for i in range(cfg.depth))
         self.final_layer = FinalLayer(D, p, self.out_channels)
@@ -237,17 +239,25 @@ class DiT(nn.Module):
         (``num_classes`` = null)."""
         h = self.patchify(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
+        h, moe_outputs = self.run_blocks(h, c, routing)
+        return self.output(self.decode(h, c), moe_outputs)
+
+    def run_blocks(self, h: Tensor, c: Tensor, routing: Routing, *block_args: Tensor
+                   ) -> tuple[Tensor, list[FFNOutput]]:
+        """Every block in turn (``block_args`` go to each block after ``routing``), each
+        recomputed in the backward pass under ``activation_checkpointing``; returns the tokens
+        and the outputs of the MoE positions."""
         moe_outputs: list[FFNOutput] = []
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if checkpointed:
-                h, ffn_out = torch.utils.checkpoint.checkpoint(block, h, c, routing,
+                h, ffn_out = torch.utils.checkpoint.checkpoint(block, h, c, routing, *block_args,
                                                                use_reentrant=False)
             else:
-                h, ffn_out = block(h, c, routing)
+                h, ffn_out = block(h, c, routing, *block_args)
             if i in self.moe_blocks:
                 moe_outputs.append(ffn_out)
-        return self.output(self.decode(h, c), moe_outputs)
+        return h, moe_outputs
 
     def output(self, out: Tensor, moe_outputs: list[FFNOutput]) -> DiTOutput:
         """The prediction with the weighted auxiliary losses of the MoE layers."""
@@ -280,10 +290,11 @@ class DiT(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
 
-def build_model(cfg: ModelConfig) -> DiT:
-    """The class-conditional DiT, or the text-conditioned one for ``model.condition: text``."""
+def build_model(cfg: ModelConfig, token_pool: str = "rank") -> DiT:
+    """The class-conditional DiT, or the text-conditioned one for ``model.condition: text``;
+    ``token_pool`` as for :class:`DiT`."""
     if cfg.condition == "text":
         from .t2i import TextDiT
 
-        return TextDiT(cfg)
-    return DiT(cfg)
+        return TextDiT(cfg, token_pool)
+    return DiT(cfg, token_pool)

@@ -100,8 +100,8 @@ class TextEmbedder(nn.Module):
 
 
 class TextDiT(DiT):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, token_pool: str = "rank"):
+        super().__init__(cfg, token_pool)
         D = cfg.hidden_size
         self.y_embedder = TextEmbedder(cfg.text.dim, D, cfg.text.dropout)
         self.blocks = nn.ModuleList(TextDiTBlock(D, cfg.num_heads, block.mlp)
@@ -125,11 +125,7 @@ class TextDiT(DiT):
         h = self.patchify(x) + self.pos_embed.to(x.dtype)
         pooled, ctx, mask = self.y_embedder(y)
         c = self.t_embedder(t) + pooled
-        moe_outputs: list[FFNOutput] = []
-        for i, block in enumerate(self.blocks):
-            h, ffn_out = block(h, c, routing, ctx, mask)
-            if i in self.moe_blocks:
-                moe_outputs.append(ffn_out)
+        h, moe_outputs = self.run_blocks(h, c, routing, ctx, mask)
         return self.output(self.decode(h, c), moe_outputs)
 
     def null_condition(self, y: TextCondition) -> TextCondition:

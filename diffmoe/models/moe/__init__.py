@@ -21,7 +21,6 @@ from .diffmoe import (
     DiffMoE,
     apply_threshold_updates,
     diffmoe_layers,
-    set_token_pool,
 )
 from .expert_choice import ExpertChoiceMoE
 from .token_choice import TokenChoiceMoE
@@ -29,19 +28,20 @@ from .token_choice import TokenChoiceMoE
 LAYERS = {"token_choice": TokenChoiceMoE, "expert_choice": ExpertChoiceMoE, "diffmoe": DiffMoE}
 
 
-def build_ffn(moe: MoEConfig, dim: int, hidden: int) -> nn.Module:
-    """The feed-forward layer of one MoE position for ``moe.type``."""
+def build_ffn(moe: MoEConfig, dim: int, hidden: int, token_pool: str = "rank") -> nn.Module:
+    """The feed-forward layer of one MoE position for ``moe.type``; ``token_pool`` is a DiffMoE
+    layer's training pool under torchrun ("rank" or "global", see :mod:`.diffmoe`)."""
     if moe.type == "dense":
         return DenseFFN(dim, hidden)
     kwargs = dict(num_experts=moe.num_experts, capacity=moe.capacity,
                   granularity=moe.granularity, shared_experts=moe.shared_experts,
                   router_init_std=moe.router_init_std, dispatch=moe.dispatch)
     if moe.type == "diffmoe":
-        kwargs["threshold_ema"] = moe.threshold_ema
+        kwargs.update(threshold_ema=moe.threshold_ema, pool=token_pool)
     return LAYERS[moe.type](dim, hidden, **kwargs)
 
 
 __all__ = ["STATIC", "CapacityPredictor", "DenseFFN", "DiffMoE", "ExpertBank",
            "ExpertChoiceMoE", "FFNOutput", "FeedForward", "MoELayer", "Routing",
            "TokenChoiceMoE", "apply_threshold_updates", "build_ffn", "diffmoe_layers",
-           "expert_capacity", "set_token_pool"]
+           "expert_capacity"]

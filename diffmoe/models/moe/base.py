@@ -51,6 +51,7 @@ class FFNOutput:
     mask_SE: selection mask O (Eq. 13), True where expert e processed token s.
     predictor_logits_SE: capacity-predictor logits.
     counts_E: tokens processed per expert, k_e.
+    thresholds_E: the thresholds τ this forward saw (DiffMoE), for logging.
     threshold_targets_E: q_e of Eq. 17 over the training pool (DiffMoE in training mode). The
         forward only records them; ``apply_threshold_updates`` moves the thresholds.
     num_tokens: S, the pool the counts refer to.
@@ -63,6 +64,7 @@ class FFNOutput:
     mask_SE: Optional[Tensor] = None
     predictor_logits_SE: Optional[Tensor] = None
     counts_E: Optional[Tensor] = None
+    thresholds_E: Optional[Tensor] = None
     threshold_targets_E: Optional[Tensor] = None
     num_tokens: int = 0
     base_experts: int = 1

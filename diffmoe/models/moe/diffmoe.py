@@ -16,10 +16,11 @@ micro-batch skipped for a non-finite loss leaves τ as it was.
 Inference (Eq. 14, 16): expert e processes k_e = #{s : p[s, e] > τ_e} tokens (or > γ for a
 constant threshold), and the router decides which: expert e takes its top-k_e tokens by score.
 
-Pool scope under torchrun (``pool = "rank"`` or ``"global"``, set by the trainer from
-``train.token_pool``): with "rank" (the public code) the pool is this rank's micro-batch; with
-"global" the router scores and predictor logits of every rank are all-gathered, each expert takes
-its top k = S_global·C/E tokens of the global pool, and each rank runs the chosen tokens it holds.
+Pool scope under torchrun (``pool = "rank"`` or ``"global"``, given at construction; the trainer
+builds the model with ``train.token_pool``): with "rank" (the public code) the pool is this rank's
+micro-batch; with "global" the router scores and predictor logits of every rank are all-gathered,
+each expert takes its top k = S_global·C/E tokens of the global pool, and each rank runs the
+chosen tokens it holds.
 The gathered scores only decide *which* tokens are chosen (top-k indices carry no gradient); the
 weights of Eq. 7 are the local scores, so a plain all-gather gives the same gradients as an
 autograd one. The threshold targets q_e are taken over the global pool, so every rank records the
@@ -118,12 +119,14 @@ class Selection:
 
 
 class DiffMoE(MoELayer):
-    def __init__(self, *args, threshold_ema: float = 0.95, **kwargs):
+    def __init__(self, *args, threshold_ema: float = 0.95, pool: str = "rank", **kwargs):
         super().__init__(*args, **kwargs)
+        if pool not in POOL_SCOPES:
+            raise ValueError(f"token pool '{pool}' is not one of {POOL_SCOPES}")
         self.threshold_ema = threshold_ema
         self.predictor = CapacityPredictor(self.dim, self.num_experts)
         self.register_buffer("thresholds_E", torch.zeros(self.num_experts))
-        self.pool = "rank"  # training pool scope under torchrun (see the module docstring)
+        self.pool = pool  # training pool scope under torchrun (see the module docstring)
 
     def route_and_compute(self, x_SD: Tensor, batch: int, routing: Routing) -> FFNOutput:
         """Choose (tokens, weights, counts) by the mode, then run one shared tail."""
@@ -147,7 +150,7 @@ class DiffMoE(MoELayer):
         return FFNOutput(
             y=y_SD, mask_SE=mask_SE, counts_E=selection.counts_E, predictor_logits_SE=logits_SE,
             predictor_loss=None if logits_SE is None else predictor_loss(logits_SE, mask_SE),
-            threshold_targets_E=targets_E)
+            thresholds_E=self.thresholds_E.detach().clone(), threshold_targets_E=targets_E)
 
     def _equal_selection(self, scores_SE: Tensor, pool: int) -> Selection:
         """The training rule on this pool: expert e takes its top k = S·C/E tokens."""
@@ -221,14 +224,6 @@ def apply_threshold_updates(layers: Sequence["DiffMoE"], targets: Sequence[Tenso
             flat /= dist.get_world_size()
         for m, q_E in zip(layers, flat.split([m.thresholds_E.numel() for m in layers])):
             update_thresholds(m.thresholds_E, q_E, m.threshold_ema)
-
-
-def set_token_pool(model: nn.Module, pool: str) -> None:
-    """Set the training pool scope ("rank" or "global") of every DiffMoE layer in ``model``."""
-    if pool not in POOL_SCOPES:
-        raise ValueError(f"token pool '{pool}' is not one of {POOL_SCOPES}")
-    for m in diffmoe_layers(model):
-        m.pool = pool
 
 
 def diffmoe_layers(model: nn.Module) -> list[DiffMoE]:
