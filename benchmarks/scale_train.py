@@ -22,6 +22,7 @@ from common import emit, machine, table
 
 from diffmoe.config import load_config
 from diffmoe.diffusion import FlowMatching
+from diffmoe.loss import training_loss
 from diffmoe.models import build_model
 from diffmoe.train import build_optimizer
 
@@ -40,7 +41,7 @@ def measure(preset: str, batch: int, repeats: int, checkpointing: bool) -> dict:
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = flow.loss(model, x, y)
+            out = training_loss(flow.loss(model, x, y), cfg.model.moe)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()

@@ -16,6 +16,7 @@ from common import emit, interleaved_medians, machine, table
 
 from diffmoe.config import load_config
 from diffmoe.diffusion import FlowMatching
+from diffmoe.loss import training_loss
 from diffmoe.models import build_model
 from diffmoe.train import build_optimizer
 
@@ -33,7 +34,7 @@ def make_step(preset: str, batch: int, device: torch.device, dtype: torch.dtype)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = flow.loss(model, x, y).loss
+            loss = training_loss(flow.loss(model, x, y), cfg.model.moe).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

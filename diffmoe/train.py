@@ -62,6 +62,7 @@ from .diffusion import SamplerOptions, build_objective
 from .ema import ema_decay, make_ema, update_ema
 from .errors import CheckpointError, ConfigError, DiffMoEError, TrainingError
 from .images import save_grid
+from .loss import training_loss
 from .models import DiT, DiTOutput, build_model
 from .models.moe import apply_threshold_updates, diffmoe_layers
 from .models.moe.diffmoe import dynamic_counts
@@ -500,7 +501,8 @@ class Trainer:
             with scale.gradient_sync(self.ddp, self.model if self.fsdp else None,
                                      i == len(micro) - 1):
                 with self._autocast():
-                    out = self.objective.loss(self.net, x_m, y_m)
+                    out = training_loss(self.objective.loss(self.net, x_m, y_m),
+                                        self.cfg.model.moe)
                 stats = self._capacity_stats(out.model_output)
                 metrics.append(torch.stack([out.loss.detach(), out.diffusion_loss, out.aux_loss,
                                             out.predictor_loss, stats[0], stats[1]]).double())

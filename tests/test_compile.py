@@ -13,6 +13,7 @@ import torch._dynamo
 
 from diffmoe.config import MoEConfig, load_config
 from diffmoe.diffusion import build_objective
+from diffmoe.loss import training_loss
 from diffmoe.models import build_model
 from diffmoe.models.moe import build_ffn
 from diffmoe.train import train
@@ -84,7 +85,8 @@ def test_whole_diffmoe_training_loss_with_activation_checkpointing_has_no_graph_
     objective = build_objective(cfg)
     x = torch.randn(8, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     y = torch.randint(0, cfg.model.num_classes, (8,))
-    explanation = torch._dynamo.explain(lambda a, b: objective.loss(model, a, b).loss)(x, y)
+    explanation = torch._dynamo.explain(
+        lambda a, b: training_loss(objective.loss(model, a, b), cfg.model.moe).loss)(x, y)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 

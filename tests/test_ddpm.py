@@ -19,6 +19,7 @@ from diffmoe.diffusion.gaussian import (
 )
 from diffmoe.diffusion.samplers import ddim, ddpm_ancestral
 from diffmoe.errors import ConfigError
+from diffmoe.loss import training_loss
 from diffmoe.models import build_model
 from diffmoe.models.dit import DiTOutput
 from diffmoe.models.moe import Routing
@@ -135,8 +136,7 @@ class ParamModel(torch.nn.Module):
         self.out = torch.nn.Parameter(torch.randn(shape, generator=g))
 
     def forward(self, x, t, y, routing=None):
-        z = torch.zeros((), requires_grad=False)
-        return DiTOutput(out=self.out, aux_loss=z, predictor_loss=z)
+        return DiTOutput(out=self.out)
 
 
 def test_loss_vb_trains_only_the_variance():
@@ -154,7 +154,7 @@ def test_loss_vb_trains_only_the_variance():
                     p.q_sample(x, t, noise), t).mean()
     assert_close(out.diffusion_loss, (mse + vb).detach())
     # The eps channels' gradient is the MSE's alone.
-    out.loss.backward()
+    out.diffusion_loss.backward()
     want = 2 * (model.out[:, :1] - noise) / noise.numel()
     assert_close(model.out.grad[:, :1], want.detach())
     assert model.out.grad[:, 1:].abs().sum() > 0
@@ -213,9 +213,7 @@ class GaussianEps(torch.nn.Module):
         ab = self.ac[t.long()].to(x.dtype).view(-1, 1, 1, 1)
         var = ab * DATA_STD ** 2 + 1 - ab
         eps = (1 - ab).sqrt() / var * (x - ab.sqrt() * DATA_MEAN)
-        z = torch.zeros(())
-        return DiTOutput(out=torch.cat([eps, torch.full_like(eps, self.v)], 1), aux_loss=z,
-                         predictor_loss=z)
+        return DiTOutput(out=torch.cat([eps, torch.full_like(eps, self.v)], 1))
 
 
 def gaussian_samples(sampler, steps, v=-1.0, n=1000):
@@ -287,7 +285,8 @@ def tiny_ddpm_model():
 def test_loss_on_a_diffmoe_model_backpropagates_every_part():
     model = tiny_ddpm_model().train()
     p = GaussianDiffusion.linear(2, True, 50)
-    out = p.loss(model, torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 0]))
+    out = training_loss(p.loss(model, torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 0])),
+                        model.cfg.moe)
     assert_close(out.loss, out.diffusion_loss + out.aux_loss + out.predictor_loss)
     out.loss.backward()
     assert model.final_layer.linear.weight.grad.abs().sum() > 0
@@ -315,8 +314,7 @@ def test_guidance_on_all_or_the_first_channels():
 
         def forward(self, x, t, y, routing=None):
             val = torch.where(y == 3, 1.0, 2.0).view(-1, 1, 1, 1)
-            z = torch.zeros(())
-            return DiTOutput(out=val.expand(-1, 4, 2, 2).clone(), aux_loss=z, predictor_loss=z)
+            return DiTOutput(out=val.expand(-1, 4, 2, 2).clone())
 
         def null_condition(self, y):
             return torch.full_like(y, 3)

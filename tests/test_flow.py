@@ -11,6 +11,7 @@ from torch.testing import assert_close
 from diffmoe.config import ModelConfig, MoEConfig
 from diffmoe.diffusion import FlowMatching, dopri5, euler, guided_velocity, heun, sample, sde
 from diffmoe.errors import ConfigError
+from diffmoe.loss import training_loss
 from diffmoe.models import build_model
 from diffmoe.models.moe import Routing
 
@@ -33,8 +34,9 @@ def test_loss_parts_and_learn_sigma_ignored():
                       moe=MoEConfig(type="diffmoe", num_experts=2))
     model = build_model(cfg).train()
     fm = FlowMatching(2)
-    out = fm.loss(model, torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 0]))
-    assert out.model_output.out.shape[1] == 4
+    parts = fm.loss(model, torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 0]))
+    assert parts.model_output.out.shape[1] == 4
+    out = training_loss(parts, cfg.moe)
     assert_close(out.loss, out.diffusion_loss + out.aux_loss + out.predictor_loss)
     assert out.predictor_loss > 0
 
@@ -73,7 +75,7 @@ class FixedModel(torch.nn.Module):
     def forward(self, x, t, y, routing=None):
         from diffmoe.models.dit import DiTOutput
         v = torch.where(y == 3, 0.0, y.float() + 1.0).view(-1, 1, 1, 1).expand_as(x)
-        return DiTOutput(out=v.clone(), aux_loss=torch.zeros(()), predictor_loss=torch.zeros(()))
+        return DiTOutput(out=v.clone())
 
     def null_condition(self, y):
         return torch.full_like(y, 3)

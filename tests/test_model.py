@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.testing import assert_close
 
 from diffmoe.config import ModelConfig, MoEConfig
+from diffmoe.diffusion import ObjectiveLoss
+from diffmoe.loss import training_loss
 from diffmoe.models import build_model
 from diffmoe.models.dit import sincos_pos_embed_2d
 from diffmoe.models.moe import DenseFFN, DiffMoE, Routing
@@ -86,8 +90,13 @@ def test_outputs_collect_moe_losses():
     out = model(torch.randn(2, 3, 8, 8), torch.rand(2) * 1000, torch.tensor([0, 1]))
     assert len(out.layers) == 2
     expected = torch.stack([o.predictor_loss for o in out.layers]).mean()
-    assert_close(out.predictor_loss, expected * model.cfg.moe.predictor_loss_weight)
+    assert_close(out.predictor_loss, expected)  # unweighted: the model reads no coefficient
     assert out.aux_loss.item() == 0.0
+    # The weights are applied once, where the total is formed.
+    moe = dataclasses.replace(model.cfg.moe, predictor_loss_weight=0.25)
+    total = training_loss(ObjectiveLoss(torch.tensor(1.0), out), moe)
+    assert_close(total.predictor_loss, 0.25 * expected.detach())
+    assert_close(total.loss, 1.0 + 0.25 * expected)
 
 
 def test_label_dropout_uses_null_class():

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Union
 
 from ..config import Config, config_from_dict
-from .flow import FlowMatching, LossOutput
+from .flow import FlowMatching
 from .gaussian import GaussianDiffusion
+from .objective import ObjectiveLoss
 from .samplers import (
     SAMPLERS,
     SAMPLERS_BY_OBJECTIVE,
@@ -40,7 +41,7 @@ def objective_from_state(config: dict) -> Objective:
     return build_objective(config_from_dict(config))
 
 
-__all__ = ["FlowMatching", "GaussianDiffusion", "LossOutput", "Objective", "SAMPLERS",
+__all__ = ["FlowMatching", "GaussianDiffusion", "ObjectiveLoss", "Objective", "SAMPLERS",
            "SAMPLERS_BY_OBJECTIVE", "SamplerOptions", "build_objective", "ddim", "ddpm_ancestral",
            "dopri5", "euler", "guided_output", "guided_velocity", "heun", "objective_from_state",
            "resolve_sampler", "sample", "sde"]

@@ -12,25 +12,12 @@ dz/dt = v(z, t) from t = 0 to t = 1. The model's timestep embedder sees t · tim
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..models.dit import DiTOutput
-
-
-@dataclass
-class LossOutput:
-    """loss: what to backpropagate (diffusion + auxiliary + predictor losses); the other fields
-    are its parts, for logging."""
-
-    loss: Tensor
-    diffusion_loss: Tensor
-    aux_loss: Tensor
-    predictor_loss: Tensor
-    model_output: DiTOutput
+from .objective import ObjectiveLoss
 
 
 class FlowMatching:
@@ -59,14 +46,13 @@ class FlowMatching:
         return t * self.time_scale
 
     def loss(self, model, x: Tensor, y: Tensor, generator: Optional[torch.Generator] = None
-             ) -> LossOutput:
+             ) -> ObjectiveLoss:
+        """The flow-matching MSE between the predicted and the true velocity."""
         B = x.shape[0]
         t = torch.rand(B, device=x.device, generator=generator)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         z_t = self.interpolate(x, noise, t)
-        out: DiTOutput = model(z_t, self.model_time(t), y)
+        out = model(z_t, self.model_time(t), y)
         v = self.velocity(out.out).float()
         mse = (v - self.target(x, noise).float()).pow(2).mean()
-        total = mse + out.aux_loss + out.predictor_loss
-        return LossOutput(loss=total, diffusion_loss=mse.detach(), aux_loss=out.aux_loss.detach(),
-                          predictor_loss=out.predictor_loss.detach(), model_output=out)
+        return ObjectiveLoss(diffusion_loss=mse, model_output=out)

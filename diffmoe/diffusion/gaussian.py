@@ -36,8 +36,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..models.dit import DiTOutput
-from .flow import LossOutput
+from .objective import ObjectiveLoss
 
 # The discretised decoder of L_vb: data in [−1, 1] quantised to 8 bits.
 DATA_BINS = 256
@@ -226,12 +225,12 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl) / math.log(2.0)
 
     def loss(self, model, x: Tensor, y, generator: Optional[torch.Generator] = None
-             ) -> LossOutput:
+             ) -> ObjectiveLoss:
         B = x.shape[0]
         t = torch.randint(0, self.num_timesteps, (B,), device=x.device, generator=generator)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         x_t = self.q_sample(x, t, noise)
-        out: DiTOutput = model(x_t, self.model_time(t), y)
+        out = model(x_t, self.model_time(t), y)
         pred = out.out.float()
         eps, var_values = self.split_output(pred)
         mse = (eps - noise.float()).pow(2).mean()
@@ -240,7 +239,4 @@ class GaussianDiffusion:
             frozen = torch.cat([eps.detach(), var_values], dim=1)
             vb = self.vb_terms(frozen, x.float(), x_t.float(), t).mean()
             diffusion = mse + self.vb_weight * vb
-        total = diffusion + out.aux_loss + out.predictor_loss
-        return LossOutput(loss=total, diffusion_loss=diffusion.detach(),
-                          aux_loss=out.aux_loss.detach(),
-                          predictor_loss=out.predictor_loss.detach(), model_output=out)
+        return ObjectiveLoss(diffusion_loss=diffusion, model_output=out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -138,16 +139,30 @@ class FinalLayer(nn.Module):
 class DiTOutput:
     """The prediction and the auxiliary outputs of every MoE layer.
 
-    out: (B, C_out, H, W). aux_loss: α-weighted token-choice balance loss averaged over MoE layers
-    (0 when there is none). predictor_loss: weighted capacity-predictor BCE averaged over MoE layers
-    (Eq. 12; 0 when there is none). layers: the :class:`FFNOutput` of each MoE position, in block
-    order.
+    out: (B, C_out, H, W). layers: the :class:`FFNOutput` of each MoE position, in block order.
+    :attr:`aux_loss` and :attr:`predictor_loss` are the layers' losses averaged over MoE layers,
+    unweighted (0 when there is none): the model reads no loss coefficient; the weighted total is
+    formed in :mod:`diffmoe.loss`.
     """
 
     out: Tensor
-    aux_loss: Tensor
-    predictor_loss: Tensor
     layers: list[FFNOutput] = field(default_factory=list)
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """Token-choice balance loss, mean over MoE layers."""
+        return self._layer_mean([o.aux_loss for o in self.layers])
+
+    @property
+    def predictor_loss(self) -> Tensor:
+        """Capacity-predictor BCE (Eq. 12), mean over MoE layers."""
+        return self._layer_mean([o.predictor_loss for o in self.layers])
+
+    def _layer_mean(self, values: list[Optional[Tensor]]) -> Tensor:
+        present = [v for v in values if v is not None]
+        if not present:
+            return self.out.new_zeros((), dtype=torch.float32)
+        return torch.stack(present).mean()
 
 
 class DiT(nn.Module):
@@ -240,7 +255,7 @@ class DiT(nn.Module):
         h = self.patchify(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         h, moe_outputs = self.run_blocks(h, c, routing)
-        return self.output(self.decode(h, c), moe_outputs)
+        return DiTOutput(self.decode(h, c), moe_outputs)
 
     def run_blocks(self, h: Tensor, c: Tensor, routing: Routing, *block_args: Tensor
                    ) -> tuple[Tensor, list[FFNOutput]]:
@@ -258,16 +273,6 @@ class DiT(nn.Module):
             if i in self.moe_blocks:
                 moe_outputs.append(ffn_out)
         return h, moe_outputs
-
-    def output(self, out: Tensor, moe_outputs: list[FFNOutput]) -> DiTOutput:
-        """The prediction with the weighted auxiliary losses of the MoE layers."""
-        zero = out.new_zeros((), dtype=torch.float32)
-        aux = [o.aux_loss for o in moe_outputs if o.aux_loss is not None]
-        bce = [o.predictor_loss for o in moe_outputs if o.predictor_loss is not None]
-        moe = self.cfg.moe
-        aux_loss = moe.balance_loss_weight * torch.stack(aux).mean() if aux else zero
-        pred_loss = moe.predictor_loss_weight * torch.stack(bce).mean() if bce else zero
-        return DiTOutput(out=out, aux_loss=aux_loss, predictor_loss=pred_loss, layers=moe_outputs)
 
     # -- conditioning, as classifier-free guidance sees it ----------------------------------
 

@@ -126,7 +126,7 @@ class TextDiT(DiT):
         pooled, ctx, mask = self.y_embedder(y)
         c = self.t_embedder(t) + pooled
         h, moe_outputs = self.run_blocks(h, c, routing, ctx, mask)
-        return self.output(self.decode(h, c), moe_outputs)
+        return DiTOutput(self.decode(h, c), moe_outputs)
 
     def null_condition(self, y: TextCondition) -> TextCondition:
         return y.as_null()
