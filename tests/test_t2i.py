@@ -20,9 +20,9 @@ from diffmoe.diffusion import FlowMatching
 from diffmoe.diffusion.samplers import guided_velocity
 from diffmoe.errors import ConfigError, DataError
 from diffmoe.models import build_model
+from diffmoe.models.condition import TextCondition
 from diffmoe.models.moe import Routing
 from diffmoe.models.t2i import TextDiT, TextDiTBlock
-from diffmoe.t2i.condition import TextCondition
 from diffmoe.t2i.encoder import cached_embeddings, encoder_dir, encoder_hash
 from diffmoe.t2i.judge import detect, judge, largest_shape, shape_fit
 from diffmoe.t2i.shapes import (
@@ -443,7 +443,7 @@ def test_captioned_batches_carry_caption_embeddings(tmp_path):
 
 def test_text_condition_chunks_like_a_tensor():
     """Gradient accumulation splits conditions with ``.chunk``, as it does label tensors."""
-    from diffmoe.t2i.condition import TextCondition
+    from diffmoe.models.condition import TextCondition
 
     cond = TextCondition(torch.randn(5, 3, 4), torch.ones(5, 3, dtype=torch.bool),
                          torch.randn(5, 4), torch.zeros(5, dtype=torch.bool))

@@ -294,12 +294,3 @@ class DiT(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
-
-def build_model(cfg: ModelConfig, token_pool: str = "rank") -> DiT:
-    """The class-conditional DiT, or the text-conditioned one for ``model.condition: text``;
-    ``token_pool`` as for :class:`DiT`."""
-    if cfg.condition == "text":
-        from .t2i import TextDiT
-
-        return TextDiT(cfg, token_pool)
-    return DiT(cfg, token_pool)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import ModelConfig
-from ..t2i.condition import TextCondition
+from .condition import TextCondition
 from .dit import EMBED_INIT_STD, DiT, DiTBlock, DiTOutput, modulate
 from .moe import STATIC, FFNOutput, Routing
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..config import Config
 from ..data.datasets import ImageDataset, build_dataset, to_model_range
 from ..errors import DataError
-from .condition import TextCondition
+from ..models.condition import TextCondition
 from .encoder import Encoder, TextEncoder, cached_embeddings, encoder_dir, encoder_identity
 from .shapes import IMAGE_SIZE, random_scenes, render
 

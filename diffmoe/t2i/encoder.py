@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
-from .condition import TextCondition
+from ..models.condition import TextCondition
 
 log = logging.getLogger(__name__)
 

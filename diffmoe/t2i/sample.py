@@ -28,13 +28,13 @@ from ..data import to_model_range, to_uint8
 from ..diffusion import SamplerOptions
 from ..errors import ConfigError
 from ..images import save_grid
+from ..models.condition import TextCondition
 from ..sample import (
     capacity_warnings,
     generate,
     load_for_sampling,
     resolve_routing,
 )
-from .condition import TextCondition
 from .encoder import TextEncoder, check_prompts
 from .judge import NO_OBJECT, judge
 from .shapes import CATEGORY_NAMES, SHAPES, eval_prompts, parse_caption, render
