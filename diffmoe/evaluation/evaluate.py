@@ -53,7 +53,6 @@ class EvalOptions:
     labels: str = "balanced"  # balanced | random | comma-separated classes
     feature_batch: int = 50
     cache_dir: Optional[str] = None
-    save_npz: Optional[str] = None
     device: str = "cpu"
     progress: bool = True
 

@@ -202,13 +202,6 @@ def verdicts(scene: Scene, found: list[Detection]) -> dict[str, bool]:
     return {"geneval": geneval_holds(scene, found), "strict": bool(scene_holds(scene, placed))}
 
 
-def judge_image(scene: Scene, image: np.ndarray, rule: str = "geneval") -> bool:
-    """Whether the image shows the scene, by ``rule`` ("geneval" or "strict")."""
-    if rule not in RULES:
-        raise ValueError(f"unknown judge rule {rule!r}; use one of {list(RULES)}")
-    return verdicts(scene, detect(image))[rule]
-
-
 def colour_match(scene: Scene, image: np.ndarray) -> bool | None:
     """A lenient diagnostic beside the strict verdict: whether the colours the prompt names are
     the image's largest colour areas (k named colours → the k largest), whatever the shapes and
