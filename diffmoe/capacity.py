@@ -1,4 +1,4 @@
-"""Capacity accounting (PAPER section 5): how much expert compute a forward pass spent.
+"""Capacity accounting (paper §5): how much expert compute a forward pass spent.
 
 * Eq. 8, per expert: C_e = E · k_e / S — 1.0 means the expert processed its fair share of the
   pool. E is the layer's expert count before fine-graining (``base_experts``), so a fine-grained
@@ -110,7 +110,7 @@ def activated_params(model: DiT, c_avg: float = 1.0, include_predictor: bool = F
     Every parameter that is not a routed expert counts fully (attention, adaLN, embeddings, dense
     FFNs, routers, shared experts); each MoE layer adds ``c_avg`` full experts (g fine-grained
     experts make one full expert). The capacity predictor is left out by default, as in the paper's
-    table (PAPER section 1).
+    table (paper §1).
     """
     total = float(model.num_params())
     for layer in model.moe_layers():

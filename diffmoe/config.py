@@ -64,7 +64,7 @@ class MoEConfig:
     # g: fine-grained experts. Each expert is (mlp_ratio * D / g) wide and there are g * E of them,
     # each still taking S*C/E tokens, so activated compute is unchanged.
     granularity: int = 1
-    # Router weight W_r init: N(0, std^2) (PAPER section 2).
+    # Router weight W_r init: N(0, std^2) (paper §2).
     router_init_std: float = 0.006
     # alpha of the token-choice load-balance loss.
     balance_loss_weight: float = 0.01
@@ -245,7 +245,7 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets (PAPER section 1). All use mlp_ratio 4 and patch 2 on 32x32x4 latents.
+# Presets (paper §1). All use mlp_ratio 4 and patch 2 on 32x32x4 latents.
 # The two small sizes are ours, sized to train on a 2-core CPU.
 # ---------------------------------------------------------------------------------------------
 

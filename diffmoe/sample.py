@@ -1,7 +1,7 @@
 """Sampling from a model or a checkpoint: batched generation with capacity accounting.
 
 DiffMoE's inference depends on the sampling batch, since tokens of all samples in a batch compete
-in one pool (PAPER section 4): ``batch_size`` is a real setting, recorded with the results.
+in one pool (paper §4): ``batch_size`` is a real setting, recorded with the results.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Plain, slow reference implementations of the routing rules (PAPER section 2), written as
+"""Plain, slow reference implementations of the routing rules (paper §2), written as
 directly from the text as possible: Python loops over experts and tokens, one FFN call per
 (expert, token). The fast layers are tested against these, values and gradients."""
 

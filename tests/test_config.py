@@ -80,7 +80,7 @@ def test_roundtrip_yaml():
     assert again == cfg
 
 
-# PAPER section 1: total and activated parameters of the presets.
+# paper §1: total and activated parameters of the presets.
 PAPER_SIZES = [
     ("DiffMoE-S-E16", 139e6, 32e6),
     ("DiffMoE-B-E16", 555e6, 130e6),

@@ -1,4 +1,4 @@
-"""Latent caches for ImageNet-scale training (PAPER section 6): images → VAE latents, once.
+"""Latent caches for ImageNet-scale training (paper §6): images → VAE latents, once.
 
 ``diffmoe cache-latents IMAGE_FOLDER OUT`` reads a class-subfolder dataset (the ImageNet layout:
 ``IMAGE_FOLDER/<class>/<image>``, classes numbered in sorted order), center-crops every image to

@@ -1,4 +1,4 @@
-"""Flow matching (rectified flow, the linear path of SiT; PAPER section 6).
+"""Flow matching (rectified flow, the linear path of SiT; paper §6).
 
 Time convention (as the public DiffMoE code): t ~ U(0, 1), **t = 0 is pure noise and t = 1 is
 data**,

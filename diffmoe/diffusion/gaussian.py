@@ -1,4 +1,4 @@
-"""DDPM with learned variance: the paper's second objective (PAPER section 6, Tables 2 and 11),
+"""DDPM with learned variance: the paper's second objective (paper §6, Tables 2 and 11),
 set up as DiT trains it.
 
 Discrete time t ∈ {0, …, T−1} with **t = 0 next to the data and t = T−1 next to noise** (the

@@ -1,2 +1,2 @@
 """Evaluation: FID/KID/precision-recall on the packaged FID Inception, threshold sweeps, and
-capacity analysis plots (PAPER sections 4, 5 and 7)."""
+capacity analysis plots (paper §4, §5 and §7)."""

@@ -3,7 +3,7 @@
 From one sampling run in the chosen inference mode: capacity per sampling step for each MoE layer,
 the load of every expert, the capacity of the tokens of each class (and of the unconditional
 half under guidance), and from extra runs C_avg_infer against the sampling batch size (the pool
-the experts choose from, PAPER section 4). No Inception is involved, so it is fast.
+the experts choose from, paper §4). No Inception is involved, so it is fast.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The DiT backbone (Peebles & Xie; PAPER section 1), with a pluggable feed-forward layer.
+"""The DiT backbone (Peebles & Xie; paper §1), with a pluggable feed-forward layer.
 
 The model knows nothing about the diffusion objective: it maps (x_t, timestep, label) to an
 output of the input's shape (twice the channels with ``learn_sigma``), plus the auxiliary outputs
@@ -286,7 +286,7 @@ class DiT(nn.Module):
         """Stack two condition batches along the batch dimension."""
         return torch.cat([a, b])
 
-    # -- parameter accounting (PAPER section 1 and Eq. 40) ----------------------------------
+    # -- parameter accounting (paper §1 and Eq. 40) ----------------------------------
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,6 +1,6 @@
 """The text-conditioned DiT (``model.condition: text``).
 
-The DiffMoE paper's text-to-image model (PAPER section 7) conditions on text through
+The DiffMoE paper's text-to-image model (paper §7) conditions on text through
 cross-attention; this is our version of it, the class-conditional :class:`DiT` with two changes:
 
 * every block gets a cross-attention layer after its self-attention: x += CrossAttn(LN(x), ctx),

@@ -22,7 +22,7 @@ ROUTING_MODES = ("static", "dynamic", "threshold")
 
 @dataclass(frozen=True)
 class Routing:
-    """How MoE layers route at inference (PAPER section 4). Ignored in training mode, which always
+    """How MoE layers route at inference (paper §4). Ignored in training mode, which always
     uses the training rule.
 
     * ``static``: the training rule (top-k with k = S*C/E for expert choice).
@@ -75,7 +75,7 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 
 def expert_capacity(num_tokens: int, capacity: float, num_experts: int) -> int:
-    """Tokens each expert takes under the training rule: k = S*C/E (PAPER section 2, step 3),
+    """Tokens each expert takes under the training rule: k = S*C/E (paper §2, step 3),
     rounded down and kept within [1, S]."""
     return max(1, min(num_tokens, int(num_tokens * capacity / num_experts)))
 

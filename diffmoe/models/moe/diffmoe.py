@@ -1,5 +1,5 @@
 """DiffMoE: expert choice over the batch-level global token pool, with a capacity predictor and
-per-expert thresholds (PAPER sections 2-4).
+per-expert thresholds (paper §2–4).
 
 Training (Eq. 4-7): the (B, s, D) input is flattened into one pool of S = B·s tokens; each expert
 takes the top k = S·C/E tokens of the *whole pool* by its router score, so tokens of different

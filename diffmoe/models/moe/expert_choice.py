@@ -1,4 +1,4 @@
-"""EC-MoE: expert choice within each sample (PAPER section 2).
+"""EC-MoE: expert choice within each sample (paper §2).
 
 Each expert takes the top k = s·C/E tokens of every sample by its router score, so the pool is a
 single sample; balanced by construction, no auxiliary loss, the same rule at inference.

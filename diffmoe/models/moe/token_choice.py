@@ -1,4 +1,4 @@
-"""TC-MoE: each token takes its top-K experts (PAPER section 2).
+"""TC-MoE: each token takes its top-K experts (paper §2).
 
 The output is weighted by the un-renormalised softmax probability, and the layer returns the
 load-balance loss Σ_e P_e·(E·f_e) (α is applied by the model), where P_e is the mean router
