@@ -24,7 +24,6 @@ and reported, never loaded silently: resume checks every hash before choosing a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ CKPT_RE = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"  # a checkpoint being written
 DELETING_PREFIX = ".deleting-"  # a checkpoint being pruned
 DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint moved aside; never deleted
-HASH_CHUNK = 1 << 20
 
 
 def checkpoint_name(step: int) -> str:
@@ -69,13 +68,6 @@ def _fsync_file(path: Path) -> None:
         fh.flush()
         os.fsync(fh.fileno())
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,7 +123,7 @@ def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, dict[str, torch
         path = tmp / f"{name}.safetensors"
         save_file(_contiguous(tensors), str(path))
         _fsync_file(path)
-        manifest[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        manifest[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     full_state = dict(state, format_version=FORMAT_VERSION, step=step, files=manifest)
     state_path = tmp / STATE_FILE
     with open(state_path, "w") as fh:
@@ -186,7 +178,7 @@ def _check_file(path: Path, name: str, info: dict, check_hash: bool) -> None:
     if size != info["bytes"]:
         raise CheckpointError(f"checkpoint '{path}' is corrupt ({name} has {size} bytes, "
                               f"expected {info['bytes']}); use an earlier checkpoint of the run")
-    if check_hash and _sha256(fpath) != info["sha256"]:
+    if check_hash and sha256_file(fpath) != info["sha256"]:
         raise CheckpointError(f"checkpoint '{path}' is corrupt ({name} fails its SHA-256 "
                               f"check); use an earlier checkpoint of the run")
 

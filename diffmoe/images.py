@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 
 from .data.datasets import to_uint8
+from .fileio import atomic_write
 
 GRID_PAD = 2  # pixels between tiles
 
@@ -36,9 +36,5 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, upscale: int = 1) -
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
               upscale: int = 1) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(make_grid(images, nrow, upscale)).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    grid = Image.fromarray(make_grid(images, nrow, upscale))
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))

