@@ -30,7 +30,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import SAMPLERS, SampleConfig, load_config
+from .config import INFERENCE_MODES, SAMPLERS, SampleConfig, load_config
 from .errors import DiffMoEError
 from .paths import file_in_the_way
 from .t2i.shapes import CATEGORY_NAMES
@@ -179,7 +179,7 @@ def add_sampling_args(s: argparse.ArgumentParser, with_num: bool) -> None:
                    help="guide only the first N channels (0 = all; DiT's legacy: 3)")
     s.add_argument("--cfg-scale", dest="cfg_scale", type=float,
                    help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--mode", choices=["auto", "dynamic", "static", "threshold"],
+    s.add_argument("--mode", choices=list(INFERENCE_MODES),
                    help="MoE inference mode (auto: dynamic for DiffMoE)")
     s.add_argument("--threshold", type=float, help="constant threshold gamma for --mode threshold")
     s.add_argument("--batch-size", dest="batch_size", type=int,

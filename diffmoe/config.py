@@ -28,6 +28,9 @@ import yaml
 from .errors import ConfigError
 
 FFN_TYPES = ("dense", "token_choice", "expert_choice", "diffmoe")
+# How MoE layers route at inference (models/moe/base.py, Routing); "auto" lets the sampling code
+# pick dynamic for a model with a capacity predictor, static otherwise.
+ROUTING_MODES = ("static", "dynamic", "threshold")
 INFERENCE_MODES = ("auto", "dynamic", "static", "threshold")
 # Samplers per objective (diffusion/samplers.py); "auto" picks the first of the objective's list.
 SAMPLERS_BY_OBJECTIVE = {"flow": ("euler", "heun", "dopri5", "sde"), "ddpm": ("ddpm", "ddim")}

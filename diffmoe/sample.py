@@ -78,8 +78,6 @@ def generate_batches(model: DiT, objective: Objective, labels: Tensor, *, sample
     """Generate one image per label, ``batch_size`` at a time, yielding (images in [-1, 1] on
     the CPU, their labels) per batch, so a caller can consume them without keeping them all.
     Every forward is reported to ``meter`` if given."""
-    if steps <= 0:
-        raise ConfigError(f"sampling steps={steps} must be a positive integer")
     if batch_size <= 0:
         raise ConfigError(f"sampling batch size {batch_size} must be a positive integer")
     on_forward = meter.on_forward if meter is not None else None

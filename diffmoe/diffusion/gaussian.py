@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .objective import ObjectiveLoss
+from .objective import ObjectiveLoss, check_sampling_steps
 
 # The discretised decoder of L_vb: data in [−1, 1] quantised to 8 bits.
 DATA_BINS = 256
@@ -57,8 +57,7 @@ def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> np.n
 def spaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """``steps`` evenly spaced timesteps of 0..T−1, always keeping T−1 (pure noise) and, from two
     steps on, 0."""
-    if steps <= 0:
-        raise ConfigError(f"sampling steps={steps} must be a positive integer")
+    check_sampling_steps(steps)
     if steps > num_timesteps:
         raise ConfigError(f"sampling steps={steps} is larger than the DDPM schedule's "
                           f"{num_timesteps} steps (objective.num_timesteps); use at most "

@@ -1,4 +1,5 @@
-"""What a training objective's loss returns (the weighted total is formed in diffmoe.loss)."""
+"""What a training objective's loss returns (the weighted total is formed in diffmoe.loss), and
+the one check of a sampling step count that both objectives' samplers share."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
+
+from ..errors import ConfigError
 
 
 @dataclass
@@ -16,3 +19,8 @@ class ObjectiveLoss:
 
     diffusion_loss: Tensor
     model_output: Any
+
+
+def check_sampling_steps(steps: int) -> None:
+    if steps <= 0:
+        raise ConfigError(f"sampling steps={steps} must be a positive integer")

@@ -30,20 +30,18 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from ..config import SAMPLERS_BY_OBJECTIVE
 from ..errors import ConfigError
 from ..models.dit import DiT, DiTOutput
 from ..models.moe import STATIC, Routing
 from .flow import FlowMatching
 from .gaussian import GaussianDiffusion
+from .objective import check_sampling_steps
 
 ForwardHook = Callable[[float, DiTOutput], None]
 Objective = Union[FlowMatching, GaussianDiffusion]
 
-SAMPLERS_BY_OBJECTIVE: dict[str, tuple[str, ...]] = {
-    "flow": ("euler", "heun", "dopri5", "sde"),
-    "ddpm": ("ddpm", "ddim"),
-}
-SAMPLERS = tuple(s for names in SAMPLERS_BY_OBJECTIVE.values() for s in names)
+SAMPLERS = tuple(s for names in SAMPLERS_BY_OBJECTIVE.values() for s in names)  # without "auto"
 
 
 @dataclass
@@ -218,8 +216,7 @@ def sample(model: DiT, objective: Objective, labels: Tensor, *, sampler: str = "
     """Generate one batch from noise with either objective; returns (B, C, H, W)."""
     options = options or SamplerOptions()
     sampler = resolve_sampler(objective.objective, sampler)
-    if steps <= 0:
-        raise ConfigError(f"sampling steps={steps} must be a positive integer")
+    check_sampling_steps(steps)
     device = labels.device
     cfg = model.cfg
     shape = (labels.shape[0], cfg.in_channels, cfg.input_size, cfg.input_size)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-ROUTING_MODES = ("static", "dynamic", "threshold")
+from ...config import ROUTING_MODES
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...config import TOKEN_POOLS
 from .base import FFNOutput, MoELayer, Routing, expert_capacity
-
-POOL_SCOPES = ("rank", "global")
 
 
 def _world() -> tuple[int, int]:
@@ -121,8 +120,8 @@ class Selection:
 class DiffMoE(MoELayer):
     def __init__(self, *args, threshold_ema: float = 0.95, pool: str = "rank", **kwargs):
         super().__init__(*args, **kwargs)
-        if pool not in POOL_SCOPES:
-            raise ValueError(f"token pool '{pool}' is not one of {POOL_SCOPES}")
+        if pool not in TOKEN_POOLS:
+            raise ValueError(f"token pool '{pool}' is not one of {TOKEN_POOLS}")
         self.threshold_ema = threshold_ema
         self.predictor = CapacityPredictor(self.dim, self.num_experts)
         self.register_buffer("thresholds_E", torch.zeros(self.num_experts))
