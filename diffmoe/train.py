@@ -385,8 +385,7 @@ class Trainer:
     def _capacity_stats(self, out: DiTOutput) -> torch.Tensor:
         """(mean threshold, C of Eq. 9 that dynamic inference would spend on this batch) for
         DiffMoE; zeros for the other layers."""
-        layers = [o for o in out.layers
-                  if o.thresholds_E is not None and o.predictor_logits_SE is not None]
+        layers = [o for o in out.layers if o.thresholds_E is not None]  # DiffMoE layers
         if not layers:
             return torch.zeros(2, device=self.device)
         taus = torch.stack([o.thresholds_E.mean() for o in layers])

@@ -51,7 +51,7 @@ class FFNOutput:
     mask_SE: selection mask O (Eq. 13), True where expert e processed token s.
     predictor_logits_SE: capacity-predictor logits.
     counts_E: tokens processed per expert, k_e.
-    thresholds_E: the thresholds τ this forward saw (DiffMoE), for logging.
+    thresholds_E: the thresholds τ a training forward saw (DiffMoE), for the trainer's log.
     threshold_targets_E: q_e of Eq. 17 over the training pool (DiffMoE in training mode). The
         forward only records them; ``apply_threshold_updates`` moves the thresholds.
     num_tokens: S, the pool the counts refer to.

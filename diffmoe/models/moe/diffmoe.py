@@ -149,7 +149,10 @@ class DiffMoE(MoELayer):
         return FFNOutput(
             y=y_SD, mask_SE=mask_SE, counts_E=selection.counts_E, predictor_logits_SE=logits_SE,
             predictor_loss=None if logits_SE is None else predictor_loss(logits_SE, mask_SE),
-            thresholds_E=self.thresholds_E.detach().clone(), threshold_targets_E=targets_E)
+            # τ as this training forward saw it, for the trainer's log (a copy: the trainer moves
+            # τ in place after the step); inference needs none, so it allocates none.
+            thresholds_E=self.thresholds_E.detach().clone() if self.training else None,
+            threshold_targets_E=targets_E)
 
     def _equal_selection(self, scores_SE: Tensor, pool: int) -> Selection:
         """The training rule on this pool: expert e takes its top k = S·C/E tokens."""
