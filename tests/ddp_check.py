@@ -26,12 +26,13 @@ def main() -> None:
     trainer = Trainer(load_config(config, overrides))
     result = trainer.train()
     report = {}
-    for name, module in (("model", trainer.model), ("ema", trainer.ema)):
+    for name, module in (("model", trainer.model.module), ("ema", trainer.ema)):
         for key, value in module.state_dict().items():
             ref = value.clone()
             dist.broadcast(ref, src=0)
             report[f"{name}.{key}"] = bool(torch.equal(ref, value))
-    thresholds = [v for k, v in trainer.model.state_dict().items() if k.endswith("thresholds_E")]
+    thresholds = [v for k, v in trainer.model.module.state_dict().items()
+                  if k.endswith("thresholds_E")]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, report)
     if dist.get_rank() == 0:

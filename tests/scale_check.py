@@ -96,7 +96,7 @@ def check_train(config: str, result: str, overrides: list[str], resume: bool = F
     trainer = Trainer(load_config(config, overrides), resume=resume)
     trainer.train()
     report, sharded = {}, 0
-    for name, module in (("model", trainer.model), ("ema", trainer.ema)):
+    for name, module in (("model", trainer.model.module), ("ema", trainer.ema)):
         for key, value in module.state_dict().items():
             if hasattr(value, "to_local"):  # an FSDP shard: each rank holds another part
                 sharded += 1
@@ -108,7 +108,7 @@ def check_train(config: str, result: str, overrides: list[str], resume: bool = F
     dist.all_gather_object(gathered, report)
     if dist.get_rank() == 0:
         with open(result, "w") as fh:
-            json.dump({"ranks": gathered, "fsdp": trainer.fsdp, "sharded": sharded,
+            json.dump({"ranks": gathered, "fsdp": trainer.model.fsdp, "sharded": sharded,
                        "step": trainer.step}, fh)
     trainer.close()
 

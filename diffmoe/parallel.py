@@ -1,5 +1,6 @@
-"""Scale-out pieces of the trainer: FSDP2 sharding, full (unsharded) state dicts for checkpoints,
-and gradient synchronisation across micro-batches.
+"""Data-parallel training: the model handle the trainer drives (:class:`TrainingModel`: the raw
+module, plus the DDP / FSDP2 / compiled wrapper that runs its forward), FSDP2 sharding, full
+(unsharded) state dicts for checkpoints, and gradient synchronisation across micro-batches.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) shards each DiT block and then the root module, so
 parameters become DTensors split over ranks along dim 0 and each block's weights are gathered
@@ -24,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, on the CPU
 FULL_EVERYWHERE = StateDictOptions(full_state_dict=True)  # every rank passes the full tensors
@@ -77,21 +79,54 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
                              options=FULL_EVERYWHERE)
 
 
-@contextlib.contextmanager
-def gradient_sync(ddp: Optional[nn.Module], fsdp_model: Optional[nn.Module],
-                  enabled: bool) -> Iterator[None]:
-    """Within it, a backward pass reduces gradients across ranks only if ``enabled`` (the last
-    micro-batch of an accumulated step); earlier micro-batches accumulate locally."""
-    if enabled:
-        yield
-    elif ddp is not None:
-        with ddp.no_sync():
+class TrainingModel:
+    """The model being trained, as one handle.
+
+    ``module`` is the raw :class:`~diffmoe.models.DiT` (its parameters, buffers and state dict:
+    what the optimizer, the EMA, the threshold update and checkpoints use); ``net`` runs the
+    training forward (``module`` itself, or its DDP wrapper, either optionally compiled: see
+    :meth:`wrap`). Under FSDP2 ``module`` is sharded in place and is its own ``net``.
+
+    DDP buffers are not broadcast: DiffMoE's thresholds are averaged explicitly after each step
+    (:func:`diffmoe.models.moe.apply_threshold_updates`).
+    """
+
+    def __init__(self, module: nn.Module, fsdp: bool):
+        self.module = module
+        self.fsdp = fsdp
+        self.ddp: Optional[DistributedDataParallel] = None
+        self.net: Optional[nn.Module] = module
+
+    def wrap(self, *, ddp: bool, compile: bool, device: torch.device) -> None:
+        """Run the forward through DDP (``ddp``) and/or ``torch.compile`` (``compile``)."""
+        net: nn.Module = self.module
+        if ddp:
+            net = self.ddp = DistributedDataParallel(
+                self.module, broadcast_buffers=False,
+                device_ids=[device.index] if device.type == "cuda" else None)
+        self.net = torch.compile(net) if compile else net
+
+    @contextlib.contextmanager
+    def gradient_sync(self, enabled: bool) -> Iterator[None]:
+        """Within it, a backward pass reduces gradients across ranks only if ``enabled`` (the
+        last micro-batch of an accumulated step); earlier micro-batches accumulate locally."""
+        if enabled:
             yield
-    elif fsdp_model is not None:
-        fsdp_model.set_requires_gradient_sync(False)
-        try:
+        elif self.ddp is not None:
+            with self.ddp.no_sync():
+                yield
+        elif self.fsdp:
+            self.module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.module.set_requires_gradient_sync(True)
+        else:
             yield
-        finally:
-            fsdp_model.set_requires_gradient_sync(True)
-    else:
-        yield
+
+    def release_wrappers(self) -> None:
+        """Drop the DDP and compiled wrappers. The DDP ``Reducer`` holds the process group from
+        C++; it must go before the group is destroyed, so that the group's last reference is a
+        Python one, which releases the GIL as gloo joins its threads (see
+        :mod:`diffmoe.distributed`)."""
+        self.net = self.ddp = None
