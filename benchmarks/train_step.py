@@ -2,14 +2,27 @@
 timed interleaved in one process; peak memory of each measured in its own subprocess.
 
     python benchmarks/train_step.py [--batch 8] [--repeats 8] [--json]
+
+With ``--against REV``: this checkout's trainer vs the one at git revision ``REV`` (default: the
+commit before the redesign of issue 17), each a ``Trainer`` on ``--config`` in its own process
+(``train_step_worker.py``), stepped in turn, ``--chunk`` steps at a time, so that both see the
+same machine load. Reports the median step time, peak memory and whether the two end with the
+same weights (same seeds and data, so a behaviour-preserving change ends bit for bit equal).
+
+    python benchmarks/train_step.py --against ec998bd [--config configs/mnist_diffmoe.yaml]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
+from pathlib import Path
 
 import torch
 from common import emit, interleaved_medians, machine, table
@@ -21,6 +34,8 @@ from diffmoe.models import build_model
 from diffmoe.train import build_optimizer
 
 MODELS = {"dense": "Dense-DiT-S", "diffmoe": "DiffMoE-S-E16"}
+REPO = Path(__file__).resolve().parents[1]
+BEFORE_REDESIGN = "ec998bd"  # the last commit before issue 17's redesign
 ADAM_STATES = 2  # exp_avg and exp_avg_sq
 
 
@@ -68,16 +83,99 @@ def peak_memory_child(preset: str, batch: int, steps: int, device: torch.device,
     return {"peak_bytes": peak, "params": sum(p.numel() for p in model.parameters())}
 
 
+def export_revision(rev: str, into: Path) -> Path:
+    """The package tree of git revision ``rev`` under ``into`` (``git archive``; no checkout)."""
+    archive = into / "tree.tar"
+    subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "-o", str(archive), rev],
+                   check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into / "tree", filter="data")
+    return into / "tree"
+
+
+class Worker:
+    """A ``train_step_worker.py`` process importing the ``diffmoe`` found in ``source``."""
+
+    def __init__(self, source: Path, config: str, overrides: list[str]):
+        env = dict(os.environ, PYTHONPATH=str(source))
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("train_step_worker.py")), config,
+             *overrides], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            cwd=str(source))
+        self.package = self._reply()["ready"]
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker exited with status {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def compare_revisions(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="train-step-") as tmp:
+        tmp = Path(tmp)
+        before_tree = export_revision(args.against, tmp)
+        workers = {}
+        for name, source in (("before", before_tree), ("after", REPO)):
+            overrides = [f"train.out_dir={tmp / name}", f"train.device={args.device}",
+                         f"train.steps={10**9}"]
+            if args.batch:
+                overrides.append(f"train.batch_size={args.batch}")
+            workers[name] = Worker(source, args.config, overrides)
+        times: dict[str, list[float]] = {name: [] for name in workers}
+        for round_ in range(args.warmup + args.repeats):
+            for name, worker in workers.items():
+                seconds = worker.ask(f"steps {args.chunk}")["seconds"] / args.chunk
+                if round_ >= args.warmup:
+                    times[name].append(seconds)
+        reports = {name: w.ask("report") for name, w in workers.items()}
+        for w in workers.values():
+            w.close()
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = [{"code": f"{name} ({args.against if name == 'before' else 'this checkout'})",
+             "step_ms": 1e3 * median[name], "peak_MiB": reports[name]["peak_bytes"] / 2**20}
+            for name in workers]
+    result = {"benchmark": "train_step_against", "machine": machine(), "against": args.against,
+              "config": args.config, "batch": args.batch, "steps": reports["after"]["steps"],
+              "rows": rows, "time_ratio": median["after"] / median["before"],
+              "memory_ratio": reports["after"]["peak_bytes"] / reports["before"]["peak_bytes"],
+              "same_weights": reports["after"]["digest"] == reports["before"]["digest"]}
+    text = table(rows, ["code", "step_ms", "peak_MiB"]) + (
+        f"\nafter / before: step time {result['time_ratio']:.3f}, peak memory "
+        f"{result['memory_ratio']:.3f}; same weights after {result['steps']} steps: "
+        f"{'yes' if result['same_weights'] else 'no'}")
+    emit(result, text, args.json)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per step (default 8; with --against: the config's)")
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--against", nargs="?", const=BEFORE_REDESIGN, default=None, metavar="REV",
+                   help="compare this checkout's trainer with the one at git revision REV")
+    p.add_argument("--config", default=str(REPO / "configs" / "mnist_diffmoe.yaml"),
+                   help="with --against: the training config")
+    p.add_argument("--chunk", type=int, default=5, help="with --against: steps per turn")
     args = p.parse_args()
+    if args.against:
+        compare_revisions(args)
+        return
+    args.batch = args.batch or 8
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
