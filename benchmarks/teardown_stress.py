@@ -3,7 +3,7 @@ GIL deadlock of destroying a gloo process group from a GIL-holding destructor, a
 order the library uses does not deadlock.
 
 Each iteration is one run's end in miniature: a gloo group, a DDP model on it with one backward,
-an ``all_gather_object`` (Python tensors in gloo's work items, as ``Trainer.save`` gathers RNG
+an ``all_gather_object`` (Python tensors in gloo's work items, as ``RunDirectory.save`` gathers RNG
 states), a barrier, then the group's end in one of two orders:
 
 * ``unsafe`` (the library before the fix): ``destroy_process_group``, then free the DDP wrapper.
