@@ -3,7 +3,7 @@
 A condition is a batch of class labels ((B,) int64, ``num_classes`` = the null class) or a
 :class:`TextCondition`. Samplers and the batch iterator treat either as a batch of labels: they
 slice it, move it to a device, and read ``shape[0]`` and ``device``; :class:`TextCondition`
-supports exactly that, so the training and guidance paths carry text unchanged.
+supports exactly that, so the training and guidance paths carry text as they carry labels.
 
 The DiT's condition embedder is a :class:`LabelEmbedder` (``model.condition: class``) or a
 :class:`TextEmbedder` (``text``). It turns a batch of conditions into an :class:`Embedded`, and it

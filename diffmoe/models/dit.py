@@ -176,8 +176,8 @@ class DiTOutput:
 
 
 class DiT(nn.Module):
-    """The DiT of ``model``: its condition embedder (``y_embedder``, labels or captions) and, for
-    a condition the blocks attend to, a cross-attention in every block."""
+    """The DiT of a ``model`` config: its condition embedder (``y_embedder``, labels or
+    captions) and, for a condition the blocks attend to, a cross-attention in every block."""
 
     def __init__(self, cfg: ModelConfig, token_pool: str = "rank"):
         """``token_pool``: the DiffMoE layers' training pool under torchrun ("rank", or "global"
