@@ -1,6 +1,6 @@
 """How the shapes judge's shape test copes with imperfect drawing, on images whose true shape is
 known: ground-truth renders of one object with patch-sized bites and bumps along its edges
-(:func:`diffmoe.t2i.shapes.add_edge_defects`), judged by the template test the judge uses and,
+(:func:`diffmoe.data.shapes.add_edge_defects`), judged by the template test the judge uses and,
 side by side, by the bounding-box fill test it replaced (square if the object fills at least
 0.88 of its box, circle from 0.66, triangle below).
 
@@ -16,8 +16,8 @@ import argparse
 import random
 from collections import Counter
 
+from diffmoe.data.shapes import COLOURS, SHAPES, Group, Scene, add_edge_defects, render
 from diffmoe.t2i.judge import NO_OBJECT, Detection, detect, largest_shape
-from diffmoe.t2i.shapes import COLOURS, SHAPES, Group, Scene, add_edge_defects, render
 
 # The fill test of diffmoe's judge before the template test, kept here as the baseline.
 FILL_SQUARE, FILL_CIRCLE = 0.88, 0.66

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from common import machine
 
+from diffmoe.data.shapes import CATEGORY_NAMES
 from diffmoe.t2i.sample import (
     JudgeOptions,
     evaluate_text_checkpoint,
@@ -28,7 +29,6 @@ from diffmoe.t2i.sample import (
     save_judged_grid,
     shape_confusion_table,
 )
-from diffmoe.t2i.shapes import CATEGORY_NAMES
 
 
 def parse_ckpt(text: str) -> tuple[str, str]:

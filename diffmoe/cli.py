@@ -31,9 +31,9 @@ import threading
 from pathlib import Path
 
 from .config import INFERENCE_MODES, SAMPLERS, SampleConfig, load_config
+from .data.shapes import CATEGORY_NAMES
 from .errors import DiffMoEError
 from .paths import file_in_the_way
-from .t2i.shapes import CATEGORY_NAMES
 
 log = logging.getLogger("diffmoe")
 

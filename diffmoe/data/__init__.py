@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .captioned import captioned_training_dataset
 from .datasets import ImageDataset, build_dataset, load_digits, load_mnist, to_model_range, to_uint8
 from .latents import LatentDataset, latent_decoder, read_index
 from .loader import BatchIterator
@@ -18,9 +19,7 @@ def build_training_dataset(cfg) -> ImageDataset | LatentDataset:
     if d.name == "latents":
         return LatentDataset.open(d.path, d.limit)
     if cfg.model.condition == "text":
-        from ..t2i.data import build_training_dataset as build_captioned
-
-        return build_captioned(cfg)
+        return captioned_training_dataset(cfg)
     return build_dataset(d.name, d.split, d.limit)
 
 

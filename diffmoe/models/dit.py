@@ -1,9 +1,11 @@
 """The DiT backbone (Peebles & Xie; paper §1), with a pluggable feed-forward layer.
 
-The model knows nothing about the diffusion objective: it maps (x_t, timestep, label) to an
+The model knows nothing about the diffusion objective: it maps (x_t, timestep, condition) to an
 output of the input's shape (twice the channels with ``learn_sigma``), plus the auxiliary outputs
-of its MoE layers. Shapes: B batch, C channels, H=W input size, p patch, s = (H/p)^2 tokens,
-D width.
+of its MoE layers. The condition is a class label or a caption (``model.condition``, see
+:mod:`.condition`); a text-conditioned model (paper §7) adds a cross-attention to the caption
+tokens in every block. Shapes: B batch, C channels, H=W input size, p patch, s = (H/p)^2 tokens,
+D width, L caption tokens.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from ..config import ModelConfig
+from .condition import EMBED_INIT_STD, Condition, build_condition_embedder
 from .moe import STATIC, DenseFFN, FFNOutput, MoELayer, Routing, build_ffn
 
 TIMESTEP_FREQ_DIM = 256  # sinusoidal features fed to the timestep MLP (DiT)
 TIMESTEP_MAX_PERIOD = 10000
-EMBED_INIT_STD = 0.02  # label table and timestep MLP init (DiT)
 LN_EPS = 1e-6
 FINAL_CONV_KERNEL = 3  # model.final_conv: U-ViT's 3x3 convolution after the patch decoder
 
@@ -68,26 +70,6 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(self.frequencies(t).to(self.mlp[0].weight.dtype))
 
 
-class LabelEmbedder(nn.Module):
-    """Class labels → D, with one extra "null" class (index ``num_classes``) used for label
-    dropout and classifier-free guidance."""
-
-    def __init__(self, num_classes: int, dim: int, dropout: float):
-        super().__init__()
-        self.num_classes = num_classes
-        self.dropout = dropout
-        self.table = nn.Embedding(num_classes + 1, dim)
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.table.weight, std=EMBED_INIT_STD)
-
-    def forward(self, y: Tensor) -> Tensor:
-        if self.training and self.dropout > 0:
-            drop = torch.rand(y.shape[0], device=y.device) < self.dropout
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        return self.table(y)
-
-
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -103,21 +85,49 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, s, D))
 
 
-class DiTBlock(nn.Module):
-    """x += gate_msa·Attn(modulate(LN(x))); x += gate_mlp·FFN(modulate(LN(x))) (adaLN-Zero)."""
+class CrossAttention(nn.Module):
+    """Queries from the image tokens, keys and values from the caption tokens (masked)."""
 
-    def __init__(self, dim: int, num_heads: int, ffn: nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, ctx: Tensor, mask: Tensor) -> Tensor:
+        """x: (B, s, D); ctx: (B, L, D); mask: (B, L) bool, True for tokens to attend to."""
+        B, s, D = x.shape
+        L, hd = ctx.shape[1], D // self.num_heads
+        q = self.q(x).view(B, s, self.num_heads, hd).transpose(1, 2)
+        k, v = self.kv(ctx).view(B, L, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(B, s, D))
+
+
+class DiTBlock(nn.Module):
+    """x += gate_msa·Attn(modulate(LN(x))); with ``cross_attention`` x += CrossAttn(LN(x), ctx);
+    x += gate_mlp·FFN(modulate(LN(x))) (adaLN-Zero)."""
+
+    def __init__(self, dim: int, num_heads: int, ffn: nn.Module, cross_attention: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
         self.mlp = ffn
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        # Registered after the others: checkpoints store the optimizer state by parameter order.
+        self.norm_cross = nn.LayerNorm(dim) if cross_attention else None
+        self.cross_attn = CrossAttention(dim, num_heads) if cross_attention else None
 
-    def forward(self, x: Tensor, c: Tensor, routing: Routing) -> tuple[Tensor, FFNOutput]:
+    def forward(self, x: Tensor, c: Tensor, routing: Routing, *context: Tensor
+                ) -> tuple[Tensor, FFNOutput]:
+        """``context``: the caption tokens and their mask, for a block with cross-attention."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.adaLN_modulation(c).chunk(6, dim=1))
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), *context)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
         out = self.mlp(h, routing)
         return x + gate_mlp.unsqueeze(1) * out.y, out
@@ -166,6 +176,9 @@ class DiTOutput:
 
 
 class DiT(nn.Module):
+    """The DiT of a ``model`` config: its condition embedder (``y_embedder``, labels or
+    captions) and, for a condition the blocks attend to, a cross-attention in every block."""
+
     def __init__(self, cfg: ModelConfig, token_pool: str = "rank"):
         """``token_pool``: the DiffMoE layers' training pool under torchrun ("rank", or "global"
         for the pool of every rank's micro-batch)."""
@@ -178,7 +191,7 @@ class DiT(nn.Module):
         self.grid = cfg.input_size // p
         self.x_embedder = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout)
+        self.y_embedder = build_condition_embedder(cfg)
         self.register_buffer("pos_embed", torch.from_numpy(
             sincos_pos_embed_2d(D, self.grid)).unsqueeze(0), persistent=False)
         hidden = int(cfg.mlp_ratio * D)
@@ -186,7 +199,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(D, cfg.num_heads,
                      build_ffn(cfg.moe, D, hidden, token_pool) if i in self.moe_blocks
-                     else DenseFFN(D, hidden))
+                     else DenseFFN(D, hidden), self.y_embedder.cross_attention)
             for i in range(cfg.depth))
         self.final_layer = FinalLayer(D, p, self.out_channels)
         self.final_conv = (nn.Conv2d(self.out_channels, self.out_channels, FINAL_CONV_KERNEL,
@@ -203,9 +216,10 @@ class DiT(nn.Module):
     def initialize_weights(self) -> None:
         """DiT's initialisation. Every Linear: Xavier-uniform, zero bias. The patch embedding is a
         Linear in disguise. adaLN-Zero: each block's modulation projection and the final layer are
-        zero, so every block starts as the identity and the model's first output is 0. MoE layers
-        keep their own init (router N(0, 0.006²), experts Xavier per expert). The optional final
-        convolution starts as the identity kernel."""
+        zero, so every block starts as the identity and the model's first output is 0; so is each
+        cross-attention's output projection, so a block with it starts as the block without it.
+        MoE layers keep their own init (router N(0, 0.006²), experts Xavier per expert). The
+        optional final convolution starts as the identity kernel."""
 
         def _basic(m: nn.Module) -> None:
             if isinstance(m, nn.Linear):
@@ -224,10 +238,12 @@ class DiT(nn.Module):
         self.y_embedder.reset_parameters()
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=EMBED_INIT_STD)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=EMBED_INIT_STD)
+        zeroed = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            zeroed.append(block.adaLN_modulation[-1])
+            if block.cross_attn is not None:
+                zeroed.append(block.cross_attn.proj)
+        for lin in zeroed:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
         if self.final_conv is not None:
@@ -249,42 +265,44 @@ class DiT(nn.Module):
         out = self.unpatchify(self.final_layer(h, c))
         return out if self.final_conv is None else self.final_conv(out)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, routing: Routing = STATIC) -> DiTOutput:
-        """x: (B, C, H, W) noisy input; t: (B,) timesteps as the embedder sees them; y: (B,) labels
-        (``num_classes`` = null)."""
+    def forward(self, x: Tensor, t: Tensor, y: Condition, routing: Routing = STATIC
+                ) -> DiTOutput:
+        """x: (B, C, H, W) noisy input; t: (B,) timesteps as the embedder sees them; y: the
+        condition, (B,) labels (``num_classes`` = null) or a :class:`TextCondition`."""
         h = self.patchify(x) + self.pos_embed.to(x.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y)
-        h, moe_outputs = self.run_blocks(h, c, routing)
+        cond = self.y_embedder(y)
+        c = self.t_embedder(t) + cond.vector
+        h, moe_outputs = self.run_blocks(h, c, routing, *cond.context)
         return DiTOutput(self.decode(h, c), moe_outputs)
 
-    def run_blocks(self, h: Tensor, c: Tensor, routing: Routing, *block_args: Tensor
+    def run_blocks(self, h: Tensor, c: Tensor, routing: Routing, *context: Tensor
                    ) -> tuple[Tensor, list[FFNOutput]]:
-        """Every block in turn (``block_args`` go to each block after ``routing``), each
-        recomputed in the backward pass under ``activation_checkpointing``; returns the tokens
-        and the outputs of the MoE positions."""
+        """Every block in turn (``context``, the condition's tokens for cross-attention, goes to
+        each block after ``routing``), each recomputed in the backward pass under
+        ``activation_checkpointing``; returns the tokens and the outputs of the MoE positions."""
         moe_outputs: list[FFNOutput] = []
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if checkpointed:
-                h, ffn_out = torch.utils.checkpoint.checkpoint(block, h, c, routing, *block_args,
+                h, ffn_out = torch.utils.checkpoint.checkpoint(block, h, c, routing, *context,
                                                                use_reentrant=False)
             else:
-                h, ffn_out = block(h, c, routing, *block_args)
+                h, ffn_out = block(h, c, routing, *context)
             if i in self.moe_blocks:
                 moe_outputs.append(ffn_out)
         return h, moe_outputs
 
     # -- conditioning, as classifier-free guidance sees it ----------------------------------
 
-    def null_condition(self, y: Tensor) -> Tensor:
-        """The unconditional input matching ``y`` (the null class). Guidance goes through this and
-        :meth:`cat_conditions`, so a model with another kind of condition overrides both."""
-        return torch.full_like(y, self.cfg.num_classes)
+    def null_condition(self, y: Condition) -> Condition:
+        """The unconditional input matching ``y`` (the null class or the null caption), as the
+        condition embedder defines it."""
+        return self.y_embedder.null_condition(y)
 
-    @staticmethod
-    def cat_conditions(a: Tensor, b: Tensor) -> Tensor:
-        """Stack two condition batches along the batch dimension."""
-        return torch.cat([a, b])
+    def cat_conditions(self, a: Condition, b: Condition) -> Condition:
+        """Two condition batches stacked along the batch dimension, as the condition embedder
+        stacks them."""
+        return self.y_embedder.cat(a, b)
 
     # -- parameter accounting (paper §1 and Eq. 40) ----------------------------------
 

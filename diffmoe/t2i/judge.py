@@ -48,7 +48,7 @@ from functools import lru_cache
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .shapes import (
+from ..data.shapes import (
     BACKGROUND,
     CATEGORY_NAMES,
     COLOURS,

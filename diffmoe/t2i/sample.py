@@ -25,6 +25,8 @@ from ..capacity import CapacityMeter, activated_params
 from ..checkpoint import open_checkpoint
 from ..config import ModelConfig
 from ..data import to_model_range, to_uint8
+from ..data.shapes import CATEGORY_NAMES, SHAPES, eval_prompts, parse_caption, render
+from ..data.text_encoder import TextEncoder, check_prompts
 from ..diffusion import SamplerOptions
 from ..errors import ConfigError
 from ..images import save_grid
@@ -35,9 +37,7 @@ from ..sample import (
     load_for_sampling,
     resolve_routing,
 )
-from .encoder import TextEncoder, check_prompts
 from .judge import NO_OBJECT, judge
-from .shapes import CATEGORY_NAMES, SHAPES, eval_prompts, parse_caption, render
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +183,10 @@ def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOp
 
 
 def _fid(pixels: torch.Tensor, options: JudgeOptions) -> dict:
+    from ..data.captioned import load_shapes
     from ..evaluation.inception import inception_id
     from ..evaluation.metrics import compare
     from ..evaluation.reference import _cached_or_computed, cache_dir, features_of_images
-    from .data import load_shapes
 
     num = pixels.shape[0]
     # The renders are cheap; naming the cache by their content keeps it from outliving a change

@@ -3,7 +3,7 @@
 A scene is one or two *groups* of identical objects, each group a count (1-4), an optional
 colour and a shape, and between two groups either "and" or a relative position ("left of",
 "right of", "above", "below"). Captions are written from a scene and parsed back into one, so
-the judge (judge.py) checks any caption of the grammar::
+the judge (diffmoe/t2i/judge.py) checks any caption of the grammar::
 
     caption  := group [(" and " | " left of " | " right of " | " above " | " below ") group]
     group    := ("a" | "one" | "two" | "three" | "four") [colour] shape["s"]

@@ -13,7 +13,7 @@
   ``all`` (both).
 
 Each dataset keeps its distinct captions once, the images' labels indexing them, and their text
-embeddings computed once (encoder.py, cached on disk).
+embeddings computed once (text_encoder.py, cached on disk).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..config import Config
-from ..data.datasets import ImageDataset, build_dataset, to_model_range
 from ..errors import DataError
 from ..fileio import package_path
 from ..models.condition import TextCondition
-from .encoder import Encoder, TextEncoder, cached_embeddings, encoder_dir, encoder_identity
+from .datasets import ImageDataset, to_model_range
 from .shapes import IMAGE_SIZE, random_scenes, render
+from .text_encoder import Encoder, TextEncoder, cached_embeddings, encoder_dir, encoder_identity
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +214,11 @@ def build_captioned_dataset(name: str, split: str = "train", limit: int = 0
     return ds
 
 
-def build_training_dataset(cfg: Config, encoder: Optional[Encoder] = None) -> ImageDataset:
-    """The dataset of a run: class-labelled, or for ``model.condition: text`` captioned with its
-    caption embeddings attached (from the cache, or encoded once with ``encoder``)."""
+def captioned_training_dataset(cfg: Config, encoder: Optional[Encoder] = None
+                               ) -> CaptionedDataset:
+    """The captioned dataset of a ``model.condition: text`` run, with its caption embeddings
+    attached (from the cache, or encoded once with ``encoder``)."""
     d = cfg.data
-    if cfg.model.condition != "text":
-        return build_dataset(d.name, d.split, d.limit)
     ds = build_captioned_dataset(d.name, d.split, d.limit)
     if encoder is None:
         encoder = LazyEncoder(cfg)
