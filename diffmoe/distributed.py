@@ -265,25 +265,38 @@ def is_collective_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in text for m in COLLECTIVE_FAILURE_MARKERS)
 
 
+def _in_group() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def group_device() -> torch.device:
+    """The device the default group's collectives take tensors on: the current CUDA device under
+    NCCL (which has no CPU transport), the CPU otherwise."""
+    if dist.get_backend() == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (identity without a process group)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
+    """Mean over ranks (identity without a process group), on ``values``' device; the reduction
+    itself runs on :func:`group_device`."""
+    if _in_group():
+        reduced = values.to(group_device(), copy=True)
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        return (reduced / dist.get_world_size()).to(values.device)
     return values
 
 
 def any_rank(flag: torch.Tensor) -> bool:
     """True if ``flag`` (a 0-d bool tensor) is true on any rank, so all ranks decide alike."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = flag.to(torch.int32)
+    if _in_group():
+        flag = flag.to(group_device(), torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
 
 
 def gather_objects(obj) -> list:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _in_group():
         out = [None] * dist.get_world_size()
         dist.all_gather_object(out, obj)
         return out
@@ -291,5 +304,5 @@ def gather_objects(obj) -> list:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _in_group():
         dist.barrier()

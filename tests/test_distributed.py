@@ -9,10 +9,12 @@ import threading
 import time
 
 import pytest
+import torch
 
 from diffmoe import distributed
 from diffmoe.cli import _stop_on_sigterm
 from diffmoe.errors import DiffMoEError
+from diffmoe.train import time_is_up
 
 
 @pytest.fixture
@@ -72,3 +74,41 @@ def test_launcher_watch_stops_when_asked():
     watch.start()
     watch.stop()
     assert not watch.is_alive()
+
+
+class _CollectiveCalled(Exception):
+    def __init__(self, device):
+        self.device = device
+
+
+@pytest.fixture
+def group_on_another_device(monkeypatch):
+    """A pretend 2-rank process group whose collectives take tensors on the ``meta`` device (a
+    stand-in for NCCL's CUDA device on a CPU-only machine). Its all_reduce raises
+    :class:`_CollectiveCalled` with the device of the tensor it was handed."""
+    def all_reduce(tensor, op=None):
+        raise _CollectiveCalled(tensor.device)
+
+    monkeypatch.setattr(distributed, "_in_group", lambda: True)
+    monkeypatch.setattr(distributed, "group_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda group=None: 2)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: distributed.all_mean(torch.ones(3)),
+    lambda: distributed.any_rank(torch.tensor(True)),
+    lambda: time_is_up(1e-9, 0.0),  # train.max_minutes' stop flag: a CPU tensor
+], ids=["all_mean", "any_rank", "max_minutes"])
+def test_collectives_get_tensors_on_the_group_device(group_on_another_device, call):
+    with pytest.raises(_CollectiveCalled) as info:
+        call()
+    assert info.value.device == torch.device("meta")
+
+
+def test_group_device_follows_the_backend(monkeypatch):
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: "gloo")
+    assert distributed.group_device() == torch.device("cpu")
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(distributed.torch.cuda, "current_device", lambda: 3)
+    assert distributed.group_device() == torch.device("cuda", 3)
