@@ -8,6 +8,7 @@ import difflib
 import numpy as np
 
 from ..errors import ConfigError
+from .schedule import REFERENCE_STEPS, beta_scale, linear_betas
 from .schema import (
     CONDITIONS,
     DATASETS,
@@ -147,12 +148,11 @@ def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
         return
     _require(o.num_timesteps > 0, f"objective.num_timesteps={o.num_timesteps} must be a positive "
              f"integer (DiT: 1000)")
-    scale = 1000 / o.num_timesteps
-    _require(0 < o.beta_start <= o.beta_end and o.beta_end * scale < 1,
+    _require(0 < o.beta_start <= o.beta_end and o.beta_end * beta_scale(o.num_timesteps) < 1,
              f"objective.beta_start={o.beta_start}, beta_end={o.beta_end} must satisfy "
-             f"0 < beta_start <= beta_end and beta_end * 1000/num_timesteps < 1 "
+             f"0 < beta_start <= beta_end and beta_end * {REFERENCE_STEPS}/num_timesteps < 1 "
              f"(DiT: 1e-4 and 0.02)")
-    betas = np.linspace(scale * o.beta_start, scale * o.beta_end, o.num_timesteps)
+    betas = linear_betas(o.num_timesteps, o.beta_start, o.beta_end)
     alpha_bar_end = float(np.prod(1.0 - betas))
     _require(alpha_bar_end > MIN_ALPHA_BAR,
              f"objective.beta_end={o.beta_end} leaves alpha_bar={alpha_bar_end:.1e} at the last "
