@@ -14,6 +14,9 @@ import yaml
 from ..errors import ConfigError
 
 FFN_TYPES = ("dense", "token_choice", "expert_choice", "diffmoe")
+# Expert kernels for unequal token counts (models/moe/base.py, ExpertBank); auto: grouped_mm
+# where the device and dtype support it, else padded_bmm.
+DISPATCH_KERNELS = ("auto", "grouped_mm", "padded_bmm", "loop")
 # How MoE layers route at inference (models/moe/base.py, Routing); "auto" lets the sampling code
 # pick dynamic for a model with a capacity predictor, static otherwise.
 ROUTING_MODES = ("static", "dynamic", "threshold")
@@ -32,6 +35,7 @@ DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_POLICIES = ("stop", "skip")
 PARALLEL = ("ddp", "fsdp")
 TOKEN_POOLS = ("rank", "global")
+WEIGHTS = ("ema", "raw")  # which weights of a checkpoint to sample with
 
 
 @dataclass
