@@ -191,15 +191,11 @@ def add_sampling_args(s: argparse.ArgumentParser, with_num: bool) -> None:
 
 
 def sample_overrides(args: argparse.Namespace, with_num: bool = False) -> dict:
-    """The sampling options given on the command line (the rest come from the checkpoint).
-    ``num`` is a sampling setting only for ``diffmoe sample``; the evaluation commands own it."""
+    """The sampling options given on the command line (the rest come from the checkpoint; both
+    are validated together when it is loaded). ``num`` is a sampling setting only for
+    ``diffmoe sample``; the evaluation commands own it."""
     fields = {f.name for f in dataclasses.fields(SampleConfig)} - (set() if with_num else {"num"})
-    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    for name in ("steps", "num", "batch_size"):
-        if name in overrides and overrides[name] <= 0:
-            raise DiffMoEError(f"--{name.replace('_', '-')}={overrides[name]} must be a positive "
-                               f"integer")
-    return overrides
+    return {k: v for k, v in vars(args).items() if k in fields and v is not None}
 
 
 def refuse_existing(path: str | Path, force: bool, option: str = "--out") -> None:

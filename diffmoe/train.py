@@ -57,7 +57,7 @@ from .checkpoint import (
 )
 from .config import Config, TrainConfig
 from .data import BatchIterator, ImageDataset, build_training_dataset, sample_decoder
-from .diffusion import SamplerOptions, build_objective
+from .diffusion import build_objective
 from .ema import ema_decay, make_ema, update_ema
 from .errors import CheckpointError, ConfigError, DiffMoEError, TrainingError
 from .fileio import atomic_write_text
@@ -67,7 +67,7 @@ from .models import DiT, DiTOutput, build_model
 from .models.moe import apply_threshold_updates, diffmoe_layers
 from .models.moe.diffmoe import dynamic_counts
 from .paths import file_in_the_way
-from .sample import generate, resolve_routing
+from .sample import generate
 
 log = logging.getLogger(__name__)
 
@@ -402,11 +402,7 @@ class Trainer:
         labels = torch.arange(s.num, device=self.device) % min(classes, GRID_COLUMNS)
         if self.cfg.model.condition == "text":  # the captions of the first images
             labels = self.dataset.conditions(torch.arange(s.num) % len(self.dataset))
-        routing = resolve_routing(self.ema, s.mode, s.threshold)
-        images, _ = generate(self.ema, self.objective, labels, sampler=s.sampler, steps=s.steps,
-                             cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
-                             seed=s.seed, progress=False,
-                             options=SamplerOptions.from_settings(s))
+        images, _ = generate(self.ema, self.objective, labels, s, progress=False)
         if self.decoder is not None:
             images = self.decoder(images)
         if not self.dist.is_main:
