@@ -23,7 +23,8 @@ ROUTING_MODES = ("static", "dynamic", "threshold")
 INFERENCE_MODES = ("auto", "dynamic", "static", "threshold")
 # Samplers per objective (diffusion/samplers.py); "auto" picks the first of the objective's list.
 SAMPLERS_BY_OBJECTIVE = {"flow": ("euler", "heun", "dopri5", "sde"), "ddpm": ("ddpm", "ddim")}
-SAMPLERS = ("auto",) + tuple(n for names in SAMPLERS_BY_OBJECTIVE.values() for n in names)
+SAMPLER_NAMES = tuple(n for names in SAMPLERS_BY_OBJECTIVE.values() for n in names)
+SAMPLERS = ("auto",) + SAMPLER_NAMES
 OBJECTIVES = tuple(SAMPLERS_BY_OBJECTIVE)
 DATASETS = ("mnist", "digits", "latents", "shapes", "emoji")
 TEXT_DATASETS = ("shapes", "emoji")  # captioned: need model.condition=text

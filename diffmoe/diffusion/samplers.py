@@ -30,7 +30,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from ..config import SAMPLERS_BY_OBJECTIVE, SampleConfig
+from ..config import SAMPLER_NAMES, SAMPLERS_BY_OBJECTIVE, SampleConfig
 from ..errors import ConfigError
 from ..models.dit import DiT, DiTOutput
 from ..models.moe import STATIC, Routing
@@ -41,7 +41,7 @@ from .objective import check_sampling_steps
 ForwardHook = Callable[[float, DiTOutput], None]
 Objective = Union[FlowMatching, GaussianDiffusion]
 
-SAMPLERS = tuple(s for names in SAMPLERS_BY_OBJECTIVE.values() for s in names)  # without "auto"
+SAMPLERS = SAMPLER_NAMES  # every objective's samplers, without "auto"
 
 
 @dataclass
