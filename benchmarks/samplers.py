@@ -19,14 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from common import emit, interleaved_medians, machine, table
 
-from diffmoe.diffusion import SamplerOptions
 from diffmoe.evaluation.evaluate import EvalOptions, Evaluator
-from diffmoe.sample import generate, parse_labels, resolve_routing
+from diffmoe.sample import generate, parse_labels
 
 DEFAULT_ROWS = ["flow:euler:50", "flow:heun:25", "flow:dopri5:10", "flow:sde:50",
                 "ddpm:ddpm:250", "ddpm:ddpm:50", "ddpm:ddim:50", "ddpm:ddim:25"]
@@ -37,7 +38,7 @@ def parse_row(text: str) -> tuple[str, str, int]:
     return objective, sampler, int(steps)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--flow", help="flow-matching run or checkpoint (for flow:* rows)")
     p.add_argument("--ddpm", help="DDPM run or checkpoint (for ddpm:* rows)")
@@ -52,6 +53,21 @@ def main() -> None:
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     p.add_argument("--json", action="store_true")
+    return p
+
+
+def timed_generation(ev: Evaluator, num: int) -> Callable[[], None]:
+    """One batch of ``num`` images with the evaluator's settings, for the speed pass."""
+    s = replace(ev.sample, batch_size=num)
+    labels = parse_labels(None, num, ev.model.cfg.num_classes, s.seed)
+
+    def fn() -> None:
+        generate(ev.model, ev.objective, labels, s, progress=False)
+    return fn
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ckpts = {"flow": args.flow, "ddpm": args.ddpm}
@@ -79,20 +95,9 @@ def main() -> None:
             logging.warning("%s: FID %.2f, %g calls per batch", name, r["fid"], row["calls"])
         results[name] = row
 
-    def task(ev: Evaluator):
-        s = ev.sample
-        routing = resolve_routing(ev.model, s.mode, s.threshold)
-        labels = parse_labels(None, args.speed_num, ev.model.cfg.num_classes, s.seed)
-
-        def fn() -> None:
-            generate(ev.model, ev.objective, labels, sampler=s.sampler, steps=s.steps,
-                     cfg_scale=s.cfg_scale, routing=routing, batch_size=args.speed_num,
-                     seed=s.seed, progress=False, options=SamplerOptions.from_settings(s))
-        return fn
-
     if not args.skip_speed:
-        medians = interleaved_medians({n: task(ev) for n, ev in evaluators.items()},
-                                      args.repeats, warmup=1, device=torch.device("cpu"))
+        tasks = {n: timed_generation(ev, args.speed_num) for n, ev in evaluators.items()}
+        medians = interleaved_medians(tasks, args.repeats, warmup=1, device=torch.device("cpu"))
         for name, seconds in medians.items():
             results[name]["images_per_s"] = args.speed_num / seconds
     out_rows = list(results.values())

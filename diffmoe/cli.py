@@ -30,7 +30,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import INFERENCE_MODES, SAMPLERS, SampleConfig, load_config
+from .config import DEVICES, INFERENCE_MODES, SAMPLERS, WEIGHTS, SampleConfig, load_config
 from .data.shapes import CATEGORY_NAMES
 from .errors import DiffMoEError
 from .paths import file_in_the_way
@@ -186,20 +186,16 @@ def add_sampling_args(s: argparse.ArgumentParser, with_num: bool) -> None:
                    help="sampling batch size (DiffMoE's token pool)")
     s.add_argument("--seed", type=int)
     s.add_argument("--labels", default=None, help="balanced (default), random, or e.g. 3,1,4")
-    s.add_argument("--weights", choices=["ema", "raw"])
+    s.add_argument("--weights", choices=list(WEIGHTS))
     s.add_argument("--device", default="cpu")
 
 
 def sample_overrides(args: argparse.Namespace, with_num: bool = False) -> dict:
-    """The sampling options given on the command line (the rest come from the checkpoint).
-    ``num`` is a sampling setting only for ``diffmoe sample``; the evaluation commands own it."""
+    """The sampling options given on the command line (the rest come from the checkpoint; both
+    are validated together when it is loaded). ``num`` is a sampling setting only for
+    ``diffmoe sample``; the evaluation commands own it."""
     fields = {f.name for f in dataclasses.fields(SampleConfig)} - (set() if with_num else {"num"})
-    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    for name in ("steps", "num", "batch_size"):
-        if name in overrides and overrides[name] <= 0:
-            raise DiffMoEError(f"--{name.replace('_', '-')}={overrides[name]} must be a positive "
-                               f"integer")
-    return overrides
+    return {k: v for k, v in vars(args).items() if k in fields and v is not None}
 
 
 def refuse_existing(path: str | Path, force: bool, option: str = "--out") -> None:
@@ -355,7 +351,7 @@ def cmd_import_official(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_scale_commands(sub) -> None:
+def add_cache_latents_command(sub) -> None:
     c = sub.add_parser("cache-latents", help="encode a class-folder image dataset to a sharded "
                                              "VAE latent cache (resumable; torchrun-parallel)")
     c.add_argument("image_folder", help="IMAGE_FOLDER/<class>/<image> (the ImageNet layout)")
@@ -365,10 +361,12 @@ def add_scale_commands(sub) -> None:
     c.add_argument("--shard-size", dest="shard_size", type=int, default=1000,
                    help="images per shard (the unit of resumption)")
     c.add_argument("--batch-size", dest="batch_size", type=int, default=32)
-    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    c.add_argument("--device", default="auto", choices=list(DEVICES))
     c.add_argument("--no-progress", dest="no_progress", action="store_true")
     c.set_defaults(func=cmd_cache_latents)
 
+
+def add_import_official_command(sub) -> None:
     i = sub.add_parser("import-official", help="convert a checkpoint of the authors' public "
                                                "code to this library's format")
     i.add_argument("checkpoint", help="their .pt/.pth (state dict or training checkpoint with "
@@ -382,11 +380,7 @@ def add_scale_commands(sub) -> None:
     i.set_defaults(func=cmd_import_official)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffmoe", description=__doc__.split("\n")[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_train_command(sub) -> None:
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config", help="YAML config, e.g. configs/mnist_diffmoe.yaml")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.moe.num_experts=8")
@@ -395,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
 
+
+def add_sample_command(sub) -> None:
     s = sub.add_parser("sample", help="generate a PNG grid from a checkpoint or run directory",
                        description="Options left out take their values from the sample section "
                                    "of the checkpoint's config.")
@@ -406,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=cmd_sample)
 
+
+def add_eval_command(sub) -> None:
     e = sub.add_parser("eval", help="FID/KID/precision/recall and capacity of a checkpoint",
                        description="Generates --num samples, streams them through the FID "
                                    "Inception and writes one JSON. Sampling options left out "
@@ -430,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text-to-image: judge only, skip FID against the shapes test split")
     e.set_defaults(func=cmd_eval)
 
+
+def add_sweep_command(sub) -> None:
     w = sub.add_parser("sweep-thresholds", help="interval search over constant thresholds "
                                                 "(Eq. 16): FID vs C_avg table and PNG")
     add_sampling_args(w, with_num=False)
@@ -444,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--force", action="store_true", help="replace existing outputs")
     w.set_defaults(func=cmd_sweep)
 
+
+def add_analyze_command(sub) -> None:
     a = sub.add_parser("analyze", help="PNG plots: capacity vs timestep, expert load, capacity "
                                        "by class, C_avg vs sampling batch size")
     add_sampling_args(a, with_num=False)
@@ -458,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-progress", dest="no_progress", action="store_true")
     a.set_defaults(func=cmd_analyze)
 
+
+def add_fid_command(sub) -> None:
     f = sub.add_parser("fid", help="FID/KID/precision/recall between two image sets",
                        description="Each set is DATASET[:SPLIT][:N] or an ADM .npz, e.g. "
                                    "diffmoe fid mnist:train:1000 mnist:test:1000")
@@ -468,7 +472,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache-dir", dest="cache_dir", default=None)
     f.add_argument("--no-progress", dest="no_progress", action="store_true")
     f.set_defaults(func=cmd_fid)
-    add_scale_commands(sub)
+
+
+COMMANDS = (add_train_command, add_sample_command, add_eval_command, add_sweep_command,
+            add_analyze_command, add_fid_command, add_cache_latents_command,
+            add_import_official_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffmoe", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add_command in COMMANDS:
+        add_command(sub)
     return p
 
 

@@ -46,7 +46,7 @@ import yaml
 from torch import Tensor
 
 from .checkpoint import save_checkpoint
-from .config import Config, _deep_merge, config_from_dict, overrides_to_dict
+from .config import Config, config_from_dict, deep_merge, overrides_to_dict
 from .errors import CheckpointError, ConfigError
 from .models import DiT, build_model
 
@@ -134,7 +134,7 @@ def config_from_official(yaml_path: str | Path, weights: dict[str, Tensor],
     model["moe"].setdefault("interleave", True)
     cfg = {"model": model}
     if overrides:
-        cfg = _deep_merge(cfg, overrides_to_dict(overrides))
+        cfg = deep_merge(cfg, overrides_to_dict(overrides))
     return config_from_dict(cfg)
 
 

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -18,29 +18,31 @@ from tqdm import tqdm
 
 from .capacity import CapacityMeter, activated_params
 from .checkpoint import LoadedCheckpoint, load_state_dict_checked, open_checkpoint
-from .config import SampleConfig, config_from_dict, validate_sampling
+from .config import WEIGHTS, Config, SampleConfig, config_from_dict, validate_sampling
 from .data import sample_decoder
-from .diffusion import Objective, SamplerOptions, objective_from_state, resolve_sampler, sample
+from .diffusion import Objective, SamplerOptions, build_objective, resolve_sampler, sample
 from .errors import CheckpointError, ConfigError
 from .images import save_grid
 from .models import DiT, build_model
+from .models.condition import TextCondition
 from .models.moe import Routing, diffmoe_layers
 
 log = logging.getLogger(__name__)
 
+Condition = Union[Tensor, TextCondition]  # class labels, or a batch of encoded captions
 
-def resolve_routing(model: DiT, mode: str, threshold: float) -> Routing:
-    """``auto`` → dynamic for a DiffMoE model, static otherwise. Dynamic and threshold modes need
-    DiffMoE's capacity predictor."""
+
+def resolve_routing(model: DiT, settings: SampleConfig) -> Routing:
+    """The MoE routing that ``settings`` ask of ``model``: ``auto`` → dynamic for a DiffMoE model,
+    static otherwise. Dynamic and threshold modes need DiffMoE's capacity predictor."""
     has_predictor = bool(diffmoe_layers(model))
+    mode = settings.mode
     if mode == "auto":
         mode = "dynamic" if has_predictor else "static"
     if mode in ("dynamic", "threshold") and not has_predictor:
         raise ConfigError(f"sample.mode={mode} needs a capacity predictor, but this model's FFN is "
                           f"'{model.cfg.moe.type}'; use --mode static")
-    if not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"threshold {threshold} must be in [0, 1]")
-    return Routing(mode, threshold)
+    return Routing(mode, settings.threshold)
 
 
 def capacity_warnings(model: DiT, routing: Routing, batch_size: int, c_avg: float) -> list[str]:
@@ -70,44 +72,42 @@ def capacity_warnings(model: DiT, routing: Routing, batch_size: int, c_avg: floa
     return found
 
 
-def generate_batches(model: DiT, objective: Objective, labels: Tensor, *, sampler: str,
-                     steps: int, cfg_scale: float, routing: Routing, batch_size: int, seed: int,
-                     progress: bool = True, meter: Optional[CapacityMeter] = None,
-                     options: Optional[SamplerOptions] = None
-                     ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Generate one image per label, ``batch_size`` at a time, yielding (images in [-1, 1] on
-    the CPU, their labels) per batch, so a caller can consume them without keeping them all.
-    Every forward is reported to ``meter`` if given."""
-    if batch_size <= 0:
-        raise ConfigError(f"sampling batch size {batch_size} must be a positive integer")
+def generate_batches(model: DiT, objective: Objective, condition: Condition,
+                     settings: SampleConfig, *, progress: bool = True,
+                     meter: Optional[CapacityMeter] = None) -> Iterator[tuple[Tensor, Condition]]:
+    """Generate one image per entry of ``condition`` (class labels or a text condition),
+    ``settings.batch_size`` at a time, yielding (images in [-1, 1] on the CPU, their condition)
+    per batch, so a caller can consume them without keeping them all. The routing comes from
+    :func:`resolve_routing` and the sampler options from the same ``settings``, whose ranges
+    ``config.validate_sampling`` has checked. Every forward is reported to ``meter`` if given."""
+    routing = resolve_routing(model, settings)
+    options = SamplerOptions.from_settings(settings)
     on_forward = meter.on_forward if meter is not None else None
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(settings.seed)
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, labels.shape[0], batch_size), disable=not progress,
-                          desc="sample", dynamic_ncols=True):
-            y = labels[start:start + batch_size]
-            images = sample(model, objective, y.to(device), sampler=sampler, steps=steps,
-                            cfg_scale=cfg_scale, routing=routing, generator=gen,
-                            on_forward=on_forward, options=options)
+        for start in tqdm(range(0, condition.shape[0], settings.batch_size),
+                          disable=not progress, desc="sample", dynamic_ncols=True):
+            y = condition[start:start + settings.batch_size]
+            images = sample(model, objective, y.to(device), sampler=settings.sampler,
+                            steps=settings.steps, cfg_scale=settings.cfg_scale, routing=routing,
+                            generator=gen, on_forward=on_forward, options=options)
             yield images.float().cpu(), y
     finally:
         model.train(was_training)
 
 
-def generate(model: DiT, objective: Objective, labels: Tensor, *, sampler: str, steps: int,
-             cfg_scale: float, routing: Routing, batch_size: int, seed: int,
-             progress: bool = True, meter: Optional[CapacityMeter] = None,
-             options: Optional[SamplerOptions] = None) -> tuple[Tensor, CapacityMeter]:
-    """Generate one image per label, ``batch_size`` at a time. Returns images in [-1, 1] (on the
-    CPU) and the capacity meter that recorded every forward."""
+def generate(model: DiT, objective: Objective, condition: Condition, settings: SampleConfig, *,
+             progress: bool = True, meter: Optional[CapacityMeter] = None
+             ) -> tuple[Tensor, CapacityMeter]:
+    """Generate one image per entry of ``condition`` with ``settings`` (see
+    :func:`generate_batches`). Returns images in [-1, 1] (on the CPU) and the capacity meter that
+    recorded every forward."""
     meter = meter if meter is not None else CapacityMeter()
-    chunks = [images for images, _ in generate_batches(
-        model, objective, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-        routing=routing, batch_size=batch_size, seed=seed, progress=progress, meter=meter,
-        options=options)]
+    chunks = [images for images, _ in generate_batches(model, objective, condition, settings,
+                                                       progress=progress, meter=meter)]
     return torch.cat(chunks), meter
 
 
@@ -119,45 +119,42 @@ def load_model(path: str | Path, weights: str = "ema", device: str | torch.devic
     return model_from_checkpoint(ckpt, weights, device), ckpt.state, ckpt.path
 
 
-def model_from_checkpoint(ckpt: LoadedCheckpoint, weights: str = "ema",
-                          device: str | torch.device = "cpu") -> DiT:
-    if weights not in ("ema", "raw"):
-        raise ConfigError(f"weights '{weights}' must be 'ema' or 'raw'")
+def checkpoint_config(ckpt: LoadedCheckpoint) -> Config:
+    """The config a checkpoint was trained with (validated)."""
     try:
-        cfg = config_from_dict(ckpt.state["config"])
+        return config_from_dict(ckpt.state["config"])
     except (KeyError, TypeError):
         raise CheckpointError(f"checkpoint '{ckpt.path}' has no usable config in state.json; it "
                               f"is damaged") from None
-    model = build_model(cfg.model)
+
+
+def model_from_checkpoint(ckpt: LoadedCheckpoint, weights: str = "ema",
+                          device: str | torch.device = "cpu") -> DiT:
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights '{weights}' must be one of {list(WEIGHTS)}")
+    model = build_model(checkpoint_config(ckpt).model)
     load_state_dict_checked(model, ckpt.tensors("ema" if weights == "ema" else "model"),
                             f"'{ckpt.path}'")
     return model.to(device).eval()
 
 
-def checked_objective(state: dict, s: SampleConfig) -> tuple[Objective, SampleConfig]:
-    """The checkpoint's objective, after checking the sampling settings ``s`` (the checkpoint's
-    own updated with command-line overrides) against it; and ``s`` with ``auto`` resolved to the
-    sampler it stands for, as results should record it."""
-    cfg = config_from_dict(state["config"])
-    validate_sampling(cfg.objective, s, cfg.model)
-    objective = objective_from_state(state["config"])
-    return objective, replace(s, sampler=resolve_sampler(objective.objective, s.sampler))
-
-
 def load_for_sampling(path: str | Path, overrides: dict, device: str | torch.device = "cpu"
                       ) -> tuple[LoadedCheckpoint, SampleConfig, DiT, Objective]:
     """A checkpoint (or a run's newest) ready to sample: its ``sample`` settings updated with
-    ``overrides`` and checked against its objective, the model with the chosen weights, and the
-    objective."""
+    ``overrides`` and checked against its objective and model before any weights are read, the
+    model with the chosen weights, and the objective. ``auto`` in the returned settings is
+    resolved to the sampler it stands for, as results should record it."""
     ckpt = open_checkpoint(path)
-    base = ckpt.state.get("config", {}).get("sample", {})
+    cfg = checkpoint_config(ckpt)
     try:
-        s = SampleConfig(**{**base, **overrides})
+        s = replace(cfg.sample, **overrides)
     except TypeError as exc:
         raise ConfigError(f"bad sample settings ({exc}); check the options") from None
+    validate_sampling(cfg.objective, s, cfg.model)
     model = model_from_checkpoint(ckpt, s.weights, device)
-    objective, s = checked_objective(ckpt.state, s)
-    return ckpt, s, model, objective
+    objective = build_objective(cfg)
+    return ckpt, replace(s, sampler=resolve_sampler(objective.objective, s.sampler)), model, \
+        objective
 
 
 def parse_labels(spec: Optional[str], num: int, num_classes: int, seed: int) -> Tensor:
@@ -185,11 +182,9 @@ def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
     out = Path(out)
     ckpt, s, model, objective = load_for_sampling(path, overrides, device)
     state, ckpt_path, cfg = ckpt.state, ckpt.path, model.cfg
-    routing = resolve_routing(model, s.mode, s.threshold)
+    routing = resolve_routing(model, s)
     y = parse_labels(labels, s.num, cfg.num_classes, s.seed)
-    images, meter = generate(model, objective, y, sampler=s.sampler, steps=s.steps,
-                             cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
-                             seed=s.seed, options=SamplerOptions.from_settings(s))
+    images, meter = generate(model, objective, y, s)
     decoder = sample_decoder(state["config"].get("data", {}), device)
     if decoder is not None:  # a latent model: decode with the cache's VAE
         images = decoder(images)

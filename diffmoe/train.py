@@ -25,7 +25,7 @@ from . import distributed, faults, parallel
 from .capacity import expert_capacities
 from .config import Config, TrainConfig
 from .data import BatchIterator, ImageDataset, build_training_dataset, sample_decoder
-from .diffusion import SamplerOptions, build_objective
+from .diffusion import build_objective
 from .ema import ema_decay, make_ema, update_ema
 from .errors import ConfigError
 from .images import save_grid
@@ -34,7 +34,7 @@ from .models import build_model
 from .models.moe import apply_threshold_updates, diffmoe_layers
 from .models.moe.diffmoe import dynamic_counts
 from .run import Progress, RunDirectory, TrainingState
-from .sample import generate, resolve_routing
+from .sample import generate
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +125,6 @@ def grid_conditions(cfg: Config, dataset: ImageDataset, device: torch.device):
     if cfg.model.condition == "text":
         return dataset.conditions(torch.arange(num) % len(dataset))
     return torch.arange(num, device=device) % min(cfg.model.num_classes, GRID_COLUMNS)
-
-
-def grid_images(cfg: Config, ema: torch.nn.Module, objective, conditions) -> torch.Tensor:
-    """The training sample grid's images (in [-1, 1], on the CPU), with the ``sample``
-    settings."""
-    s = cfg.sample
-    routing = resolve_routing(ema, s.mode, s.threshold)
-    images, _ = generate(ema, objective, conditions, sampler=s.sampler, steps=s.steps,
-                         cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
-                         seed=s.seed, progress=False, options=SamplerOptions.from_settings(s))
-    return images
 
 
 def time_is_up(max_minutes: float, start_time: float) -> bool:
@@ -345,8 +334,9 @@ class Trainer:
         computes it (the sharded EMA's forward is collective)."""
         path = None
         if self.dist.is_main or self.model.fsdp:
-            images = grid_images(self.cfg, self.ema, self.objective,
-                                 grid_conditions(self.cfg, self.dataset, self.device))
+            conditions = grid_conditions(self.cfg, self.dataset, self.device)
+            images, _ = generate(self.ema, self.objective, conditions, self.cfg.sample,
+                                 progress=False)
             if self.decoder is not None:
                 images = self.decoder(images)
             if self.dist.is_main:

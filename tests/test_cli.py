@@ -98,7 +98,7 @@ def test_checkpoint_from_another_architecture(capsys, trained_run, tmp_path):
 def test_sample_argument_errors(capsys, trained_run, tmp_path):
     out = str(tmp_path / "o.png")
     rc, _, err = run_cli(["sample", str(trained_run), "--steps", "0", "--out", out], capsys)
-    assert rc == 2 and "--steps=0 must be a positive integer" in error_line(err)
+    assert rc == 2 and "sample.steps=0 must be a positive integer" in error_line(err)
     rc, _, err = run_cli(["sample", str(trained_run), "--labels", "3,99", "--out", out], capsys)
     assert rc == 2 and "class 99 is outside 0..9" in error_line(err)
     rc, _, err = run_cli(["sample", str(trained_run), "--mode", "threshold", "--threshold", "2",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Union
 
-from ..config import Config, config_from_dict
+from ..config import Config
 from .flow import FlowMatching
 from .gaussian import GaussianDiffusion
 from .objective import ObjectiveLoss
@@ -36,12 +36,7 @@ def build_objective(cfg: Config) -> Objective:
     return FlowMatching(m.in_channels, o.time_scale)
 
 
-def objective_from_state(config: dict) -> Objective:
-    """The objective of a checkpoint, from the config dict stored with it."""
-    return build_objective(config_from_dict(config))
-
-
 __all__ = ["FlowMatching", "GaussianDiffusion", "ObjectiveLoss", "Objective", "SAMPLERS",
            "SAMPLERS_BY_OBJECTIVE", "SamplerOptions", "build_objective", "ddim", "ddpm_ancestral",
-           "dopri5", "euler", "guided_output", "guided_velocity", "heun", "objective_from_state",
-           "resolve_sampler", "sample", "sde"]
+           "dopri5", "euler", "guided_output", "guided_velocity", "heun", "resolve_sampler",
+           "sample", "sde"]

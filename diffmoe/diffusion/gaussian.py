@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config.schedule import linear_betas
 from ..errors import ConfigError
 from .objective import ObjectiveLoss, check_sampling_steps
 
@@ -44,14 +45,6 @@ DATA_BINS = 256
 EDGE_TOLERANCE = 0.999
 # Smallest probability whose logarithm is taken.
 LOG_FLOOR = 1e-12
-# The schedule's β range is given for T = 1000 steps and scaled by 1000/T (as DDPM/DiT do).
-REFERENCE_STEPS = 1000
-
-
-def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
-    """DDPM's linear β schedule in float64."""
-    scale = REFERENCE_STEPS / num_timesteps
-    return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
 
 
 def spaced_timesteps(num_timesteps: int, steps: int) -> list[int]:

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from ..config import SAMPLERS_BY_OBJECTIVE
+from ..config import SAMPLER_NAMES, SAMPLERS_BY_OBJECTIVE, SampleConfig
 from ..errors import ConfigError
 from ..models.dit import DiT, DiTOutput
 from ..models.moe import STATIC, Routing
@@ -41,24 +41,22 @@ from .objective import check_sampling_steps
 ForwardHook = Callable[[float, DiTOutput], None]
 Objective = Union[FlowMatching, GaussianDiffusion]
 
-SAMPLERS = tuple(s for names in SAMPLERS_BY_OBJECTIVE.values() for s in names)  # without "auto"
+SAMPLERS = SAMPLER_NAMES  # every objective's samplers, without "auto"
 
 
 @dataclass
 class SamplerOptions:
-    """Settings of particular samplers (the matching ``sample.*`` config keys)."""
+    """Settings of particular samplers: the ``sample.*`` config keys of the same names, whose
+    meanings and defaults :class:`~diffmoe.config.SampleConfig` holds."""
 
-    ddim_eta: float = 0.0
-    ode_rtol: float = 1e-3
-    ode_atol: float = 1e-6
-    sde_noise: float = 1.0
-    # Classifier-free guidance on the first N predicted channels (0 = all of them). DiT's public
-    # sampling guides only 3 of the 4 latent channels: set 3 to reproduce it.
-    guidance_channels: int = 0
+    ddim_eta: float = SampleConfig.ddim_eta
+    ode_rtol: float = SampleConfig.ode_rtol
+    ode_atol: float = SampleConfig.ode_atol
+    sde_noise: float = SampleConfig.sde_noise
+    guidance_channels: int = SampleConfig.guidance_channels
 
     @classmethod
-    def from_settings(cls, settings) -> "SamplerOptions":
-        """From any object with the same attribute names (a ``SampleConfig``)."""
+    def from_settings(cls, settings: SampleConfig) -> "SamplerOptions":
         return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 

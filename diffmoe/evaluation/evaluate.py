@@ -7,21 +7,20 @@ breakdown, the activated parameters (Eq. 40), the sampling throughput and the re
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from ..capacity import CapacityMeter, activated_params
-from ..config import SampleConfig
+from ..config import SampleConfig, validate_sample
 from ..data import decoded_size, sample_decoder, to_uint8
-from ..diffusion import Objective, SamplerOptions
+from ..diffusion import Objective
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
 from ..models import DiT
@@ -77,7 +76,7 @@ class Evaluator:
         if options.num < 2:
             raise ConfigError(f"--num {options.num}: FID needs at least 2 samples")
         ckpt, s, model, objective = load_for_sampling(path, overrides, options.device)
-        s = dataclasses.replace(s, num=options.num)
+        s = replace(s, num=options.num)
         config = ckpt.state.get("config", {})
         data = config.get("data", {})
         data_spec = f"{data.get('name', 'mnist')}:{data.get('split', 'train')}"
@@ -95,16 +94,48 @@ class Evaluator:
                                             self.options.feature_batch, self.options.progress)
         return self.reference
 
-    def run(self, mode: Optional[str] = None, threshold: Optional[float] = None,
+    def run(self, settings: Optional[SampleConfig] = None,
             save_npz: Optional[str] = None) -> dict:
-        """Generate ``num`` samples in one routing mode, compare them with the reference."""
-        s = dataclasses.replace(self.sample, mode=mode or self.sample.mode,
-                                threshold=self.sample.threshold if threshold is None
-                                else threshold)
-        routing = resolve_routing(self.model, s.mode, s.threshold)
+        """Generate ``num`` samples with ``settings`` (default: the evaluator's own, as loaded)
+        and compare them with the reference."""
+        s = settings if settings is not None else self.sample
+        routing = resolve_routing(self.model, s)
         reference = self.load_reference()
         labels = parse_labels(self.options.labels, s.num, self.model.cfg.num_classes, s.seed)
         meter = CapacityMeter()
+        feats, timing, npz_path = self._features(labels, s, meter, save_npz)
+        generated = FeatureStats.from_features(feats)
+        metrics = compare(reference.stats, generated, kid_seed=s.seed)
+        cap = meter.summary()
+        for warning in metrics["warnings"]:
+            log.warning("%s", warning)
+        return {
+            "checkpoint": str(self.checkpoint), "step": self.step,
+            "fid": metrics["fid"], "kid": metrics["kid"], "kid_std": metrics["kid_std"],
+            "precision": metrics["precision"], "recall": metrics["recall"],
+            "inception_score": None,
+            "c_avg_infer": cap["c_avg_infer"],
+            "capacity_per_layer": cap["per_layer"],
+            "capacity_per_timestep": cap["per_timestep"],
+            "activated_params": activated_params(self.model, cap["c_avg_infer"]),
+            "total_params": self.model.num_params(),
+            "images_per_second": s.num / timing["sampling_seconds"]
+            if timing["sampling_seconds"] > 0 else math.nan,
+            "model_calls_per_batch": meter.calls / math.ceil(s.num / s.batch_size),
+            **timing,
+            "settings": dict(asdict(s), mode=routing.mode, labels=self.options.labels,
+                             device=self.options.device, feature_dim=FEATURE_DIM),
+            "reference": {"source": reference.source, "num": reference.stats.num,
+                          "cache_file": reference.cache_file, "from_cache": reference.cached},
+            "samples_npz": npz_path,
+            "notes": [INCEPTION_SCORE_NOTE], "warnings": metrics["warnings"],
+        }
+
+    def _features(self, labels: torch.Tensor, s: SampleConfig, meter: CapacityMeter,
+                  save_npz: Optional[str]) -> tuple[torch.Tensor, dict, Optional[str]]:
+        """Sample batch by batch (decoding latents), keeping only the Inception features and,
+        with ``save_npz``, the images in an ADM-style .npz. Returns the features, the seconds
+        spent sampling and extracting features, and the .npz path."""
         extractor = default_extractor()
         writer = None
         if save_npz:
@@ -114,11 +145,8 @@ class Evaluator:
             writer = NpzSampleWriter(save_npz, s.num, size, size, channels)
         feats, sampling_s, feature_s = [], 0.0, 0.0
         try:
-            batches = generate_batches(self.model, self.objective, labels, sampler=s.sampler,
-                                       steps=s.steps, cfg_scale=s.cfg_scale, routing=routing,
-                                       batch_size=s.batch_size, seed=s.seed,
-                                       progress=self.options.progress, meter=meter,
-                                       options=SamplerOptions.from_settings(s))
+            batches = generate_batches(self.model, self.objective, labels, s,
+                                       progress=self.options.progress, meter=meter)
             while True:
                 start = time.perf_counter()
                 try:
@@ -140,31 +168,8 @@ class Evaluator:
             if writer is not None:
                 writer.abort()
             raise
-        generated = FeatureStats.from_features(torch.cat(feats))
-        metrics = compare(reference.stats, generated, kid_seed=s.seed)
-        cap = meter.summary()
-        for warning in metrics["warnings"]:
-            log.warning("%s", warning)
-        return {
-            "checkpoint": str(self.checkpoint), "step": self.step,
-            "fid": metrics["fid"], "kid": metrics["kid"], "kid_std": metrics["kid_std"],
-            "precision": metrics["precision"], "recall": metrics["recall"],
-            "inception_score": None,
-            "c_avg_infer": cap["c_avg_infer"],
-            "capacity_per_layer": cap["per_layer"],
-            "capacity_per_timestep": cap["per_timestep"],
-            "activated_params": activated_params(self.model, cap["c_avg_infer"]),
-            "total_params": self.model.num_params(),
-            "images_per_second": s.num / sampling_s if sampling_s > 0 else math.nan,
-            "model_calls_per_batch": meter.calls / math.ceil(s.num / s.batch_size),
-            "sampling_seconds": sampling_s, "feature_seconds": feature_s,
-            "settings": dict(asdict(s), mode=routing.mode, labels=self.options.labels,
-                             device=self.options.device, feature_dim=FEATURE_DIM),
-            "reference": {"source": reference.source, "num": reference.stats.num,
-                          "cache_file": reference.cache_file, "from_cache": reference.cached},
-            "samples_npz": npz_path,
-            "notes": [INCEPTION_SCORE_NOTE], "warnings": metrics["warnings"],
-        }
+        timing = {"sampling_seconds": sampling_s, "feature_seconds": feature_s}
+        return torch.cat(feats), timing, npz_path
 
 
 def write_json(result: dict, path: str | Path) -> Path:
@@ -176,15 +181,18 @@ def sweep(evaluator: Evaluator, thresholds: list[float], budget: float = 1.0,
           extra_modes: tuple[str, ...] = ("dynamic", "static")) -> dict:
     """Interval search (Eq. 16): one constant threshold for every expert and layer at a time,
     plus the dynamic and static modes as extra rows. Best = lowest FID with C_avg <= budget."""
-    for gamma in thresholds:
-        if not 0.0 <= gamma <= 1.0:
-            raise ConfigError(f"threshold {gamma} must be in [0, 1]")
-    resolve_routing(evaluator.model, "threshold", 0.5)  # a clear error for a model without one
+    base = evaluator.sample
+    plan = [(replace(base, mode="threshold", threshold=g), g) for g in thresholds] + \
+        [(replace(base, mode=m), None) for m in extra_modes]
+    for settings, _ in plan:
+        validate_sample(settings)
+    # A clear error for a model without a capacity predictor, before any row's work.
+    resolve_routing(evaluator.model, replace(base, mode="threshold"))
     rows = []
-    plan = [("threshold", g) for g in thresholds] + [(m, None) for m in extra_modes]
-    for mode, gamma in plan:
+    for settings, gamma in plan:
+        mode = settings.mode
         log.info("sweep: mode %s%s", mode, "" if gamma is None else f", threshold {gamma}")
-        r = evaluator.run(mode=mode, threshold=gamma)
+        r = evaluator.run(settings)
         rows.append({"mode": mode, "threshold": gamma, "fid": r["fid"], "kid": r["kid"],
                      "precision": r["precision"], "recall": r["recall"],
                      "c_avg_infer": r["c_avg_infer"], "activated_params": r["activated_params"],

@@ -21,13 +21,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..capacity import CapacityMeter, activated_params
+from ..capacity import activated_params
 from ..checkpoint import open_checkpoint
 from ..config import ModelConfig
 from ..data import to_model_range, to_uint8
 from ..data.shapes import CATEGORY_NAMES, SHAPES, eval_prompts, parse_caption, render
 from ..data.text_encoder import TextEncoder, check_prompts
-from ..diffusion import SamplerOptions
 from ..errors import ConfigError
 from ..images import save_grid
 from ..models.condition import TextCondition
@@ -91,10 +90,8 @@ def sample_prompts(path: str | Path, overrides: dict, out: str | Path, prompts: 
     per_prompt = max(1, s.num // len(prompts))
     cond = encode_prompts(model.cfg, prompts, device)
     index = torch.arange(len(prompts)).repeat_interleave(per_prompt)
-    routing = resolve_routing(model, s.mode, s.threshold)
-    images, meter = generate(model, objective, cond[index], sampler=s.sampler, steps=s.steps,
-                             cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
-                             seed=s.seed, options=SamplerOptions.from_settings(s))
+    routing = resolve_routing(model, s)
+    images, meter = generate(model, objective, cond[index], s)
     save_grid(images, out, nrow=per_prompt, upscale=2)
     cap = meter.summary()
     for warning in capacity_warnings(model, routing, s.batch_size, cap["c_avg_infer"]):
@@ -150,11 +147,8 @@ def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOp
     categories = [c for c, _ in pairs for _ in range(options.samples_per_prompt)]
     prompts = [p for _, p in pairs for _ in range(options.samples_per_prompt)]
     cond = encode_prompts(model.cfg, prompts, options.device)
-    routing = resolve_routing(model, s.mode, s.threshold)
-    images, meter = generate(model, objective, cond, sampler=s.sampler, steps=s.steps,
-                             cfg_scale=s.cfg_scale, routing=routing, batch_size=s.batch_size,
-                             seed=s.seed, progress=options.progress, meter=CapacityMeter(),
-                             options=SamplerOptions.from_settings(s))
+    routing = resolve_routing(model, s)
+    images, meter = generate(model, objective, cond, s, progress=options.progress)
     pixels = to_uint8(images)
     result = judge(prompts, pixels.permute(0, 2, 3, 1).numpy())
     chance = chance_level(prompts, categories)

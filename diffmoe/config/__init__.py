@@ -1,0 +1,81 @@
+"""Dataclass configs, YAML loading, dotted command-line overrides and validation.
+
+A run is described by one :class:`Config` with five sections: ``model`` (with ``model.moe``),
+``objective``, ``data``, ``train`` and ``sample``. It is built in this order, later steps winning:
+
+1. the dataclass defaults (:mod:`.schema`);
+2. the named preset in ``model.preset`` (e.g. ``DiffMoE-S-E16``), if any;
+3. the YAML file;
+4. ``key=value`` overrides from the command line, with dotted keys (``model.moe.num_experts=8``).
+
+Unknown keys and wrongly typed values are rejected with a message naming the key and the fix
+(:mod:`.loading`); :meth:`Config.validate` then checks the values against each other
+(:mod:`.validation`).
+"""
+
+from .loading import (
+    config_from_dict,
+    deep_merge,
+    load_config,
+    load_yaml,
+    overrides_to_dict,
+    parse_override,
+)
+from .schema import (
+    CONDITIONS,
+    DATASETS,
+    DEVICES,
+    DISPATCH_KERNELS,
+    EMA_BUFFER_RULES,
+    FAMILIES,
+    FFN_TYPES,
+    INFERENCE_MODES,
+    LR_SCHEDULES,
+    NONFINITE_POLICIES,
+    OBJECTIVES,
+    PARALLEL,
+    PRECISIONS,
+    ROUTING_MODES,
+    SAMPLER_NAMES,
+    SAMPLERS,
+    SAMPLERS_BY_OBJECTIVE,
+    SIZES,
+    TEXT_DATASETS,
+    TOKEN_POOLS,
+    WEIGHTS,
+    Config,
+    DataConfig,
+    ModelConfig,
+    MoEConfig,
+    ObjectiveConfig,
+    SampleConfig,
+    TextConfig,
+    TrainConfig,
+    preset,
+    preset_names,
+)
+from .validation import (
+    MIN_ALPHA_BAR,
+    validate,
+    validate_data,
+    validate_inference_mode,
+    validate_model,
+    validate_moe,
+    validate_objective,
+    validate_sample,
+    validate_sampling,
+    validate_text,
+    validate_train,
+)
+
+__all__ = [
+    "CONDITIONS", "DATASETS", "DEVICES", "DISPATCH_KERNELS", "EMA_BUFFER_RULES", "FAMILIES",
+    "FFN_TYPES", "INFERENCE_MODES", "LR_SCHEDULES", "MIN_ALPHA_BAR", "NONFINITE_POLICIES",
+    "OBJECTIVES", "PARALLEL", "PRECISIONS", "ROUTING_MODES", "SAMPLER_NAMES", "SAMPLERS",
+    "SAMPLERS_BY_OBJECTIVE", "SIZES", "TEXT_DATASETS", "TOKEN_POOLS", "WEIGHTS", "Config",
+    "DataConfig", "ModelConfig", "MoEConfig", "ObjectiveConfig", "SampleConfig", "TextConfig",
+    "TrainConfig", "config_from_dict", "deep_merge", "load_config", "load_yaml",
+    "overrides_to_dict", "parse_override", "preset", "preset_names", "validate", "validate_data",
+    "validate_inference_mode", "validate_model", "validate_moe", "validate_objective",
+    "validate_sample", "validate_sampling", "validate_text", "validate_train",
+]

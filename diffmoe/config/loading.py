@@ -1,0 +1,165 @@
+"""Building a :class:`~.schema.Config`: YAML files, dotted ``key=value`` overrides, presets and
+the coercion of each value to its field's type."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+from .schema import Config, preset, quote
+
+
+def deep_merge(base: dict, upd: dict) -> dict:
+    """``base`` updated with ``upd``, nested mappings merged key by key (``upd`` winning)."""
+    out = dict(base)
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    tp, optional = _unwrap_optional(tp)
+    article = "an" if tp.__name__[0] in "aeiou" else "a"
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' may not be empty; give it {article} "
+                          f"{tp.__name__} value")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(
+        f"config key '{key}' expects {article} {tp.__name__}, got {value!r} "
+        f"({type(value).__name__}); fix the value in the YAML file or the override")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping of keys to "
+                          f"values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key {quote(f'{prefix}{key}')}{hint}; valid keys "
+                              f"in this section: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(prefix + key, value, tp)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'model.moe.num_experts=8'`` → ``(['model', 'moe', 'num_experts'], 8)``."""
+    if "=" not in text:
+        raise ConfigError(f"override {quote(text)} is not of the form key=value "
+                          f"(e.g. model.moe.num_experts=8)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {quote(text)} has an empty key; write e.g. train.steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def overrides_to_dict(overrides: list[str]) -> dict:
+    out: dict = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {quote(text)} conflicts with an earlier override")
+        node[path[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a Config from a nested dict (preset applied first)."""
+    if not isinstance(data, dict):
+        raise ConfigError("a config must be a mapping with sections model, objective, data, "
+                          "train, sample")
+    model = data.get("model") or {}
+    if isinstance(model, dict) and model.get("preset"):
+        data = deep_merge({"model": preset(str(model["preset"]))}, data)
+    return _build(Config, data, "").validate()
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; pass a YAML file such as "
+                          f"configs/mnist_diffmoe.yaml")
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as "
+                          f"configs/mnist_diffmoe.yaml")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+        raise ConfigError(f"config file '{path}' cannot be read ({reason}); pass a YAML "
+                          f"file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}; "
+                          f"fix its syntax") from None
+    return data or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data = load_yaml(path) if path is not None else {}
+    if overrides:
+        data = deep_merge(data, overrides_to_dict(overrides))
+    return config_from_dict(data)

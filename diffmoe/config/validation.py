@@ -1,0 +1,240 @@
+"""Validation of a :class:`~.schema.Config`: each value against its range and the values against
+each other, one ``ConfigError`` line naming the key and the fix."""
+
+from __future__ import annotations
+
+import difflib
+
+import numpy as np
+
+from ..errors import ConfigError
+from .schedule import REFERENCE_STEPS, beta_scale, linear_betas
+from .schema import (
+    CONDITIONS,
+    DATASETS,
+    DEVICES,
+    DISPATCH_KERNELS,
+    EMA_BUFFER_RULES,
+    FFN_TYPES,
+    INFERENCE_MODES,
+    LR_SCHEDULES,
+    NONFINITE_POLICIES,
+    OBJECTIVES,
+    PARALLEL,
+    PRECISIONS,
+    SAMPLERS,
+    SAMPLERS_BY_OBJECTIVE,
+    TEXT_DATASETS,
+    TOKEN_POOLS,
+    WEIGHTS,
+    Config,
+    DataConfig,
+    ModelConfig,
+    MoEConfig,
+    ObjectiveConfig,
+    SampleConfig,
+    TrainConfig,
+    quote,
+)
+
+# A DDPM schedule must keep alpha_bar at its last step above this: respacing derives
+# beta' = 1 - alpha_bar_t / alpha_bar_prev, which rounds to 1 in float64 below it.
+MIN_ALPHA_BAR = 1e-12
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{key}={quote(value)} is not one of {list(choices)}{hint}")
+
+
+def _positive(section: object, prefix: str, names: tuple[str, ...]) -> None:
+    """Each of the integer fields ``names`` of ``section`` (keys ``prefix`` + name) is > 0."""
+    for name in names:
+        value = getattr(section, name)
+        _require(value > 0, f"{prefix}{name}={value} must be a positive integer")
+
+
+def validate(cfg: Config) -> None:
+    """Every section on its own, then the sections against each other."""
+    validate_model(cfg.model)
+    validate_moe(cfg.model)
+    validate_data(cfg.data)
+    validate_text(cfg)
+    validate_train(cfg.train)
+    validate_objective(cfg.objective, cfg.model)
+    validate_sampling(cfg.objective, cfg.sample, cfg.model)
+    validate_inference_mode(cfg.model.moe, cfg.sample)
+
+
+def validate_model(m: ModelConfig) -> None:
+    """The backbone's shape and its class condition (the MoE layers: :func:`validate_moe`)."""
+    _choice("model.condition", m.condition, CONDITIONS)
+    _positive(m, "model.", ("input_size", "in_channels", "patch_size", "depth", "hidden_size",
+                            "num_heads", "num_classes"))
+    _require(m.input_size % m.patch_size == 0,
+             f"model.input_size={m.input_size} is not divisible by model.patch_size="
+             f"{m.patch_size}; choose a patch size that divides the input size")
+    _require(m.hidden_size % m.num_heads == 0,
+             f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads="
+             f"{m.num_heads}; choose a head count that divides the width")
+    _require(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be positive")
+    _require(0.0 <= m.class_dropout < 1.0,
+             f"model.class_dropout={m.class_dropout} must be in [0, 1)")
+
+
+def validate_moe(m: ModelConfig) -> None:
+    """``model.moe``, against the FFN width it splits into experts."""
+    moe = m.moe
+    _choice("model.moe.type", moe.type, FFN_TYPES)
+    _choice("model.moe.dispatch", moe.dispatch, DISPATCH_KERNELS)
+    _require(moe.num_experts > 0, f"model.moe.num_experts={moe.num_experts} must be a "
+             f"positive integer (the paper uses 4, 8 or 16)")
+    _require(moe.capacity > 0, f"model.moe.capacity={moe.capacity} must be positive "
+             f"(1.0 matches the dense model's compute)")
+    if moe.type == "dense":
+        return
+    _require(moe.granularity > 0, f"model.moe.granularity={moe.granularity} must be a "
+             f"positive integer (1 = full-width experts)")
+    hidden = m.mlp_ratio * m.hidden_size
+    _require(hidden % moe.granularity == 0,
+             f"model.moe.granularity={moe.granularity} does not divide the FFN width "
+             f"{hidden:g}; pick a granularity that divides mlp_ratio * hidden_size")
+    _require(moe.shared_experts >= 0, f"model.moe.shared_experts={moe.shared_experts} "
+             f"must be >= 0")
+    _require(moe.router_init_std > 0, f"model.moe.router_init_std={moe.router_init_std} "
+             f"must be positive")
+    _require(0.0 <= moe.threshold_ema < 1.0,
+             f"model.moe.threshold_ema={moe.threshold_ema} must be in [0, 1)")
+    _require(moe.balance_loss_weight >= 0, "model.moe.balance_loss_weight must be >= 0")
+    _require(moe.predictor_loss_weight >= 0, "model.moe.predictor_loss_weight must be >= 0")
+    if moe.type == "token_choice":
+        routed = moe.num_experts * moe.granularity
+        _require(float(moe.capacity * moe.granularity).is_integer()
+                 and moe.capacity * moe.granularity <= routed,
+                 f"model.moe.capacity={moe.capacity} with token_choice is the number of "
+                 f"experts per token (times granularity) and must be a whole number "
+                 f"<= {routed}; use e.g. 1 or 2")
+
+
+def validate_data(d: DataConfig) -> None:
+    _choice("data.name", d.name, DATASETS)
+    _require(d.limit >= 0, "data.limit must be >= 0 (0 = the whole split)")
+    _require(d.name != "latents" or bool(d.path),
+             "data.name=latents needs data.path, the directory written by diffmoe cache-latents")
+
+
+def validate_train(t: TrainConfig) -> None:
+    _choice("train.ema_buffers", t.ema_buffers, EMA_BUFFER_RULES)
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _choice("train.device", t.device, DEVICES)
+    _choice("train.nonfinite_loss", t.nonfinite_loss, NONFINITE_POLICIES)
+    _choice("train.parallel", t.parallel, PARALLEL)
+    _choice("train.token_pool", t.token_pool, TOKEN_POOLS)
+    _positive(t, "train.", ("steps", "batch_size", "log_every", "sample_every", "ckpt_every",
+                            "keep_checkpoints"))
+    _require(t.lr > 0, f"train.lr={t.lr} must be positive")
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+    _require(t.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+    _require(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+    _require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+    _require(t.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no limit)")
+    _require(t.num_threads >= 0, "train.num_threads must be >= 0 (0 = torch's default)")
+    _require(t.max_skipped_steps >= 0, "train.max_skipped_steps must be >= 0 (0 = no limit)")
+    _require(t.dist_timeout_s > 0, f"train.dist_timeout_s={t.dist_timeout_s} must be positive "
+             f"(seconds a rank waits for the others)")
+    _require(bool(t.out_dir), "train.out_dir may not be empty")
+    _require(t.grad_accum > 0, f"train.grad_accum={t.grad_accum} must be a positive integer "
+             f"(1 = no accumulation)")
+    _require(t.batch_size % t.grad_accum == 0,
+             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum="
+             f"{t.grad_accum}; pick a batch size that is a multiple of it")
+
+
+def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
+    _choice("objective.type", o.type, OBJECTIVES)
+    if o.type == "flow":
+        _require(o.time_scale > 0, f"objective.time_scale={o.time_scale} must be positive")
+        return
+    _require(o.num_timesteps > 0, f"objective.num_timesteps={o.num_timesteps} must be a positive "
+             f"integer (DiT: 1000)")
+    _require(0 < o.beta_start <= o.beta_end and o.beta_end * beta_scale(o.num_timesteps) < 1,
+             f"objective.beta_start={o.beta_start}, beta_end={o.beta_end} must satisfy "
+             f"0 < beta_start <= beta_end and beta_end * {REFERENCE_STEPS}/num_timesteps < 1 "
+             f"(DiT: 1e-4 and 0.02)")
+    betas = linear_betas(o.num_timesteps, o.beta_start, o.beta_end)
+    alpha_bar_end = float(np.prod(1.0 - betas))
+    _require(alpha_bar_end > MIN_ALPHA_BAR,
+             f"objective.beta_end={o.beta_end} leaves alpha_bar={alpha_bar_end:.1e} at the last "
+             f"timestep, too close to 0 for respaced sampling; lower beta_end (DiT: 0.02)")
+    _require(o.vb_weight >= 0, f"objective.vb_weight={o.vb_weight} must be >= 0")
+
+
+def validate_sample(s: SampleConfig) -> None:
+    """The ``sample`` section on its own: each setting in its range. Run (through
+    :func:`validate_sampling`) on every settings object before anything is sampled, and on the
+    variants a sweep or an analysis derives from it."""
+    _choice("sample.sampler", s.sampler, SAMPLERS)
+    _choice("sample.mode", s.mode, INFERENCE_MODES)
+    _choice("sample.weights", s.weights, WEIGHTS)
+    _positive(s, "sample.", ("steps", "batch_size", "num"))
+    _require(s.cfg_scale >= 0, f"sample.cfg_scale={s.cfg_scale} must be >= 0 (1 = no guidance)")
+    _require(0.0 <= s.threshold <= 1.0, f"sample.threshold={s.threshold} must be in [0, 1] "
+             f"(it is compared with sigmoid probabilities)")
+    _require(s.ddim_eta >= 0, f"sample.ddim_eta={s.ddim_eta} must be >= 0 (0 = deterministic)")
+    _require(s.ode_rtol > 0 and s.ode_atol > 0,
+             f"sample.ode_rtol={s.ode_rtol} and sample.ode_atol={s.ode_atol} must be positive")
+    _require(s.sde_noise >= 0, f"sample.sde_noise={s.sde_noise} must be >= 0 (0 = Euler)")
+
+
+def validate_sampling(o: ObjectiveConfig, s: SampleConfig, m: ModelConfig) -> None:
+    """The ``sample`` section, and against the objective and model; also run on the settings a
+    checkpoint is sampled with (its own, updated with command-line options)."""
+    validate_sample(s)
+    names = SAMPLERS_BY_OBJECTIVE[o.type]
+    _require(s.sampler == "auto" or s.sampler in names,
+             f"sample.sampler={quote(s.sampler)} is not available for objective.type={o.type}; "
+             f"choose one of {list(names)} (or auto)")
+    if o.type == "ddpm":
+        _require(s.steps <= o.num_timesteps,
+                 f"sample.steps={s.steps} respaces the DDPM schedule to more steps than its "
+                 f"{o.num_timesteps} (objective.num_timesteps); use at most {o.num_timesteps}")
+    _require(0 <= s.guidance_channels <= m.in_channels,
+             f"sample.guidance_channels={s.guidance_channels} must be in 0..{m.in_channels} "
+             f"(0 = all channels; DiT's legacy behaviour is 3)")
+
+
+def validate_inference_mode(moe: MoEConfig, s: SampleConfig) -> None:
+    """A configured ``sample.mode`` that needs a capacity predictor only with DiffMoE layers (a
+    loaded model is checked by ``sample.resolve_routing``)."""
+    if moe.type != "diffmoe":
+        _require(s.mode in ("auto", "static"),
+                 f"sample.mode={s.mode} needs a capacity predictor, which only model.moe.type="
+                 f"diffmoe has; use sample.mode=static (or auto)")
+
+
+def validate_text(cfg: Config) -> None:
+    """The text condition's settings, and that condition and dataset agree."""
+    m, text = cfg.model, cfg.model.text
+    captioned = cfg.data.name in TEXT_DATASETS
+    if m.condition == "text" and not captioned:
+        raise ConfigError(f"model.condition=text needs a captioned dataset, but data.name="
+                          f"{cfg.data.name}; use data.name=shapes or data.name=emoji")
+    if m.condition == "class" and captioned:
+        raise ConfigError(f"data.name={cfg.data.name} has captions, not class labels; set "
+                          f"model.condition=text")
+    if m.condition != "text":
+        return
+    _require(text.dim > 0, f"model.text.dim={text.dim} must be a positive integer (the text "
+             f"encoder's width, 384 for all-MiniLM-L6-v2)")
+    _require(text.max_tokens > 0, f"model.text.max_tokens={text.max_tokens} must be a positive "
+             f"integer")
+    _require(0.0 <= text.dropout < 1.0, f"model.text.dropout={text.dropout} must be in [0, 1)")
