@@ -13,6 +13,7 @@ import yaml
 
 from ..errors import ConfigError
 from .schema import Config, preset, quote
+from .validation import validate
 
 
 def deep_merge(base: dict, upd: dict) -> dict:
@@ -131,7 +132,9 @@ def config_from_dict(data: dict) -> Config:
     model = data.get("model") or {}
     if isinstance(model, dict) and model.get("preset"):
         data = deep_merge({"model": preset(str(model["preset"]))}, data)
-    return _build(Config, data, "").validate()
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
 
 
 def load_yaml(path: str | Path) -> dict:

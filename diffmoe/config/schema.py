@@ -230,12 +230,6 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def validate(self) -> "Config":
-        from .validation import validate  # validation imports this module
-
-        validate(self)
-        return self
-
 
 def quote(text: str) -> str:
     """``text`` in single quotes for a one-line message; escaped (as Python would write it) if
