@@ -35,6 +35,21 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _as_number(value: Any, tp: type) -> Any:
+    """``value`` as ``tp`` (int or float): a number of that kind (an integral float for int) or
+    a string that parses as one; None for anything else (booleans included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            return None
+    if isinstance(value, int) or (isinstance(value, float) and (tp is float or value.is_integer())):
+        return tp(value)
+    return None
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     tp, optional = _unwrap_optional(tp)
     article = "an" if tp.__name__[0] in "aeiou" else "a"
@@ -48,24 +63,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+    elif tp in (int, float):
+        number = _as_number(value, tp)
+        if number is not None:
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

