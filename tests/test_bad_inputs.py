@@ -511,19 +511,10 @@ CASES = [
 # -- running them ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    from diffmoe.config import load_config
-    from diffmoe.train import train
-    root = tmp_path_factory.mktemp("bad_inputs")
-    common = ["train.steps=2", "train.ckpt_every=2", "train.sample_every=2", "sample.steps=1",
-              "sample.num=4", "sample.batch_size=4"]
-    run = train(load_config(ROOT / CONFIG, [f"train.out_dir={root / 'run'}", *common])).run_dir
-    dense = train(load_config(ROOT / CONFIG, [f"train.out_dir={root / 'dense'}",
-                                              "model.moe.type=dense", *common])).run_dir
-    t2i = train(load_config(ROOT / T2I_CONFIG, [f"train.out_dir={root / 't2i'}",
-                                                f"data.cache_dir={root / 'cache'}",
-                                                *common])).run_dir
-    return run, dense, t2i
+def trained(tmp_path_factory, train_tiny) -> tuple[Path, Path, Path]:
+    cache = tmp_path_factory.mktemp("bad_inputs") / "cache"
+    return (train_tiny(), train_tiny("model.moe.type=dense"),
+            train_tiny(f"data.cache_dir={cache}", config=ROOT / T2I_CONFIG))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -10,7 +10,6 @@ from conftest import ROOT
 
 from diffmoe.cli import main
 from diffmoe.config import load_config
-from diffmoe.train import train
 
 
 def run_cli(argv, capsys):
@@ -27,12 +26,8 @@ def error_line(err: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", [
-        f"train.out_dir={root / 'run'}", "train.steps=2", "train.ckpt_every=2",
-        "train.sample_every=2", "sample.steps=1", "sample.num=4", "sample.batch_size=4"])
-    return train(cfg).run_dir
+def trained_run(train_tiny):
+    return train_tiny()
 
 
 @pytest.mark.parametrize("overrides, fragment", [
@@ -106,10 +101,8 @@ def test_sample_argument_errors(capsys, trained_run, tmp_path):
     assert rc == 2 and "must be in [0, 1]" in error_line(err)
 
 
-def test_dynamic_mode_needs_a_predictor(capsys, tiny_config_path, tmp_path):
-    cfg = load_config(tiny_config_path, [f"train.out_dir={tmp_path / 'dense'}", "train.steps=1",
-                                         "model.moe.type=dense", "sample.steps=1", "sample.num=2"])
-    run = train(cfg).run_dir
+def test_dynamic_mode_needs_a_predictor(capsys, train_tiny, tmp_path):
+    run = train_tiny("model.moe.type=dense")
     rc, _, err = run_cli(["sample", str(run), "--mode", "dynamic", "--out",
                           str(tmp_path / "o.png")], capsys)
     assert rc == 2 and "needs a capacity predictor" in error_line(err)
@@ -132,14 +125,10 @@ def test_existing_run_refused_by_cli(capsys, trained_run):
 
 
 @pytest.fixture(scope="module")
-def ddpm_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddpm")
-    cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", [
-        f"train.out_dir={root / 'run'}", "train.steps=2", "train.ckpt_every=2",
-        "train.sample_every=2", "objective.type=ddpm", "model.learn_sigma=true",
-        "sample.steps=3", "sample.num=4", "sample.batch_size=4"])
-    assert cfg.sample.sampler == "auto"
-    return train(cfg).run_dir
+def ddpm_run(train_tiny):
+    run = train_tiny("objective.type=ddpm", "model.learn_sigma=true", "sample.steps=3")
+    assert load_config(run / "config.yaml").sample.sampler == "auto"
+    return run
 
 
 @pytest.mark.parametrize("sampler, extra", [("ddpm", []), ("ddim", ["--ddim-eta", "0.5"]),

@@ -16,7 +16,6 @@ from diffmoe.diffusion import build_objective
 from diffmoe.loss import training_loss
 from diffmoe.models import build_model
 from diffmoe.models.moe import build_ffn
-from diffmoe.train import train
 
 D, HIDDEN = 32, 64
 
@@ -92,18 +91,13 @@ def test_whole_diffmoe_training_loss_with_activation_checkpointing_has_no_graph_
 
 
 @pytest.mark.slow
-def test_training_with_compile_and_activation_checkpointing(tmp_path):
+def test_training_with_compile_and_activation_checkpointing(train_tiny):
     """train.compile=true train.activation_checkpointing=true trains (inductor on the CPU): the
     loss is finite and the thresholds moved, once per step."""
     torch._dynamo.reset()
-    cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", [
-        f"train.out_dir={tmp_path / 'run'}", "train.steps=2", "train.ckpt_every=2",
-        "train.log_every=1", "train.sample_every=2", "sample.steps=1", "sample.num=2",
-        "sample.batch_size=2", "train.compile=true", "train.activation_checkpointing=true"])
-    result = train(cfg)
-    assert result.step == 2
-    records = [json.loads(line) for line in
-               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    run = train_tiny("train.log_every=1", "train.compile=true",
+                     "train.activation_checkpointing=true")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in records)
     # threshold_mean is τ as each step's forward saw it: 0 (the start) at step 1, then moved.

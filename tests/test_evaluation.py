@@ -8,13 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from PIL import Image
 from test_cli import error_line, run_cli
 from torch.testing import assert_close
 
 from diffmoe.capacity import CapacityMeter, sample_capacities
-from diffmoe.config import load_config
 from diffmoe.data import build_dataset
 from diffmoe.errors import DataError
 from diffmoe.evaluation.inception import FEATURE_DIM, default_extractor
@@ -28,7 +26,6 @@ from diffmoe.evaluation.metrics import (
 from diffmoe.evaluation.npz import NpzSampleWriter
 from diffmoe.evaluation.reference import dataset_reference, load_reference, save_stats
 from diffmoe.models.moe import FFNOutput
-from diffmoe.train import train
 
 
 @pytest.fixture(autouse=True)
@@ -198,12 +195,8 @@ def test_saved_statistics_round_trip(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", [
-        f"train.out_dir={root / 'run'}", "train.steps=2", "train.ckpt_every=2",
-        "train.sample_every=2", "sample.steps=2", "sample.num=4", "sample.batch_size=4"])
-    return train(cfg).run_dir
+def tiny_run(train_tiny):
+    return train_tiny("sample.steps=2")
 
 
 def test_eval_command_writes_metrics_capacity_and_settings(capsys, tiny_run, tmp_path):
@@ -252,11 +245,8 @@ def test_eval_with_a_wrong_reference_file_is_one_line(capsys, tiny_run, tmp_path
     assert rc == 2 and "'mu' has shape (64,), expected (2048,)" in error_line(err)
 
 
-def test_dense_checkpoint_refuses_dynamic_eval_and_sweep(capsys, tmp_path):
-    cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", [
-        f"train.out_dir={tmp_path / 'dense'}", "train.steps=1", "model.moe.type=dense",
-        "sample.steps=1"])
-    run = train(cfg).run_dir
+def test_dense_checkpoint_refuses_dynamic_eval_and_sweep(capsys, tmp_path, train_tiny):
+    run = train_tiny("model.moe.type=dense")
     rc, _, err = run_cli(["eval", str(run), "--mode", "dynamic", "--num", "4",
                           "--out", str(tmp_path / "e.json")], capsys)
     assert rc == 2 and "needs a capacity predictor" in error_line(err)
