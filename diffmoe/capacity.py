@@ -75,7 +75,7 @@ class CapacityMeter:
         if self.track_experts:
             self.per_expert.append(per_expert)
         if self.track_samples:
-            rows = out.out.shape[0]
+            rows = out.prediction.shape[0]
             self.per_sample.append(torch.stack([sample_capacities(o, rows) for o in routed])
                                    .mean(0).detach().cpu())
 

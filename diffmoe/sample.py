@@ -153,7 +153,7 @@ def load_for_sampling(path: str | Path, overrides: dict, device: str | torch.dev
     validate_sampling(cfg.objective, s, cfg.model)
     model = model_from_checkpoint(ckpt, s.weights, device)
     objective = build_objective(cfg)
-    return ckpt, replace(s, sampler=resolve_sampler(objective.objective, s.sampler)), model, \
+    return ckpt, replace(s, sampler=resolve_sampler(objective.kind, s.sampler)), model, \
         objective
 
 

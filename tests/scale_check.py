@@ -42,7 +42,7 @@ def loss_of(model, x, t, y, average_over_ranks=True):
     out = model(x, t, y)
     apply_threshold_updates(diffmoe_layers(model),
                             [o.threshold_targets_E for o in out.layers], average_over_ranks)
-    return out.out.pow(2).mean() + out.predictor_loss, out.out
+    return out.prediction.pow(2).mean() + out.predictor_loss, out.prediction
 
 
 def check_pool(config: str, result: str, overrides: list[str]) -> None:

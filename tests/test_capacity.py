@@ -33,7 +33,7 @@ def test_eq9_per_forward():
 def test_eq15_average_over_steps():
     meter = CapacityMeter()
     for t, counts in [(0.0, [8, 8]), (0.5, [4, 4]), (0.5, [2, 2])]:
-        meter.on_forward(t, DiTOutput(out=torch.zeros(1),
+        meter.on_forward(t, DiTOutput(prediction=torch.zeros(1),
                                       layers=[ffn(counts, 8, 2), ffn(counts, 8, 2)]))
     # C per forward: 2.0, 1.0, 0.5
     assert meter.c_avg() == pytest.approx(3.5 / 3)

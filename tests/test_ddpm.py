@@ -136,7 +136,7 @@ class ParamModel(torch.nn.Module):
         self.out = torch.nn.Parameter(torch.randn(shape, generator=g))
 
     def forward(self, x, t, y, routing=None):
-        return DiTOutput(out=self.out)
+        return DiTOutput(prediction=self.out)
 
 
 def test_loss_vb_trains_only_the_variance():
@@ -213,7 +213,7 @@ class GaussianEps(torch.nn.Module):
         ab = self.ac[t.long()].to(x.dtype).view(-1, 1, 1, 1)
         var = ab * DATA_STD ** 2 + 1 - ab
         eps = (1 - ab).sqrt() / var * (x - ab.sqrt() * DATA_MEAN)
-        return DiTOutput(out=torch.cat([eps, torch.full_like(eps, self.v)], 1))
+        return DiTOutput(prediction=torch.cat([eps, torch.full_like(eps, self.v)], 1))
 
 
 def gaussian_samples(sampler, steps, v=-1.0, n=1000):
@@ -251,7 +251,7 @@ def test_ddim_converges_to_the_probability_flow_map():
 
         def predict(x, i, sp=sp):
             t = torch.full((x.shape[0],), i)
-            return model(x, sp.model_time(t), None).out
+            return model(x, sp.model_time(t), None).prediction
 
         errors.append((ddim(sp, predict, xT.clone(), 0.0) - exact).abs().max().item())
     # First order: 4x the steps, a quarter of the error.
@@ -265,7 +265,7 @@ def test_ancestral_without_noise_at_the_end_and_reproducible():
     sp = base.respace(5)
 
     def predict(x, i):
-        return model(x, sp.model_time(torch.full((x.shape[0],), i)), None).out
+        return model(x, sp.model_time(torch.full((x.shape[0],), i)), None).prediction
 
     x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
     a = ddpm_ancestral(sp, predict, x.clone(), torch.Generator().manual_seed(3))
@@ -314,7 +314,7 @@ def test_guidance_on_all_or_the_first_channels():
 
         def forward(self, x, t, y, routing=None):
             val = torch.where(y == 3, 1.0, 2.0).view(-1, 1, 1, 1)
-            return DiTOutput(out=val.expand(-1, 4, 2, 2).clone())
+            return DiTOutput(prediction=val.expand(-1, 4, 2, 2).clone())
 
         def null_condition(self, y):
             return torch.full_like(y, 3)

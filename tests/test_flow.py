@@ -35,7 +35,7 @@ def test_loss_parts_and_learn_sigma_ignored():
     model = build_model(cfg).train()
     fm = FlowMatching(2)
     parts = fm.loss(model, torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 0]))
-    assert parts.model_output.out.shape[1] == 4
+    assert parts.model_output.prediction.shape[1] == 4
     out = training_loss(parts, cfg.moe)
     assert_close(out.loss, out.diffusion_loss + out.aux_loss + out.predictor_loss)
     assert out.predictor_loss > 0
@@ -75,7 +75,7 @@ class FixedModel(torch.nn.Module):
     def forward(self, x, t, y, routing=None):
         from diffmoe.models.dit import DiTOutput
         v = torch.where(y == 3, 0.0, y.float() + 1.0).view(-1, 1, 1, 1).expand_as(x)
-        return DiTOutput(out=v.clone())
+        return DiTOutput(prediction=v.clone())
 
     def null_condition(self, y):
         return torch.full_like(y, 3)

@@ -31,13 +31,13 @@ def test_shapes(size, patch, channels, learn_sigma):
                              learn_sigma=learn_sigma))
     x = torch.randn(2, channels, size, size)
     out = model(x, torch.rand(2) * 1000, torch.tensor([0, 5]))
-    assert out.out.shape == (2, channels * (2 if learn_sigma else 1), size, size)
+    assert out.prediction.shape == (2, channels * (2 if learn_sigma else 1), size, size)
 
 
 def test_adaln_zero_starts_at_zero_output():
     model = build_model(tiny())
     out = model(torch.randn(3, 3, 8, 8), torch.rand(3) * 1000, torch.tensor([1, 2, 3]))
-    assert torch.count_nonzero(out.out) == 0
+    assert torch.count_nonzero(out.prediction) == 0
 
 
 def test_final_conv_starts_as_the_identity_and_learns():
@@ -49,8 +49,8 @@ def test_final_conv_starts_as_the_identity_and_learns():
         torch.manual_seed(1)
         torch.nn.init.normal_(m.final_layer.linear.weight, std=0.1)
     x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2) * 1000, torch.tensor([0, 5])
-    assert_close(conv(x, t, y).out, plain(x, t, y).out)
-    conv(x, t, y).out.square().mean().backward()
+    assert_close(conv(x, t, y).prediction, plain(x, t, y).prediction)
+    conv(x, t, y).prediction.square().mean().backward()
     assert conv.final_conv.weight.grad.abs().sum() > 0
     # Each output pixel sees its 3x3 neighbourhood: the first token (the top-left 2x2 patch)
     # reaches one pixel past its patch, into the next patches, and no farther.
@@ -121,7 +121,7 @@ def test_every_ffn_variant_runs_in_the_model():
     for kind in ("dense", "token_choice", "expert_choice", "diffmoe"):
         model = build_model(tiny(moe=MoEConfig(type=kind, num_experts=4))).train()
         out = model(torch.randn(2, 3, 8, 8), torch.rand(2) * 1000, torch.tensor([0, 1]))
-        out.out.sum().backward()
+        out.prediction.sum().backward()
         model.eval()
         mode = "dynamic" if kind == "diffmoe" else "static"
         with torch.no_grad():

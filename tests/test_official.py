@@ -154,7 +154,7 @@ def test_imported_model_reproduces_their_eval_outputs_with_their_thresholds(impo
     assert model.cfg.moe.type == "diffmoe" and model.moe_blocks == [1]
     x, t, y = batch()
     with torch.no_grad():
-        ours = model.eval()(x, t, y, Routing("dynamic")).out
+        ours = model.eval()(x, t, y, Routing("dynamic")).prediction
         ref = reference_forward(theirs, x, t, y, train=False)
         counts = model(x, t, y, Routing("dynamic")).layers[0].counts_E
     assert ref.abs().max() > 0.1  # not a trivially zero output
@@ -166,7 +166,7 @@ def test_imported_model_makes_their_selections_in_train_mode(imported):
     theirs, model = imported
     x, t, y = batch()
     with torch.no_grad():
-        ours = model.train()(x, t, y).out
+        ours = model.train()(x, t, y).prediction
         ref = reference_forward(theirs, x, t, y, train=True)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     # The control: eval-mode outputs (other selections) differ from train-mode ones.

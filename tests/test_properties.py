@@ -183,7 +183,7 @@ def test_whole_model_any_batch_size(batch, kind, experts, mode, training, seed):
     y = torch.randint(0, 4, (batch,))  # 3 is the null class
     with torch.set_grad_enabled(training):
         out = model(x, t, y, Routing(mode, 0.5))
-    assert out.out.shape == (batch, 1, 4, 4) and torch.isfinite(out.out).all()
+    assert out.prediction.shape == (batch, 1, 4, 4) and torch.isfinite(out.prediction).all()
 
 
 # ---------------------------------------------------------------------------------------------

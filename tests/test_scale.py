@@ -98,7 +98,7 @@ def test_activation_checkpointing_keeps_gradients_and_moves_thresholds_once():
     x, t, y = torch.randn(8, 1, 8, 8), torch.rand(8) * 1000, torch.randint(0, 10, (8,))
     for m in (plain, ckpt):
         out = m(x, t, y)
-        (out.out.pow(2).mean() + out.predictor_loss).backward()  # recomputes ckpt's blocks
+        (out.prediction.pow(2).mean() + out.predictor_loss).backward()  # recomputes ckpt's blocks
         apply_threshold_updates(diffmoe_layers(m), [o.threshold_targets_E for o in out.layers])
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         if p.grad is not None:

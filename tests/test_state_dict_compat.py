@@ -59,5 +59,6 @@ def test_recorded_weights_load_strictly_and_give_the_recorded_output(name):
     else:
         cond = inputs["labels"]
     with torch.no_grad():
-        out = model(inputs["x"], inputs["t"], cond, Routing(**json.loads(metadata["routing"]))).out
+        routing = Routing(**json.loads(metadata["routing"]))
+        out = model(inputs["x"], inputs["t"], cond, routing).prediction
     assert_close(out, tensors["output"])

@@ -238,8 +238,8 @@ def test_every_ffn_variant_runs_with_text(ffn):
     assert isinstance(model.y_embedder, TextEmbedder)
     assert all(block.cross_attn is not None for block in model.blocks)
     out = model(torch.randn(4, 3, 8, 8), torch.rand(4) * 1000, _cond(4, 5))
-    assert out.out.shape == (4, 3, 8, 8)
-    (out.out.pow(2).mean() + out.aux_loss + out.predictor_loss).backward()
+    assert out.prediction.shape == (4, 3, 8, 8)
+    (out.prediction.pow(2).mean() + out.aux_loss + out.predictor_loss).backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert not unused, unused  # DDP needs every parameter in the graph
 
@@ -265,7 +265,7 @@ def test_activation_checkpointing_recomputes_the_text_blocks(monkeypatch):
         calls.clear()
         torch.manual_seed(2)  # the same flow noise / caption dropout draws for both
         out = model(x, t, cond)
-        (out.out.pow(2).mean() + out.predictor_loss).backward()
+        (out.prediction.pow(2).mean() + out.predictor_loss).backward()
         assert len(calls) == len(model.blocks) * (2 if model is ckpt else 1)
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         if p.grad is not None:
@@ -275,7 +275,7 @@ def test_activation_checkpointing_recomputes_the_text_blocks(monkeypatch):
 def test_padding_the_caption_changes_nothing():
     model = _trained_a_little(build_model(_cfg())).eval()
     x, t, cond = torch.randn(3, 3, 8, 8), torch.full((3,), 500.0), _cond(3, 5)
-    assert_close(model(x, t, cond).out, model(x, t, cond.padded(9)).out)
+    assert_close(model(x, t, cond).prediction, model(x, t, cond.padded(9)).prediction)
 
 
 def test_caption_dropout_replaces_captions_by_the_null_caption():
@@ -283,14 +283,14 @@ def test_caption_dropout_replaces_captions_by_the_null_caption():
     model = _trained_a_little(build_model(_cfg(dropout=0.0)))
     x, t, cond = torch.randn(3, 3, 8, 8), torch.full((3,), 500.0), _cond(3, 5)
     model.eval()
-    conditional = model(x, t, cond).out
-    null = model(x, t, model.null_condition(cond)).out
+    conditional = model(x, t, cond).prediction
+    null = model(x, t, model.null_condition(cond)).prediction
     assert not torch.allclose(conditional, null)
     model.train()
     model.y_embedder.dropout = 0.999999
-    assert_close(model(x, t, cond).out, null)  # every caption dropped
+    assert_close(model(x, t, cond).prediction, null)  # every caption dropped
     model.y_embedder.dropout = 0.0
-    assert_close(model(x, t, cond).out, conditional)
+    assert_close(model(x, t, cond).prediction, conditional)
 
 
 def test_guidance_mixes_the_conditional_and_null_predictions():

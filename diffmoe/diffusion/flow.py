@@ -21,7 +21,7 @@ from .objective import ObjectiveLoss
 
 
 class FlowMatching:
-    objective = "flow"
+    kind = "flow"
 
     def __init__(self, in_channels: int, time_scale: float = 1000.0):
         self.in_channels = in_channels
@@ -53,6 +53,6 @@ class FlowMatching:
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         z_t = self.interpolate(x, noise, t)
         out = model(z_t, self.model_time(t), y)
-        v = self.velocity(out.out).float()
+        v = self.velocity(out.prediction).float()
         mse = (v - self.target(x, noise).float()).pow(2).mean()
         return ObjectiveLoss(diffusion_loss=mse, model_output=out)

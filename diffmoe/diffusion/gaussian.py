@@ -90,7 +90,7 @@ class GaussianDiffusion:
     """One (possibly respaced) DDPM process. Schedule arrays are float64 on the CPU; values are
     gathered per timestep and cast to float32 on the data's device."""
 
-    objective = "ddpm"
+    kind = "ddpm"
 
     def __init__(self, in_channels: int, learn_sigma: bool, betas: np.ndarray,
                  vb_weight: float = 1.0, timestep_map: Optional[list[int]] = None,
@@ -223,7 +223,7 @@ class GaussianDiffusion:
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         x_t = self.q_sample(x, t, noise)
         out = model(x_t, self.model_time(t), y)
-        pred = out.out.float()
+        pred = out.prediction.float()
         eps, var_values = self.split_output(pred)
         mse = (eps - noise.float()).pow(2).mean()
         diffusion = mse

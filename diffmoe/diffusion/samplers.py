@@ -86,7 +86,7 @@ def guided_output(model: DiT, z: Tensor, model_t: Tensor, y: Tensor, cfg_scale: 
         out = model(torch.cat([z, z]), torch.cat([model_t, model_t]), both, routing)
     if on_forward is not None:
         on_forward(data_t, out)
-    pred = out.out.float()
+    pred = out.prediction.float()
     if cfg_scale == 1.0:
         return pred
     cond, uncond = pred.chunk(2)
@@ -213,7 +213,7 @@ def sample(model: DiT, objective: Objective, labels: Tensor, *, sampler: str = "
            options: Optional[SamplerOptions] = None) -> Tensor:
     """Generate one batch from noise with either objective; returns (B, C, H, W)."""
     options = options or SamplerOptions()
-    sampler = resolve_sampler(objective.objective, sampler)
+    sampler = resolve_sampler(objective.kind, sampler)
     check_sampling_steps(steps)
     device = labels.device
     cfg = model.cfg

@@ -149,13 +149,14 @@ class FinalLayer(nn.Module):
 class DiTOutput:
     """The prediction and the auxiliary outputs of every MoE layer.
 
-    out: (B, C_out, H, W). layers: the :class:`FFNOutput` of each MoE position, in block order.
+    prediction: (B, C_out, H, W). layers: the :class:`FFNOutput` of each MoE position, in block
+    order.
     :attr:`aux_loss` and :attr:`predictor_loss` are the layers' losses averaged over MoE layers,
     unweighted (0 when there is none): the model reads no loss coefficient; the weighted total is
     formed in :mod:`diffmoe.loss`.
     """
 
-    out: Tensor
+    prediction: Tensor
     layers: list[FFNOutput] = field(default_factory=list)
 
     @property
@@ -171,7 +172,7 @@ class DiTOutput:
     def _layer_mean(self, values: list[Optional[Tensor]]) -> Tensor:
         present = [v for v in values if v is not None]
         if not present:
-            return self.out.new_zeros((), dtype=torch.float32)
+            return self.prediction.new_zeros((), dtype=torch.float32)
         return torch.stack(present).mean()
 
 
