@@ -295,6 +295,16 @@ def any_rank(flag: torch.Tensor) -> bool:
     return bool(flag)
 
 
+def on_every_rank(flag: torch.Tensor) -> torch.Tensor:
+    """``flag`` (a 0-d bool tensor) and-ed over ranks, as a tensor on ``flag``'s device: the
+    ranks agree without the host reading the result."""
+    if _in_group():
+        agreed = flag.to(group_device(), torch.int32)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        return agreed.to(flag.device).bool()
+    return flag
+
+
 def gather_objects(obj) -> list:
     if _in_group():
         out = [None] * dist.get_world_size()

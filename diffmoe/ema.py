@@ -14,6 +14,7 @@ thresholds' zero initialisation.
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -31,13 +32,25 @@ def ema_decay(decay: float, num_updates: int, warmup: bool) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float, buffers: str = "average") -> None:
-    """ema ← decay·ema + (1 − decay)·model, for parameters (and float buffers if "average")."""
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, buffers: str = "average",
+               keep: Optional[torch.Tensor] = None) -> None:
+    """ema ← decay·ema + (1 − decay)·model, for parameters (and float buffers if "average").
+
+    ``keep`` (a 0-d bool tensor on the model's device): where false, the EMA stays as it is.
+    The decision stays on the device, so a skipped step costs no host synchronisation; the
+    update is then a lerp with a tensor weight, (1 − decay)·keep, equal bit for bit to the
+    lerp with the scalar weight when ``keep`` is true."""
+    weight: float | torch.Tensor = 1.0 - decay
+    if keep is not None:
+        weight = keep.to(torch.float32) * weight
     ema_params = list(ema.parameters())
     params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    if keep is None:
+        torch._foreach_lerp_(ema_params, params, weight)
+    else:
+        torch._foreach_lerp_(ema_params, params, [weight] * len(params))
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         if buffers == "average" and b.dtype.is_floating_point:
-            b_ema.lerp_(b, 1.0 - decay)
+            b_ema.lerp_(b, weight)
         else:
-            b_ema.copy_(b)
+            b_ema.copy_(b)  # unchanged by a skipped step, so copying it again changes nothing

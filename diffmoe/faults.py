@@ -8,7 +8,8 @@ when a fault happens):
   within ``train.dist_timeout_s`` (:func:`diffmoe.distributed.is_collective_failure`) into a
   :class:`TrainingError`;
 * :func:`on_nonfinite_loss` applies ``train.nonfinite_loss``: stop at the first non-finite
-  loss, or skip steps up to ``train.max_skipped_steps``.
+  loss, or skip steps up to ``train.max_skipped_steps`` (:func:`skipped_steps` over the steps
+  a trainer has read back).
 """
 
 from __future__ import annotations
@@ -85,3 +86,14 @@ def on_nonfinite_loss(policy: str, max_skipped: int, loss: float, step: int, ski
             f"data, lower train.lr or set train.grad_clip, then resume with --resume")
     log.warning("non-finite loss (%s) at step %d: step skipped (%d skipped so far)", what, step,
                 skipped)
+
+
+def skipped_steps(steps: list[tuple[int, float, bool]], policy: str, max_skipped: int,
+                  skipped: int, last_checkpoint: LastCheckpoint) -> int:
+    """:func:`on_nonfinite_loss` for each (step, this rank's loss, kept) not kept, in step order;
+    returns the number of steps skipped since the run began (``skipped`` before these)."""
+    for step, loss, kept in steps:
+        if not kept:
+            skipped += 1
+            on_nonfinite_loss(policy, max_skipped, loss, step, skipped, last_checkpoint)
+    return skipped

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -59,17 +59,24 @@ LOG_FILE = "train.log"
 @dataclass
 class Progress:
     """What the loop counts: optimizer steps done, steps skipped for a non-finite loss, and the
-    logging interval in progress (per-metric sums over its good steps on this rank, and how many
-    there were)."""
+    logging interval in progress (per-metric sums over its kept steps on this rank, and how many
+    steps were kept), the last two on the training device. ``unsettled``: (step, loss, kept) of
+    the steps whose finiteness the host has not read yet (see ``Trainer.settle``)."""
 
     step: int
     skipped_steps: int
     interval_sums: torch.Tensor
-    interval_good: int
+    interval_good: torch.Tensor
+    unsettled: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @classmethod
     def start(cls, num_metrics: int, device: torch.device) -> "Progress":
-        return cls(0, 0, torch.zeros(num_metrics, device=device, dtype=torch.float64), 0)
+        return cls(0, 0, torch.zeros(num_metrics, device=device, dtype=torch.float64),
+                   torch.zeros((), device=device, dtype=torch.int64))
+
+    def new_interval(self) -> None:
+        self.interval_sums.zero_()
+        self.interval_good.zero_()
 
 
 @dataclass
@@ -195,7 +202,7 @@ class RunDirectory:
             state = {"config": self.cfg.to_dict(), "loader": s.loader.state_dict(),
                      "optimizer": opt_meta, "world_size": self.dist.world_size,
                      "skipped_steps": s.progress.skipped_steps,
-                     "interval": {"sums": sums_all, "good": s.progress.interval_good}}
+                     "interval": {"sums": sums_all, "good": int(s.progress.interval_good)}}
             path = save_checkpoint(self.ckpt_root, s.progress.step,
                                    {**weights, "optimizer": opt_tensors, "rng": rng}, state)
             prune_checkpoints(self.ckpt_root, self.cfg.train.keep_checkpoints)
@@ -244,7 +251,7 @@ class RunDirectory:
         if interval and same_world:
             p.interval_sums = torch.tensor(interval["sums"][rank], device=self.device,
                                            dtype=torch.float64)
-            p.interval_good = int(interval["good"])
+            p.interval_good = torch.tensor(int(interval["good"]), device=self.device)
 
     # -- metrics ----------------------------------------------------------------------------
 

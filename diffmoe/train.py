@@ -127,6 +127,36 @@ def grid_conditions(cfg: Config, dataset: ImageDataset, device: torch.device):
     return torch.arange(num, device=device) % min(cfg.model.num_classes, GRID_COLUMNS)
 
 
+def interval_record(p: Progress, t: TrainConfig, interval_start: float, timed_steps: int,
+                    start_time: float) -> dict:
+    """The ``metrics.jsonl`` record of the logging interval ending at step ``p.step``: the
+    means over its kept steps and over ranks (a collective; null when every step was skipped),
+    and the throughput of the ``timed_steps`` steps this process ran since ``interval_start``."""
+    good = int(p.interval_good)
+    means = distributed.all_mean(p.interval_sums / max(1, good)).tolist()
+    if not good:
+        means = [None] * len(means)
+    return {"step": p.step, **dict(zip(MEAN_FIELDS, means)),
+            "images_per_sec": timed_steps * t.batch_size / (time.perf_counter() - interval_start),
+            "lr": learning_rate(p.step - 1, t), "elapsed_s": time.perf_counter() - start_time,
+            "skipped_steps": p.skipped_steps}
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, keep: torch.Tensor) -> None:
+    """The optimizer step where ``keep`` (a 0-d bool tensor) is true. Fused AdamW decides on the
+    device: it skips the update, and its step count, where its ``found_inf`` is 1 (as the AMP
+    grad scaler uses it). Another optimizer waits for the host to read ``keep``."""
+    if not optimizer.defaults.get("fused"):
+        if bool(keep):
+            optimizer.step()
+        return
+    optimizer.found_inf = (~keep).to(torch.float32)
+    try:
+        optimizer.step()
+    finally:
+        optimizer.found_inf = None
+
+
 def time_is_up(max_minutes: float, start_time: float) -> bool:
     """``train.max_minutes`` (0: no limit) has passed on some rank, so every rank stops at this
     step; collective under torchrun."""
@@ -222,70 +252,69 @@ class Trainer:
         self.run.close()
 
     def train_step(self) -> None:
-        """One optimizer step (or one skipped for a non-finite loss); adds its metrics to the
-        logging interval.
+        """One optimizer step, kept only if every rank's loss is finite; adds its metrics to the
+        logging interval. Nothing here waits for the device (see :meth:`settle`).
 
         Each micro-batch is its own DiffMoE token pool; gradients of loss / grad_accum
-        accumulate and are reduced across ranks on the last one only. The ranks agree that a
-        micro-batch's loss is finite (one collective) before its backward, so a non-finite loss
-        on any rank skips the step everywhere, with no backward or gradient all-reduce. Only a
-        kept step updates the weights, the thresholds (Eq. 17, once per micro-batch) and the EMA.
-        """
+        accumulate and are reduced across ranks on the last one only. Whether the step is kept
+        (every micro-batch's loss finite on every rank) is a tensor the ranks agree on in one
+        collective; the optimizer step, the thresholds (Eq. 17, once per micro-batch) and the
+        EMA apply it on the device, so a non-finite loss leaves them all as they were."""
         t, p = self.cfg.train, self.progress
         x, y = self.loader.next()
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(p.step, t)
         self.optimizer.zero_grad(set_to_none=True)
         micro = list(zip(x.chunk(t.grad_accum), y.chunk(t.grad_accum)))
-        metrics, targets, good = [], [], True
+        metrics, targets = [], []
         for i, (x_m, y_m) in enumerate(micro):
             with self.model.gradient_sync(i == len(micro) - 1):
                 with autocast(t.precision, self.device):
                     out = training_loss(self.objective.loss(self.model.net, x_m, y_m),
                                         self.cfg.model.moe)
                 metrics.append(step_metrics(out))
-                good = not distributed.any_rank(~torch.isfinite(out.loss.detach()))
-                if not good:
-                    break
                 targets.append([o.threshold_targets_E for o in out.model_output.layers
                                 if o.threshold_targets_E is not None])
                 (out.loss / len(micro)).backward()
-        mean_metrics = torch.stack(metrics).mean(0)
-        if good:
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.module.parameters(), t.grad_clip)
-            self.optimizer.step()
-            for micro_targets in targets:
-                apply_threshold_updates(self.diffmoe_layers, micro_targets)
-            update_ema(self.ema, self.model.module,
-                       ema_decay(t.ema_decay, p.step, t.ema_warmup), t.ema_buffers)
-            p.interval_sums += mean_metrics
-            p.interval_good += 1
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            p.skipped_steps += 1
-            faults.on_nonfinite_loss(t.nonfinite_loss, t.max_skipped_steps,
-                                     mean_metrics[0].item(), p.step + 1, p.skipped_steps,
-                                     self.run.last_good_checkpoint)
+        metrics = torch.stack(metrics)
+        keep = distributed.on_every_rank(torch.isfinite(metrics[:, 0]).all())
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.module.parameters(), t.grad_clip)
+        optimizer_step(self.optimizer, keep)
+        for micro_targets in targets:
+            apply_threshold_updates(self.diffmoe_layers, micro_targets, keep=keep)
+        update_ema(self.ema, self.model.module, ema_decay(t.ema_decay, p.step, t.ema_warmup),
+                   t.ema_buffers, keep=keep)
+        step_mean = metrics.mean(0)
+        p.interval_sums += torch.where(keep, step_mean, 0.0)
+        p.interval_good += keep
         p.step += 1
+        p.unsettled.append((p.step, step_mean[0], keep))
+
+    def settle(self) -> None:
+        """Read which of the steps since the last call were kept (one host synchronisation)
+        and apply ``train.nonfinite_loss`` to the others (:func:`faults.skipped_steps`). Called
+        before anything is logged, sampled or saved, so that no record or checkpoint follows an
+        unreported non-finite loss."""
+        t, p = self.cfg.train, self.progress
+        if p.unsettled:
+            steps = [step for step, _, _ in p.unsettled]
+            read = torch.stack([torch.stack([loss.double(), kept.double()])
+                                for _, loss, kept in p.unsettled]).tolist()
+            p.unsettled.clear()
+            p.skipped_steps = faults.skipped_steps(
+                [(step, loss, bool(kept)) for step, (loss, kept) in zip(steps, read)],
+                t.nonfinite_loss, t.max_skipped_steps, p.skipped_steps,
+                self.run.last_good_checkpoint)
 
     def _log_interval(self, interval_start: float, timed_steps: int, start_time: float) -> dict:
-        """Write the interval's record (``timed_steps`` steps since ``interval_start`` in this
-        process, for the throughput) and start the next interval."""
-        t, p = self.cfg.train, self.progress
-        means = distributed.all_mean(p.interval_sums / max(1, p.interval_good)).tolist()
-        if not p.interval_good:
-            means = [None] * len(means)
-        dt = time.perf_counter() - interval_start
-        record = {"step": p.step, **dict(zip(MEAN_FIELDS, means)),
-                  "images_per_sec": timed_steps * t.batch_size / dt,
-                  "lr": learning_rate(p.step - 1, t),
-                  "elapsed_s": time.perf_counter() - start_time, "skipped_steps": p.skipped_steps}
+        """Write the interval's record and start the next interval."""
+        record = interval_record(self.progress, self.cfg.train, interval_start, timed_steps,
+                                 start_time)
         if self.dist.is_main:
             self.run.write_metrics(record)
             log.debug("metrics %s", record)
-        p.interval_sums.zero_()
-        p.interval_good = 0
+        self.progress.new_interval()
         return record
 
     def train(self) -> TrainResult:
@@ -309,20 +338,28 @@ class Trainer:
                 self.train_step()
                 timed_steps += 1
                 bar.update(1)
-                stop_early = time_is_up(t.max_minutes, start_time)
-                if stop_early and main:
-                    log.info("time limit of %.1f min reached at step %d", t.max_minutes,
-                             self.step)
-                if self.step % t.log_every == 0 or self.step == t.steps or stop_early:
+                # Under torchrun the ranks agree on the time limit at logging steps only: the
+                # agreement is a collective whose result the host must read.
+                at_log = self.step % t.log_every == 0 or self.step == t.steps
+                if at_log or not self.dist.enabled:
+                    stop_early = time_is_up(t.max_minutes, start_time)
+                    if stop_early and main:
+                        log.info("time limit of %.1f min reached at step %d", t.max_minutes,
+                                 self.step)
+                done = self.step == t.steps or stop_early
+                sample_now = self.step % t.sample_every == 0 or done
+                ckpt_now = self.step % t.ckpt_every == 0 or done
+                if at_log or sample_now or ckpt_now or stop_early:
+                    self.settle()
+                if at_log or stop_early:
                     record = self._log_interval(interval_start, timed_steps, start_time)
                     if record["loss"] is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4f}",
                                         img_s=f"{record['images_per_sec']:.0f}")
                     interval_start, timed_steps = time.perf_counter(), 0
-                done = self.step == t.steps or stop_early
-                if self.step % t.sample_every == 0 or done:
+                if sample_now:
                     last_samples = self.sample_grid() or last_samples
-                if self.step % t.ckpt_every == 0 or done:
+                if ckpt_now:
                     last_ckpt = self.run.save(self.state) or last_ckpt
         if self.progress.skipped_steps and main:
             log.warning("%d step(s) of this run were skipped for a non-finite loss",

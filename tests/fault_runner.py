@@ -76,7 +76,7 @@ def record_losses(path: str) -> None:
     def loss(*args, **kwargs):
         out = original_loss(*args, **kwargs)
         with open(path, "a") as fh:
-            fh.write(f"{train_step[0]} {float(out.loss).hex()}\n")
+            fh.write(f"{train_step[0]} {float(out.loss.detach()).hex()}\n")
         return out
 
     train.training_loss = loss
@@ -103,13 +103,13 @@ def install(faults: dict[str, int]) -> None:
             x = x * torch.nan
         return x, y
 
-    def update_ema(ema, model, decay, buffers="average"):  # once per step, after optimizer.step
+    def update_ema(*args, **kwargs):  # once per step, after optimizer.step
         if faults.get("kill") == train_step[0]:
             die()
         if faults.get("hang") == train_step[0]:
             stamp()
             time.sleep(HANG_S)
-        return original_update_ema(ema, model, decay, buffers)
+        return original_update_ema(*args, **kwargs)
 
     def save_file(tensors, path):
         if path.endswith("model.safetensors"):

@@ -162,3 +162,29 @@ def test_checkpoint_written_before_the_redesign_resumes_bit_for_bit(tmp_path):
     assert new == old
     model, _, _ = load_model(run / "checkpoints" / "step_00000004")
     assert model.cfg.hidden_size == 16
+
+
+@pytest.mark.parametrize("kind", ["diffmoe", "token_choice", "expert_choice", "dense"])
+def test_a_steady_training_step_never_waits_for_the_device(kind, tiny_config_path, tmp_path):
+    """The host-sync budget of docs/performance.md: no host read of a device tensor in a
+    training step (gradient accumulation and clipping on); one when the trainer settles which
+    steps were kept, before logging, sampling or saving."""
+    from host_syncs import count_host_syncs
+
+    from diffmoe.train import Trainer
+
+    cfg = load_config(tiny_config_path, [f"train.out_dir={tmp_path / 'run'}",
+                                         f"model.moe.type={kind}", "train.grad_accum=2",
+                                         "train.grad_clip=1.0"])
+    trainer = Trainer(cfg)
+    try:
+        trainer.train_step()  # the first step creates the optimizer state
+        with count_host_syncs() as calls:
+            for _ in range(3):
+                trainer.train_step()
+        assert calls == []
+        with count_host_syncs() as calls:
+            trainer.settle()
+        assert len(calls) == 1 and calls[0].startswith("tolist at train.py")
+    finally:
+        trainer.close()

@@ -207,12 +207,14 @@ class DiffMoE(MoELayer):
 
 
 def apply_threshold_updates(layers: Sequence["DiffMoE"], targets: Sequence[Tensor],
-                            average_over_ranks: bool = True) -> None:
+                            average_over_ranks: bool = True, keep: Optional[Tensor] = None
+                            ) -> None:
     """Eq. 17 for every DiffMoE layer of a model, from the targets q_e its training forward
     recorded (``FFNOutput.threshold_targets_E``, in layer order). Under a process group (and
     ``average_over_ranks``) the targets are first averaged over the data-parallel ranks in one
     collective, so every rank makes the same update; τ being a linear EMA of q, this equals
-    averaging the ranks' updated τ."""
+    averaging the ranks' updated τ. ``keep`` (a 0-d bool tensor): where false, τ stays as it is
+    (a skipped training step), decided on the device."""
     layers, targets = list(layers), list(targets)
     if len(layers) != len(targets):
         raise ValueError(f"{len(targets)} threshold targets for {len(layers)} DiffMoE layers")
@@ -225,7 +227,12 @@ def apply_threshold_updates(layers: Sequence["DiffMoE"], targets: Sequence[Tenso
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat /= dist.get_world_size()
         for m, q_E in zip(layers, flat.split([m.thresholds_E.numel() for m in layers])):
-            update_thresholds(m.thresholds_E, q_E, m.threshold_ema)
+            if keep is None:
+                update_thresholds(m.thresholds_E, q_E, m.threshold_ema)
+            else:
+                updated = m.thresholds_E.clone()
+                update_thresholds(updated, q_E, m.threshold_ema)
+                m.thresholds_E.copy_(torch.where(keep, updated, m.thresholds_E))
 
 
 def diffmoe_layers(model: nn.Module) -> list[DiffMoE]:
