@@ -30,7 +30,15 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import DEVICES, INFERENCE_MODES, SAMPLERS, WEIGHTS, SampleConfig, load_config
+from .config import (
+    DEVICES,
+    INFERENCE_MODES,
+    PRECISIONS,
+    SAMPLERS,
+    WEIGHTS,
+    SampleConfig,
+    load_config,
+)
 from .data.shapes import CATEGORY_NAMES
 from .errors import DiffMoEError
 from .paths import file_in_the_way
@@ -187,7 +195,14 @@ def add_sampling_args(s: argparse.ArgumentParser, with_num: bool) -> None:
     s.add_argument("--seed", type=int)
     s.add_argument("--labels", default=None, help="balanced (default), random, or e.g. 3,1,4")
     s.add_argument("--weights", choices=list(WEIGHTS))
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="auto",
+                   help=f"one of {', '.join(DEVICES)} (default auto: CUDA when there is one)")
+    s.add_argument("--precision", choices=list(PRECISIONS),
+                   help="fp32 (on CUDA with TF32 matmuls, see --no-tf32) or bf16 autocast")
+    s.add_argument("--no-tf32", dest="tf32", action="store_const", const=False, default=None,
+                   help="keep fp32 matmuls in full fp32 on CUDA")
+    s.add_argument("--compile", action="store_const", const=True, default=None,
+                   help="torch.compile the model for sampling")
 
 
 def sample_overrides(args: argparse.Namespace, with_num: bool = False) -> dict:

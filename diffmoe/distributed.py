@@ -53,7 +53,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import TrainingError
+from .errors import DiffMoEError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    cuda_index: int = 0  # this rank's GPU among the ones visible to it (see cuda_index)
 
     @property
     def is_main(self) -> bool:
@@ -110,13 +111,26 @@ def setup(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     if _session.watch is None:  # before the rendezvous, which can wait for the others
         _session.watch = _LauncherWatch(rank)
         _session.watch.start()
+    index = cuda_index(local, torch.cuda.device_count()) if device_type == "cuda" else 0
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(index)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         log.info("rank %d/%d initialised (%s)", rank, world, backend)
-    return DistInfo(rank, world, local)
+    return DistInfo(rank, world, local, index)
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The GPU of the rank with ``local_rank`` among the ``visible`` ones: its own index when the
+    launcher shows every GPU of the node to every rank, 0 when it shows each rank only its own
+    (SLURM's ``--gpus-per-task=1``, ``CUDA_VISIBLE_DEVICES`` set per rank)."""
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise DiffMoEError(f"local rank {local_rank} has no GPU: {visible} are visible to it; start at "
+                       f"most {visible} processes per node, or give each its own GPU")
 
 
 def teardown(wait_for_others: bool = True, step: Optional[int] = None) -> None:

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -24,18 +25,27 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, on the CPU
 FULL_EVERYWHERE = StateDictOptions(full_state_dict=True)  # every rank passes the full tensors
 
 
-def shard(model: nn.Module) -> nn.Module:
-    """FSDP2: one unit per DiT block, then the root (embedders, final layer)."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def shard(model: nn.Module, precision: str = "fp32", reduce_dtype: str = "fp32") -> nn.Module:
+    """FSDP2: one unit per DiT block, then the root (embedders, final layer). With ``precision``
+    bf16 the parameters are gathered for the forward and backward in bf16 and the gradients
+    reduced in ``reduce_dtype``; the sharded parameters and the optimizer stay fp32."""
+    policy = MixedPrecisionPolicy()
+    if precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                      reduce_dtype=DTYPES[reduce_dtype])
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 
@@ -97,13 +107,18 @@ class TrainingModel:
         self.ddp: Optional[DistributedDataParallel] = None
         self.net: Optional[nn.Module] = module
 
-    def wrap(self, *, ddp: bool, compile: bool, device: torch.device) -> None:
-        """Run the forward through DDP (``ddp``) and/or ``torch.compile`` (``compile``)."""
+    def wrap(self, *, ddp: bool, compile: bool, device: torch.device,
+             bf16_grads: bool = False) -> None:
+        """Run the forward through DDP (``ddp``) and/or ``torch.compile`` (``compile``). DDP's
+        gradients are views into its all-reduce buckets (no second copy of them); with
+        ``bf16_grads`` they travel as bf16."""
         net: nn.Module = self.module
         if ddp:
             net = self.ddp = DistributedDataParallel(
-                self.module, broadcast_buffers=False,
+                self.module, broadcast_buffers=False, gradient_as_bucket_view=True,
                 device_ids=[device.index] if device.type == "cuda" else None)
+            if bf16_grads:
+                self.ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
         self.net = torch.compile(net) if compile else net
 
     @contextlib.contextmanager

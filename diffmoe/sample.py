@@ -20,6 +20,7 @@ from .capacity import CapacityMeter, activated_params
 from .checkpoint import LoadedCheckpoint, load_state_dict_checked, open_checkpoint
 from .config import WEIGHTS, Config, SampleConfig, config_from_dict, validate_sampling
 from .data import sample_decoder
+from .device import autocast, resolve_device, use_tf32
 from .diffusion import Objective, SamplerOptions, build_objective, resolve_sampler, sample
 from .errors import CheckpointError, ConfigError
 from .images import save_grid
@@ -79,11 +80,13 @@ def generate_batches(model: DiT, objective: Objective, condition: Condition,
     ``settings.batch_size`` at a time, yielding (images in [-1, 1] on the CPU, their condition)
     per batch, so a caller can consume them without keeping them all. The routing comes from
     :func:`resolve_routing` and the sampler options from the same ``settings``, whose ranges
-    ``config.validate_sampling`` has checked. Every forward is reported to ``meter`` if given."""
+    ``config.validate_sampling`` has checked; the model runs under ``settings.precision`` and,
+    with ``settings.compile``, compiled. Every forward is reported to ``meter`` if given."""
     routing = resolve_routing(model, settings)
     options = SamplerOptions.from_settings(settings)
     on_forward = meter.on_forward if meter is not None else None
     device = next(model.parameters()).device
+    net = torch.compile(model) if settings.compile else model
     gen = torch.Generator(device=device).manual_seed(settings.seed)
     was_training = model.training
     model.eval()
@@ -91,9 +94,11 @@ def generate_batches(model: DiT, objective: Objective, condition: Condition,
         for start in tqdm(range(0, condition.shape[0], settings.batch_size),
                           disable=not progress, desc="sample", dynamic_ncols=True):
             y = condition[start:start + settings.batch_size]
-            images = sample(model, objective, y.to(device), sampler=settings.sampler,
-                            steps=settings.steps, cfg_scale=settings.cfg_scale, routing=routing,
-                            generator=gen, on_forward=on_forward, options=options)
+            with autocast(settings.precision, device):
+                images = sample(net, objective, y.to(device), sampler=settings.sampler,
+                                steps=settings.steps, cfg_scale=settings.cfg_scale,
+                                routing=routing, generator=gen, on_forward=on_forward,
+                                options=options)
             yield images.float().cpu(), y
     finally:
         model.train(was_training)
@@ -138,12 +143,14 @@ def model_from_checkpoint(ckpt: LoadedCheckpoint, weights: str = "ema",
     return model.to(device).eval()
 
 
-def load_for_sampling(path: str | Path, overrides: dict, device: str | torch.device = "cpu"
+def load_for_sampling(path: str | Path, overrides: dict, device: str | torch.device = "auto"
                       ) -> tuple[LoadedCheckpoint, SampleConfig, DiT, Objective]:
     """A checkpoint (or a run's newest) ready to sample: its ``sample`` settings updated with
     ``overrides`` and checked against its objective and model before any weights are read, the
-    model with the chosen weights, and the objective. ``auto`` in the returned settings is
-    resolved to the sampler it stands for, as results should record it."""
+    model with the chosen weights on ``device`` (a name: ``auto``, ``cpu`` or ``cuda``, or a
+    torch device), and the objective. ``auto`` in the returned settings is resolved to the
+    sampler it stands for, as results should record it."""
+    device = resolve_device(device, "--device")
     ckpt = open_checkpoint(path)
     cfg = checkpoint_config(ckpt)
     try:
@@ -151,6 +158,7 @@ def load_for_sampling(path: str | Path, overrides: dict, device: str | torch.dev
     except TypeError as exc:
         raise ConfigError(f"bad sample settings ({exc}); check the options") from None
     validate_sampling(cfg.objective, s, cfg.model)
+    use_tf32(device, s.tf32)
     model = model_from_checkpoint(ckpt, s.weights, device)
     objective = build_objective(cfg)
     return ckpt, replace(s, sampler=resolve_sampler(objective.kind, s.sampler)), model, \
@@ -176,10 +184,10 @@ def parse_labels(spec: Optional[str], num: int, num_classes: int, seed: int) -> 
 
 
 def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
-                      labels: Optional[str] = None, device: str = "cpu") -> dict:
+                      labels: Optional[str] = None, device: str | torch.device = "auto") -> dict:
     """The ``diffmoe sample`` command: a PNG grid at ``out`` and a JSON summary beside it.
     Settings are the checkpoint's ``sample`` config updated with ``overrides``."""
-    out = Path(out)
+    out, device = Path(out), resolve_device(device, "--device")
     ckpt, s, model, objective = load_for_sampling(path, overrides, device)
     state, ckpt_path, cfg = ckpt.state, ckpt.path, model.cfg
     routing = resolve_routing(model, s)

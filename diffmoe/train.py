@@ -25,6 +25,7 @@ from . import distributed, faults, parallel
 from .capacity import expert_capacities
 from .config import Config, TrainConfig
 from .data import BatchIterator, ImageDataset, build_training_dataset, sample_decoder
+from .device import autocast, resolve_device, use_tf32
 from .diffusion import build_objective
 from .ema import ema_decay, make_ema, update_ema
 from .errors import ConfigError
@@ -58,15 +59,6 @@ METRIC_FIELDS = {
 }
 MEAN_FIELDS = ["loss", "diffusion_loss", "aux_loss", "predictor_bce", "threshold_mean",
                "dynamic_capacity"]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use "
-                          "train.device=cpu or auto")
-    return torch.device(name)
 
 
 def check_data_matches_model(cfg: Config, ds: ImageDataset) -> None:
@@ -166,13 +158,6 @@ def time_is_up(max_minutes: float, start_time: float) -> bool:
     return bool(distributed.all_mean(torch.tensor(float(over))) > 0)
 
 
-def autocast(precision: str, device: torch.device):
-    """bf16 autocast for ``train.precision=bf16``, nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -189,11 +174,15 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.device = resolve_device(t.device)
+        if t.ddp_bf16_grads and self.device.type != "cuda":
+            raise ConfigError("train.ddp_bf16_grads=true needs CUDA (torch's bf16 all-reduce "
+                              "hook runs on NCCL only); unset it to train on this device")
+        use_tf32(self.device, t.tf32)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         self.dist = distributed.setup(self.device.type, t.dist_timeout_s)
         if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
+            self.device = torch.device("cuda", self.dist.cuda_index)
         if t.batch_size % (self.dist.world_size * t.grad_accum):
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the "
                               f"{self.dist.world_size} ranks x train.grad_accum={t.grad_accum}; "
@@ -219,8 +208,8 @@ class Trainer:
         self.ema = make_ema(module)
         fsdp = dist.enabled and t.parallel == "fsdp"
         if fsdp:
-            parallel.shard(module)
-            parallel.shard(self.ema)
+            parallel.shard(module, t.precision, t.fsdp_reduce_dtype)
+            parallel.shard(self.ema, t.precision, t.fsdp_reduce_dtype)
         self.optimizer = build_optimizer(module, t)
         self.objective = build_objective(cfg)
         self.diffmoe_layers = diffmoe_layers(module)
@@ -231,7 +220,8 @@ class Trainer:
             self.run.load(resume_from, self.state)
         if resume and dist.is_main:
             self.run.rewind_metrics(self.progress.step)
-        self.model.wrap(ddp=dist.enabled and not fsdp, compile=t.compile, device=self.device)
+        self.model.wrap(ddp=dist.enabled and not fsdp, compile=t.compile, device=self.device,
+                        bf16_grads=t.ddp_bf16_grads)
         # Latent models' sample grids are decoded with the VAE (by the ranks that sample).
         self.decoder = (sample_decoder(cfg.to_dict()["data"], self.device)
                         if dist.is_main or fsdp else None)

@@ -316,6 +316,13 @@ CASES = [
     Case("labels-not-integers", "cli",
          ["sample", "<run>", "--labels", "a,b", "--out", "<tmp>/o.png"],
          "error: --labels 'a,b' must be 'balanced', 'random' or integers like 3,1,4"),
+    Case("sample-device-unknown", "cli",
+         ["sample", "<run>", "--device", "gpu", "--out", "<tmp>/o.png"],
+         "error: --device='gpu' is not one of ['auto', 'cpu', 'cuda']; use cuda for a GPU"),
+    Case("sample-cuda-missing", "cli",
+         ["sample", "<run>", "--device", "cuda", "--out", "<tmp>/o.png"],
+         "error: --device=cuda but no CUDA device is available; use --device=cpu or auto",
+         skip_if=no_cuda),
     Case("sample-threshold-out-of-range", "cli",
          ["sample", "<run>", "--mode", "threshold", "--threshold", "2", "--out", "<tmp>/o.png"],
          "error: sample.threshold=2.0 must be in [0, 1] (it is compared with sigmoid "

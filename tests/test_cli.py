@@ -159,3 +159,23 @@ def test_ddpm_checkpoint_refuses_flow_samplers(ddpm_run, capsys, tmp_path):
                           "--out", str(tmp_path / "g.png")], capsys)
     assert rc == 2
     assert "not available for objective.type=ddpm" in error_line(err)
+
+
+def test_sample_in_bf16_records_the_precision(capsys, trained_run, tmp_path):
+    out = tmp_path / "bf16.png"
+    rc, _, err = run_cli(["sample", str(trained_run), "--precision", "bf16", "--no-tf32",
+                          "--num", "2", "--batch-size", "2", "--out", str(out)], capsys)
+    assert rc == 0, err
+    settings = json.loads(out.with_suffix(".json").read_text())["settings"]
+    assert settings["precision"] == "bf16" and settings["tf32"] is False
+    assert settings["compile"] is False  # not asked for: the checkpoint's own setting
+
+
+def test_one_gpu_per_process_launchers_use_the_only_visible_gpu():
+    from diffmoe.distributed import cuda_index
+    from diffmoe.errors import DiffMoEError
+
+    assert cuda_index(local_rank=3, visible=1) == 0  # CUDA_VISIBLE_DEVICES set per rank
+    assert cuda_index(local_rank=3, visible=8) == 3  # every GPU of the node visible
+    with pytest.raises(DiffMoEError, match="local rank 3 has no GPU: 2 are visible"):
+        cuda_index(local_rank=3, visible=2)

@@ -17,7 +17,7 @@ LAYERS = (
     ("sample", "loss", "capacity", "parallel", "ema", "checkpoint", "images", "run"),
     ("data", "diffusion"),
     ("models",),
-    ("config", "errors", "paths", "distributed", "faults", "fileio"),
+    ("config", "errors", "paths", "distributed", "faults", "fileio", "device"),
 )
 LAYER_OF = {package: i for i, layer in enumerate(LAYERS) for package in layer}
 

@@ -89,6 +89,25 @@ def test_mnist_demo_config_under_ddp_and_fsdp2_gives_the_same_weights(tmp_path):
             torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5, msg=f"{name}.{k}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel, extra", [
+    ("ddp", {}),
+    ("fsdp", {"train.fsdp_reduce_dtype": "bf16"}),
+], ids=["ddp", "fsdp2-bf16-parameters-and-reduction"])
+def test_bf16_training_under_ddp_and_fsdp2_keeps_ranks_in_sync(tmp_path, parallel, extra):
+    """train.precision=bf16 under DDP (gradients as bucket views), or with FSDP2's
+    mixed-precision policy (bf16 parameters gathered, gradients reduced in bf16): the ranks stay
+    identical and the checkpoint holds the fp32 master weights. (DDP's bf16 gradient hook needs
+    NCCL: tests/test_train.py checks its refusal on a CPU.)"""
+    report, run = run_mnist(tmp_path, parallel, **{"train.precision": "bf16", **extra})
+    assert report["step"] == STEPS and report["fsdp"] == (parallel == "fsdp")
+    for rank in report["ranks"]:
+        assert rank and all(rank.values()), rank
+    tensors = load_file(str(run / "checkpoints" / checkpoint_name(STEPS) / "model.safetensors"))
+    weights = [v for v in tensors.values() if v.is_floating_point()]
+    assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
+
+
 def test_activation_checkpointing_keeps_gradients_and_moves_thresholds_once():
     cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", ["model.class_dropout=0"])
     torch.manual_seed(0)

@@ -188,3 +188,13 @@ def test_a_steady_training_step_never_waits_for_the_device(kind, tiny_config_pat
         assert len(calls) == 1 and calls[0].startswith("tolist at train.py")
     finally:
         trainer.close()
+
+
+def test_bf16_gradient_all_reduce_is_refused_without_cuda(tiny_config_path, tmp_path):
+    from diffmoe.errors import ConfigError
+
+    cfg = load_config(tiny_config_path, [f"train.out_dir={tmp_path / 'run'}", "train.device=cpu",
+                                         "train.ddp_bf16_grads=true"])
+    with pytest.raises(ConfigError, match="train.ddp_bf16_grads=true needs CUDA"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -178,12 +178,18 @@ class TrainConfig:
     # Stop after this many minutes of training (0 = no limit); a checkpoint is written at the stop.
     max_minutes: float = 0.0
     device: str = "auto"
+    # fp32 (the paper's; on CUDA its matmuls use TF32 unless tf32 is false) or bf16 autocast.
     precision: str = "fp32"
+    tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions
     compile: bool = False
     num_threads: int = 0  # torch intra-op threads, 0 = torch's default
     # Under torchrun: ddp (replicated weights) or fsdp (FSDP2 fully_shard: weights, gradients and
     # optimizer state sharded over ranks, one unit per DiT block).
     parallel: str = "ddp"
+    # FSDP with precision=bf16: parameters gathered in bf16, gradients reduced in this dtype.
+    fsdp_reduce_dtype: str = "fp32"
+    # DDP: all-reduce gradients as bf16 (half the traffic; the update itself stays fp32).
+    ddp_bf16_grads: bool = False
     # Micro-batches per optimizer step: each rank's batch_size/world_size images are split into
     # grad_accum micro-batches, each its own DiffMoE token pool (and threshold update).
     grad_accum: int = 1
@@ -214,6 +220,9 @@ class SampleConfig:
     sde_noise: float = 1.0  # sde: w in the diffusion g(t)^2 = w * (1 - t); 0 = Euler
     # Guide the first N predicted channels (0 = all); DiT's public sampling guides 3 of 4.
     guidance_channels: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (autocast) for the model's forwards
+    tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions
+    compile: bool = False  # torch.compile the model for sampling
 
 
 @dataclass

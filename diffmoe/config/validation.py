@@ -137,6 +137,7 @@ def validate_train(t: TrainConfig) -> None:
     _choice("train.device", t.device, DEVICES)
     _choice("train.nonfinite_loss", t.nonfinite_loss, NONFINITE_POLICIES)
     _choice("train.parallel", t.parallel, PARALLEL)
+    _choice("train.fsdp_reduce_dtype", t.fsdp_reduce_dtype, PRECISIONS)
     _choice("train.token_pool", t.token_pool, TOKEN_POOLS)
     _positive(t, "train.", ("steps", "batch_size", "log_every", "sample_every", "ckpt_every",
                             "keep_checkpoints"))
@@ -185,6 +186,7 @@ def validate_sample(s: SampleConfig) -> None:
     _choice("sample.sampler", s.sampler, SAMPLERS)
     _choice("sample.mode", s.mode, INFERENCE_MODES)
     _choice("sample.weights", s.weights, WEIGHTS)
+    _choice("sample.precision", s.precision, PRECISIONS)
     _positive(s, "sample.", ("steps", "batch_size", "num"))
     _require(s.cfg_scale >= 0, f"sample.cfg_scale={s.cfg_scale} must be >= 0 (1 = no guidance)")
     _require(0.0 <= s.threshold <= 1.0, f"sample.threshold={s.threshold} must be in [0, 1] "

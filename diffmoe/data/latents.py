@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .. import distributed
+from ..device import resolve_device
 from ..errors import DataError
 from ..fileio import atomic_write, atomic_write_text
 
@@ -181,11 +182,10 @@ def cache_latents(image_folder: str | Path, out: str | Path, vae_dir: str | Path
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"cache directory '{out}' is a file; choose another OUT")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                       else ("cpu" if device == "auto" else device))
+    dev = resolve_device(device, "--device")
     info = distributed.setup(dev.type)
     if dev.type == "cuda":
-        dev = torch.device("cuda", info.local_rank)
+        dev = torch.device("cuda", info.cuda_index)
     finished = False
     try:
         classes, files = list_images(image_folder)

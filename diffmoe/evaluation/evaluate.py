@@ -20,6 +20,7 @@ import torch
 from ..capacity import CapacityMeter, activated_params
 from ..config import SampleConfig, validate_sample
 from ..data import decoded_size, sample_decoder, to_uint8
+from ..device import resolve_device
 from ..diffusion import Objective
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
@@ -52,7 +53,7 @@ class EvalOptions:
     labels: str = "balanced"  # balanced | random | comma-separated classes
     feature_batch: int = 50
     cache_dir: Optional[str] = None
-    device: str = "cpu"
+    device: str = "auto"
     progress: bool = True
 
 
@@ -75,7 +76,9 @@ class Evaluator:
     def load(cls, path: str | Path, overrides: dict, options: EvalOptions) -> "Evaluator":
         if options.num < 2:
             raise ConfigError(f"--num {options.num}: FID needs at least 2 samples")
-        ckpt, s, model, objective = load_for_sampling(path, overrides, options.device)
+        device = resolve_device(options.device, "--device")
+        options = replace(options, device=device.type)
+        ckpt, s, model, objective = load_for_sampling(path, overrides, device)
         s = replace(s, num=options.num)
         config = ckpt.state.get("config", {})
         data = config.get("data", {})
@@ -85,7 +88,7 @@ class Evaluator:
                               "pass --ref with an ADM reference batch (e.g. "
                               "VIRTUAL_imagenet256_labeled.npz)")
         return cls(ckpt.path, ckpt.state["step"], model, objective, s, options, data_spec,
-                   data=data, decoder=sample_decoder(data, options.device))
+                   data=data, decoder=sample_decoder(data, device))
 
     def load_reference(self) -> Reference:
         if self.reference is None:

@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..data import to_model_range, to_uint8
 from ..data.shapes import CATEGORY_NAMES, SHAPES, eval_prompts, parse_caption, render
 from ..data.text_encoder import TextEncoder, check_prompts
+from ..device import resolve_device
 from ..errors import ConfigError
 from ..images import save_grid
 from ..models.condition import TextCondition
@@ -81,11 +82,12 @@ def encode_prompts(cfg: ModelConfig, prompts: list[str], device: str | torch.dev
 
 
 def sample_prompts(path: str | Path, overrides: dict, out: str | Path, prompts: list[str],
-                   device: str = "cpu") -> dict:
+                   device: str | torch.device = "auto") -> dict:
     """``diffmoe sample RUN --prompt P ...``: one grid row per prompt, ``sample.num`` images
     split evenly over the prompts (at least one each), and a JSON summary beside the PNG."""
     out = Path(out)
     check_prompts(prompts)
+    device = resolve_device(device, "--device")
     ckpt, s, model, objective = load_for_sampling(path, overrides, device)
     per_prompt = max(1, s.num // len(prompts))
     cond = encode_prompts(model.cfg, prompts, device)
@@ -117,7 +119,7 @@ class JudgeOptions:
     fid: bool = True
     feature_batch: int = 50
     cache_dir: Optional[str] = None
-    device: str = "cpu"
+    device: str = "auto"
     progress: bool = True
 
 
@@ -138,7 +140,8 @@ def chance_level(prompts: list[str], categories: list[str], seed: int = CHANCE_S
 def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOptions) -> dict:
     """The judge's six GenEval-style scores and overall, the chance level, FID against the
     shapes test split, and the capacity DiffMoE spent."""
-    ckpt, s, model, objective = load_for_sampling(path, overrides, options.device)
+    device = resolve_device(options.device, "--device")
+    ckpt, s, model, objective = load_for_sampling(path, overrides, device)
     data = ckpt.state["config"].get("data", {})
     if data.get("name") != "shapes":
         raise ConfigError(f"the judge knows the shapes domain only, but this checkpoint was "
@@ -146,7 +149,7 @@ def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOp
     pairs = eval_prompts(options.per_category, options.prompt_seed, tuple(options.categories))
     categories = [c for c, _ in pairs for _ in range(options.samples_per_prompt)]
     prompts = [p for _, p in pairs for _ in range(options.samples_per_prompt)]
-    cond = encode_prompts(model.cfg, prompts, options.device)
+    cond = encode_prompts(model.cfg, prompts, device)
     routing = resolve_routing(model, s)
     images, meter = generate(model, objective, cond, s, progress=options.progress)
     pixels = to_uint8(images)
