@@ -13,7 +13,7 @@
     diffmoe fid SET SET         (SET: DATASET[:SPLIT][:N] or an ADM .npz)
     diffmoe cache-latents IMAGE_FOLDER OUT --vae VAE_DIR [--image-size 256 --shard-size N
                           --batch-size N --device auto|cpu|cuda]   (also under torchrun)
-    diffmoe import-official CHECKPOINT --config THEIR_YAML OUT [key=value ...] [--trust-pickle]
+    diffmoe import-official CHECKPOINT [--config THEIR_YAML] OUT [key=value ...] [--trust-pickle]
 
 Problems with the input are reported as one ``error:`` line (exit status 2), not a traceback.
 """
@@ -370,11 +370,14 @@ def add_import_official_command(sub) -> None:
     i = sub.add_parser("import-official", help="convert a checkpoint of the authors' public "
                                                "code to this library's format")
     i.add_argument("checkpoint", help="their .pt/.pth (state dict or training checkpoint with "
-                                      "model/ema) or .safetensors")
-    i.add_argument("--config", required=True, help="their YAML (model.params, MoE_config)")
+                                      "model/ema; both are converted, ema is what sampling "
+                                      "uses) or .safetensors")
+    i.add_argument("--config", default=None,
+                   help="their YAML (default: the one *.yaml of their experiment folder, "
+                        "EXP/*.yaml for EXP/checkpoints/NNNNNNN.pt, as their sampler finds it)")
     i.add_argument("out", help="directory for the converted run (OUT/checkpoints/step_00000000)")
     i.add_argument("overrides", nargs="*", help="dotted overrides of our config, e.g. "
-                                                "objective.time_scale=1")
+                                                "data.name=latents data.path=DIR")
     i.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
                    help="load a checkpoint holding Python objects (only for files you trust)")
     i.set_defaults(func=cmd_import_official)

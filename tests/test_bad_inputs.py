@@ -143,24 +143,29 @@ def image_folder(ctx: Context) -> None:
     Image.new("RGB", (20, 16), (200, 30, 30)).save(ctx.tmp / "images" / "cat" / "0.png")
 
 
-def official_checkpoint(depth_in_yaml: int) -> Callable[[Context], None]:
-    """A checkpoint in the authors' layout of the tiny digits model, and their YAML for it."""
+def official_checkpoint(depth_in_yaml: int, ckpt: str = "theirs.pt",
+                        yaml_name: Optional[str] = "theirs.yaml") -> Callable[[Context], None]:
+    """A checkpoint in the authors' layout of the tiny digits model (``<tmp>/ckpt``), and their
+    YAML for it (``<tmp>/yaml_name``; None: no YAML)."""
     def setup(ctx: Context) -> None:
         import torch
         import yaml
 
         from diffmoe.config import load_config
         from diffmoe.models import build_model
-        from diffmoe.official import to_official
+        from diffmoe.official import THEIR_DIFFMOE, their_pos_embed, to_official
         m = load_config(ROOT / CONFIG).model
-        torch.save({"model": to_official(build_model(m).state_dict())}, ctx.tmp / "theirs.pt")
-        params = dict(depth=depth_in_yaml, hidden_size=m.hidden_size, num_heads=m.num_heads,
-                      patch_size=m.patch_size, input_size=m.input_size,
-                      num_classes=m.num_classes)
+        theirs = to_official(build_model(m).state_dict(), m.moe.threshold_ema, their_pos_embed(m))
+        (ctx.tmp / ckpt).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": theirs}, ctx.tmp / ckpt)
         moe = dict(num_experts=m.moe.num_experts, capacity=m.moe.capacity, n_shared_experts=0,
                    interleave=True)
-        (ctx.tmp / "theirs.yaml").write_text(yaml.safe_dump(
-            {"model": {"params": params}, "MoE_config": moe}))
+        params = dict(depth=depth_in_yaml, hidden_size=m.hidden_size, num_heads=m.num_heads,
+                      patch_size=m.patch_size, input_size=m.input_size, in_channels=m.in_channels,
+                      num_classes=m.num_classes, learn_sigma=m.learn_sigma, MoE_config=moe)
+        if yaml_name is not None:
+            (ctx.tmp / yaml_name).write_text(yaml.safe_dump(
+                {"basic": {"rf": True}, "model": {"target": THEIR_DIFFMOE, "params": params}}))
     return setup
 
 
@@ -434,6 +439,13 @@ CASES = [
          setup=official_checkpoint(depth_in_yaml=3),
          note="`<tmp>/theirs.pt` has 2 blocks in the authors' layout, `<tmp>/theirs.yaml` says "
               "depth 3"),
+    Case("official-no-yaml-beside", "checkpoint",
+         ["import-official", "<tmp>/exp/checkpoints/0000100.pt", "<tmp>/out"],
+         "error: no YAML in '<tmp>/exp', where their experiment layout keeps it "
+         "(EXP/config_<time>.yaml beside EXP/checkpoints/NNNNNNN.pt); pass the YAML the "
+         "checkpoint was trained with as --config",
+         setup=official_checkpoint(2, ckpt="exp/checkpoints/0000100.pt", yaml_name=None),
+         note="their checkpoint in their experiment layout, but no YAML in `<tmp>/exp`"),
     # Text-to-image
     Case("t2i-condition-without-captions", "text-to-image",
          [*TRAIN, "model.condition=text"],
