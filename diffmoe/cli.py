@@ -14,6 +14,7 @@
     diffmoe cache-latents IMAGE_FOLDER OUT --vae VAE_DIR [--image-size 256 --shard-size N
                           --batch-size N --device auto|cpu|cuda]   (also under torchrun)
     diffmoe import-official CHECKPOINT [--config THEIR_YAML] OUT [key=value ...] [--trust-pickle]
+    diffmoe export-official RUN OUT
 
 Problems with the input are reported as one ``error:`` line (exit status 2), not a traceback.
 """
@@ -351,6 +352,14 @@ def cmd_import_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_official(args: argparse.Namespace) -> int:
+    from .official import export_official
+
+    path = export_official(args.run, args.out)
+    sys.stdout.write(json.dumps({"checkpoint": str(path)}) + "\n")
+    return 0
+
+
 def add_cache_latents_command(sub) -> None:
     c = sub.add_parser("cache-latents", help="encode a class-folder image dataset to a sharded "
                                              "VAE latent cache (resumable; torchrun-parallel)")
@@ -381,6 +390,15 @@ def add_import_official_command(sub) -> None:
     i.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
                    help="load a checkpoint holding Python objects (only for files you trust)")
     i.set_defaults(func=cmd_import_official)
+
+
+def add_export_official_command(sub) -> None:
+    x = sub.add_parser("export-official", help="write a run as an experiment folder of the "
+                                               "authors' public code (their keys and YAML)")
+    x.add_argument("run", help="run directory (its newest checkpoint) or checkpoint directory")
+    x.add_argument("out", help="new experiment folder: OUT/config.yaml and "
+                               "OUT/checkpoints/NNNNNNN.pt holding model and ema")
+    x.set_defaults(func=cmd_export_official)
 
 
 def add_train_command(sub) -> None:
@@ -479,7 +497,7 @@ def add_fid_command(sub) -> None:
 
 COMMANDS = (add_train_command, add_sample_command, add_eval_command, add_sweep_command,
             add_analyze_command, add_fid_command, add_cache_latents_command,
-            add_import_official_command)
+            add_import_official_command, add_export_official_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

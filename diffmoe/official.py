@@ -2,7 +2,8 @@
 
 ``diffmoe import-official CHECKPOINT [--config THEIR_YAML] OUT [key=value ...]`` converts one of
 their checkpoints into a run (step 0 under ``OUT/checkpoints``) that ``diffmoe sample`` and
-``diffmoe eval`` use without overrides. What their code does, and therefore what is read (their
+``diffmoe eval`` use without overrides; ``diffmoe export-official RUN OUT`` writes the inverse, an
+experiment folder their sampler reads. What their code does, and therefore what is read (their
 ``train.py``, ``utils.py``, ``download.py``, ``sample_ddp_feature.py``,
 ``models/models_DiffMoE.py``, ``diffusion/rectified_flow.py``; see docs/imagenet.md):
 
@@ -64,10 +65,10 @@ import torch
 import yaml
 from torch import Tensor
 
-from .checkpoint import save_checkpoint
+from .checkpoint import open_checkpoint, save_checkpoint
 from .config import Config, ModelConfig, config_from_dict, deep_merge, overrides_to_dict
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write_text
+from .fileio import atomic_write, atomic_write_text
 from .models import DiT, build_model
 from .models.dit import sincos_pos_embed_2d
 from .paths import file_in_the_way
@@ -102,6 +103,8 @@ THEIR_DDPM = {"type": "ddpm", "num_timesteps": 1000, "beta_start": 1e-4, "beta_e
 DDPM_GUIDED_CHANNELS = 3  # their DDPM sampler's forward_with_cfg guides channels :3
 CHECKPOINTS_DIR = "checkpoints"
 YAML_PATTERN = "*.yaml"  # how their sampler finds the YAML beside checkpoints/
+EXPORT_YAML = "config.yaml"
+STEP_DIGITS = 7  # their checkpoint names: f"{train_steps:07d}.pt"
 # Their EMA copy averages pos_embed too, so its table drifts from the exact one by rounding.
 POS_EMBED_ATOL = 1e-2
 # Significant digits kept of a loss weight scaled by the MoE layer count (drops float noise).
@@ -480,4 +483,86 @@ def import_official(checkpoint: str | Path, yaml_path: Optional[str | Path], out
     path = save_checkpoint(out / CHECKPOINTS_DIR, 0, files, state)
     log.info("imported %s (%s, %s, %.1fM parameters) to %s", checkpoint, cfg.model.moe.type,
              cfg.objective.type, model.num_params() / 1e6, path)
+    return path
+
+
+# -- our run → their experiment folder ----------------------------------------------------------
+
+def export_problems(cfg: Config) -> list[str]:
+    """Why their code cannot express ``cfg``'s model and objective (empty: it can)."""
+    m, moe, o = cfg.model, cfg.model.moe, cfg.objective
+    problems = []
+    if m.condition != "class":
+        problems.append(f"model.condition={m.condition} (their DiT takes class labels)")
+    if m.final_conv:
+        problems.append("model.final_conv=true (their DiT has no output convolution)")
+    if m.class_dropout == 0:
+        problems.append("model.class_dropout=0 (their label table then has no null-class row)")
+    if moe.type in ("token_choice", "expert_choice"):
+        problems.append(f"model.moe.type={moe.type} (their {THEIR_DIFFMOE} routes by DiffMoE's "
+                        f"rule; only diffmoe and dense runs can be exported)")
+    if moe.type != "dense" and moe.granularity != 1:
+        problems.append(f"model.moe.granularity={moe.granularity} (fine-grained experts; theirs "
+                        f"are all mlp_ratio·D wide)")
+    elif moe.type == "diffmoe" and moe.shared_experts and (
+            moe.shared_experts * int(m.mlp_ratio * m.hidden_size)
+            != THEIR_SHARED_WIDTH * m.hidden_size):
+        problems.append(f"model.moe.shared_experts={moe.shared_experts} (their shared expert is "
+                        f"one MLP {THEIR_SHARED_WIDTH}·D wide)")
+    if o.type == "flow" and o.time_scale != FLOW_TIME_SCALE:
+        problems.append(f"objective.time_scale={o.time_scale:g} (their rectified flow gives the "
+                        f"model t in [0, 1], time_scale 1)")
+    if o.type == "ddpm":
+        differ = [f"objective.{k}={getattr(o, k)}" for k, v in THEIR_DDPM.items()
+                  if getattr(o, k) != v] + ([] if m.learn_sigma else ["model.learn_sigma=false"])
+        if differ:
+            problems.append(f"{', '.join(differ)} (their DDPM is DiT's: 1000 timesteps, betas "
+                            f"1e-4..0.02, learned sigma)")
+    return problems
+
+
+def official_yaml(cfg: Config, exp_name: str) -> dict:
+    """Their YAML for ``cfg``: ``basic`` (the objective) and ``model`` (class and params), the
+    parts their sampler reads."""
+    m, moe = cfg.model, cfg.model.moe
+    params: dict[str, Any] = {theirs: getattr(m, ours)
+                              for theirs, (ours, _) in THEIR_MODEL_PARAMS.items()}
+    params["use_swiglu"] = False
+    target = THEIR_DENSE
+    if moe.type == "diffmoe":
+        target = THEIR_DIFFMOE
+        params["MoE_config"] = {"n_shared_experts": moe.shared_experts, "init_MoeMLP": False,
+                                **{theirs: getattr(moe, ours)
+                                   for theirs, ours in MOE_CONFIG_KEYS.items()}}
+        blocks = their_moe_blocks(m.depth, moe.interleave)
+        params["CapacityPred_loss_weight"] = _weight(moe.predictor_loss_weight / blocks)
+    return {"basic": {"exp_name": exp_name, "rf": cfg.objective.type == "flow", "rf_ori": False},
+            "model": {"ckpt": None, "target": target, "params": params}}
+
+
+def export_official(run: str | Path, out: str | Path) -> Path:
+    """The ``diffmoe export-official`` command: ``OUT/config.yaml`` and
+    ``OUT/checkpoints/NNNNNNN.pt`` (``{"model", "ema"}`` in their layout) for a run's newest
+    checkpoint (or the checkpoint given); returns the written checkpoint."""
+    out = Path(out)
+    _new_output(out)
+    ckpt = open_checkpoint(run)
+    try:
+        cfg = config_from_dict(ckpt.state["config"])
+    except (KeyError, TypeError):
+        raise CheckpointError(f"checkpoint '{ckpt.path}' has no usable config in state.json; it "
+                              f"is damaged") from None
+    problems = export_problems(cfg)
+    if problems:
+        raise ConfigError(f"'{ckpt.path}' cannot be written for the authors' code: "
+                          f"{'; '.join(problems)}; their code cannot run such a model, so "
+                          f"export-official writes nothing for it")
+    pos_embed = their_pos_embed(cfg.model)
+    entries = {name: to_official(ckpt.tensors(name), cfg.model.moe.threshold_ema, pos_embed)
+               for name in TRAINING_ENTRIES}
+    path = out / CHECKPOINTS_DIR / f"{ckpt.state['step']:0{STEP_DIGITS}d}.pt"
+    atomic_write(path, lambda tmp: torch.save(entries, tmp))
+    atomic_write_text(out / EXPORT_YAML,
+                      yaml.safe_dump(official_yaml(cfg, out.name), sort_keys=False))
+    log.info("exported %s to %s", ckpt.path, path)
     return path

@@ -113,6 +113,10 @@ def set_experts(state: dict) -> None:
     state["config"]["model"]["moe"]["num_experts"] = 2
 
 
+def set_moe(state: dict, **values) -> None:
+    state["config"]["model"]["moe"].update(values)
+
+
 def fake_mnist(payload: Optional[object], raw: bytes = b"") -> Callable[[Context], None]:
     """Point the mnist loader at <tmp>/mnist.pkl.gz holding ``payload`` (or ``raw`` bytes)."""
     def setup(ctx: Context) -> None:
@@ -179,6 +183,9 @@ def no_cuda() -> Optional[str]:
 VALID_MOE_KEYS = ("type, num_experts, capacity, interleave, shared_experts, granularity, "
                   "router_init_std, balance_loss_weight, predictor_loss_weight, threshold_ema, "
                   "dispatch")
+
+EXPORT_TIME = "(their rectified flow gives the model t in [0, 1], time_scale 1)"
+EXPORT_NOTHING = "their code cannot run such a model, so export-official writes nothing for it"
 
 CASES = [
     # Config values and types
@@ -446,6 +453,24 @@ CASES = [
          "checkpoint was trained with as --config",
          setup=official_checkpoint(2, ckpt="exp/checkpoints/0000100.pt", yaml_name=None),
          note="their checkpoint in their experiment layout, but no YAML in `<tmp>/exp`"),
+    Case("official-export-time-scale", "checkpoint", ["export-official", "<run>", "<tmp>/exp"],
+         f"error: '{CKPT}' cannot be written for the authors' code: objective.time_scale=1000 "
+         f"{EXPORT_TIME}; {EXPORT_NOTHING}"),
+    Case("official-export-token-choice", "checkpoint",
+         ["export-official", "<tmp>/copy", "<tmp>/exp"],
+         "error: '<tmp>/copy/checkpoints/step_00000002' cannot be written for the authors' "
+         "code: model.moe.type=token_choice (their models.models_DiffMoE.DiT routes by "
+         "DiffMoE's rule; only diffmoe and dense runs can be exported); objective.time_scale="
+         f"1000 {EXPORT_TIME}; {EXPORT_NOTHING}",
+         setup=copy_run(state_edit(lambda st: set_moe(st, type="token_choice"))),
+         note="`<tmp>/copy` is `<run>` with `model.moe.type: token_choice` in its state.json"),
+    Case("official-export-fine-grained", "checkpoint",
+         ["export-official", "<tmp>/copy", "<tmp>/exp"],
+         "error: '<tmp>/copy/checkpoints/step_00000002' cannot be written for the authors' "
+         "code: model.moe.granularity=2 (fine-grained experts; theirs are all mlp_ratio·D "
+         f"wide); objective.time_scale=1000 {EXPORT_TIME}; {EXPORT_NOTHING}",
+         setup=copy_run(state_edit(lambda st: set_moe(st, granularity=2))),
+         note="`<tmp>/copy` is `<run>` with `model.moe.granularity: 2` in its state.json"),
     # Text-to-image
     Case("t2i-condition-without-captions", "text-to-image",
          [*TRAIN, "model.condition=text"],

@@ -1,4 +1,4 @@
-"""import-official against files built as the authors' code writes them.
+"""import-official / export-official against files built as the authors' code writes them.
 
 The inputs follow their public code, not our exporter: the YAML of their
 config/000_DiffMoE_S_E16_Flow.yaml (``MoE_config`` under ``model.params``, ``basic.rf``), a state
@@ -20,9 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors.torch import load_file
 
+from diffmoe.checkpoint import save_checkpoint
 from diffmoe.cli import main
 from diffmoe.config import config_from_dict
+from diffmoe.models import build_model
 from diffmoe.models.dit import TimestepEmbedder, sincos_pos_embed_2d
 from diffmoe.models.moe import Routing
 from diffmoe.sample import load_model
@@ -411,3 +414,101 @@ def test_import_never_writes_into_a_directory_that_holds_something(tmp_path, cap
     rc, _, errors = run_cli(["import-official", tmp_path / CKPT, tmp_path / "out"], capsys)
     assert rc == 2 and "already exists and is not empty" in errors[0]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+# -- export: the inverse, and what their code cannot express -----------------------------------
+
+def test_export_writes_their_files_and_imports_back_identically(imported, tmp_path, capsys):
+    theirs_model, theirs_ema, run = imported
+    shared = any("shared_experts" in k for k in theirs_model)
+    rc, out, errors = run_cli(["export-official", run, tmp_path / "exp"], capsys)
+    assert rc == 0 and not errors, errors
+    written = torch.load(json.loads(out)["checkpoint"], weights_only=True)
+    assert json.loads(out)["checkpoint"].endswith("exp/checkpoints/0000000.pt")
+    for name, theirs in (("model", theirs_model), ("ema", theirs_ema)):
+        assert set(written[name]) == set(theirs)
+        for key, value in theirs.items():
+            torch.testing.assert_close(written[name][key], value, rtol=0, atol=0, msg=key)
+    exported = yaml.safe_load((tmp_path / "exp" / "config.yaml").read_text())
+    original = their_yaml(n_shared=int(shared))
+    assert exported["basic"]["rf"] is True and exported["model"]["target"] == (
+        original["model"]["target"])
+    params = exported["model"]["params"]
+    for key, value in original["model"]["params"].items():
+        if key != "MoE_config":
+            assert params[key] == value, key
+    moe = params["MoE_config"]
+    assert {k: moe[k] for k in ("num_experts", "capacity", "interleave")} == {
+        "num_experts": EXPERTS, "capacity": CAPACITY, "interleave": True}
+    assert (moe["n_shared_experts"] > 0) == shared
+    # Back again, the YAML found beside the checkpoint: the same config and weights.
+    rc, _, errors = run_cli(["import-official", json.loads(out)["checkpoint"],
+                             tmp_path / "again"], capsys)
+    assert rc == 0 and not errors, errors
+    first, second = (json.loads((d / "checkpoints/step_00000000/state.json").read_text())
+                     for d in (run, tmp_path / "again"))
+    assert first["config"] == second["config"]
+    for name in ("model", "ema"):
+        a, b = (load_file(d / f"checkpoints/step_00000000/{name}.safetensors")
+                for d in (run, tmp_path / "again"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def our_run(root, **moe):
+    """A run directory (one checkpoint, untrained weights) of a tiny model of ours."""
+    cfg = config_from_dict({"model": dict(ARCH, in_channels=CHANNELS, moe={
+        "type": "diffmoe", "num_experts": EXPERTS, **moe}), "objective": {"time_scale": 1.0}})
+    sd = build_model(cfg.model).state_dict()
+    save_checkpoint(root / "checkpoints", 7, {"model": sd, "ema": sd},
+                    {"config": cfg.to_dict(), "world_size": 1})
+    return root
+
+
+@pytest.mark.parametrize("moe, fragment", [
+    (dict(type="token_choice"), "model.moe.type=token_choice (their "
+     "models.models_DiffMoE.DiT routes by DiffMoE's rule; only diffmoe and dense runs can be "
+     "exported)"),
+    (dict(granularity=2), "model.moe.granularity=2 (fine-grained experts; theirs are all "
+     "mlp_ratio·D wide)"),
+    (dict(shared_experts=1), "model.moe.shared_experts=1 (their shared expert is one MLP 8·D "
+     "wide)"),
+], ids=["token-choice", "fine-grained", "narrow-shared"])
+def test_export_refuses_what_their_code_cannot_express(tmp_path, capsys, moe, fragment):
+    run = our_run(tmp_path / "run", **moe)
+    rc, _, errors = run_cli(["export-official", run, tmp_path / "exp"], capsys)
+    assert rc == 2 and len(errors) == 1 and fragment in errors[0], errors
+    assert "cannot be written for the authors' code" in errors[0]
+    assert not (tmp_path / "exp").exists()
+
+
+def test_export_of_an_expressible_run_names_its_step_and_refuses_a_full_out(tmp_path, capsys):
+    run = our_run(tmp_path / "run", shared_experts=2)
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "keep.txt").write_text("mine")
+    rc, _, errors = run_cli(["export-official", run, tmp_path / "exp"], capsys)
+    assert rc == 2 and "already exists and is not empty" in errors[0]
+    assert [p.name for p in (tmp_path / "exp").iterdir()] == ["keep.txt"]
+    rc, out, errors = run_cli(["export-official", run, tmp_path / "exp2"], capsys)
+    assert rc == 0 and json.loads(out)["checkpoint"].endswith("checkpoints/0000007.pt")
+    assert sorted(p.name for p in (tmp_path / "exp2").iterdir()) == ["checkpoints",
+                                                                    "config.yaml"]
+
+
+def test_a_dense_run_exports_as_their_dit_and_imports_back(tmp_path, capsys):
+    run = our_run(tmp_path / "run", type="dense")
+    rc, out, errors = run_cli(["export-official", run, tmp_path / "exp"], capsys)
+    assert rc == 0 and not errors, errors
+    exported = yaml.safe_load((tmp_path / "exp" / "config.yaml").read_text())
+    assert exported["model"]["target"] == "models.models_DiT.DiT"
+    assert "MoE_config" not in exported["model"]["params"]
+    written = torch.load(json.loads(out)["checkpoint"], weights_only=True)["ema"]
+    assert not any("gate_weight" in k or "ema_decay" in k for k in written)
+    rc, _, errors = run_cli(["import-official", json.loads(out)["checkpoint"],
+                             tmp_path / "back"], capsys)
+    assert rc == 0 and not errors, errors
+    model, state, _ = load_model(tmp_path / "back")
+    first = json.loads((run / "checkpoints/step_00000007/state.json").read_text())["config"]
+    assert model.cfg.moe.type == "dense" and state["config"]["objective"] == first["objective"]
+    # A dense model's other moe settings set nothing: the rest of the model config round-trips.
+    assert ({k: v for k, v in state["config"]["model"].items() if k != "moe"}
+            == {k: v for k, v in first["model"].items() if k != "moe"})
