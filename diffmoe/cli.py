@@ -13,7 +13,8 @@
     diffmoe fid SET SET         (SET: DATASET[:SPLIT][:N] or an ADM .npz)
     diffmoe cache-latents IMAGE_FOLDER OUT --vae VAE_DIR [--image-size 256 --shard-size N
                           --batch-size N --device auto|cpu|cuda]   (also under torchrun)
-    diffmoe import-official CHECKPOINT --config THEIR_YAML OUT [key=value ...] [--trust-pickle]
+    diffmoe import-official CHECKPOINT [--config THEIR_YAML] OUT [key=value ...] [--trust-pickle]
+    diffmoe export-official RUN OUT
 
 Problems with the input are reported as one ``error:`` line (exit status 2), not a traceback.
 """
@@ -366,6 +367,14 @@ def cmd_import_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_official(args: argparse.Namespace) -> int:
+    from .official import export_official
+
+    path = export_official(args.run, args.out)
+    sys.stdout.write(json.dumps({"checkpoint": str(path)}) + "\n")
+    return 0
+
+
 def add_cache_latents_command(sub) -> None:
     c = sub.add_parser("cache-latents", help="encode a class-folder image dataset to a sharded "
                                              "VAE latent cache (resumable; torchrun-parallel)")
@@ -385,14 +394,26 @@ def add_import_official_command(sub) -> None:
     i = sub.add_parser("import-official", help="convert a checkpoint of the authors' public "
                                                "code to this library's format")
     i.add_argument("checkpoint", help="their .pt/.pth (state dict or training checkpoint with "
-                                      "model/ema) or .safetensors")
-    i.add_argument("--config", required=True, help="their YAML (model.params, MoE_config)")
+                                      "model/ema; both are converted, ema is what sampling "
+                                      "uses) or .safetensors")
+    i.add_argument("--config", default=None,
+                   help="their YAML (default: the one *.yaml of their experiment folder, "
+                        "EXP/*.yaml for EXP/checkpoints/NNNNNNN.pt, as their sampler finds it)")
     i.add_argument("out", help="directory for the converted run (OUT/checkpoints/step_00000000)")
     i.add_argument("overrides", nargs="*", help="dotted overrides of our config, e.g. "
-                                                "objective.time_scale=1")
+                                                "data.name=latents data.path=DIR")
     i.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
                    help="load a checkpoint holding Python objects (only for files you trust)")
     i.set_defaults(func=cmd_import_official)
+
+
+def add_export_official_command(sub) -> None:
+    x = sub.add_parser("export-official", help="write a run as an experiment folder of the "
+                                               "authors' public code (their keys and YAML)")
+    x.add_argument("run", help="run directory (its newest checkpoint) or checkpoint directory")
+    x.add_argument("out", help="new experiment folder: OUT/config.yaml and "
+                               "OUT/checkpoints/NNNNNNN.pt holding model and ema")
+    x.set_defaults(func=cmd_export_official)
 
 
 def add_train_command(sub) -> None:
@@ -491,7 +512,7 @@ def add_fid_command(sub) -> None:
 
 COMMANDS = (add_train_command, add_sample_command, add_eval_command, add_sweep_command,
             add_analyze_command, add_fid_command, add_cache_latents_command,
-            add_import_official_command)
+            add_import_official_command, add_export_official_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -113,6 +113,10 @@ def set_experts(state: dict) -> None:
     state["config"]["model"]["moe"]["num_experts"] = 2
 
 
+def set_moe(state: dict, **values) -> None:
+    state["config"]["model"]["moe"].update(values)
+
+
 def fake_mnist(payload: Optional[object], raw: bytes = b"") -> Callable[[Context], None]:
     """Point the mnist loader at <tmp>/mnist.pkl.gz holding ``payload`` (or ``raw`` bytes)."""
     def setup(ctx: Context) -> None:
@@ -143,24 +147,29 @@ def image_folder(ctx: Context) -> None:
     Image.new("RGB", (20, 16), (200, 30, 30)).save(ctx.tmp / "images" / "cat" / "0.png")
 
 
-def official_checkpoint(depth_in_yaml: int) -> Callable[[Context], None]:
-    """A checkpoint in the authors' layout of the tiny digits model, and their YAML for it."""
+def official_checkpoint(depth_in_yaml: int, ckpt: str = "theirs.pt",
+                        yaml_name: Optional[str] = "theirs.yaml") -> Callable[[Context], None]:
+    """A checkpoint in the authors' layout of the tiny digits model (``<tmp>/ckpt``), and their
+    YAML for it (``<tmp>/yaml_name``; None: no YAML)."""
     def setup(ctx: Context) -> None:
         import torch
         import yaml
 
         from diffmoe.config import load_config
         from diffmoe.models import build_model
-        from diffmoe.official import to_official
+        from diffmoe.official import THEIR_DIFFMOE, their_pos_embed, to_official
         m = load_config(ROOT / CONFIG).model
-        torch.save({"model": to_official(build_model(m).state_dict())}, ctx.tmp / "theirs.pt")
-        params = dict(depth=depth_in_yaml, hidden_size=m.hidden_size, num_heads=m.num_heads,
-                      patch_size=m.patch_size, input_size=m.input_size,
-                      num_classes=m.num_classes)
+        theirs = to_official(build_model(m).state_dict(), m.moe.threshold_ema, their_pos_embed(m))
+        (ctx.tmp / ckpt).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": theirs}, ctx.tmp / ckpt)
         moe = dict(num_experts=m.moe.num_experts, capacity=m.moe.capacity, n_shared_experts=0,
                    interleave=True)
-        (ctx.tmp / "theirs.yaml").write_text(yaml.safe_dump(
-            {"model": {"params": params}, "MoE_config": moe}))
+        params = dict(depth=depth_in_yaml, hidden_size=m.hidden_size, num_heads=m.num_heads,
+                      patch_size=m.patch_size, input_size=m.input_size, in_channels=m.in_channels,
+                      num_classes=m.num_classes, learn_sigma=m.learn_sigma, MoE_config=moe)
+        if yaml_name is not None:
+            (ctx.tmp / yaml_name).write_text(yaml.safe_dump(
+                {"basic": {"rf": True}, "model": {"target": THEIR_DIFFMOE, "params": params}}))
     return setup
 
 
@@ -174,6 +183,9 @@ def no_cuda() -> Optional[str]:
 VALID_MOE_KEYS = ("type, num_experts, capacity, interleave, shared_experts, granularity, "
                   "router_init_std, balance_loss_weight, predictor_loss_weight, threshold_ema, "
                   "dispatch")
+
+EXPORT_TIME = "(their rectified flow gives the model t in [0, 1], time_scale 1)"
+EXPORT_NOTHING = "their code cannot run such a model, so export-official writes nothing for it"
 
 CASES = [
     # Config values and types
@@ -441,6 +453,31 @@ CASES = [
          setup=official_checkpoint(depth_in_yaml=3),
          note="`<tmp>/theirs.pt` has 2 blocks in the authors' layout, `<tmp>/theirs.yaml` says "
               "depth 3"),
+    Case("official-no-yaml-beside", "checkpoint",
+         ["import-official", "<tmp>/exp/checkpoints/0000100.pt", "<tmp>/out"],
+         "error: no YAML in '<tmp>/exp', where their experiment layout keeps it "
+         "(EXP/config_<time>.yaml beside EXP/checkpoints/NNNNNNN.pt); pass the YAML the "
+         "checkpoint was trained with as --config",
+         setup=official_checkpoint(2, ckpt="exp/checkpoints/0000100.pt", yaml_name=None),
+         note="their checkpoint in their experiment layout, but no YAML in `<tmp>/exp`"),
+    Case("official-export-time-scale", "checkpoint", ["export-official", "<run>", "<tmp>/exp"],
+         f"error: '{CKPT}' cannot be written for the authors' code: objective.time_scale=1000 "
+         f"{EXPORT_TIME}; {EXPORT_NOTHING}"),
+    Case("official-export-token-choice", "checkpoint",
+         ["export-official", "<tmp>/copy", "<tmp>/exp"],
+         "error: '<tmp>/copy/checkpoints/step_00000002' cannot be written for the authors' "
+         "code: model.moe.type=token_choice (their models.models_DiffMoE.DiT routes by "
+         "DiffMoE's rule; only diffmoe and dense runs can be exported); objective.time_scale="
+         f"1000 {EXPORT_TIME}; {EXPORT_NOTHING}",
+         setup=copy_run(state_edit(lambda st: set_moe(st, type="token_choice"))),
+         note="`<tmp>/copy` is `<run>` with `model.moe.type: token_choice` in its state.json"),
+    Case("official-export-fine-grained", "checkpoint",
+         ["export-official", "<tmp>/copy", "<tmp>/exp"],
+         "error: '<tmp>/copy/checkpoints/step_00000002' cannot be written for the authors' "
+         "code: model.moe.granularity=2 (fine-grained experts; theirs are all mlp_ratio·D "
+         f"wide); objective.time_scale=1000 {EXPORT_TIME}; {EXPORT_NOTHING}",
+         setup=copy_run(state_edit(lambda st: set_moe(st, granularity=2))),
+         note="`<tmp>/copy` is `<run>` with `model.moe.granularity: 2` in its state.json"),
     # Text-to-image
     Case("t2i-condition-without-captions", "text-to-image",
          [*TRAIN, "model.condition=text"],

@@ -1,10 +1,17 @@
-"""import-official: a state dict written in the authors' layout (by the code below, which follows
-the key list of their public DiT/DiffMoE code, not by our exporter) is converted, and our model
-then reproduces a plain functional forward computed from *their* tensors: the same outputs in
-eval mode with their thresholds, and the same selections (hence outputs) in train mode."""
+"""import-official / export-official against files built as the authors' code writes them.
+
+The inputs follow their public code, not our exporter: the YAML of their
+config/000_DiffMoE_S_E16_Flow.yaml (``MoE_config`` under ``model.params``, ``basic.rf``), a state
+dict under their key names with their buffers (``expert_threshold`` and ``ema_decay`` per MoE
+layer, ``pos_embed``), and their train.py's experiment folder (``config_<time>.yaml`` beside
+``checkpoints/NNNNNNN.pt`` holding ``{"model", "ema", "opt", "args"}``). Our model must then
+reproduce a plain functional forward computed from *their* tensors (eval with their thresholds,
+dynamic; train-mode selections), and sampling must feed the timestep embedder their time
+convention without any override."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -13,30 +20,73 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors.torch import load_file
 
+from diffmoe.checkpoint import save_checkpoint
 from diffmoe.cli import main
+from diffmoe.config import config_from_dict
+from diffmoe.models import build_model
 from diffmoe.models.dit import TimestepEmbedder, sincos_pos_embed_2d
 from diffmoe.models.moe import Routing
 from diffmoe.sample import load_model
 
-ARCH = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, num_classes=10)
-MOE = dict(num_experts=4, capacity=1.0, n_shared_experts=0, interleave=True)
+ARCH = dict(depth=4, hidden_size=32, num_heads=2, patch_size=2, input_size=8, num_classes=10)
+MOE_BLOCKS = (1, 3)  # their interleave: MoE in the odd blocks
+EXPERTS, CAPACITY = 4, 1
 CHANNELS = 4
 MLP_RATIO = 4
+SHARED_WIDTH = 8  # their shared expert: one MLP 2 * 4.0 * D wide
+ALPHA = 0.9  # their ema_decay buffer (their code starts it at 0.95, our default: differ on purpose)
+PREDICTOR_WEIGHT = 0.5  # their CapacityPred_loss_weight, summed over MoE layers
 SCALE = 0.2  # std of the random tensors
+ROUTER_SCALE = 2  # sharper router scores, yet no float32 ties at 1.0 that top-k would break apart
+EXP = "exps/0003-000_DiffMoE_T_E4_Flow"
+YAML_NAME = "config_2025-02-08T10-14-26.yaml"
+STEP = 100
+CKPT = f"{EXP}/checkpoints/{STEP:07d}.pt"
 
 
-def their_state_dict(seed: int = 0, learn_sigma: bool = True) -> dict[str, torch.Tensor]:
-    """Random tensors under the authors' key names and shapes (nn.Linear: (out, in))."""
+def their_yaml(rf=True, n_shared=0, **params) -> dict:
+    """Their YAML as their train.py saves it (OmegaConf.save of config/000_DiffMoE_S_E16_Flow.yaml),
+    every key theirs, tiny values."""
+    return {
+        "basic": {"exp_name": "000_DiffMoE_T_E4_Flow", "results_dir": "exps/",
+                  "data_path": "/ImageNet1K/train", "global_seed": 1234, "epochs": 1000,
+                  "log_every": 100, "ckpt_every": 50000, "rf": rf, "rf_ori": False,
+                  "accum_iter": 1, "clip_grad_norm": None, "image_size": 64,
+                  "global_batch_size": 512, "num_workers": 16, "timestep_start": 0,
+                  "timestep_end": 1000, "vae_path": "stabilityai/sd-vae-ft-mse",
+                  "dataset_config": {"target": "dataset.dataset_cache.CachedFolder",
+                                     "params": {"root": "cache/"}}},
+        "model": {"ckpt": None, "target": "models.models_DiffMoE.DiT", "params": {
+            "input_size": ARCH["input_size"], "num_classes": ARCH["num_classes"],
+            "patch_size": ARCH["patch_size"], "depth": ARCH["depth"],
+            "hidden_size": ARCH["hidden_size"], "num_heads": ARCH["num_heads"],
+            "mlp_ratio": MLP_RATIO, "use_swiglu": False,
+            "MoE_config": {"n_shared_experts": n_shared, "num_experts": EXPERTS,
+                           "capacity": CAPACITY, "init_MoeMLP": False, "interleave": True},
+            "CapacityPred_loss_weight": PREDICTOR_WEIGHT, **params}},
+        "optim": {"base_learning_rate": 0.0001, "weight_decay": 0, "betas": [0.9, 0.999]},
+        "lr_sheduler": {"warmup": None, "train_epoch": None}}
+
+
+def their_state_dict(seed: int = 0, learn_sigma: bool = True, n_shared: int = 0,
+                     alpha: float = ALPHA, channels: int = CHANNELS) -> dict[str, torch.Tensor]:
+    """Random tensors under the authors' key names and shapes (nn.Linear: (out, in)), with the
+    buffers their model registers."""
     g = torch.Generator().manual_seed(seed)
-    D, p, E = ARCH["hidden_size"], ARCH["patch_size"], MOE["num_experts"]
+    D, p, E = ARCH["hidden_size"], ARCH["patch_size"], EXPERTS
     F_ = MLP_RATIO * D
-    out_ch = CHANNELS * (2 if learn_sigma else 1)
+    out_ch = channels * (2 if learn_sigma else 1)
 
     def r(*shape):
         return torch.randn(*shape, generator=g) * SCALE
 
-    sd = {"x_embedder.proj.weight": r(D, CHANNELS, p, p), "x_embedder.proj.bias": r(D),
+    def mlp(prefix, width):
+        return {f"{prefix}.fc1.weight": r(width, D), f"{prefix}.fc1.bias": r(width),
+                f"{prefix}.fc2.weight": r(D, width), f"{prefix}.fc2.bias": r(D)}
+
+    sd = {"x_embedder.proj.weight": r(D, channels, p, p), "x_embedder.proj.bias": r(D),
           "pos_embed": torch.from_numpy(sincos_pos_embed_2d(D, ARCH["input_size"] // p))[None],
           "t_embedder.mlp.0.weight": r(D, 256), "t_embedder.mlp.0.bias": r(D),
           "t_embedder.mlp.2.weight": r(D, D), "t_embedder.mlp.2.bias": r(D),
@@ -51,22 +101,39 @@ def their_state_dict(seed: int = 0, learn_sigma: bool = True) -> dict[str, torch
                    f"{b}.attn.proj.weight": r(D, D), f"{b}.attn.proj.bias": r(D),
                    f"{b}.adaLN_modulation.1.weight": r(6 * D, D),
                    f"{b}.adaLN_modulation.1.bias": r(6 * D)})
-        if i % 2 == 1:  # MoE in odd blocks (interleave)
-            sd[f"{b}.mlp.gate_weight"] = r(E, D) * 10
-            for e in range(E):
-                sd.update({f"{b}.mlp.experts.{e}.fc1.weight": r(F_, D),
-                           f"{b}.mlp.experts.{e}.fc1.bias": r(F_),
-                           f"{b}.mlp.experts.{e}.fc2.weight": r(D, F_),
-                           f"{b}.mlp.experts.{e}.fc2.bias": r(D)})
-            sd.update({f"{b}.mlp.capacity_predictor.0.weight": r(D, D),
-                       f"{b}.mlp.capacity_predictor.0.bias": r(D),
-                       f"{b}.mlp.capacity_predictor.2.weight": r(E, D) * 10,
-                       f"{b}.mlp.capacity_predictor.2.bias": r(E),
-                       f"{b}.mlp.expert_threshold": torch.rand(E, generator=g)})
-        else:
-            sd.update({f"{b}.mlp.fc1.weight": r(F_, D), f"{b}.mlp.fc1.bias": r(F_),
-                       f"{b}.mlp.fc2.weight": r(D, F_), f"{b}.mlp.fc2.bias": r(D)})
+        if i not in MOE_BLOCKS:
+            sd.update(mlp(f"{b}.mlp", F_))
+            continue
+        sd[f"{b}.mlp.gate_weight"] = r(E, D) * ROUTER_SCALE
+        for e in range(E):
+            sd.update(mlp(f"{b}.mlp.experts.{e}", F_))
+        if n_shared:
+            sd.update(mlp(f"{b}.mlp.shared_experts", SHARED_WIDTH * D))
+        sd.update({f"{b}.mlp.capacity_predictor.0.weight": r(D, D),
+                   f"{b}.mlp.capacity_predictor.0.bias": r(D),
+                   f"{b}.mlp.capacity_predictor.2.weight": r(E, D) * 10,
+                   f"{b}.mlp.capacity_predictor.2.bias": r(E),
+                   f"{b}.mlp.expert_threshold": torch.rand(E, generator=g),
+                   f"{b}.mlp.ema_decay": torch.tensor([alpha])})
     return sd
+
+
+def their_experiment(root, rf=True, n_shared=0, yaml_data=None, **state_kwargs):
+    """Their train.py's experiment folder under ``root``; returns (model, ema) state dicts."""
+    model = their_state_dict(seed=0, n_shared=n_shared, **state_kwargs)
+    ema = their_state_dict(seed=5, n_shared=n_shared, **state_kwargs)
+    ckpt = root / CKPT
+    ckpt.parent.mkdir(parents=True)
+    (root / EXP / YAML_NAME).write_text(yaml.safe_dump(
+        yaml_data or their_yaml(rf=rf, n_shared=n_shared), sort_keys=False))
+    (root / EXP / "log.txt").write_text("[2025-02-08 10:14:31] train with rectified flow\n")
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([param])
+    param.sum().backward()
+    opt.step()
+    torch.save({"model": model, "ema": ema, "opt": opt.state_dict(),
+                "args": argparse.Namespace(config=f"config/{YAML_NAME}")}, ckpt)
+    return model, ema
 
 
 # -- a plain functional forward on their tensors ----------------------------------------------
@@ -75,27 +142,31 @@ def lin(sd, name, x):
     return F.linear(x, sd[f"{name}.weight"], sd[f"{name}.bias"])
 
 
+def gelu_mlp(sd, prefix, x):
+    return lin(sd, f"{prefix}.fc2", F.gelu(lin(sd, f"{prefix}.fc1", x), approximate="tanh"))
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
 def moe_reference(sd, b, x_SD, train: bool):
-    E = MOE["num_experts"]
     scores = torch.softmax(x_SD @ sd[f"{b}.mlp.gate_weight"].t(), dim=-1)
     S = x_SD.shape[0]
     if train:
-        counts = [int(S * MOE["capacity"] / E)] * E
+        counts = [int(S / EXPERTS * CAPACITY)] * EXPERTS
     else:
         h = F.silu(lin(sd, f"{b}.mlp.capacity_predictor.0", x_SD))
         probs = torch.sigmoid(lin(sd, f"{b}.mlp.capacity_predictor.2", h))
         counts = (probs > sd[f"{b}.mlp.expert_threshold"]).sum(0).tolist()
     y = torch.zeros_like(x_SD)
-    for e in range(E):
+    for e in range(EXPERTS):
         if counts[e] == 0:
             continue
         idx = scores[:, e].topk(counts[e]).indices
-        h = F.gelu(lin(sd, f"{b}.mlp.experts.{e}.fc1", x_SD[idx]), approximate="tanh")
-        y[idx] += scores[idx, e, None] * lin(sd, f"{b}.mlp.experts.{e}.fc2", h)
+        y[idx] += scores[idx, e, None] * gelu_mlp(sd, f"{b}.mlp.experts.{e}", x_SD[idx])
+    if f"{b}.mlp.shared_experts.fc1.weight" in sd:
+        y = y + gelu_mlp(sd, f"{b}.mlp.shared_experts", x_SD)
     return y
 
 
@@ -118,7 +189,7 @@ def reference_forward(sd, x, t, y, train: bool):
         if f"{b}.mlp.gate_weight" in sd:
             out = moe_reference(sd, b, m.reshape(-1, D), train).view_as(m)
         else:
-            out = lin(sd, f"{b}.mlp.fc2", F.gelu(lin(sd, f"{b}.mlp.fc1", m), approximate="tanh"))
+            out = gelu_mlp(sd, f"{b}.mlp", m)
         h = h + mods[5][:, None] * out
     shift, scale = lin(sd, "final_layer.adaLN_modulation.1", F.silu(c)).chunk(2, dim=1)
     h = lin(sd, "final_layer.linear", modulate(F.layer_norm(h, (D,), eps=1e-6), shift, scale))
@@ -127,43 +198,65 @@ def reference_forward(sd, x, t, y, train: bool):
     return torch.einsum("nhwpqc->nchpwq", h).reshape(B, -1, g * p, g * p)
 
 
-# -- the tests -------------------------------------------------------------------------------
+# -- helpers -----------------------------------------------------------------------------------
 
-@pytest.fixture
-def imported(tmp_path):
-    theirs = their_state_dict()
-    torch.save({"model": theirs, "ema": theirs, "opt": {"state": {}}}, tmp_path / "theirs.pt")
-    (tmp_path / "theirs.yaml").write_text(yaml.safe_dump(
-        {"model": {"params": dict(ARCH, class_dropout_prob=0.0)}, "MoE_config": MOE}))
-    rc = main(["import-official", str(tmp_path / "theirs.pt"), "--config",
-               str(tmp_path / "theirs.yaml"), str(tmp_path / "out")])
-    assert rc == 0
-    model, _, _ = load_model(tmp_path / "out")
-    return theirs, model
+def run_cli(argv, capsys):
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, [line for line in captured.err.splitlines() if "error:" in line]
 
 
 def batch(n: int = 6):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, CHANNELS, ARCH["input_size"], ARCH["input_size"], generator=g)
-    return x, torch.rand(n, generator=g) * 1000, torch.randint(0, 10, (n,), generator=g)
+    return x, torch.rand(n, generator=g), torch.randint(0, 10, (n,), generator=g)
 
+
+@pytest.fixture
+def timesteps(monkeypatch):
+    """Every timestep the model's embedder is given while the test runs."""
+    seen: list[torch.Tensor] = []
+    forward = TimestepEmbedder.forward
+
+    def recording(self, t):
+        seen.append(t.detach().clone())
+        return forward(self, t)
+
+    monkeypatch.setattr(TimestepEmbedder, "forward", recording)
+    return seen
+
+
+@pytest.fixture(params=[0, 1], ids=["no-shared", "shared"])
+def imported(request, tmp_path, capsys):
+    """Their experiment folder, imported without --config; (their model, their ema, our run)."""
+    model, ema = their_experiment(tmp_path, n_shared=request.param)
+    rc, out, errors = run_cli(["import-official", tmp_path / CKPT, tmp_path / "out"], capsys)
+    assert rc == 0 and not errors, errors
+    assert json.loads(out)["checkpoint"].endswith("step_00000000")
+    return model, ema, tmp_path / "out"
+
+
+# -- import: their forward, their buffers, their conventions ----------------------------------
 
 def test_imported_model_reproduces_their_eval_outputs_with_their_thresholds(imported):
-    theirs, model = imported
-    assert model.cfg.learn_sigma and model.cfg.in_channels == CHANNELS
-    assert model.cfg.moe.type == "diffmoe" and model.moe_blocks == [1]
+    _, theirs, run = imported
+    model, _, _ = load_model(run)  # ema by default, as their sampler
+    assert model.cfg.moe.type == "diffmoe" and model.moe_blocks == list(MOE_BLOCKS)
     x, t, y = batch()
     with torch.no_grad():
-        ours = model.eval()(x, t, y, Routing("dynamic")).prediction
+        ours = model.eval()(x, t, y, Routing("dynamic"))
         ref = reference_forward(theirs, x, t, y, train=False)
-        counts = model(x, t, y, Routing("dynamic")).layers[0].counts_E
     assert ref.abs().max() > 0.1  # not a trivially zero output
-    assert 0 < int(counts.sum()) < MOE["num_experts"] * x.shape[0] * 16  # thresholds bite
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    tokens = x.shape[0] * (ARCH["input_size"] // ARCH["patch_size"]) ** 2
+    for layer in ours.layers:
+        assert 0 < int(layer.counts_E.sum()) < EXPERTS * tokens  # thresholds bite
+    torch.testing.assert_close(ours.prediction, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_imported_model_makes_their_selections_in_train_mode(imported):
-    theirs, model = imported
+    _, theirs, run = imported
+    model, _, _ = load_model(run)
+    model.y_embedder.dropout = 0.0  # label dropout draws at random in train mode (theirs too)
     x, t, y = batch()
     with torch.no_grad():
         ours = model.train()(x, t, y).prediction
@@ -173,19 +266,249 @@ def test_imported_model_makes_their_selections_in_train_mode(imported):
     assert (reference_forward(theirs, x, t, y, train=False) - ref).abs().max() > 1e-3
 
 
-def test_import_accepts_a_bare_state_dict_and_samples(tmp_path):
+def test_import_takes_ema_for_sampling_and_keeps_their_model_as_raw(imported):
+    theirs_model, theirs_ema, run = imported
+    ema, state, _ = load_model(run)
+    raw, _, _ = load_model(run, weights="raw")
+    for ours, theirs in ((ema, theirs_ema), (raw, theirs_model)):
+        for i in MOE_BLOCKS:
+            assert torch.equal(ours.blocks[i].mlp.thresholds_E,
+                               theirs[f"blocks.{i}.mlp.expert_threshold"])
+        torch.testing.assert_close(ours.y_embedder.table.weight,
+                                   theirs["y_embedder.embedding_table.weight"])
+    assert not torch.equal(ema.y_embedder.table.weight, raw.y_embedder.table.weight)
+    assert state["imported_config"].endswith(YAML_NAME)  # found beside the checkpoint
+
+
+def test_import_reads_moe_config_alpha_and_flow_time_from_their_files(imported):
+    _, _, run = imported
+    _, state, _ = load_model(run)
+    cfg = config_from_dict(state["config"])
+    moe = cfg.model.moe
+    assert (moe.num_experts, moe.capacity, moe.interleave) == (EXPERTS, CAPACITY, True)
+    assert moe.threshold_ema == ALPHA  # 0.9, not the float32 0.8999999762
+    # Their BCE is summed over the MoE layers, ours averaged: the weight scales by their count.
+    assert moe.predictor_loss_weight == PREDICTOR_WEIGHT * len(MOE_BLOCKS)
+    assert (cfg.objective.type, cfg.objective.time_scale) == ("flow", 1.0)
+    assert cfg.model.learn_sigma and cfg.model.class_dropout == 0.1  # their DiT's defaults
+    assert moe.shared_experts in (0, SHARED_WIDTH // MLP_RATIO)
+
+
+def test_flow_import_feeds_t_in_the_unit_interval_when_sampling(imported, timesteps, capsys,
+                                                               tmp_path):
+    _, _, run = imported
+    steps = 4
+    rc, _, errors = run_cli(["sample", run, "--num", "2", "--batch-size", "2", "--steps", steps,
+                             "--out", tmp_path / "grid.png"], capsys)
+    assert rc == 0 and not errors, errors
+    t = torch.cat(timesteps)
+    # Euler from t = 0 (noise) in steps of 1/4, as their RectifiedFlow.sample.
+    assert sorted(set(t.tolist())) == [i / steps for i in range(steps)]
+    assert np.isfinite(json.loads((tmp_path / "grid.json").read_text())["c_avg_infer"])
+
+
+def test_ddpm_import_feeds_integer_timesteps_and_guides_three_channels(tmp_path, capsys,
+                                                                      timesteps):
+    their_experiment(tmp_path, rf=False)
+    rc, _, errors = run_cli(["import-official", tmp_path / CKPT, tmp_path / "out"], capsys)
+    assert rc == 0 and not errors, errors
+    _, state, _ = load_model(tmp_path / "out")
+    cfg = config_from_dict(state["config"])
+    assert cfg.objective.type == "ddpm" and cfg.objective.num_timesteps == 1000
+    assert cfg.model.learn_sigma and cfg.sample.guidance_channels == 3
+    rc, _, errors = run_cli(["sample", tmp_path / "out", "--num", "2", "--batch-size", "2",
+                             "--steps", "5", "--cfg-scale", "1.5", "--out",
+                             tmp_path / "grid.png"], capsys)
+    assert rc == 0 and not errors, errors
+    t = torch.cat(timesteps)
+    assert torch.equal(t, t.round()) and t.max() == 999 and t.min() == 0
+
+
+def test_eval_on_an_imported_flow_run_needs_no_override(timesteps, capsys, tmp_path):
+    # One channel, so that its samples are images the Inception takes (a latent model's need
+    # their VAE: data.name=latents with data.path).
+    their_experiment(tmp_path, yaml_data=their_yaml(in_channels=1), channels=1)
+    run = tmp_path / "out"
+    assert run_cli(["import-official", tmp_path / CKPT, run], capsys)[0] == 0
+    rc, out, errors = run_cli(["eval", run, "--num", "4", "--batch-size", "4", "--steps", "2",
+                               "--ref", "digits:test:5", "--out", tmp_path / "eval.json",
+                               "--no-progress"], capsys)
+    assert rc == 0 and not errors, errors
+    assert np.isfinite(json.loads(out)["fid"])
+    assert torch.cat(timesteps).max() <= 1
+
+
+def test_import_accepts_a_bare_state_dict_with_their_yaml(tmp_path, capsys):
     theirs = their_state_dict(seed=3, learn_sigma=False)
     torch.save(theirs, tmp_path / "bare.pt")
-    (tmp_path / "theirs.yaml").write_text(yaml.safe_dump(
-        {"model": {"params": ARCH}, "MoE_config": MOE}))
-    assert main(["import-official", str(tmp_path / "bare.pt"), "--config",
-                 str(tmp_path / "theirs.yaml"), str(tmp_path / "out"),
-                 "objective.time_scale=1"]) == 0
-    model, state, _ = load_model(tmp_path / "out")
-    assert not model.cfg.learn_sigma and state["config"]["objective"]["time_scale"] == 1
-    tau = model.blocks[1].mlp.thresholds_E
-    assert torch.equal(tau, theirs["blocks.1.mlp.expert_threshold"])
-    assert main(["sample", str(tmp_path / "out"), "--num", "4", "--steps", "1", "--batch-size",
-                 "4", "--out", str(tmp_path / "grid.png")]) == 0
-    assert json.loads((tmp_path / "grid.json").read_text())["step"] == 0
-    assert np.isfinite(json.loads((tmp_path / "grid.json").read_text())["c_avg_infer"])
+    (tmp_path / "theirs.yaml").write_text(yaml.safe_dump(their_yaml(learn_sigma=False)))
+    rc, _, errors = run_cli(["import-official", tmp_path / "bare.pt", "--config",
+                             tmp_path / "theirs.yaml", tmp_path / "out"], capsys)
+    assert rc == 0 and not errors, errors
+    model, _, _ = load_model(tmp_path / "out")
+    assert not model.cfg.learn_sigma
+    assert torch.equal(model.blocks[1].mlp.thresholds_E, theirs["blocks.1.mlp.expert_threshold"])
+
+
+# -- import: bad input is one line, and nothing is written -------------------------------------
+
+def moe_config_at_top_level() -> dict:
+    data = their_yaml()
+    data["MoE_config"] = data["model"]["params"].pop("MoE_config")
+    return data
+
+
+def layers_disagree(sd: dict) -> None:
+    sd["blocks.3.mlp.ema_decay"] = torch.tensor([0.5])
+
+
+def no_ema_decay(sd: dict) -> None:
+    for i in MOE_BLOCKS:
+        del sd[f"blocks.{i}.mlp.ema_decay"]
+
+
+@pytest.mark.parametrize("yaml_data, edit, fragment", [
+    (moe_config_at_top_level(), None, "has no model.params.MoE_config.{num_experts, capacity, "
+     "n_shared_experts, interleave}"),
+    (their_yaml(use_swiglu=True), None, "use_swiglu: true"),
+    (their_yaml(hiden_size=32), None, "gives model.params.{hiden_size}"),
+    ({**their_yaml(), "model": {**their_yaml()["model"], "target": "models.models_ECDiT.DiT"}},
+     None, "has model.target 'models.models_ECDiT.DiT'"),
+    ({k: v for k, v in their_yaml().items() if k != "basic"}, None, "has no basic section"),
+    (None, layers_disagree, "MoE layers with different ema_decay values [0.5, 0.9]"),
+    (None, no_ema_decay, "(2 missing, e.g. ['blocks.1.mlp.ema_decay', 'blocks.3.mlp.ema_decay'])"),
+], ids=["moe-config-top-level", "swiglu", "unknown-param", "other-target", "no-basic",
+        "alpha-differs", "no-ema-decay"])
+def test_bad_official_input_is_one_line_and_writes_nothing(tmp_path, capsys, yaml_data, edit,
+                                                           fragment):
+    their_experiment(tmp_path, yaml_data=yaml_data)
+    if edit is not None:
+        obj = torch.load(tmp_path / CKPT, weights_only=False)
+        edit(obj["model"])
+        edit(obj["ema"])
+        torch.save(obj, tmp_path / CKPT)
+    rc, _, errors = run_cli(["import-official", tmp_path / CKPT, tmp_path / "out"], capsys)
+    assert rc == 2 and len(errors) == 1 and fragment in errors[0], errors
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_yaml_must_be_found_beside_the_checkpoint_or_given(tmp_path, capsys):
+    their_experiment(tmp_path)
+    (tmp_path / EXP / YAML_NAME).rename(tmp_path / "elsewhere.yaml")
+    rc, _, errors = run_cli(["import-official", tmp_path / CKPT, tmp_path / "out"], capsys)
+    assert rc == 2 and "no YAML in" in errors[0] and "as --config" in errors[0]
+    (tmp_path / EXP / "config_a.yaml").write_text("{}")
+    (tmp_path / EXP / "config_b.yaml").write_text("{}")
+    rc, _, errors = run_cli(["import-official", tmp_path / CKPT, tmp_path / "out"], capsys)
+    assert rc == 2 and "holds 2 YAML files (config_a.yaml, config_b.yaml)" in errors[0]
+    assert not (tmp_path / "out").exists()
+    rc, _, errors = run_cli(["import-official", tmp_path / CKPT, "--config",
+                             tmp_path / "elsewhere.yaml", tmp_path / "out"], capsys)
+    assert rc == 0 and not errors
+
+
+def test_import_never_writes_into_a_directory_that_holds_something(tmp_path, capsys):
+    their_experiment(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    rc, _, errors = run_cli(["import-official", tmp_path / CKPT, tmp_path / "out"], capsys)
+    assert rc == 2 and "already exists and is not empty" in errors[0]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+# -- export: the inverse, and what their code cannot express -----------------------------------
+
+def test_export_writes_their_files_and_imports_back_identically(imported, tmp_path, capsys):
+    theirs_model, theirs_ema, run = imported
+    shared = any("shared_experts" in k for k in theirs_model)
+    rc, out, errors = run_cli(["export-official", run, tmp_path / "exp"], capsys)
+    assert rc == 0 and not errors, errors
+    written = torch.load(json.loads(out)["checkpoint"], weights_only=True)
+    assert json.loads(out)["checkpoint"].endswith("exp/checkpoints/0000000.pt")
+    for name, theirs in (("model", theirs_model), ("ema", theirs_ema)):
+        assert set(written[name]) == set(theirs)
+        for key, value in theirs.items():
+            torch.testing.assert_close(written[name][key], value, rtol=0, atol=0, msg=key)
+    exported = yaml.safe_load((tmp_path / "exp" / "config.yaml").read_text())
+    original = their_yaml(n_shared=int(shared))
+    assert exported["basic"]["rf"] is True and exported["model"]["target"] == (
+        original["model"]["target"])
+    params = exported["model"]["params"]
+    for key, value in original["model"]["params"].items():
+        if key != "MoE_config":
+            assert params[key] == value, key
+    moe = params["MoE_config"]
+    assert {k: moe[k] for k in ("num_experts", "capacity", "interleave")} == {
+        "num_experts": EXPERTS, "capacity": CAPACITY, "interleave": True}
+    assert (moe["n_shared_experts"] > 0) == shared
+    # Back again, the YAML found beside the checkpoint: the same config and weights.
+    rc, _, errors = run_cli(["import-official", json.loads(out)["checkpoint"],
+                             tmp_path / "again"], capsys)
+    assert rc == 0 and not errors, errors
+    first, second = (json.loads((d / "checkpoints/step_00000000/state.json").read_text())
+                     for d in (run, tmp_path / "again"))
+    assert first["config"] == second["config"]
+    for name in ("model", "ema"):
+        a, b = (load_file(d / f"checkpoints/step_00000000/{name}.safetensors")
+                for d in (run, tmp_path / "again"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def our_run(root, **moe):
+    """A run directory (one checkpoint, untrained weights) of a tiny model of ours."""
+    cfg = config_from_dict({"model": dict(ARCH, in_channels=CHANNELS, moe={
+        "type": "diffmoe", "num_experts": EXPERTS, **moe}), "objective": {"time_scale": 1.0}})
+    sd = build_model(cfg.model).state_dict()
+    save_checkpoint(root / "checkpoints", 7, {"model": sd, "ema": sd},
+                    {"config": cfg.to_dict(), "world_size": 1})
+    return root
+
+
+@pytest.mark.parametrize("moe, fragment", [
+    (dict(type="token_choice"), "model.moe.type=token_choice (their "
+     "models.models_DiffMoE.DiT routes by DiffMoE's rule; only diffmoe and dense runs can be "
+     "exported)"),
+    (dict(granularity=2), "model.moe.granularity=2 (fine-grained experts; theirs are all "
+     "mlp_ratio·D wide)"),
+    (dict(shared_experts=1), "model.moe.shared_experts=1 (their shared expert is one MLP 8·D "
+     "wide)"),
+], ids=["token-choice", "fine-grained", "narrow-shared"])
+def test_export_refuses_what_their_code_cannot_express(tmp_path, capsys, moe, fragment):
+    run = our_run(tmp_path / "run", **moe)
+    rc, _, errors = run_cli(["export-official", run, tmp_path / "exp"], capsys)
+    assert rc == 2 and len(errors) == 1 and fragment in errors[0], errors
+    assert "cannot be written for the authors' code" in errors[0]
+    assert not (tmp_path / "exp").exists()
+
+
+def test_export_of_an_expressible_run_names_its_step_and_refuses_a_full_out(tmp_path, capsys):
+    run = our_run(tmp_path / "run", shared_experts=2)
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "keep.txt").write_text("mine")
+    rc, _, errors = run_cli(["export-official", run, tmp_path / "exp"], capsys)
+    assert rc == 2 and "already exists and is not empty" in errors[0]
+    assert [p.name for p in (tmp_path / "exp").iterdir()] == ["keep.txt"]
+    rc, out, errors = run_cli(["export-official", run, tmp_path / "exp2"], capsys)
+    assert rc == 0 and json.loads(out)["checkpoint"].endswith("checkpoints/0000007.pt")
+    assert sorted(p.name for p in (tmp_path / "exp2").iterdir()) == ["checkpoints",
+                                                                    "config.yaml"]
+
+
+def test_a_dense_run_exports_as_their_dit_and_imports_back(tmp_path, capsys):
+    run = our_run(tmp_path / "run", type="dense")
+    rc, out, errors = run_cli(["export-official", run, tmp_path / "exp"], capsys)
+    assert rc == 0 and not errors, errors
+    exported = yaml.safe_load((tmp_path / "exp" / "config.yaml").read_text())
+    assert exported["model"]["target"] == "models.models_DiT.DiT"
+    assert "MoE_config" not in exported["model"]["params"]
+    written = torch.load(json.loads(out)["checkpoint"], weights_only=True)["ema"]
+    assert not any("gate_weight" in k or "ema_decay" in k for k in written)
+    rc, _, errors = run_cli(["import-official", json.loads(out)["checkpoint"],
+                             tmp_path / "back"], capsys)
+    assert rc == 0 and not errors, errors
+    model, state, _ = load_model(tmp_path / "back")
+    first = json.loads((run / "checkpoints/step_00000007/state.json").read_text())["config"]
+    assert model.cfg.moe.type == "dense" and state["config"]["objective"] == first["objective"]
+    # A dense model's other moe settings set nothing: the rest of the model config round-trips.
+    assert ({k: v for k, v in state["config"]["model"].items() if k != "moe"}
+            == {k: v for k, v in first["model"].items() if k != "moe"})
