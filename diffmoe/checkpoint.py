@@ -267,24 +267,36 @@ def remove_incomplete(ckpt_root: Path) -> list[Path]:
     return removed
 
 
+KEYS_SHOWN = 3  # keys named in a mismatch message
+
+
+def state_dict_mismatch(given: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                        expected_in: str, optional: frozenset[str] = frozenset()) -> list[str]:
+    """What keeps ``given`` from loading where ``expected`` (described by ``expected_in``, e.g.
+    "in the model") is: missing keys (but ``optional``), unexpected keys, a few of each named,
+    and the first wrong shape. Empty when it fits."""
+    missing = sorted(set(expected) - set(given) - optional)
+    unexpected = sorted(set(given) - set(expected))
+    wrong = [k for k in expected
+             if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[:KEYS_SHOWN]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[:KEYS_SHOWN]}")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"shape of {k} is {tuple(given[k].shape)} in the checkpoint, "
+                     f"{tuple(expected[k].shape)} {expected_in}")
+    return parts
+
+
 def load_state_dict_checked(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
                             where: str, load: Optional[Callable[[dict], Any]] = None) -> None:
     """Load weights, turning key or shape mismatches into one clear line. ``load`` replaces
     ``module.load_state_dict`` (a sharded module loads full tensors another way)."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    wrong = [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"shape of {k} is {tuple(tensors[k].shape)} in the checkpoint, "
-                         f"{tuple(own[k].shape)} in the model")
+    parts = state_dict_mismatch(tensors, module.state_dict(), "in the model")
+    if parts:
         raise CheckpointError(f"checkpoint {where} does not match the model architecture ("
                               f"{'; '.join(parts)}); use the config the checkpoint was trained "
                               f"with")

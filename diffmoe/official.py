@@ -65,7 +65,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from .checkpoint import open_checkpoint, save_checkpoint
+from .checkpoint import open_checkpoint, save_checkpoint, state_dict_mismatch
 from .config import Config, ModelConfig, config_from_dict, deep_merge, overrides_to_dict
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write, atomic_write_text
@@ -146,7 +146,6 @@ EXPERT_RE = re.compile(r"^(blocks\.\d+\.mlp)\.experts\.(\d+)\.(fc1|fc2)\.(weight
 STACKED = {("fc1", "weight"): ("w1_EDF", True), ("fc1", "bias"): ("b1_EF", False),
            ("fc2", "weight"): ("w2_EFD", True), ("fc2", "bias"): ("b2_ED", False)}
 TRAINING_ENTRIES = ("model", "ema")
-LIST_SHOWN = 3
 
 
 def their_moe_blocks(depth: int, interleave: bool) -> int:
@@ -351,21 +350,11 @@ def to_official(state: dict[str, Tensor], alpha: float, pos_embed: Tensor) -> di
 
 def _check_keys(given: dict[str, Tensor], expected: dict[str, Tensor], where: str) -> None:
     """One CheckpointError naming a few missing and unexpected keys, or a wrong shape or table."""
-    missing = sorted(set(expected) - set(given) - OPTIONAL)
-    unexpected = sorted(set(given) - set(expected))
-    wrong = [k for k in expected
-             if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing, e.g. {missing[:LIST_SHOWN]}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[:LIST_SHOWN]}")
-    if wrong:
-        k = wrong[0]
-        parts.append(f"{k} is {tuple(given[k].shape)}, the YAML implies "
-                     f"{tuple(expected[k].shape)}")
-    elif "pos_embed" in given and not torch.allclose(given["pos_embed"].float(),
-                                                     expected["pos_embed"], atol=POS_EMBED_ATOL):
+    parts = state_dict_mismatch(given, expected, "in the model their YAML describes",
+                                frozenset(OPTIONAL))
+    table = given.get("pos_embed")
+    if not parts and table is not None and not torch.allclose(
+            table.float(), expected["pos_embed"], atol=POS_EMBED_ATOL):
         parts.append("its pos_embed is not the fixed 2-D sin-cos table of that size")
     if parts:
         raise CheckpointError(f"checkpoint {where} does not match their config's architecture "
