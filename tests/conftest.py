@@ -14,6 +14,18 @@ TINY_RUN = {"train.steps": 2, "train.ckpt_every": 2, "train.sample_every": 2, "s
             "sample.num": 4, "sample.batch_size": 4}
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped on a machine without a CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (benchmarks/gpu_check runs it)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path):
     """Overrides that make configs/digits_tiny.yaml a run of a few seconds in tmp_path."""

@@ -198,3 +198,26 @@ def test_bf16_gradient_all_reduce_is_refused_without_cuda(tiny_config_path, tmp_
     with pytest.raises(ConfigError, match="train.ddp_bf16_grads=true needs CUDA"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.cuda
+def test_a_steady_training_step_never_synchronises_on_cuda(tiny_config_path, tmp_path):
+    """The same budget, checked by CUDA itself: its sync debug mode raises at any host
+    synchronisation during three steady training steps."""
+    from diffmoe.train import Trainer
+
+    cfg = load_config(tiny_config_path, [f"train.out_dir={tmp_path / 'run'}", "train.device=cuda",
+                                         "train.grad_accum=2", "train.grad_clip=1.0"])
+    trainer = Trainer(cfg)
+    try:
+        trainer.train_step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                trainer.train_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        trainer.settle()
+    finally:
+        trainer.close()
