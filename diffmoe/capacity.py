@@ -89,6 +89,14 @@ class CapacityMeter:
             return 1.0
         return float(torch.stack(self.per_layer).mean())
 
+    def extend(self, other: "CapacityMeter") -> None:
+        """Append ``other``'s records after this meter's (a batch sampled elsewhere)."""
+        self.times += other.times
+        self.per_layer += other.per_layer
+        self.per_expert += other.per_expert
+        self.per_sample += other.per_sample
+        self.calls += other.calls
+
     def summary(self) -> dict:
         if not self.per_layer:
             return {"c_avg_infer": 1.0, "per_layer": [], "per_timestep": []}

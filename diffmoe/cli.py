@@ -239,18 +239,35 @@ def eval_options(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.evaluate import Evaluator, write_json
+    """``diffmoe eval``, also under torchrun: every process samples its share of the batches and
+    rank 0 writes the result."""
+    from . import distributed
+    from .device import resolve_device
 
     if checkpoint_condition(args.checkpoint) == "text":
         return cmd_eval_text(args)
-    options = eval_options(args)
-    evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), options)
+    info = distributed.setup(resolve_device(args.device, "--device").type)
+    finished = False
+    try:
+        code = _evaluate(args, info.is_main)
+        finished = True
+        return code
+    finally:
+        distributed.teardown(wait_for_others=finished)
+
+
+def _evaluate(args: argparse.Namespace, is_main: bool) -> int:
+    from .evaluation.evaluate import Evaluator, write_json
+
+    evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), eval_options(args))
     out = Path(args.out) if args.out else default_output(evaluator.checkpoint, "eval",
                                                           "eval.json")
-    refuse_existing(out, args.force)
+    refuse_existing(out, args.force)  # on every rank, so that all stop alike
     if args.save_npz:
         refuse_existing(args.save_npz, args.force, "--save-npz")
     result = evaluator.run(save_npz=args.save_npz)
+    if not is_main:
+        return 0
     write_json(result, out)
     log.info("FID %.3f  KID %s  precision %s  recall %s  C_avg_infer %.3f  (%s)", result["fid"],
              _fmt(result["kid"]), _fmt(result["precision"]), _fmt(result["recall"]),

@@ -327,6 +327,23 @@ def gather_objects(obj) -> list:
     return [obj]
 
 
+def gather_to_main(obj) -> Optional[list]:
+    """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the others. Without a
+    process group: ``[obj]``."""
+    if not _in_group():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def process_share() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) without a process group."""
+    if _in_group():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def barrier() -> None:
     if _in_group():
         dist.barrier()

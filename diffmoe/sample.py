@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -73,27 +73,42 @@ def capacity_warnings(model: DiT, routing: Routing, batch_size: int, c_avg: floa
     return found
 
 
+BATCH_SEED_STRIDE = 2**32  # seed · stride + batch index: one noise stream per sampling batch
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of sampling batch ``batch``'s noise: a batch draws the same noise whichever
+    process samples it, and whatever batches come before it."""
+    return seed * BATCH_SEED_STRIDE + batch
+
+
 def generate_batches(model: DiT, objective: Objective, condition: Condition,
                      settings: SampleConfig, *, progress: bool = True,
-                     meter: Optional[CapacityMeter] = None) -> Iterator[tuple[Tensor, Condition]]:
+                     meter: Optional[CapacityMeter] = None,
+                     batches: Optional[Sequence[int]] = None
+                     ) -> Iterator[tuple[Tensor, Condition]]:
     """Generate one image per entry of ``condition`` (class labels or a text condition),
     ``settings.batch_size`` at a time, yielding (images in [-1, 1] on the CPU, their condition)
-    per batch, so a caller can consume them without keeping them all. The routing comes from
-    :func:`resolve_routing` and the sampler options from the same ``settings``, whose ranges
-    ``config.validate_sampling`` has checked; the model runs under ``settings.precision`` and,
-    with ``settings.compile``, compiled. Every forward is reported to ``meter`` if given."""
+    per batch, so a caller can consume them without keeping them all; ``batches`` picks which
+    batches (by index, e.g. one process's share), all of them by default. Each batch's noise
+    comes from :func:`batch_seed`. The routing comes from :func:`resolve_routing` and the
+    sampler options from the same ``settings``, whose ranges ``config.validate_sampling`` has
+    checked; the model runs under ``settings.precision`` and, with ``settings.compile``,
+    compiled. Every forward is reported to ``meter`` if given."""
     routing = resolve_routing(model, settings)
     options = SamplerOptions.from_settings(settings)
     on_forward = meter.on_forward if meter is not None else None
     device = next(model.parameters()).device
     net = torch.compile(model) if settings.compile else model
-    gen = torch.Generator(device=device).manual_seed(settings.seed)
+    size = settings.batch_size
+    if batches is None:
+        batches = range(-(-condition.shape[0] // size))
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, condition.shape[0], settings.batch_size),
-                          disable=not progress, desc="sample", dynamic_ncols=True):
-            y = condition[start:start + settings.batch_size]
+        for b in tqdm(batches, disable=not progress, desc="sample", dynamic_ncols=True):
+            y = condition[b * size:(b + 1) * size]
+            gen = torch.Generator(device=device).manual_seed(batch_seed(settings.seed, b))
             with autocast(settings.precision, device):
                 images = sample(net, objective, y.to(device), sampler=settings.sampler,
                                 steps=settings.steps, cfg_scale=settings.cfg_scale,

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import distributed
 from ..capacity import CapacityMeter, activated_params
 from ..config import SampleConfig, validate_sample
 from ..data import decoded_size, sample_decoder, to_uint8
@@ -98,15 +99,21 @@ class Evaluator:
         return self.reference
 
     def run(self, settings: Optional[SampleConfig] = None,
-            save_npz: Optional[str] = None) -> dict:
+            save_npz: Optional[str] = None) -> Optional[dict]:
         """Generate ``num`` samples with ``settings`` (default: the evaluator's own, as loaded)
-        and compare them with the reference."""
+        and compare them with the reference. Under torchrun every process samples its share
+        and rank 0 returns the result (the others None); ``settings.batch_size`` is each
+        process's sampling batch, DiffMoE's token pool, and ``settings.processes`` records how
+        many there were."""
         s = settings if settings is not None else self.sample
         routing = resolve_routing(self.model, s)
-        reference = self.load_reference()
+        rank, processes = distributed.process_share()
+        reference = self.load_reference() if rank == 0 else None
         labels = parse_labels(self.options.labels, s.num, self.model.cfg.num_classes, s.seed)
         meter = CapacityMeter()
         feats, timing, npz_path = self._features(labels, s, meter, save_npz)
+        if rank != 0:
+            return None
         generated = FeatureStats.from_features(feats)
         metrics = compare(reference.stats, generated, kid_seed=s.seed)
         cap = meter.summary()
@@ -127,7 +134,8 @@ class Evaluator:
             "model_calls_per_batch": meter.calls / math.ceil(s.num / s.batch_size),
             **timing,
             "settings": dict(asdict(s), mode=routing.mode, labels=self.options.labels,
-                             device=self.options.device, feature_dim=FEATURE_DIM),
+                             device=self.options.device, feature_dim=FEATURE_DIM,
+                             processes=processes),
             "reference": {"source": reference.source, "num": reference.stats.num,
                           "cache_file": reference.cache_file, "from_cache": reference.cached},
             "samples_npz": npz_path,
@@ -137,42 +145,74 @@ class Evaluator:
     def _features(self, labels: torch.Tensor, s: SampleConfig, meter: CapacityMeter,
                   save_npz: Optional[str]) -> tuple[torch.Tensor, dict, Optional[str]]:
         """Sample batch by batch (decoding latents), keeping only the Inception features and,
-        with ``save_npz``, the images in an ADM-style .npz. Returns the features, the seconds
-        spent sampling and extracting features, and the .npz path."""
-        extractor = default_extractor()
-        writer = None
-        if save_npz:
-            size, channels = self.model.cfg.input_size, self.model.cfg.in_channels
-            if self.decoder is not None:
-                size, channels = decoded_size(self.data, size), RGB_CHANNELS
-            writer = NpzSampleWriter(save_npz, s.num, size, size, channels)
+        with ``save_npz``, the images in an ADM-style .npz. Under torchrun each process samples
+        every N-th batch (its sampling batch is the DiffMoE pool), and after each round rank 0
+        gathers the round's features, images and capacity records in batch order, so the result
+        is the same for any number of processes. Returns the features, the seconds spent
+        sampling and extracting features, and the .npz path (rank 0; elsewhere empty)."""
+        rank, world = distributed.process_share()
+        writer = self._npz_writer(save_npz, s.num) if save_npz and rank == 0 else None
+        num_batches = -(-labels.shape[0] // s.batch_size)
+        share = _BatchMeter()
         feats, sampling_s, feature_s = [], 0.0, 0.0
         try:
             batches = generate_batches(self.model, self.objective, labels, s,
-                                       progress=self.options.progress, meter=meter)
-            while True:
-                start = time.perf_counter()
-                try:
-                    images, y = next(batches)
-                except StopIteration:
-                    break
-                if self.decoder is not None:  # a latent model: decode with the VAE
-                    images = self.decoder(images)
-                sampling_s += time.perf_counter() - start
-                start = time.perf_counter()
-                pixels = to_uint8(images)
-                for chunk in pixels.split(self.options.feature_batch):
-                    feats.append(extractor(chunk).cpu())
-                if writer is not None:
-                    writer.add(pixels, y)
-                feature_s += time.perf_counter() - start
+                                       progress=self.options.progress, meter=share,
+                                       batches=range(rank, num_batches, world))
+            for first in range(0, num_batches, world):
+                part, seconds = self._batch_part(batches, share, first + rank < num_batches,
+                                                 save_npz is not None)
+                sampling_s += seconds[0]
+                feature_s += seconds[1]
+                for item in distributed.gather_to_main(part) or []:
+                    if item is not None:
+                        feats.append(item["features"])
+                        meter.extend(item["meter"])
+                        if writer is not None:
+                            writer.add(item["pixels"], item["labels"])
             npz_path = str(writer.close()) if writer is not None else None
         except BaseException:
             if writer is not None:
                 writer.abort()
             raise
         timing = {"sampling_seconds": sampling_s, "feature_seconds": feature_s}
-        return torch.cat(feats), timing, npz_path
+        return (torch.cat(feats) if feats else torch.empty(0, FEATURE_DIM)), timing, npz_path
+
+    def _batch_part(self, batches, share: "_BatchMeter", has_batch: bool, keep_pixels: bool
+                    ) -> tuple[Optional[dict], tuple[float, float]]:
+        """This process's next batch: its features, capacity records and (for an .npz) its
+        pixels and labels; None when it has no batch in this round."""
+        if not has_batch:
+            return None, (0.0, 0.0)
+        share.current = CapacityMeter()
+        start = time.perf_counter()
+        images, y = next(batches)
+        if self.decoder is not None:  # a latent model: decode with the VAE
+            images = self.decoder(images)
+        sampled = time.perf_counter()
+        pixels = to_uint8(images)
+        extractor = default_extractor()
+        features = torch.cat([extractor(chunk).cpu()
+                              for chunk in pixels.split(self.options.feature_batch)])
+        part = {"features": features, "meter": share.current,
+                "pixels": pixels if keep_pixels else None, "labels": y if keep_pixels else None}
+        return part, (sampled - start, time.perf_counter() - sampled)
+
+    def _npz_writer(self, path: str, num: int) -> NpzSampleWriter:
+        size, channels = self.model.cfg.input_size, self.model.cfg.in_channels
+        if self.decoder is not None:
+            size, channels = decoded_size(self.data, size), RGB_CHANNELS
+        return NpzSampleWriter(path, num, size, size, channels)
+
+
+class _BatchMeter:
+    """The sampler's capacity callback, recording into ``current`` (one meter per batch)."""
+
+    def __init__(self) -> None:
+        self.current: Optional[CapacityMeter] = None
+
+    def on_forward(self, t: float, out) -> None:
+        self.current.on_forward(t, out)
 
 
 def write_json(result: dict, path: str | Path) -> Path:
