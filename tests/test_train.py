@@ -221,3 +221,17 @@ def test_a_steady_training_step_never_synchronises_on_cuda(tiny_config_path, tmp
         trainer.settle()
     finally:
         trainer.close()
+
+
+def test_every_config_key_has_a_resume_class():
+    """diffmoe/config/resume.py classifies each key of the schema once: a new field without a
+    class, or a class for a field that is gone, fails here."""
+    from diffmoe.config import Config
+    from diffmoe.config.resume import KEY_CLASS, unclassified
+
+    schema = Config().to_dict()
+    assert unclassified(schema) == []
+    assert unclassified({**schema, "train": {**schema["train"], "new_knob": 1}}) == [
+        "train.new_knob"]
+    assert KEY_CLASS["objective.type"] == "objective" and KEY_CLASS["train.lr"] == "optimisation"
+    assert KEY_CLASS["train.steps"] == "bookkeeping" and KEY_CLASS["data.split"] == "data"
