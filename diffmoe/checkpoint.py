@@ -47,6 +47,7 @@ FORMAT_VERSION = 1
 STATE_FILE = "state.json"
 CHECKPOINTS_DIR = "checkpoints"  # where a run directory keeps its checkpoints
 CKPT_RE = re.compile(r"^step_(\d{8})$")
+OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) names an errno
 TMP_PREFIX = ".tmp-"  # a checkpoint being written
 DELETING_PREFIX = ".deleting-"  # a checkpoint being pruned
 DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint moved aside; never deleted
@@ -112,7 +113,11 @@ def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, dict[str, torch
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _write_checkpoint(tmp, step, files, state)
+    try:
+        _write_checkpoint(tmp, step, files, state)
+    except BaseException:  # a full disk, a signal: the space goes back, the older ones stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.rename(tmp, final)
     _fsync_dir(ckpt_root)
     return final
@@ -124,7 +129,10 @@ def _write_checkpoint(tmp: Path, step: int, files: dict[str, dict[str, torch.Ten
     manifest = {}
     for name, tensors in files.items():
         path = tmp / f"{name}.safetensors"
-        save_file(_contiguous(tensors), str(path))
+        try:
+            save_file(_contiguous(tensors), str(path))
+        except SafetensorError as exc:
+            raise _as_os_error(exc, path) from exc
         fsync_file(path)
         manifest[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     full_state = dict(state, format_version=FORMAT_VERSION, step=step, files=manifest)
@@ -133,6 +141,16 @@ def _write_checkpoint(tmp: Path, step: int, files: dict[str, dict[str, torch.Ten
         fh.flush()
         os.fsync(fh.fileno())
     _fsync_dir(tmp)
+
+
+def _as_os_error(exc: SafetensorError, path: Path) -> Exception:
+    """safetensors' writer reports a failed write (a full disk, say) as its own error with the
+    OS's ``(os error N)`` in the message: the OSError it stands for, else ``exc``."""
+    found = OS_ERROR_RE.search(str(exc))
+    if found is None:
+        return exc
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

@@ -1,17 +1,23 @@
 """Paths a command writes to: the checks that make a wrong one fail with one clear line before
-any work is done, and the advisory lock a writer holds on a directory."""
+any work is done, the disk a path lives on, and the advisory lock a writer holds on a
+directory."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+KIB = 1024
+SIZE_UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # what a write into a full disk (or quota) raises
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 STAMP_FORMAT = "%Y%m%d-%H%M%S"  # the time in the name of something moved aside
 LOCK_FILE_MODE = 0o644  # rw-r--r--
@@ -70,6 +76,28 @@ def stamped(path: Path) -> Path:
         n += 1
         candidate = first.with_name(f"{first.name}-{n}")
     return candidate
+
+
+def size_text(num_bytes: float) -> str:
+    """``num_bytes`` in the largest binary unit that keeps it at 1 or more, e.g. ``12.5 MiB``."""
+    size, unit = float(num_bytes), 0
+    while size >= KIB and unit < len(SIZE_UNITS) - 1:
+        size /= KIB
+        unit += 1
+    return f"{size:.0f} {SIZE_UNITS[0]}" if unit == 0 else f"{size:.1f} {SIZE_UNITS[unit]}"
+
+
+def disk_of(path: Path) -> str:
+    """The disk ``path`` (or its nearest existing ancestor) is on, in words: its mount point and
+    how much of it is free."""
+    existing = Path(os.path.abspath(path))
+    while not existing.exists():
+        existing = existing.parent
+    mount = existing
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    usage = shutil.disk_usage(existing)
+    return f"mounted at '{mount}', {size_text(usage.free)} free of {size_text(usage.total)}"
 
 
 @dataclass(frozen=True)

@@ -71,12 +71,14 @@ from .config.resume import (
 )
 from .config.schema import quote
 from .data import BatchIterator
-from .errors import CheckpointError, DiffMoEError
+from .errors import CheckpointError, DiffMoEError, TrainingError
 from .fileio import atomic_write, atomic_write_text
 from .paths import (
+    DISK_FULL,
     DirectoryLock,
     LockHeld,
     NotALockFile,
+    disk_of,
     file_in_the_way,
     holds_something,
     is_utf8,
@@ -482,12 +484,26 @@ class RunDirectory:
                      "optimizer": opt_meta, "world_size": self.dist.world_size,
                      "skipped_steps": s.progress.skipped_steps,
                      "interval": {"sums": sums_all, "good": int(s.progress.interval_good)}}
-            path = save_checkpoint(self.ckpt_root, s.progress.step,
-                                   {**weights, "optimizer": opt_tensors, "rng": rng}, state)
+            path = self._write_checkpoint(s.progress.step,
+                                          {**weights, "optimizer": opt_tensors, "rng": rng}, state)
             prune_checkpoints(self.ckpt_root, self.cfg.train.keep_checkpoints)
             log.info("saved checkpoint %s", path)
         distributed.barrier()
         return path
+
+    def _write_checkpoint(self, step: int, files: dict, state: dict) -> Path:
+        """:func:`save_checkpoint`; a full disk stops the run with one line naming the disk
+        (the checkpoints already written are untouched)."""
+        try:
+            return save_checkpoint(self.ckpt_root, step, files, state)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            raise TrainingError(
+                f"no space left on the disk holding '{self.ckpt_root}' ({disk_of(self.ckpt_root)})"
+                f" while writing the checkpoint of step {step}; it was not written, and the last "
+                f"good checkpoint is {self.last_good_checkpoint()}; free space there (or lower "
+                f"train.keep_checkpoints), then resume with --resume") from None
 
     def load(self, path: Path, s: TrainingState) -> None:
         """Restore ``s`` from the checkpoint ``path`` (chosen by :meth:`open`, which checked

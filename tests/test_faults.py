@@ -27,8 +27,10 @@ import jobs
 import pytest
 import torch
 from jobs import Job, job_env
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+import diffmoe.checkpoint as checkpoint
 from diffmoe.checkpoint import (
     checkpoint_name,
     find_latest_checkpoint,
@@ -418,6 +420,69 @@ def tmpfs(tmp_path):
         if res.returncode:  # something was left open on it: detach it anyway, then fail
             subprocess.run(["umount", "-l", str(disk)], check=True)
             raise AssertionError(f"umount {disk}: {res.stderr}")
+
+
+def disk_full_line(run: Path, step: int, last: Path) -> str:
+    ckpts = run / "checkpoints"
+    return (rf"error: no space left on the disk holding '{re.escape(str(ckpts))}' \(mounted at "
+            rf"'(?P<mount>[^']+)', [0-9.]+ \w+ free of [0-9.]+ \w+\) while writing the checkpoint "
+            rf"of step {step}; it was not written, and the last good checkpoint is "
+            rf"{re.escape(str(last))}; free space there \(or lower train.keep_checkpoints\), "
+            rf"then resume with --resume")
+
+
+def assert_only_intact(run: Path, names: list[str]) -> None:
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == names  # no .tmp-* left
+    for path in list_checkpoints(ckpts):
+        verify_checkpoint(path, check_hashes=True)
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_names_the_disk(
+        tmp_path, monkeypatch, capsys, restore_threads):
+    """The second checkpoint's optimizer file, half written, fails as safetensors fails on a
+    full disk: the run ends with one line naming the disk; the first checkpoint is intact and
+    resumes."""
+    original = checkpoint.save_file
+
+    def full(tensors, path):
+        if f"{checkpoint_name(4)}-" in path and path.endswith("optimizer.safetensors"):
+            Path(path).write_bytes(b"half a file")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  f"(os error {errno.ENOSPC})")
+        return original(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    run = tmp_path / "run"
+    assert main(["train", str(CONFIG), *small(tmp_path)]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    last = run / "checkpoints" / checkpoint_name(2)
+    match = re.fullmatch(disk_full_line(run, 4, last), lines[0]) if len(lines) == 1 else None
+    assert match, lines
+    mount = Path(match["mount"])
+    assert os.path.ismount(mount) and str(tmp_path).startswith(str(mount))
+    assert_only_intact(run, [checkpoint_name(2)])
+    monkeypatch.setattr(checkpoint, "save_file", original)
+    assert train(load_config(CONFIG, small(tmp_path)), resume=True).step == 6
+
+
+def test_disk_full_on_a_small_tmpfs_keeps_the_last_checkpoint(tmpfs, capsys, restore_threads):
+    """The same on a real full disk: a tmpfs with room for half a checkpoint more than the
+    run's first one."""
+    disk = tmpfs(TMPFS_BYTES)
+    run = disk / "run"
+    assert main(["train", str(CONFIG), *small(disk, **{"train.steps": 2})]) == 0
+    first = run / "checkpoints" / checkpoint_name(2)
+    size = sum(p.stat().st_size for p in first.iterdir())
+    tmpfs(shutil.disk_usage(disk).used + size // 2)
+    assert main(["train", str(CONFIG), *small(disk), "--resume"]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    match = re.fullmatch(disk_full_line(run, 4, first), lines[0]) if len(lines) == 1 else None
+    assert match and match["mount"] == str(disk), lines
+    assert_only_intact(run, [checkpoint_name(2)])
+    tmpfs(TMPFS_BYTES)
+    assert main(["train", str(CONFIG), *small(disk), "--resume"]) == 0
+    assert_only_intact(run, [checkpoint_name(2), checkpoint_name(4), checkpoint_name(6)])
 
 
 def test_a_read_only_out_dir_is_refused_before_any_work(tmpfs, capsys):
