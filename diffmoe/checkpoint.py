@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -39,13 +38,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .fileio import sha256_file
+from .fileio import fsync_file, sha256_file
+from .paths import stamped
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
+CHECKPOINTS_DIR = "checkpoints"  # where a run directory keeps its checkpoints
 CKPT_RE = re.compile(r"^step_(\d{8})$")
+OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) names an errno
 TMP_PREFIX = ".tmp-"  # a checkpoint being written
 DELETING_PREFIX = ".deleting-"  # a checkpoint being pruned
 DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint moved aside; never deleted
@@ -61,13 +63,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        fh.flush()
-        os.fsync(fh.fileno())
-
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,29 +106,51 @@ def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, dict[str, torch
             log.info("checkpoint %s already exists; not overwriting it", final)
             return final
         except CheckpointError as exc:
-            aside = ckpt_root / f"{DAMAGED_PREFIX}{final.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside = stamped(ckpt_root / f"{DAMAGED_PREFIX}{final.name}")
             os.rename(final, aside)
             log.warning("moved damaged checkpoint %s aside to %s (%s)", final, aside, exc)
     tmp = ckpt_root / f"{TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    try:
+        _write_checkpoint(tmp, step, files, state)
+    except BaseException:  # a full disk, a signal: the space goes back, the older ones stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, files: dict[str, dict[str, torch.Tensor]],
+                      state: dict[str, Any]) -> None:
+    """Every file of one checkpoint into the directory ``tmp``, each fsynced, state.json last."""
     manifest = {}
     for name, tensors in files.items():
         path = tmp / f"{name}.safetensors"
-        save_file(_contiguous(tensors), str(path))
-        _fsync_file(path)
+        try:
+            save_file(_contiguous(tensors), str(path))
+        except SafetensorError as exc:
+            raise _as_os_error(exc, path) from exc
+        fsync_file(path)
         manifest[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     full_state = dict(state, format_version=FORMAT_VERSION, step=step, files=manifest)
-    state_path = tmp / STATE_FILE
-    with open(state_path, "w") as fh:
+    with open(tmp / STATE_FILE, "w") as fh:
         json.dump(full_state, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
     _fsync_dir(tmp)
-    os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
-    return final
+
+
+def _as_os_error(exc: SafetensorError, path: Path) -> Exception:
+    """safetensors' writer reports a failed write (a full disk, say) as its own error with the
+    OS's ``(os error N)`` in the message: the OSError it stands for, else ``exc``."""
+    found = OS_ERROR_RE.search(str(exc))
+    if found is None:
+        return exc
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -202,8 +219,8 @@ def resolve_checkpoint(path: str | Path, check_hashes: bool = False) -> Path:
                               f"its checkpoints/step_XXXXXXXX directories")
     if (path / STATE_FILE).is_file():
         return path
-    if (path / "checkpoints").is_dir():
-        latest = find_latest_checkpoint(path / "checkpoints", check_hashes)
+    if (path / CHECKPOINTS_DIR).is_dir():
+        latest = find_latest_checkpoint(path / CHECKPOINTS_DIR, check_hashes)
         if latest is None:
             raise CheckpointError(f"run '{path}' has no intact checkpoint; train longer or point "
                                   f"at another run")

@@ -1,6 +1,6 @@
 """The ``diffmoe`` command.
 
-    diffmoe train CONFIG [key=value ...] [--resume] [--dry-run]
+    diffmoe train CONFIG [key=value ...] [--resume [--accept-changes]] [--dry-run]
     diffmoe sample CHECKPOINT [--num N --steps N --sampler NAME --cfg-scale S
                                --mode auto|dynamic|static|threshold --threshold G
                                --batch-size N --seed N --labels balanced|random|3,1,4
@@ -56,13 +56,16 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.accept_changes and not args.resume:
+        raise DiffMoEError("--accept-changes accepts new optimisation settings for a run that "
+                           "continues; add --resume, or drop it")
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         sys.stdout.write(cfg.to_yaml())
         return 0
     from .train import train
 
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, accept_changes=args.accept_changes)
     log.info("finished at step %d; checkpoint %s; samples %s", result.step,
              result.last_checkpoint, result.last_samples)
     return 0
@@ -439,6 +442,10 @@ def add_train_command(sub) -> None:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.moe.num_experts=8")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in train.out_dir from its newest intact checkpoint")
+    t.add_argument("--accept-changes", dest="accept_changes", action="store_true",
+                   help="with --resume: train on with optimisation settings (train.lr, "
+                        "train.batch_size, ...) other than the checkpoint's; each config the "
+                        "run was trained under is kept in train.out_dir/config_history")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
 

@@ -77,13 +77,15 @@ def on_nonfinite_loss(policy: str, max_skipped: int, loss: float, step: int, ski
     if policy == "stop":
         raise TrainingError(
             f"non-finite loss ({what}) at step {step}; last good checkpoint: "
-            f"{last_checkpoint()}; resume from it with --resume after lowering train.lr or "
-            f"setting train.grad_clip, or set train.nonfinite_loss=skip")
+            f"{last_checkpoint()}; resume from it with --resume --accept-changes after lowering "
+            f"train.lr or setting train.grad_clip, or with --resume after setting "
+            f"train.nonfinite_loss=skip")
     if max_skipped and skipped > max_skipped:
         raise TrainingError(
             f"non-finite loss ({what}) at step {step}: more than train.max_skipped_steps="
             f"{max_skipped} steps skipped; last good checkpoint: {last_checkpoint()}; check the "
-            f"data, lower train.lr or set train.grad_clip, then resume with --resume")
+            f"data, lower train.lr or set train.grad_clip, then resume with --resume "
+            f"--accept-changes")
     log.warning("non-finite loss (%s) at step %d: step skipped (%d skipped so far)", what, step,
                 skipped)
 

@@ -1,37 +1,54 @@
-"""A training run's directory: where a run starts or resumes, its checkpoints, its metrics and
-its log.
+"""A training run's directory: where a run starts or resumes, what it writes there, the lock on
+it, its checkpoints, its metrics and its log.
 
-Layout::
+Layout (every name a run writes into ``train.out_dir``)::
 
-    <out_dir>/config.yaml       the resolved config
-    <out_dir>/train.log         the log
-    <out_dir>/metrics.jsonl     one JSON object per logging interval (``train.METRIC_FIELDS``)
-    <out_dir>/samples/*.png     sample grids of the EMA model at intervals
-    <out_dir>/checkpoints/      atomic checkpoints (see checkpoint.py)
+    config.yaml              the config the run trains under now
+    config_history/          step_XXXXXXXX.yaml: each config the run was trained under, from the
+                             step it took effect (begun when a resume changes the config)
+    train.log                the log, only ever appended to
+    metrics.jsonl            one JSON object per logging interval (``train.METRIC_FIELDS``)
+    metrics.set-aside.txt    lines of metrics.jsonl that were no metric record, kept by resume
+    samples/*.png            sample grids of the EMA model at intervals
+    checkpoints/             atomic checkpoints (see checkpoint.py)
+    train.lock               held by the training writing here: its pid, host and start time
+    previous-<time>/         what a run restarted from step 0 found of its earlier attempt
 
-An existing run is never overwritten: starting a run in a directory that already has checkpoints
-or metrics is refused unless resume is asked for. Resume continues from the newest intact
-checkpoint with everything in a :class:`TrainingState` restored (weights, EMA, optimizer, data
-order, every rank's RNG state, the skipped-step count and the partly accumulated logging
-interval), so that a killed and resumed run reproduces the uninterrupted one bit for bit. Metric
-records written after that checkpoint (by the run that died) are dropped from ``metrics.jsonl``
-and written again as the steps are replayed.
+:meth:`RunDirectory.open` makes every check before any work and writes nothing but the lock; the
+trainer then builds everything, and :meth:`RunDirectory.begin` writes. Nothing a run did not
+write is replaced: a new run refuses a directory in which one of these names holds something
+(``train.log`` aside, which is appended to).
+
+Resume continues from the newest intact checkpoint with everything in a :class:`TrainingState`
+restored (weights, EMA, optimizer, data order, every rank's RNG state, the skipped-step count
+and the partly accumulated logging interval), so that a killed and resumed run reproduces the
+uninterrupted one bit for bit. Metric records written after that checkpoint (by the run that
+died) are dropped from ``metrics.jsonl`` and written again as the steps are replayed. The config
+is compared key by key with the one the checkpoint's steps were trained under
+(:mod:`diffmoe.config.resume` classifies every key): another architecture, objective or data is
+refused, other optimisation settings only with ``accept_changes``, and any change is recorded in
+``config_history/``. A run with no checkpoint yet starts again from step 0, after moving what
+its earlier attempt left to ``previous-<time>/``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import yaml
 
 from . import distributed, parallel
 from .checkpoint import (
+    CHECKPOINTS_DIR,
     LoadedCheckpoint,
+    checkpoint_name,
     find_latest_checkpoint,
     list_checkpoints,
     load_state_dict_checked,
@@ -42,18 +59,50 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .config import Config
+from .config import Config, TrainConfig, load_yaml
+from .config.resume import (
+    ARCHITECTURE,
+    DATA,
+    OBJECTIVE,
+    OPTIMISATION,
+    REFUSED,
+    Change,
+    config_changes,
+)
+from .config.schema import quote
 from .data import BatchIterator
-from .errors import CheckpointError, DiffMoEError
-from .fileio import atomic_write_text
-from .paths import file_in_the_way
+from .errors import CheckpointError, DiffMoEError, TrainingError
+from .fileio import atomic_write, atomic_write_text
+from .paths import (
+    DISK_FULL,
+    DirectoryLock,
+    LockHeld,
+    NotALockFile,
+    disk_of,
+    file_in_the_way,
+    holds_something,
+    is_utf8,
+    missing_dirs,
+    remove_empty_dirs,
+    stamped,
+)
 
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CONFIG_FILE = "config.yaml"
+HISTORY_DIR = "config_history"
 METRICS_FILE = "metrics.jsonl"
+SET_ASIDE_FILE = "metrics.set-aside.txt"
 LOG_FILE = "train.log"
+SAMPLES_DIR = "samples"
+LOCK_FILE = "train.lock"
+PREVIOUS_PREFIX = "previous"
+DIFFERENT = {ARCHITECTURE: "a different architecture", OBJECTIVE: "a different objective",
+             DATA: "different data"}
+# What a new run writes (name -> is a directory) and so refuses to find holding something.
+OUTPUTS = {CONFIG_FILE: False, HISTORY_DIR: True, METRICS_FILE: False, SET_ASIDE_FILE: False,
+           SAMPLES_DIR: True, CHECKPOINTS_DIR: True}
 
 
 @dataclass
@@ -90,15 +139,68 @@ class TrainingState:
     progress: Progress
 
 
-def model_config_diff(a: dict, b: dict, prefix: str = "model.") -> list[str]:
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            diffs += model_config_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb and key != "preset":
-            diffs.append(f"{prefix}{key} ({va!r} in the checkpoint, {vb!r} now)")
-    return diffs
+@dataclass
+class Opening:
+    """What :meth:`RunDirectory.open` found, for :meth:`RunDirectory.begin` to act on."""
+
+    resume: bool = False
+    checkpoint: Optional[Path] = None
+    step: int = 0  # the checkpoint's
+    trained_under: dict = field(default_factory=dict)  # the config of the checkpoint's steps
+    changes: list[Change] = field(default_factory=list)  # from trained_under to this config
+    earlier_attempt: list[str] = field(default_factory=list)  # names a restart moves aside
+    keep_in: Optional[Path] = None  # where it moves them
+
+
+class _HeldRecords(logging.Handler):
+    """Log records kept until the run's train.log may be written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def optimizer_settings(t: TrainConfig) -> dict:
+    """The AdamW hyper-parameters the config sets (a resumed optimizer takes them from the
+    config, not from its checkpoint)."""
+    return dict(lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+
+
+def words(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def listing(names: list[str]) -> str:
+    return words([f"{name}/" if OUTPUTS.get(name) else name for name in names])
+
+
+def record_step(line: bytes) -> Optional[int]:
+    """The step of a metric record (a JSON object with an integer ``step``), else None."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def history_entries(history: Path) -> dict[int, Path]:
+    """step -> file of each config in ``history`` (``step_XXXXXXXX.yaml``)."""
+    found = {}
+    for path in history.glob("step_*.yaml") if history.is_dir() else ():
+        digits = path.stem.removeprefix("step_")
+        if digits.isdigit():
+            found[int(digits)] = path
+    return found
+
+
+def history_text(step: int, yaml_text: str, changes: list[Change]) -> str:
+    """A config of the history: a comment saying from which step it holds and what changed."""
+    changed = f"; changed then: {'; '.join(map(str, changes))}" if changes else ""
+    return f"# the config of this run from step {step} on{changed}\n{yaml_text}"
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -115,67 +217,246 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 class RunDirectory:
-    """``train.out_dir`` of one run, as seen by rank ``dist.rank`` (rank 0 writes)."""
+    """``train.out_dir`` of one run, as seen by rank ``dist.rank`` (rank 0 holds the lock and
+    writes). :meth:`open` checks, :meth:`begin` writes, :meth:`close` lets go."""
 
     def __init__(self, cfg: Config, dist: distributed.DistInfo, device: torch.device):
         self.cfg = cfg
         self.dist = dist
         self.device = device
         self.path = Path(cfg.train.out_dir)
-        self.ckpt_root = self.path / "checkpoints"
+        self.ckpt_root = self.path / CHECKPOINTS_DIR
         self.metrics_path = self.path / METRICS_FILE
+        self.samples_path = self.path / SAMPLES_DIR
+        self.lock = DirectoryLock(self.path / LOCK_FILE)
+        self.opening = Opening()
         self.log_handler: Optional[logging.Handler] = None
+        self.held_log: Optional[_HeldRecords] = None
+        self.created: list[Path] = []  # directories open() made, removed if the run never began
+        self.begun = False
 
     # -- start or resume --------------------------------------------------------------------
 
-    def open(self, resume: bool) -> Optional[Path]:
-        """Create the run (refusing a directory that holds one), or with ``resume`` find the
-        checkpoint to continue from (None: the run had written none and starts again)."""
+    def open(self, resume: bool, accept_changes: bool = False) -> Optional[Path]:
+        """Check, before any work, that this run may write here: the path, the lock, and for a
+        new run that none of its outputs holds something already, or with ``resume`` which
+        checkpoint it continues from and that the config may continue it (other optimisation
+        settings only with ``accept_changes``). Writes nothing but the lock. Returns that
+        checkpoint (None: a new run, or one that starts again from step 0)."""
+        self._check_path()
+        if self.dist.is_main:
+            self.held_log = _HeldRecords()
+            logging.getLogger("diffmoe").addHandler(self.held_log)
+        self._claim()
+        self.opening.resume = resume
+        if not resume:
+            self._refuse_outputs_in_the_way()
+            return None
+        latest = self._checkpoint_to_resume()
+        if latest is None:
+            self._plan_restart()
+        else:
+            self._check_config(latest, accept_changes)
+        return latest
+
+    def _check_path(self) -> None:
+        if not is_utf8(self.path):
+            raise DiffMoEError(f"train.out_dir {quote(str(self.path))} is not valid UTF-8; name "
+                               f"the run directory in UTF-8")
         blocker = file_in_the_way(self.path)
         if blocker is not None:
             raise DiffMoEError(f"train.out_dir '{self.path}' cannot be created: '{blocker}' is "
                                f"a file, not a directory; set train.out_dir to a directory")
-        existing = list_checkpoints(self.ckpt_root)
-        if not resume:
-            if existing or self.metrics_path.exists():
-                raise DiffMoEError(
-                    f"run directory '{self.path}' already holds a run; add --resume to continue "
-                    f"it or set train.out_dir to a new directory")
-            if self.dist.is_main:
-                self.path.mkdir(parents=True, exist_ok=True)
-                (self.path / CONFIG_FILE).write_text(self.cfg.to_yaml())
-                self._log_here()
-            distributed.barrier()
-            return None
+
+    def _claim(self) -> None:
+        """Rank 0 creates the directory and takes its lock; every rank learns whether it
+        could, and stops with the same line if not."""
+        problem = None
         if self.dist.is_main:
-            if self.path.is_dir():
-                self._log_here()
-            remove_incomplete(self.ckpt_root)
-        if not existing:
-            if (self.path / CONFIG_FILE).is_file():
-                log.warning("--resume: '%s' has no checkpoint yet (the run stopped before its "
-                            "first); starting it again from step 0", self.path)
-                return None
-            raise DiffMoEError(f"--resume: '{self.path}' has no checkpoint to resume from; "
-                               f"start the run again with another train.out_dir")
-        latest = find_latest_checkpoint(self.ckpt_root, check_hashes=True)
-        if latest is None:
-            raise CheckpointError(f"--resume: every checkpoint in '{self.ckpt_root}' is damaged; "
-                                  f"start a new run in another train.out_dir")
-        return latest
+            try:
+                self._lock()
+            except DiffMoEError as exc:
+                problem = str(exc)
+        problem = distributed.gather_objects(problem)[0]
+        if problem is not None:
+            raise DiffMoEError(problem)
+
+    def _lock(self) -> None:
+        self.created = missing_dirs(self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            stale = self.lock.acquire()
+        except LockHeld as exc:
+            raise DiffMoEError(f"run directory '{self.path}' is in use by another training "
+                               f"({exc.holder or 'its lock file names no holder'}); wait for it "
+                               f"to end or set train.out_dir to another directory") from None
+        except NotALockFile:
+            raise DiffMoEError(f"'{self.lock.path}' is not a diffmoe lock file, and a training "
+                               f"keeps its lock there; move it away or set train.out_dir to "
+                               f"another directory") from None
+        except OSError as exc:
+            raise DiffMoEError(f"train.out_dir '{self.path}' cannot be written "
+                               f"({exc.strerror or exc}); choose a directory you can write "
+                               f"to") from None
+        if stale is not None:
+            log.warning("run directory '%s': the training that held it (%s) ended without "
+                        "letting go of it (it was killed); taking it over", self.path, stale)
+
+    def _holds_a_run(self) -> bool:
+        """A run was started here: it has a checkpoint, or a config.yaml and train.log."""
+        return bool(list_checkpoints(self.ckpt_root)) or all(
+            (self.path / name).is_file() for name in (CONFIG_FILE, LOG_FILE))
+
+    def _refuse_outputs_in_the_way(self) -> None:
+        found = [name for name, is_dir in OUTPUTS.items()
+                 if holds_something(self.path / name, is_dir)]
+        if found and self._holds_a_run():
+            raise DiffMoEError(
+                f"run directory '{self.path}' already holds a run; add --resume to continue it "
+                f"or set train.out_dir to a new directory")
+        if found:
+            raise DiffMoEError(
+                f"train.out_dir '{self.path}' already holds {listing(found)}, which a new run "
+                f"writes; move {'it' if len(found) == 1 else 'them'} away or set train.out_dir "
+                f"to a new directory")
+
+    def _checkpoint_to_resume(self) -> Optional[Path]:
+        if list_checkpoints(self.ckpt_root):
+            latest = find_latest_checkpoint(self.ckpt_root, check_hashes=True)
+            if latest is None:
+                raise CheckpointError(f"--resume: every checkpoint in '{self.ckpt_root}' is "
+                                      f"damaged; start a new run in another train.out_dir")
+            return latest
+        if not self._holds_a_run():
+            raise DiffMoEError(f"--resume: '{self.path}' holds no run to resume (no checkpoint, "
+                               f"no {CONFIG_FILE} and {LOG_FILE}); start a new run there without "
+                               f"--resume")
+        return None
+
+    def _plan_restart(self) -> None:
+        """A run with no checkpoint starts again from step 0; what its earlier attempt wrote
+        (and this run would write again) is to be kept under ``previous-<time>/``."""
+        o = self.opening
+        o.earlier_attempt = [name for name, is_dir in OUTPUTS.items() if name != CHECKPOINTS_DIR
+                             and holds_something(self.path / name, is_dir)]
+        if CONFIG_FILE in o.earlier_attempt and self._config_file_is_current():
+            o.earlier_attempt.remove(CONFIG_FILE)
+        kept = ""
+        if o.earlier_attempt:
+            o.keep_in = stamped(self.path / PREVIOUS_PREFIX)
+            kept = f"; what the earlier attempt wrote ({listing(o.earlier_attempt)}) is kept " \
+                   f"in '{o.keep_in}'"
+        log.warning("--resume: '%s' has no checkpoint (the run stopped before its first, or its "
+                    "checkpoints were removed); starting it again from step 0%s", self.path, kept)
+
+    def _check_config(self, latest: Path, accept_changes: bool) -> None:
+        """Compare this config with the one the checkpoint's steps were trained under, or with
+        the one an earlier resume from the same step accepted."""
+        o = self.opening
+        state = verify_checkpoint(latest, check_hashes=False)
+        o.checkpoint, o.step = latest, int(state["step"])
+        o.trained_under = state.get("config", {})
+        accepted = self.path / HISTORY_DIR / f"{checkpoint_name(o.step)}.yaml"
+        reference = load_yaml(accepted) if accepted.is_file() else o.trained_under
+        current = self.cfg.to_dict()
+        changes = config_changes(reference, current)
+        refused = [c for c in changes if c.kind in REFUSED]
+        if refused:
+            kinds = [DIFFERENT[kind] for kind in REFUSED if any(c.kind == kind for c in refused)]
+            raise CheckpointError(
+                f"checkpoint '{latest}' was trained with {words(kinds)}: "
+                f"{'; '.join(map(str, refused[:3]))}; resume with the run's config.yaml")
+        optimisation = [c for c in changes if c.kind == OPTIMISATION]
+        if optimisation and not accept_changes:
+            raise DiffMoEError(
+                f"--resume: checkpoint '{latest}' was trained with other optimisation settings: "
+                f"{'; '.join(map(str, optimisation[:3]))}; add --accept-changes to train on "
+                f"with them (each config is kept in {self.path / HISTORY_DIR}), or resume with "
+                f"the run's config.yaml")
+        if changes:
+            log.info("resuming from step %d with %s", o.step, "; ".join(map(str, changes)))
+        o.changes = config_changes(o.trained_under, current)
+
+    def begin(self, step: int) -> None:
+        """Write what the run starts with, once :meth:`open` has checked everything and the
+        trainer is built at ``step``: on resume, remove what an interrupted checkpoint save
+        left, move a restarted run's earlier attempt aside, rewind metrics.jsonl and record a
+        changed config; then config.yaml, and the log goes to train.log from here on (with
+        what was logged since :meth:`open`). Collective: rank 0 writes."""
+        if self.dist.is_main:
+            if self.opening.resume:
+                remove_incomplete(self.ckpt_root)
+                self._keep_earlier_attempt()
+                self.rewind_metrics(step)
+                self._record_config()
+            if not self._config_file_is_current():
+                atomic_write_text(self.path / CONFIG_FILE, self.cfg.to_yaml())
+            self._log_here()
+        self.begun = True
+        distributed.barrier()
+
+    def _config_file_is_current(self) -> bool:
+        """config.yaml holds this run's config already."""
+        path = self.path / CONFIG_FILE
+        return path.is_file() and path.read_bytes() == self.cfg.to_yaml().encode()
+
+    def _keep_earlier_attempt(self) -> None:
+        o = self.opening
+        if not o.earlier_attempt:
+            return
+        o.keep_in.mkdir()
+        for name in o.earlier_attempt:
+            os.rename(self.path / name, o.keep_in / name)
+
+    def _record_config(self) -> None:
+        """Keep the config in config_history/ from the checkpoint's step on if it differs from
+        the one that step was trained under, after the config from step 0 (config.yaml, in a
+        run with no history yet); forget configs of steps that are trained again."""
+        o = self.opening
+        if o.checkpoint is None:
+            return
+        history = self.path / HISTORY_DIR
+        entries = history_entries(history)
+        for step, path in sorted(entries.items()):
+            if step > o.step or (step == o.step and not o.changes):
+                path.unlink()
+                log.info("%s: removed %s, the config of steps trained again", HISTORY_DIR, path)
+        if not o.changes:
+            return
+        history.mkdir(exist_ok=True)
+        if o.step > 0 and not any(step < o.step for step in entries):
+            config_path = self.path / CONFIG_FILE
+            first = (config_path.read_text() if config_path.is_file()
+                     else yaml.safe_dump(o.trained_under, sort_keys=False))
+            atomic_write_text(history / f"{checkpoint_name(0)}.yaml", history_text(0, first, []))
+        path = history / f"{checkpoint_name(o.step)}.yaml"
+        atomic_write_text(path, history_text(o.step, self.cfg.to_yaml(), o.changes))
+        log.info("the config from step %d on is recorded in %s", o.step, path)
 
     def _log_here(self) -> None:
-        """Copy the library's log to train.log until :meth:`close`."""
+        """Copy the library's log to train.log until :meth:`close`, starting with what was
+        held since :meth:`open`."""
         self.log_handler = logging.FileHandler(self.path / LOG_FILE)
         self.log_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        if self.held_log is not None:
+            logging.getLogger("diffmoe").removeHandler(self.held_log)
+            for record in self.held_log.records:
+                self.log_handler.handle(record)
+            self.held_log = None
         logging.getLogger("diffmoe").addHandler(self.log_handler)
 
     def close(self) -> None:
-        """Stop writing to train.log (later runs in this process must not log into this one)."""
-        if self.log_handler is not None:
-            logging.getLogger("diffmoe").removeHandler(self.log_handler)
-            self.log_handler.close()
-            self.log_handler = None
+        """Stop writing to train.log (later runs in this process must not log into this one),
+        let go of the lock, and remove the directories :meth:`open` created for a run that
+        never began."""
+        for handler in (self.log_handler, self.held_log):
+            if handler is not None:
+                logging.getLogger("diffmoe").removeHandler(handler)
+                handler.close()
+        self.log_handler = self.held_log = None
+        self.lock.release()
+        if not self.begun:
+            remove_empty_dirs(self.created)
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -203,31 +484,42 @@ class RunDirectory:
                      "optimizer": opt_meta, "world_size": self.dist.world_size,
                      "skipped_steps": s.progress.skipped_steps,
                      "interval": {"sums": sums_all, "good": int(s.progress.interval_good)}}
-            path = save_checkpoint(self.ckpt_root, s.progress.step,
-                                   {**weights, "optimizer": opt_tensors, "rng": rng}, state)
+            path = self._write_checkpoint(s.progress.step,
+                                          {**weights, "optimizer": opt_tensors, "rng": rng}, state)
             prune_checkpoints(self.ckpt_root, self.cfg.train.keep_checkpoints)
             log.info("saved checkpoint %s", path)
         distributed.barrier()
         return path
 
+    def _write_checkpoint(self, step: int, files: dict, state: dict) -> Path:
+        """:func:`save_checkpoint`; a full disk stops the run with one line naming the disk
+        (the checkpoints already written are untouched)."""
+        try:
+            return save_checkpoint(self.ckpt_root, step, files, state)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            raise TrainingError(
+                f"no space left on the disk holding '{self.ckpt_root}' ({disk_of(self.ckpt_root)})"
+                f" while writing the checkpoint of step {step}; it was not written, and the last "
+                f"good checkpoint is {self.last_good_checkpoint()}; free space there (or lower "
+                f"train.keep_checkpoints), then resume with --resume") from None
+
     def load(self, path: Path, s: TrainingState) -> None:
-        """Restore ``s`` from the checkpoint ``path`` (chosen by :meth:`open`, every hash
-        checked) after checking it was trained with this architecture."""
+        """Restore ``s`` from the checkpoint ``path`` (chosen by :meth:`open`, which checked
+        every hash and the config), with the optimizer's hyper-parameters from this config."""
         ckpt = LoadedCheckpoint(path, verify_checkpoint(path, check_hashes=False), verified=True)
-        state = ckpt.state
-        diffs = model_config_diff(state["config"]["model"], self.cfg.to_dict()["model"])
-        if diffs:
-            raise CheckpointError(f"checkpoint '{path}' was trained with a different architecture: "
-                                  f"{'; '.join(diffs[:3])}; resume with the run's config.yaml")
         fsdp, module = s.model.fsdp, s.model.module
         for name, target in (("model", module), ("ema", s.ema)):
             load_state_dict_checked(target, ckpt.tensors(name), f"'{path}' ({name})",
                                     parallel.load_full_model_state(target) if fsdp else None)
-        opt_state = optimizer_from_tensors(ckpt.tensors("optimizer"), state["optimizer"])
+        opt_state = optimizer_from_tensors(ckpt.tensors("optimizer"), ckpt.state["optimizer"])
         if fsdp:
             parallel.load_full_optimizer_state(module, s.optimizer, opt_state)
         else:
             s.optimizer.load_state_dict(opt_state)
+        for group in s.optimizer.param_groups:
+            group.update(optimizer_settings(self.cfg.train))
         self._load_progress(ckpt, s)
         log.info("resumed from %s at step %d", path, s.progress.step)
 
@@ -260,20 +552,32 @@ class RunDirectory:
             fh.write(json.dumps(record) + "\n")
 
     def rewind_metrics(self, step: int) -> None:
-        """Drop metric records past ``step`` (and any line cut short by a crash): the resumed
-        run replays those steps and writes them again."""
+        """Drop metric records past ``step``: the resumed run replays those steps and writes
+        them again. Lines that are no metric record (a user's, or one cut short by a crash) are
+        moved to metrics.set-aside.txt, never dropped."""
         if not self.metrics_path.is_file():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        keep = []
+        original = self.metrics_path.read_bytes()
+        lines = [line for line in original.split(b"\n") if line.strip()]
+        keep, others, replayed = [], [], 0
         for line in lines:
-            try:
-                if int(json.loads(line)["step"]) <= step:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-        if len(keep) == len(lines):
-            return
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep), durable=True)
-        log.info("metrics.jsonl: dropped %d record(s) written after step %d by the interrupted "
-                 "run; those steps are replayed", len(lines) - len(keep), step)
+            recorded = record_step(line)
+            if recorded is None:
+                others.append(line)
+            elif recorded <= step:
+                keep.append(line)
+            else:
+                replayed += 1
+        if others:
+            with open(self.path / SET_ASIDE_FILE, "ab") as fh:
+                fh.write(b"".join(line + b"\n" for line in others))
+                fh.flush()
+                os.fsync(fh.fileno())
+            log.warning("metrics.jsonl: moved %d line(s) that are no metric record to %s",
+                        len(others), self.path / SET_ASIDE_FILE)
+        data = b"".join(line + b"\n" for line in keep)
+        if data != original:
+            atomic_write(self.metrics_path, lambda tmp: tmp.write_bytes(data), durable=True)
+        if replayed:
+            log.info("metrics.jsonl: dropped %d record(s) written after step %d by the "
+                     "interrupted run; those steps are replayed", replayed, step)

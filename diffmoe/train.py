@@ -34,7 +34,7 @@ from .loss import TrainingLoss, training_loss
 from .models import build_model
 from .models.moe import apply_threshold_updates, diffmoe_layers
 from .models.moe.diffmoe import dynamic_counts
-from .run import Progress, RunDirectory, TrainingState
+from .run import Progress, RunDirectory, TrainingState, optimizer_settings
 from .sample import generate
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optim
     """AdamW with the config's hyper-parameters, using the fused kernel where torch has one for
     the parameters' device (CPU and CUDA): on a CPU it is about 9x faster than the default
     multi-tensor kernel, which matters for MoE models with many expert parameters."""
-    kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    kwargs = optimizer_settings(t)
     try:
         return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
     except (RuntimeError, ValueError):
@@ -170,7 +170,7 @@ class Trainer:
     """One training run: :meth:`train` runs it to ``train.steps`` (or ``train.max_minutes``);
     :meth:`close` releases it (always, also after an error)."""
 
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: Config, resume: bool = False, accept_changes: bool = False):
         self.cfg = cfg
         t = cfg.train
         self.device = resolve_device(t.device)
@@ -190,14 +190,14 @@ class Trainer:
         self.run = RunDirectory(cfg, self.dist, self.device)
         self.model: Optional[parallel.TrainingModel] = None
         try:
-            self._build(resume)
+            self._build(resume, accept_changes)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, resume: bool) -> None:
+    def _build(self, resume: bool, accept_changes: bool) -> None:
         cfg, t, dist = self.cfg, self.cfg.train, self.dist
-        resume_from = self.run.open(resume)
+        resume_from = self.run.open(resume, accept_changes)
         self.dataset = build_training_dataset(cfg)
         check_data_matches_model(cfg, self.dataset)
         self.loader = BatchIterator(self.dataset, t.batch_size // dist.world_size, t.seed,
@@ -218,13 +218,12 @@ class Trainer:
         torch.manual_seed(t.seed + 1 + dist.rank)  # per-rank noise, timesteps, label dropout
         if resume_from is not None:
             self.run.load(resume_from, self.state)
-        if resume and dist.is_main:
-            self.run.rewind_metrics(self.progress.step)
         self.model.wrap(ddp=dist.enabled and not fsdp, compile=t.compile, device=self.device,
                         bf16_grads=t.ddp_bf16_grads)
         # Latent models' sample grids are decoded with the VAE (by the ranks that sample).
         self.decoder = (sample_decoder(cfg.to_dict()["data"], self.device)
                         if dist.is_main or fsdp else None)
+        self.run.begin(self.progress.step)
 
     @property
     def state(self) -> TrainingState:
@@ -368,19 +367,19 @@ class Trainer:
                 images = self.decoder(images)
             if self.dist.is_main:
                 nrow = GRID_COLUMNS if self.cfg.model.num_classes >= GRID_COLUMNS else None
-                path = save_grid(images, self.run.path / "samples" / f"step_{self.step:08d}.png",
+                path = save_grid(images, self.run.samples_path / f"step_{self.step:08d}.png",
                                  nrow=nrow, upscale=2)
                 log.info("wrote samples %s", path)
         distributed.barrier()
         return path
 
 
-def train(cfg: Config, resume: bool = False) -> TrainResult:
+def train(cfg: Config, resume: bool = False, accept_changes: bool = False) -> TrainResult:
     """Train ``cfg`` to its end; under torchrun, also end this rank's part of the job (the exit
     barrier and the process group's teardown, :func:`diffmoe.distributed.teardown`)."""
     trainer, finished = None, False
     try:
-        trainer = Trainer(cfg, resume)
+        trainer = Trainer(cfg, resume, accept_changes)
         result = trainer.train()
         finished = True
         return result

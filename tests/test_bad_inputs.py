@@ -291,8 +291,31 @@ CASES = [
          "error: run directory '<run>' already holds a run; add --resume to continue it or set "
          "train.out_dir to a new directory"),
     Case("resume-without-run", "files", TRAIN + ["--resume"],
-         "error: --resume: '<tmp>/run' has no checkpoint to resume from; start the run again "
-         "with another train.out_dir"),
+         "error: --resume: '<tmp>/run' holds no run to resume (no checkpoint, no config.yaml and "
+         "train.log); start a new run there without --resume"),
+    Case("out-dir-holds-a-config", "files", TRAIN,
+         "error: train.out_dir '<tmp>/run' already holds config.yaml, which a new run writes; "
+         "move it away or set train.out_dir to a new directory",
+         setup=write("run/config.yaml", "my: notes\n"),
+         note="`<tmp>/run/config.yaml` is a file of the user's"),
+    Case("out-dir-holds-metrics-and-samples", "files", TRAIN,
+         "error: train.out_dir '<tmp>/run' already holds metrics.jsonl and samples/, which a new "
+         "run writes; move them away or set train.out_dir to a new directory",
+         setup=chain(write("run/metrics.jsonl", '{"step": 100}\n'),
+                     write("run/samples/step_00000100.png", b"png")),
+         note="`<tmp>/run` holds a `metrics.jsonl` and `samples/step_00000100.png`, no run"),
+    Case("out-dir-lock-not-ours", "files", TRAIN,
+         "error: '<tmp>/run/train.lock' is not a diffmoe lock file, and a training keeps its lock "
+         "there; move it away or set train.out_dir to another directory",
+         setup=write("run/train.lock", "my notes\n"),
+         note="`<tmp>/run/train.lock` is a file of the user's"),
+    Case("out-dir-not-utf8", "files", ["train", CONFIG, 'train.out_dir="<tmp>/\\udcffrun"'],
+         "error: train.out_dir '<tmp>/\\udcffrun' is not valid UTF-8; name the run directory in "
+         "UTF-8", note="`\\udcff` is YAML's escape for the byte 0xff, as Python reads a name "
+                       "that is not UTF-8 from the command line"),
+    Case("accept-changes-without-resume", "files", TRAIN + ["--accept-changes"],
+         "error: --accept-changes accepts new optimisation settings for a run that continues; "
+         "add --resume, or drop it"),
     Case("sample-out-exists", "files", ["sample", "<run>", "--out", "<tmp>/mine.png"],
          "error: output '<tmp>/mine.png' already exists; pass --force to replace it or choose "
          "another --out", setup=write("mine.png", b"precious"),
@@ -416,6 +439,23 @@ CASES = [
          "architecture: model.moe.num_experts (4 in the checkpoint, 2 now); resume with the "
          "run's config.yaml", setup=copy_run(lambda c: None),
          note="`<tmp>/copy` is a copy of `<run>`"),
+    Case("resume-other-objective", "checkpoint",
+         ["train", CONFIG, "train.out_dir=<tmp>/copy", "objective.type=ddpm", "--resume"],
+         "error: checkpoint '<tmp>/copy/checkpoints/step_00000002' was trained with a different "
+         "objective: objective.type ('flow' in the checkpoint, 'ddpm' now); resume with the run's "
+         "config.yaml", setup=copy_run(lambda c: None), note="`<tmp>/copy` is a copy of `<run>`"),
+    Case("resume-other-data", "checkpoint",
+         ["train", CONFIG, "train.out_dir=<tmp>/copy", "data.split=test", "--resume"],
+         "error: checkpoint '<tmp>/copy/checkpoints/step_00000002' was trained with different "
+         "data: data.split ('train' in the checkpoint, 'test' now); resume with the run's "
+         "config.yaml", setup=copy_run(lambda c: None), note="`<tmp>/copy` is a copy of `<run>`"),
+    Case("resume-other-learning-rate", "checkpoint",
+         ["train", CONFIG, "train.out_dir=<tmp>/copy", "train.lr=5e-4", "--resume"],
+         "error: --resume: checkpoint '<tmp>/copy/checkpoints/step_00000002' was trained with "
+         "other optimisation settings: train.lr (0.001 in the checkpoint, 0.0005 now); add "
+         "--accept-changes to train on with them (each config is kept in "
+         "<tmp>/copy/config_history), or resume with the run's config.yaml",
+         setup=copy_run(lambda c: None), note="`<tmp>/copy` is a copy of `<run>`"),
     Case("resume-every-checkpoint-damaged", "checkpoint",
          ["train", CONFIG, "train.out_dir=<tmp>/copy", "--resume"],
          "error: --resume: every checkpoint in '<tmp>/copy/checkpoints' is damaged; start a new "

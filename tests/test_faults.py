@@ -9,11 +9,16 @@ are bitwise reproducible on a CPU.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
+import re
+import shutil
 import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,8 +27,10 @@ import jobs
 import pytest
 import torch
 from jobs import Job, job_env
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+import diffmoe.checkpoint as checkpoint
 from diffmoe.checkpoint import (
     checkpoint_name,
     find_latest_checkpoint,
@@ -35,6 +42,7 @@ from diffmoe.cli import main
 from diffmoe.config import load_config
 from diffmoe.data import BatchIterator
 from diffmoe.errors import CheckpointError, TrainingError
+from diffmoe.paths import DirectoryLock
 from diffmoe.train import METRIC_FIELDS, train
 
 HERE = Path(__file__).parent
@@ -142,7 +150,8 @@ def test_kill9_at_random_step_then_resume_is_bitwise_identical(reference, tmp_pa
     assert resumed.returncode == 0, (context, resumed.stderr[-3000:])
     if last is None:  # killed before the first checkpoint: the run starts again from step 0
         assert kill_step <= COMMON["train.ckpt_every"], context
-        assert "has no checkpoint yet (the run stopped before its first)" in resumed.stderr
+        assert "has no checkpoint (the run stopped before its first, or its checkpoints were " \
+               "removed); starting it again from step 0" in resumed.stderr, context
     else:
         assert f"resumed from {last} at step" in resumed.stderr, context
     assert losses(loss_log) == ref_losses, context
@@ -217,7 +226,6 @@ def test_kill9_during_checkpoint_write_keeps_a_loadable_checkpoint(
 
 def test_bitflipped_newest_checkpoint_is_reported_skipped_and_replaced(
         reference, tmp_path, caplog, restore_threads):
-    import shutil
     caplog.set_level(logging.INFO, logger="diffmoe")
     run = tmp_path / "run"
     shutil.copytree(reference[0], run)
@@ -275,8 +283,9 @@ def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(poison, tmp_p
     run = tmp_path / "run"
     assert rc == 2 and lines == [
         f"error: non-finite loss (nan) at step 5; last good checkpoint: {run}/checkpoints/"
-        f"step_00000004; resume from it with --resume after lowering train.lr or setting "
-        f"train.grad_clip, or set train.nonfinite_loss=skip"], err
+        f"step_00000004; resume from it with --resume --accept-changes after lowering train.lr "
+        f"or setting train.grad_clip, or with --resume after setting train.nonfinite_loss=skip"
+    ], err
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == [
         "step_00000002", "step_00000004"]
     assert [r["step"] for r in metric_records(run)] == [2, 4]
@@ -321,4 +330,164 @@ def test_nonfinite_loss_skip_limit_stops_the_run(poison, tmp_path):
     assert str(info.value) == (
         "non-finite loss (nan) at step 3: more than train.max_skipped_steps=2 steps skipped; "
         "last good checkpoint: " + str(tmp_path / "run" / "checkpoints" / "step_00000002") +
-        "; check the data, lower train.lr or set train.grad_clip, then resume with --resume")
+        "; check the data, lower train.lr or set train.grad_clip, then resume with --resume "
+        "--accept-changes")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory: a second writer, an unwritable place, a full disk
+# ---------------------------------------------------------------------------------------------
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_a_second_training_into_a_run_directory_is_refused_naming_the_holder(
+        tmp_path, capsys, caplog, restore_threads):
+    """A training stalled inside step 2 holds its run directory: another one into it, new or
+    resumed, is refused in one line naming the holder, and changes nothing there. Once the
+    holder is SIGKILLed its lock is stale: resume reports it, takes it over and finishes."""
+    run, loss_log = tmp_path / "run", tmp_path / "losses.txt"
+    env = job_env(DIFFMOE_FAULTS="hang:2", DIFFMOE_LOSS_LOG=str(loss_log))
+    job = jobs.Running([sys.executable, str(HERE / "fault_runner.py"), "train", str(CONFIG),
+                        *overrides(run)], env, RUN_TIMEOUT_S)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (loss_log.exists() and 2 in losses(loss_log)):
+        assert job.proc.poll() is None and time.monotonic() < deadline, "no step 2"
+        time.sleep(0.05)
+    before = sorted((p, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file())
+    holder = rf"pid {job.proc.pid} on {re.escape(socket.gethostname())}, since [-0-9: ]+"
+    for extra in ([], ["--resume"]):
+        assert main(["train", str(CONFIG), *overrides(run), *extra]) == 2
+        lines = error_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and re.fullmatch(
+            rf"error: run directory '{re.escape(str(run))}' is in use by another training "
+            rf"\({holder}\); wait for it to end or set train.out_dir to another directory",
+            lines[0]), lines
+    assert before == sorted((p, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file())
+    job.proc.kill()
+    assert job.finish().returncode == -signal.SIGKILL
+    assert (run / "train.lock").is_file()  # left behind by the killed holder
+    assert train(load_config(CONFIG, overrides(run)), resume=True).step == STEPS
+    assert re.search(rf"run directory '{re.escape(str(run))}': the training that held it "
+                     rf"\({holder}\) ended without letting go of it \(it was killed\); "
+                     rf"taking it over", caplog.text), caplog.text
+    assert not (run / "train.lock").exists()
+
+
+def test_an_unwritable_out_dir_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    def refuse(self):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self.path))
+
+    monkeypatch.setattr(DirectoryLock, "_open_locked", refuse)
+    out = tmp_path / "new" / "run"
+    assert main(["train", str(CONFIG), f"train.out_dir={out}"]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: train.out_dir '{out}' cannot be written (Permission denied); choose a "
+        f"directory you can write to"]
+    assert not (tmp_path / "new").exists()  # what the check created is gone again
+
+
+TMPFS_BYTES = 64 << 20  # room for a few tiny runs
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size, *options)``: a tmpfs of ``size`` bytes mounted at <tmp>/disk (mounted
+    again with the new size and options when called again), unmounted at the end. Skips where
+    the tests may not mount one (not root, no mount(8), a container without the right)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = []
+
+    def mount(size: int, *options: str) -> Path:
+        opts = ",".join([*(["remount"] if mounted else []), f"size={size}", *options])
+        try:
+            res = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(disk)],
+                                 capture_output=True, text=True)
+        except OSError as exc:
+            res = subprocess.CompletedProcess([], 1, "", str(exc))
+        if res.returncode:
+            assert not mounted, res.stderr
+            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip() or res.returncode}")
+        mounted.append(disk)
+        return disk
+
+    yield mount
+    if mounted:
+        res = subprocess.run(["umount", str(disk)], capture_output=True, text=True)
+        if res.returncode:  # something was left open on it: detach it anyway, then fail
+            subprocess.run(["umount", "-l", str(disk)], check=True)
+            raise AssertionError(f"umount {disk}: {res.stderr}")
+
+
+def disk_full_line(run: Path, step: int, last: Path) -> str:
+    ckpts = run / "checkpoints"
+    return (rf"error: no space left on the disk holding '{re.escape(str(ckpts))}' \(mounted at "
+            rf"'(?P<mount>[^']+)', [0-9.]+ \w+ free of [0-9.]+ \w+\) while writing the checkpoint "
+            rf"of step {step}; it was not written, and the last good checkpoint is "
+            rf"{re.escape(str(last))}; free space there \(or lower train.keep_checkpoints\), "
+            rf"then resume with --resume")
+
+
+def assert_only_intact(run: Path, names: list[str]) -> None:
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == names  # no .tmp-* left
+    for path in list_checkpoints(ckpts):
+        verify_checkpoint(path, check_hashes=True)
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_names_the_disk(
+        tmp_path, monkeypatch, capsys, restore_threads):
+    """The second checkpoint's optimizer file, half written, fails as safetensors fails on a
+    full disk: the run ends with one line naming the disk; the first checkpoint is intact and
+    resumes."""
+    original = checkpoint.save_file
+
+    def full(tensors, path):
+        if f"{checkpoint_name(4)}-" in path and path.endswith("optimizer.safetensors"):
+            Path(path).write_bytes(b"half a file")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  f"(os error {errno.ENOSPC})")
+        return original(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    run = tmp_path / "run"
+    assert main(["train", str(CONFIG), *small(tmp_path)]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    last = run / "checkpoints" / checkpoint_name(2)
+    match = re.fullmatch(disk_full_line(run, 4, last), lines[0]) if len(lines) == 1 else None
+    assert match, lines
+    mount = Path(match["mount"])
+    assert os.path.ismount(mount) and str(tmp_path).startswith(str(mount))
+    assert_only_intact(run, [checkpoint_name(2)])
+    monkeypatch.setattr(checkpoint, "save_file", original)
+    assert train(load_config(CONFIG, small(tmp_path)), resume=True).step == 6
+
+
+def test_disk_full_on_a_small_tmpfs_keeps_the_last_checkpoint(tmpfs, capsys, restore_threads):
+    """The same on a real full disk: a tmpfs with room for half a checkpoint more than the
+    run's first one."""
+    disk = tmpfs(TMPFS_BYTES)
+    run = disk / "run"
+    assert main(["train", str(CONFIG), *small(disk, **{"train.steps": 2})]) == 0
+    first = run / "checkpoints" / checkpoint_name(2)
+    size = sum(p.stat().st_size for p in first.iterdir())
+    tmpfs(shutil.disk_usage(disk).used + size // 2)
+    assert main(["train", str(CONFIG), *small(disk), "--resume"]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    match = re.fullmatch(disk_full_line(run, 4, first), lines[0]) if len(lines) == 1 else None
+    assert match and match["mount"] == str(disk), lines
+    assert_only_intact(run, [checkpoint_name(2)])
+    tmpfs(TMPFS_BYTES)
+    assert main(["train", str(CONFIG), *small(disk), "--resume"]) == 0
+    assert_only_intact(run, [checkpoint_name(2), checkpoint_name(4), checkpoint_name(6)])
+
+
+def test_a_read_only_out_dir_is_refused_before_any_work(tmpfs, capsys):
+    disk = tmpfs(TMPFS_BYTES, "ro")
+    assert main(["train", str(CONFIG), f"train.out_dir={disk}/run"]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: train.out_dir '{disk}/run' cannot be written (Read-only file system); choose a "
+        f"directory you can write to"]

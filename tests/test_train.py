@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -221,3 +222,128 @@ def test_a_steady_training_step_never_synchronises_on_cuda(tiny_config_path, tmp
         trainer.settle()
     finally:
         trainer.close()
+
+
+def test_every_config_key_has_a_resume_class():
+    """diffmoe/config/resume.py classifies each key of the schema once: a new field without a
+    class, or a class for a field that is gone, fails here."""
+    from diffmoe.config import Config
+    from diffmoe.config.resume import KEY_CLASS, unclassified
+
+    schema = Config().to_dict()
+    assert unclassified(schema) == []
+    assert unclassified({**schema, "train": {**schema["train"], "new_knob": 1}}) == [
+        "train.new_knob"]
+    assert KEY_CLASS["objective.type"] == "objective" and KEY_CLASS["train.lr"] == "optimisation"
+    assert KEY_CLASS["train.steps"] == "bookkeeping" and KEY_CLASS["data.split"] == "data"
+
+
+def history(run):
+    return sorted(p.name for p in (run / "config_history").iterdir())
+
+
+def test_resume_with_other_optimisation_needs_accept_changes_and_records_each_config(
+        tiny_config_path, tiny_overrides, capsys):
+    run = train(load_config(tiny_config_path, tiny_overrides("opt", **{
+        "train.steps": 4, "train.ckpt_every": 2}))).run_dir
+    first = (run / "config.yaml").read_text()
+    changed = tiny_overrides("opt", **{"train.steps": 6, "train.ckpt_every": 2,
+                                       "train.weight_decay": 0.5})
+    argv = ["train", str(tiny_config_path), *changed, "--resume"]
+    assert main(argv) == 2
+    assert "train.weight_decay (0.0 in the checkpoint, 0.5 now); add --accept-changes" in \
+        capsys.readouterr().err
+    assert not (run / "config_history").exists() and (run / "config.yaml").read_text() == first
+    assert main(argv + ["--accept-changes"]) == 0
+    assert history(run) == ["step_00000000.yaml", "step_00000004.yaml"]
+    assert (run / "config_history" / "step_00000000.yaml").read_text() == (
+        "# the config of this run from step 0 on\n" + first)
+    accepted = run / "config_history" / "step_00000004.yaml"
+    assert accepted.read_text().splitlines()[0] == (
+        "# the config of this run from step 4 on; changed then: train.steps (4 in the checkpoint,"
+        " 6 now); train.weight_decay (0.0 in the checkpoint, 0.5 now)")
+    assert load_config(accepted).train.weight_decay == 0.5
+    assert (run / "config.yaml").read_text() == load_config(tiny_config_path, changed).to_yaml()
+    # The optimizer trained on with the new setting, not the checkpoint's.
+    for step, decay in ((4, 0.0), (6, 0.5)):
+        state = json.loads((run / "checkpoints" / f"step_{step:08d}" / "state.json").read_text())
+        assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {decay}
+    # A run killed after the accepted change, before its next checkpoint, resumes from step 4
+    # under the accepted config without being asked again; the old setting is now a change.
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    assert main(["train", str(run / "config.yaml"), "--resume"]) == 0
+    assert history(run) == ["step_00000000.yaml", "step_00000004.yaml"]
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    assert main(["train", str(tiny_config_path), *tiny_overrides("opt", **{
+        "train.steps": 6, "train.ckpt_every": 2}), "--resume"]) == 2
+    assert "train.weight_decay (0.5 in the checkpoint, 0.0 now)" in capsys.readouterr().err
+
+
+def test_resume_with_bookkeeping_changes_records_them(tiny_config_path, tiny_overrides):
+    run = train(load_config(tiny_config_path, tiny_overrides("book", **{
+        "train.steps": 3}))).run_dir
+    train(load_config(tiny_config_path, tiny_overrides("book", **{
+        "train.steps": 5, "train.log_every": 1, "sample.num": 4})), resume=True)
+    assert history(run) == ["step_00000000.yaml", "step_00000003.yaml"]
+    header = (run / "config_history" / "step_00000003.yaml").read_text().splitlines()[0]
+    assert "train.steps (3 in the checkpoint, 5 now)" in header
+    assert "train.log_every (2 in the checkpoint, 1 now)" in header
+    assert "sample.num (10 in the checkpoint, 4 now)" in header
+
+
+def test_resume_without_checkpoints_keeps_the_earlier_history(tiny_config_path, tiny_overrides,
+                                                              caplog):
+    """The checkpoints are gone: --resume starts again from step 0 and moves what the earlier
+    attempt wrote (with a user's own line) to previous-<time>/, byte for byte."""
+    cfg = load_config(tiny_config_path, tiny_overrides("gone"))
+    run = train(cfg).run_dir
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write("my note: the loss looked fine\n")
+    metrics = (run / "metrics.jsonl").read_bytes()
+    grids = {p.name: p.read_bytes() for p in (run / "samples").iterdir()}
+    shutil.rmtree(run / "checkpoints")
+    argv = ["train", str(tiny_config_path), *tiny_overrides("gone"), "--resume"]
+    assert main(argv) == 0
+    previous = [p for p in run.iterdir() if p.name.startswith("previous-")]
+    assert len(previous) == 1
+    assert (previous[0] / "metrics.jsonl").read_bytes() == metrics
+    assert {p.name: p.read_bytes() for p in (previous[0] / "samples").iterdir()} == grids
+    assert not (previous[0] / "config.yaml").exists()  # the same config: nothing to keep
+    said = f"starting it again from step 0; what the earlier attempt wrote (metrics.jsonl and " \
+           f"samples/) is kept in '{previous[0]}'"
+    assert said in caplog.text and said in (run / "train.log").read_text()
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [
+        2, 4, 6]
+
+
+def test_rewind_keeps_lines_that_are_no_metric_record(tiny_config_path, tiny_overrides):
+    run = train(load_config(tiny_config_path, tiny_overrides("rewind"))).run_dir
+    records = (run / "metrics.jsonl").read_text().splitlines()
+    foreign = ["# my note", '{"comment": "no step"}', "\xff not utf-8"]
+    (run / "metrics.jsonl").write_bytes("\n".join(
+        [records[0], foreign[0], records[1], foreign[1], records[2], foreign[2]]).encode(
+            "utf-8", "surrogateescape") + b"\n")
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    train(load_config(tiny_config_path, tiny_overrides("rewind")), resume=True)
+    assert (run / "metrics.set-aside.txt").read_bytes() == "".join(
+        line + "\n" for line in foreign).encode("utf-8", "surrogateescape")
+    key = ("images_per_sec", "elapsed_s")
+    assert [{k: v for k, v in json.loads(x).items() if k not in key} for x in records] == [
+        {k: v for k, v in json.loads(x).items() if k not in key}
+        for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_start_refused_after_its_checks_leaves_nothing_behind(tiny_config_path, tmp_path):
+    """Nothing is written before every check passed: a data error (found while building)
+    leaves no run directory, and a user's config.yaml in train.out_dir stays as it was."""
+    out = tmp_path / "new" / "run"
+    with pytest.raises(DiffMoEError, match="no split 'valid'"):
+        train(load_config(tiny_config_path, [f"train.out_dir={out}", "data.split=valid"]))
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: settings\n")
+    with pytest.raises(DiffMoEError, match="already holds config.yaml, which a new run writes"):
+        train(load_config(tiny_config_path, [f"train.out_dir={mine}"]))
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml"]
+    assert (mine / "config.yaml").read_text() == "my: settings\n"
