@@ -34,12 +34,13 @@ Condition = Union[Tensor, TextCondition]  # class labels, or a batch of encoded 
 
 
 def resolve_routing(model: DiT, settings: SampleConfig) -> Routing:
-    """The MoE routing that ``settings`` ask of ``model``: ``auto`` → dynamic for a DiffMoE model,
-    static otherwise. Dynamic and threshold modes need DiffMoE's capacity predictor."""
+    """The MoE routing that ``settings`` ask of ``model``: ``auto`` → the model's
+    ``default_routing`` (dynamic for a DiffMoE model, static otherwise). Dynamic and threshold
+    modes need DiffMoE's capacity predictor."""
     has_predictor = bool(diffmoe_layers(model))
     mode = settings.mode
     if mode == "auto":
-        mode = "dynamic" if has_predictor else "static"
+        mode = model.default_routing.mode
     if mode in ("dynamic", "threshold") and not has_predictor:
         raise ConfigError(f"sample.mode={mode} needs a capacity predictor, but this model's FFN is "
                           f"'{model.cfg.moe.type}'; use --mode static")
