@@ -76,19 +76,23 @@ def capacity_warnings(model: DiT, routing: Routing, batch_size: int, c_avg: floa
 
 def generate_batches(model: DiT, objective: Objective, condition: Condition,
                      settings: SampleConfig, *, progress: bool = True,
-                     meter: Optional[CapacityMeter] = None) -> Iterator[tuple[Tensor, Condition]]:
+                     meter: Optional[CapacityMeter] = None,
+                     generator: Optional[torch.Generator] = None
+                     ) -> Iterator[tuple[Tensor, Condition]]:
     """Generate one image per entry of ``condition`` (class labels or a text condition),
     ``settings.batch_size`` at a time, yielding (images in [-1, 1] on the CPU, their condition)
     per batch, so a caller can consume them without keeping them all. The routing comes from
     :func:`resolve_routing` and the sampler options from the same ``settings``, whose ranges
     ``config.validate_sampling`` has checked; the model runs under ``settings.precision`` and,
-    with ``settings.compile``, compiled. Every forward is reported to ``meter`` if given."""
+    with ``settings.compile``, compiled. Every forward is reported to ``meter`` if given. The
+    noise comes from ``generator`` (on the model's device) if given, else from
+    ``settings.seed``."""
     routing = resolve_routing(model, settings)
     options = SamplerOptions.from_settings(settings)
     on_forward = meter.on_forward if meter is not None else None
     device = next(model.parameters()).device
     net = torch.compile(model) if settings.compile else model
-    gen = torch.Generator(device=device).manual_seed(settings.seed)
+    gen = generator or torch.Generator(device=device).manual_seed(settings.seed)
     was_training = model.training
     model.eval()
     try:
@@ -106,14 +110,15 @@ def generate_batches(model: DiT, objective: Objective, condition: Condition,
 
 
 def generate(model: DiT, objective: Objective, condition: Condition, settings: SampleConfig, *,
-             progress: bool = True, meter: Optional[CapacityMeter] = None
-             ) -> tuple[Tensor, CapacityMeter]:
+             progress: bool = True, meter: Optional[CapacityMeter] = None,
+             generator: Optional[torch.Generator] = None) -> tuple[Tensor, CapacityMeter]:
     """Generate one image per entry of ``condition`` with ``settings`` (see
     :func:`generate_batches`). Returns images in [-1, 1] (on the CPU) and the capacity meter that
     recorded every forward."""
     meter = meter if meter is not None else CapacityMeter()
     chunks = [images for images, _ in generate_batches(model, objective, condition, settings,
-                                                       progress=progress, meter=meter)]
+                                                       progress=progress, meter=meter,
+                                                       generator=generator)]
     return torch.cat(chunks), meter
 
 
@@ -154,16 +159,20 @@ def load_for_sampling(path: str | Path, overrides: dict, device: str | torch.dev
     device = resolve_device(device, "--device")
     ckpt = open_checkpoint(path)
     cfg = checkpoint_config(ckpt)
+    s = sampling_settings(cfg, overrides)
+    use_tf32(device, s.tf32)
+    return ckpt, s, model_from_checkpoint(ckpt, s.weights, device), build_objective(cfg)
+
+
+def sampling_settings(cfg: Config, overrides: dict) -> SampleConfig:
+    """``cfg.sample`` updated with ``overrides`` and checked against the objective and model
+    (``config.validate_sampling``), with ``auto`` resolved to the sampler it stands for."""
     try:
         s = replace(cfg.sample, **overrides)
     except TypeError as exc:
         raise ConfigError(f"bad sample settings ({exc}); check the options") from None
     validate_sampling(cfg.objective, s, cfg.model)
-    use_tf32(device, s.tf32)
-    model = model_from_checkpoint(ckpt, s.weights, device)
-    objective = build_objective(cfg)
-    return ckpt, replace(s, sampler=resolve_sampler(objective.kind, s.sampler)), model, \
-        objective
+    return replace(s, sampler=resolve_sampler(cfg.objective.type, s.sampler))
 
 
 def parse_labels(spec: Optional[str], num: int, num_classes: int, seed: int) -> Tensor:
