@@ -61,8 +61,8 @@ class Pretrained:
     capacity_note: how it was measured.
     """
 
-    model: DiT
-    config: Config
+    model: DiT = dataclasses.field(repr=False)
+    config: Config = dataclasses.field(repr=False)
     step: int
     weights: str
     source: Path
