@@ -2,10 +2,50 @@
 tokens from a batch-level global pool (arXiv 2503.14487).
 
 Comments cite the paper by equation number (Eq. N, the paper's own) and by section (paper §N, the
-sections of the summary listed at the top of docs/paper-to-code.md)."""
+sections of the summary listed at the top of docs/paper-to-code.md).
 
-from .config import Config, load_config
-from .models import DiT, build_model
+What a Python user needs is importable from here (docs/python-api.md): the pipeline, the
+Hub-style folder, the drop-in MoE layers, the config and the model. The names are imported when
+first used, so ``import diffmoe`` (and every ``diffmoe`` command) stays as fast as before.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Config, load_config
+    from .errors import DiffMoEError
+    from .hub import Pretrained, load_model, load_pretrained
+    from .layers import DiffMoELayer, ExpertChoiceLayer, MoEOutput, TokenChoiceLayer
+    from .models import DiT, build_model
+    from .models.moe import Routing, apply_threshold_updates, diffmoe_layers
+    from .pipeline import CapacityReport, DiffMoEPipeline, PipelineOutput
 
 __version__ = "0.1.0"
-__all__ = ["Config", "DiT", "build_model", "load_config", "__version__"]
+
+# Each public name → the module that defines it.
+_EXPORTS = {
+    "Config": "config", "load_config": "config", "DiffMoEError": "errors",
+    "Pretrained": "hub", "load_model": "hub", "load_pretrained": "hub",
+    "DiffMoELayer": "layers", "ExpertChoiceLayer": "layers", "MoEOutput": "layers",
+    "TokenChoiceLayer": "layers", "DiT": "models", "build_model": "models",
+    "Routing": "models.moe", "apply_threshold_updates": "models.moe",
+    "diffmoe_layers": "models.moe", "CapacityReport": "pipeline", "DiffMoEPipeline": "pipeline",
+    "PipelineOutput": "pipeline",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'diffmoe' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

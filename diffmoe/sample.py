@@ -34,12 +34,13 @@ Condition = Union[Tensor, TextCondition]  # class labels, or a batch of encoded 
 
 
 def resolve_routing(model: DiT, settings: SampleConfig) -> Routing:
-    """The MoE routing that ``settings`` ask of ``model``: ``auto`` → dynamic for a DiffMoE model,
-    static otherwise. Dynamic and threshold modes need DiffMoE's capacity predictor."""
+    """The MoE routing that ``settings`` ask of ``model``: ``auto`` → the model's
+    ``default_routing`` (dynamic for a DiffMoE model, static otherwise). Dynamic and threshold
+    modes need DiffMoE's capacity predictor."""
     has_predictor = bool(diffmoe_layers(model))
     mode = settings.mode
     if mode == "auto":
-        mode = "dynamic" if has_predictor else "static"
+        mode = model.default_routing.mode
     if mode in ("dynamic", "threshold") and not has_predictor:
         raise ConfigError(f"sample.mode={mode} needs a capacity predictor, but this model's FFN is "
                           f"'{model.cfg.moe.type}'; use --mode static")
@@ -85,16 +86,18 @@ def batch_seed(seed: int, batch: int) -> int:
 def generate_batches(model: DiT, objective: Objective, condition: Condition,
                      settings: SampleConfig, *, progress: bool = True,
                      meter: Optional[CapacityMeter] = None,
-                     batches: Optional[Sequence[int]] = None
+                     batches: Optional[Sequence[int]] = None,
+                     generator: Optional[torch.Generator] = None
                      ) -> Iterator[tuple[Tensor, Condition]]:
     """Generate one image per entry of ``condition`` (class labels or a text condition),
     ``settings.batch_size`` at a time, yielding (images in [-1, 1] on the CPU, their condition)
     per batch, so a caller can consume them without keeping them all; ``batches`` picks which
     batches (by index, e.g. one process's share), all of them by default. Each batch's noise
-    comes from :func:`batch_seed`. The routing comes from :func:`resolve_routing` and the
-    sampler options from the same ``settings``, whose ranges ``config.validate_sampling`` has
-    checked; the model runs under ``settings.precision`` and, with ``settings.compile``,
-    compiled. Every forward is reported to ``meter`` if given."""
+    comes from :func:`batch_seed`, or, if given, from ``generator`` (on the model's device),
+    drawn batch after batch. The routing comes from :func:`resolve_routing` and the sampler
+    options from the same ``settings``, whose ranges ``config.validate_sampling`` has checked;
+    the model runs under ``settings.precision`` and, with ``settings.compile``, compiled. Every
+    forward is reported to ``meter`` if given."""
     routing = resolve_routing(model, settings)
     options = SamplerOptions.from_settings(settings)
     on_forward = meter.on_forward if meter is not None else None
@@ -108,7 +111,8 @@ def generate_batches(model: DiT, objective: Objective, condition: Condition,
     try:
         for b in tqdm(batches, disable=not progress, desc="sample", dynamic_ncols=True):
             y = condition[b * size:(b + 1) * size]
-            gen = torch.Generator(device=device).manual_seed(batch_seed(settings.seed, b))
+            gen = generator or torch.Generator(device=device).manual_seed(
+                batch_seed(settings.seed, b))
             with autocast(settings.precision, device):
                 images = sample(net, objective, y.to(device), sampler=settings.sampler,
                                 steps=settings.steps, cfg_scale=settings.cfg_scale,
@@ -120,14 +124,15 @@ def generate_batches(model: DiT, objective: Objective, condition: Condition,
 
 
 def generate(model: DiT, objective: Objective, condition: Condition, settings: SampleConfig, *,
-             progress: bool = True, meter: Optional[CapacityMeter] = None
-             ) -> tuple[Tensor, CapacityMeter]:
+             progress: bool = True, meter: Optional[CapacityMeter] = None,
+             generator: Optional[torch.Generator] = None) -> tuple[Tensor, CapacityMeter]:
     """Generate one image per entry of ``condition`` with ``settings`` (see
     :func:`generate_batches`). Returns images in [-1, 1] (on the CPU) and the capacity meter that
     recorded every forward."""
     meter = meter if meter is not None else CapacityMeter()
     chunks = [images for images, _ in generate_batches(model, objective, condition, settings,
-                                                       progress=progress, meter=meter)]
+                                                       progress=progress, meter=meter,
+                                                       generator=generator)]
     return torch.cat(chunks), meter
 
 
@@ -168,16 +173,20 @@ def load_for_sampling(path: str | Path, overrides: dict, device: str | torch.dev
     device = resolve_device(device, "--device")
     ckpt = open_checkpoint(path)
     cfg = checkpoint_config(ckpt)
+    s = sampling_settings(cfg, overrides)
+    use_tf32(device, s.tf32)
+    return ckpt, s, model_from_checkpoint(ckpt, s.weights, device), build_objective(cfg)
+
+
+def sampling_settings(cfg: Config, overrides: dict) -> SampleConfig:
+    """``cfg.sample`` updated with ``overrides`` and checked against the objective and model
+    (``config.validate_sampling``), with ``auto`` resolved to the sampler it stands for."""
     try:
         s = replace(cfg.sample, **overrides)
     except TypeError as exc:
         raise ConfigError(f"bad sample settings ({exc}); check the options") from None
     validate_sampling(cfg.objective, s, cfg.model)
-    use_tf32(device, s.tf32)
-    model = model_from_checkpoint(ckpt, s.weights, device)
-    objective = build_objective(cfg)
-    return ckpt, replace(s, sampler=resolve_sampler(objective.kind, s.sampler)), model, \
-        objective
+    return replace(s, sampler=resolve_sampler(cfg.objective.type, s.sampler))
 
 
 def parse_labels(spec: Optional[str], num: int, num_classes: int, seed: int) -> Tensor:

@@ -13,8 +13,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffmoe"
 # and the layers below it.
 LAYERS = (
     ("cli", "__main__"),
-    ("train", "t2i", "official", "evaluation"),
-    ("sample", "loss", "capacity", "parallel", "ema", "checkpoint", "images", "run"),
+    ("pipeline", "train", "t2i", "official", "evaluation"),
+    ("sample", "loss", "capacity", "parallel", "ema", "checkpoint", "images", "run", "hub",
+     "layers"),
     ("data", "diffusion"),
     ("models",),
     ("config", "errors", "paths", "distributed", "faults", "fileio", "device"),

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..config import SAMPLER_NAMES, SAMPLERS_BY_OBJECTIVE, SampleConfig
 from ..errors import ConfigError
 from ..models.dit import DiT, DiTOutput
-from ..models.moe import STATIC, Routing
+from ..models.moe import Routing
 from .flow import FlowMatching
 from .gaussian import GaussianDiffusion
 from .objective import check_sampling_steps
@@ -73,7 +73,7 @@ def resolve_sampler(objective: str, sampler: str) -> str:
 
 
 def guided_output(model: DiT, z: Tensor, model_t: Tensor, y: Tensor, cfg_scale: float,
-                  routing: Routing, guided: int, data_t: float,
+                  routing: Optional[Routing], guided: int, data_t: float,
                   on_forward: Optional[ForwardHook] = None) -> Tensor:
     """The model output (float32) with classifier-free guidance out = u + s·(c − u) on its first
     ``guided`` channels; the other channels (DDPM's variance, or channels left unguided) are the
@@ -99,7 +99,7 @@ def _guided_channels(options: SamplerOptions, in_channels: int) -> int:
 
 
 def guided_velocity(model: DiT, flow: FlowMatching, z: Tensor, t: float, y: Tensor,
-                    cfg_scale: float, routing: Routing,
+                    cfg_scale: float, routing: Optional[Routing],
                     on_forward: Optional[ForwardHook] = None,
                     options: Optional[SamplerOptions] = None) -> Tensor:
     """v = v_u + s·(v_c − v_u) at flow time t."""
@@ -207,11 +207,12 @@ def ddim(process: GaussianDiffusion, predict: Prediction, x: Tensor, eta: float,
 
 @torch.no_grad()
 def sample(model: DiT, objective: Objective, labels: Tensor, *, sampler: str = "auto",
-           steps: int = 250, cfg_scale: float = 1.0, routing: Routing = STATIC,
+           steps: int = 250, cfg_scale: float = 1.0, routing: Optional[Routing] = None,
            generator: Optional[torch.Generator] = None,
            on_forward: Optional[ForwardHook] = None,
            options: Optional[SamplerOptions] = None) -> Tensor:
-    """Generate one batch from noise with either objective; returns (B, C, H, W)."""
+    """Generate one batch from noise with either objective; returns (B, C, H, W). ``routing``:
+    the MoE inference rule, the model's ``default_routing`` (dynamic for DiffMoE) when None."""
     options = options or SamplerOptions()
     sampler = resolve_sampler(objective.kind, sampler)
     check_sampling_steps(steps)

@@ -23,12 +23,13 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from .condition import EMBED_INIT_STD, Condition, build_condition_embedder
-from .moe import STATIC, DenseFFN, FFNOutput, MoELayer, Routing, build_ffn
+from .moe import STATIC, DenseFFN, FFNOutput, MoELayer, Routing, build_ffn, diffmoe_layers
 
 TIMESTEP_FREQ_DIM = 256  # sinusoidal features fed to the timestep MLP (DiT)
 TIMESTEP_MAX_PERIOD = 10000
 LN_EPS = 1e-6
 FINAL_CONV_KERNEL = 3  # model.final_conv: U-ViT's 3x3 convolution after the patch decoder
+DYNAMIC = Routing("dynamic")  # the paper's inference routing (Eq. 14), with the learned thresholds
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -266,10 +267,19 @@ class DiT(nn.Module):
         out = self.unpatchify(self.final_layer(h, c))
         return out if self.final_conv is None else self.final_conv(out)
 
-    def forward(self, x: Tensor, t: Tensor, y: Condition, routing: Routing = STATIC
+    @property
+    def default_routing(self) -> Routing:
+        """The inference routing of this model when none is asked for (``sample.mode=auto``):
+        the paper's dynamic mode for a model with DiffMoE layers, static (the only rule the other
+        layers have) otherwise. Training forwards use the training rule whatever the routing."""
+        return DYNAMIC if diffmoe_layers(self) else STATIC
+
+    def forward(self, x: Tensor, t: Tensor, y: Condition, routing: Optional[Routing] = None
                 ) -> DiTOutput:
         """x: (B, C, H, W) noisy input; t: (B,) timesteps as the embedder sees them; y: the
-        condition, (B,) labels (``num_classes`` = null) or a :class:`TextCondition`."""
+        condition, (B,) labels (``num_classes`` = null) or a :class:`TextCondition`;
+        ``routing``: the MoE inference rule, :attr:`default_routing` when None."""
+        routing = self.default_routing if routing is None else routing
         h = self.patchify(x) + self.pos_embed.to(x.dtype)
         cond = self.y_embedder(y)
         c = self.t_embedder(t) + cond.vector

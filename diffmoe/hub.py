@@ -1,0 +1,231 @@
+"""A trained model as a Hub-style folder that others can share and load::
+
+    <folder>/
+        config.json         the full config the model was trained with (Config.to_dict())
+        model.safetensors   its weights (EMA by default), the DiffMoE thresholds included; the
+                            metadata holds the format ("pt"), the diffmoe version, the training
+                            step, which weights they are and the capacity the card reports
+        README.md           a short model card: the config, C_avg_infer, the training steps
+
+This is the layout of huggingface_hub's ``ModelHubMixin`` (``save_pretrained`` /
+``from_pretrained``, ``config.json`` + ``model.safetensors``, a model card with YAML front
+matter), written without importing huggingface_hub, which is not a pinned dependency and must
+download nothing here: such a folder can be uploaded as it is (``huggingface_hub.upload_folder``)
+and a Hub repository, once downloaded (``huggingface_hub.snapshot_download``), loads as a folder.
+
+:func:`load_pretrained` reads such a folder, a run directory (its newest intact checkpoint) or a
+checkpoint directory. Every problem is one :class:`~diffmoe.errors.DiffMoEError` line, and a
+failing save writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import STATE_FILE, open_checkpoint, state_dict_mismatch
+from .config import WEIGHTS, Config, config_from_dict
+from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write, atomic_write_text
+from .models import DiT, build_model
+from .run import METRICS_FILE
+from .sample import checkpoint_config, model_from_checkpoint
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+SAFETENSORS_FORMAT = "pt"  # the "format" metadata entry transformers and diffusers write
+CAPACITY_LOGGED = "logged in training (C dynamic inference would use on the last logged batch)"
+FOLDER_KINDS = "a folder written by save_pretrained, a run directory or a checkpoint directory"
+VERSION = importlib.metadata.version("diffmoe")  # recorded in the weights' metadata
+
+
+@dataclass
+class Pretrained:
+    """A trained model with what its folder or checkpoint records about it.
+
+    model: the DiT in eval mode with the chosen weights (DiffMoE thresholds included).
+    config: the full config it was trained with (objective, data, sample settings).
+    step: training steps behind the weights. weights: ``ema`` or ``raw``.
+    source: the folder or checkpoint directory that was read.
+    c_avg_infer: the capacity the model card reports (Eq. 15), None when not measured, and
+    capacity_note: how it was measured.
+    """
+
+    model: DiT = dataclasses.field(repr=False)
+    config: Config = dataclasses.field(repr=False)
+    step: int
+    weights: str
+    source: Path
+    c_avg_infer: Optional[float] = None
+    capacity_note: str = ""
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the folder (see the module docstring); returns its path."""
+        return save_pretrained(self, directory)
+
+
+def unknown_fields(cls: type, data: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of ``data`` that the dataclass ``cls`` (a config section) has no field for."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    found = []
+    for key, value in data.items():
+        if key not in names:
+            found.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            found += unknown_fields(hints[key], value, f"{prefix}{key}.")
+    return found
+
+
+def _read_config(folder: Path) -> Config:
+    path = folder / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"'{path}' cannot be read as JSON ({exc}); save the folder again "
+                              f"with save_pretrained") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"'{path}' holds no config mapping; save the folder again with "
+                              f"save_pretrained")
+    unknown = unknown_fields(Config, data)
+    if unknown:
+        raise ConfigError(f"'{path}' has config field '{unknown[0]}' that diffmoe {VERSION} "
+                          f"does not know (a newer version's folder?); upgrade diffmoe, or "
+                          f"remove the field if the folder was edited")
+    return config_from_dict(data)
+
+
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"'{folder}' has {CONFIG_FILE} but no {WEIGHTS_FILE}; copy the "
+                              f"weights beside it or save the folder again with save_pretrained")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"'{path}' is not a readable safetensors file ({exc}); save the "
+                              f"folder again with save_pretrained") from None
+
+
+def _load_folder(folder: Path, weights: str, device: torch.device | str) -> Pretrained:
+    cfg = _read_config(folder)
+    tensors, meta = _read_weights(folder)
+    model = build_model(cfg.model)
+    parts = state_dict_mismatch(tensors, model.state_dict(), f"in the model of its {CONFIG_FILE}")
+    if parts:
+        raise CheckpointError(f"'{folder / WEIGHTS_FILE}' does not fit its {CONFIG_FILE} "
+                              f"({'; '.join(parts)}); keep the two files of one save_pretrained "
+                              f"together")
+    held = meta.get("weights", weights)
+    if held != weights:
+        raise ConfigError(f"'{folder}' holds the {held} weights only, not {weights}; load "
+                          f"weights='{held}', or the run directory it was saved from")
+    model.load_state_dict(tensors)
+    capacity = json.loads(meta.get("capacity") or "{}")
+    return Pretrained(model.to(device).eval(), cfg, int(meta.get("step", 0)), held, folder,
+                      capacity.get("c_avg_infer"), capacity.get("note", ""))
+
+
+def _logged_capacity(checkpoint: Path) -> Optional[float]:
+    """The last ``dynamic_capacity`` in the metrics of the run a checkpoint belongs to."""
+    metrics = checkpoint.parent.parent / METRICS_FILE
+    if not metrics.is_file():
+        return None
+    values = [json.loads(line).get("dynamic_capacity") for line in
+              metrics.read_text().splitlines() if line.strip()]
+    values = [v for v in values if v is not None]
+    return float(values[-1]) if values else None
+
+
+def _missing(path: Path) -> CheckpointError:
+    text = str(path)
+    hub_id = text.count("/") == 1 and not text.startswith((".", "/"))
+    hint = (f" (a Hub id must be downloaded first, e.g. with huggingface_hub.snapshot_download"
+            f"('{text}'), and the folder passed)" if hub_id else "")
+    return CheckpointError(f"'{path}' does not exist; pass {FOLDER_KINDS}{hint}")
+
+
+def load_pretrained(path: str | Path, weights: str = "ema", device: torch.device | str = "cpu"
+                    ) -> Pretrained:
+    """The model of a folder written by :func:`save_pretrained`, of a run directory (its newest
+    intact checkpoint) or of a checkpoint directory, with its ``ema`` or ``raw`` weights (a
+    folder holds the one set it was saved with), in eval mode on ``device``."""
+    path = Path(path)
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights '{weights}' must be one of {list(WEIGHTS)}")
+    if not path.exists():
+        raise _missing(path)
+    if (path / CONFIG_FILE).is_file():
+        return _load_folder(path, weights, device)
+    if not ((path / STATE_FILE).is_file() or (path / "checkpoints").is_dir()):
+        found = f" (it has {WEIGHTS_FILE} but no {CONFIG_FILE})" if (
+            path / WEIGHTS_FILE).is_file() else ""
+        raise CheckpointError(f"'{path}' is not {FOLDER_KINDS}{found}; pass one of those")
+    ckpt = open_checkpoint(path)
+    model = model_from_checkpoint(ckpt, weights, device)
+    logged = _logged_capacity(ckpt.path)
+    return Pretrained(model, checkpoint_config(ckpt), int(ckpt.state["step"]), weights,
+                      ckpt.path, logged, CAPACITY_LOGGED if logged is not None else "")
+
+
+def load_model(path: str | Path, weights: str = "ema", device: torch.device | str = "cpu"
+               ) -> DiT:
+    """The DiT of :func:`load_pretrained` alone, in eval mode."""
+    return load_pretrained(path, weights, device).model
+
+
+def model_card(p: Pretrained) -> str:
+    """README.md of a folder: YAML front matter (the Hub's model-card metadata) and a table of
+    the config's main entries, C_avg_infer and the training steps."""
+    m, moe = p.config.model, p.config.model.moe
+    experts = "" if moe.type == "dense" else f", {moe.num_experts} experts, capacity {moe.capacity}"
+    condition = (f"{m.num_classes} classes" if m.condition == "class" else
+                 f"text ({m.text.encoder})")
+    capacity = ("not measured" if p.c_avg_infer is None else
+                f"{p.c_avg_infer:.4f}, {p.capacity_note}")
+    rows = [("feed-forward", f"{moe.type}{experts}"),
+            ("backbone", f"depth {m.depth}, width {m.hidden_size}, {m.num_heads} heads, patch "
+                         f"{m.patch_size}, input {m.in_channels}x{m.input_size}x{m.input_size}"),
+            ("condition", condition), ("objective", p.config.objective.type),
+            ("parameters", f"{p.model.num_params():,}"), ("training steps", str(p.step)),
+            ("weights", p.weights), ("C_avg_infer (Eq. 15)", capacity)]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (f"---\nlibrary_name: diffmoe\ntags:\n- diffmoe\n- diffusion\n- mixture-of-experts\n"
+            f"---\n\n# DiffMoE model\n\nA diffusion transformer trained with diffmoe "
+            f"(DiffMoE, arXiv 2503.14487); the full config is in {CONFIG_FILE}.\n\n"
+            f"| | |\n|---|---|\n{table}\n\n```python\nfrom diffmoe import DiffMoEPipeline\n\n"
+            f"pipe = DiffMoEPipeline.from_pretrained(\"path/to/this/folder\")\n```\n")
+
+
+def save_pretrained(p: Pretrained, directory: str | Path) -> Path:
+    """Write ``p`` as a folder (see the module docstring): the weights first and ``config.json``,
+    which marks the folder as loadable, last. Refuses, writing nothing, a path that is a file, a
+    run or a checkpoint directory."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"'{directory}' is a file; save_pretrained writes a folder, pass a "
+                          f"directory path")
+    if (directory / STATE_FILE).exists() or (directory / "checkpoints").exists():
+        raise ConfigError(f"'{directory}' is a run or checkpoint directory; save the folder "
+                          f"somewhere else")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in p.model.state_dict().items()}
+    capacity = {"c_avg_infer": p.c_avg_infer, "note": p.capacity_note}
+    meta = {"format": SAFETENSORS_FORMAT, "diffmoe_version": VERSION, "step": str(p.step),
+            "weights": p.weights, "capacity": json.dumps(capacity)}
+    config_text = json.dumps(p.config.to_dict(), indent=2) + "\n"
+    card = model_card(p)
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), meta))
+    atomic_write_text(directory / CARD_FILE, card)
+    atomic_write_text(directory / CONFIG_FILE, config_text)
+    return directory
