@@ -14,14 +14,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .config import Config, load_config
-    from .errors import DiffMoEError
-    from .hub import Pretrained, load_model, load_pretrained
-    from .layers import DiffMoELayer, ExpertChoiceLayer, MoEOutput, TokenChoiceLayer
-    from .models import DiT, build_model
-    from .models.moe import Routing, apply_threshold_updates, diffmoe_layers
-    from .pipeline import CapacityReport, DiffMoEPipeline, PipelineOutput
+if TYPE_CHECKING:  # for type checkers and editors; at run time see __getattr__
+    from .config import Config, load_config  # noqa: F401
+    from .errors import DiffMoEError  # noqa: F401
+    from .hub import Pretrained, load_model, load_pretrained  # noqa: F401
+    from .layers import DiffMoELayer, ExpertChoiceLayer, MoEOutput, TokenChoiceLayer  # noqa: F401
+    from .models import DiT, build_model  # noqa: F401
+    from .models.moe import Routing, apply_threshold_updates, diffmoe_layers  # noqa: F401
+    from .pipeline import CapacityReport, DiffMoEPipeline, PipelineOutput  # noqa: F401
 
 __version__ = "0.1.0"
 

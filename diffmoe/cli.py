@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -42,7 +41,8 @@ from .config import (
 )
 from .data.shapes import CATEGORY_NAMES
 from .errors import DiffMoEError
-from .paths import file_in_the_way
+from .fileio import to_json
+from .paths import check_outputs
 
 log = logging.getLogger("diffmoe")
 
@@ -53,6 +53,11 @@ def setup_logging(verbose: bool = False) -> None:
     fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s" if "RANK" in os.environ \
         else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S")
+
+
+def emit(value: dict) -> None:
+    """Print a command's result as one line of strict JSON on stdout."""
+    sys.stdout.write(to_json(value) + "\n")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -72,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .sample import sample_checkpoint
+    from .sample import sample_checkpoint, summary_path
 
     overrides = sample_overrides(args, with_num=True)
     out = Path(args.out)
@@ -82,20 +87,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise DiffMoEError(f"--out '{out}' is a directory; pass a file such as "
                            f"{out / 'samples.png'}")
-    if out.exists() and not args.force:
-        raise DiffMoEError(f"output '{out}' already exists; pass --force to replace it or "
-                           f"choose another --out")
-    blocker = file_in_the_way(out.parent)
-    if blocker is not None:
-        raise DiffMoEError(f"--out '{out}' cannot be written: '{blocker}' is a file, not a "
-                           f"directory; choose another --out")
+    check_outputs([out, summary_path(out)], args.force)
     if args.prompt is not None or checkpoint_condition(args.checkpoint) == "text":
         return cmd_sample_text(args, overrides)
     summary = sample_checkpoint(args.checkpoint, overrides, args.out, args.labels, args.device)
     log.info("wrote %s (C_avg_infer %.3f, mode %s)", summary["image"], summary["c_avg_infer"],
              summary["settings"]["mode"])
-    sys.stdout.write(json.dumps({k: summary[k] for k in ("image", "c_avg_infer",
-                                                         "activated_params")}) + "\n")
+    emit({k: summary[k] for k in ("image", "c_avg_infer", "activated_params")})
     return 0
 
 
@@ -121,18 +119,18 @@ def cmd_sample_text(args: argparse.Namespace, overrides: dict) -> int:
     summary = sample_prompts(args.checkpoint, overrides, args.out, args.prompt, args.device)
     log.info("wrote %s (%d prompts, C_avg_infer %.3f, mode %s)", summary["image"],
              len(args.prompt), summary["c_avg_infer"], summary["settings"]["mode"])
-    sys.stdout.write(json.dumps({k: summary[k] for k in ("image", "c_avg_infer",
-                                                         "activated_params")}) + "\n")
+    emit({k: summary[k] for k in ("image", "c_avg_infer", "activated_params")})
     return 0
 
 
 def cmd_eval_text(args: argparse.Namespace) -> int:
     """``diffmoe eval`` for a text-to-image checkpoint: the shapes judge's scores and FID."""
-    from .evaluation.evaluate import write_json
+    from .fileio import write_json
     from .t2i.sample import (
         JudgeOptions,
         check_condition_args,
         evaluate_text_checkpoint,
+        judge_outputs,
         judge_table,
         public,
         save_judged_grid,
@@ -159,18 +157,20 @@ def cmd_eval_text(args: argparse.Namespace) -> int:
 
     ckpt_path = open_checkpoint(args.checkpoint).path
     out = Path(args.out) if args.out else default_output(ckpt_path, "eval", "judge.json")
-    refuse_existing(out, args.force)
+    if out.suffix.lower() != ".json":
+        raise DiffMoEError(f"--out '{out}' must end in .json (the results are JSON; the judged "
+                           f"grid is written beside it as a PNG)")
+    out, grid = check_outputs(judge_outputs(out), args.force)
     result = evaluate_text_checkpoint(args.checkpoint, sample_overrides(args), options)
-    write_json(public(result), out)
-    grid = save_judged_grid(result, out.with_suffix(".png"))
+    write_json(out, public(result))
+    save_judged_grid(result, grid)
     name = {f"step {result['step']}": result}
     log.info("judge, GenEval's rules (%s, samples %s):\n%s\nthe strict rule (exactly the "
              "objects named, nothing else):\n%s\nwhat one-object prompts drew (shape of the "
              "largest object):\n%s", out, grid, judge_table(name),
              judge_table(name, strict=True), shape_confusion_table(name))
-    sys.stdout.write(json.dumps({"scores": result["scores"], "overall": result["overall"],
-                                 "strict_overall": result["strict_overall"],
-                                 "fid": result["fid"], "out": str(out)}) + "\n")
+    emit({"scores": result["scores"], "overall": result["overall"],
+          "strict_overall": result["strict_overall"], "fid": result["fid"], "out": str(out)})
     return 0
 
 
@@ -217,12 +217,6 @@ def sample_overrides(args: argparse.Namespace, with_num: bool = False) -> dict:
     return {k: v for k, v in vars(args).items() if k in fields and v is not None}
 
 
-def refuse_existing(path: str | Path, force: bool, option: str = "--out") -> None:
-    if os.path.exists(path) and not force:
-        raise DiffMoEError(f"output '{path}' already exists; pass --force to replace it or "
-                           f"choose another {option}")
-
-
 def default_output(checkpoint_path: Path, kind: str, name: str) -> Path:
     """``<run>/<kind>/<step>/<name>`` next to the checkpoint's run."""
     return checkpoint_path.parent.parent / kind / checkpoint_path.name / name
@@ -260,24 +254,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace, is_main: bool) -> int:
-    from .evaluation.evaluate import Evaluator, write_json
+    from .evaluation.evaluate import Evaluator
+    from .fileio import write_json
 
     evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), eval_options(args))
     out = Path(args.out) if args.out else default_output(evaluator.checkpoint, "eval",
                                                           "eval.json")
-    refuse_existing(out, args.force)  # on every rank, so that all stop alike
+    check_outputs([out], args.force)  # on every rank, so that all stop alike
     if args.save_npz:
-        refuse_existing(args.save_npz, args.force, "--save-npz")
+        check_outputs([args.save_npz], args.force, "--save-npz")
     result = evaluator.run(save_npz=args.save_npz)
     if not is_main:
         return 0
-    write_json(result, out)
+    write_json(out, result)
     log.info("FID %.3f  KID %s  precision %s  recall %s  C_avg_infer %.3f  (%s)", result["fid"],
              _fmt(result["kid"]), _fmt(result["precision"]), _fmt(result["recall"]),
              result["c_avg_infer"], out)
-    sys.stdout.write(json.dumps({k: result[k] for k in (
-        "fid", "kid", "precision", "recall", "c_avg_infer", "activated_params",
-        "images_per_second")} | {"out": str(out)}) + "\n")
+    emit({k: result[k] for k in ("fid", "kid", "precision", "recall", "c_avg_infer",
+                                 "activated_params", "images_per_second")} | {"out": str(out)})
     return 0
 
 
@@ -286,8 +280,9 @@ def _fmt(value) -> str:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .evaluation.evaluate import Evaluator, sweep, sweep_table, write_json
+    from .evaluation.evaluate import Evaluator, sweep, sweep_outputs, sweep_table
     from .evaluation.plots import plot_sweep
+    from .fileio import write_json
 
     require_class_conditional(
         args.checkpoint, "sweep-thresholds",
@@ -296,18 +291,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), options)
     out_dir = Path(args.out) if args.out else default_output(evaluator.checkpoint, "eval",
                                                               "sweep")
-    refuse_existing(out_dir / "sweep.json", args.force)
+    json_path, png_path = check_outputs(sweep_outputs(out_dir), args.force)
     result = sweep(evaluator, args.thresholds, args.budget)
-    plot = plot_sweep(result["rows"], out_dir / "sweep.png", args.budget)
+    plot = plot_sweep(result["rows"], png_path, args.budget)
     result["figure"] = str(plot)
-    write_json(result, out_dir / "sweep.json")
+    write_json(json_path, result)
     sys.stdout.write(sweep_table(result) + "\n")
-    log.info("wrote %s and %s", out_dir / "sweep.json", plot)
+    log.info("wrote %s and %s", json_path, plot)
     return 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .evaluation.analysis import AnalyzeOptions, analyze
+    from .evaluation.analysis import AnalyzeOptions, analysis_outputs, analyze
     from .evaluation.evaluate import EvalOptions, Evaluator
 
     if args.num < 1 or args.num_per_batch_size < 1:
@@ -320,15 +315,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), options)
     out_dir = Path(args.out) if args.out else default_output(evaluator.checkpoint, "analysis",
                                                               "")
-    refuse_existing(out_dir / "analysis.json", args.force)
+    check_outputs(analysis_outputs(out_dir), args.force)
     result = analyze(evaluator, out_dir, AnalyzeOptions(
         num=args.num, batch_sizes=tuple(args.batch_sizes),
         num_per_batch_size=args.num_per_batch_size, progress=not args.no_progress))
     for name, path in result["figures"].items():
         log.info("%s: %s", name, path)
-    sys.stdout.write(json.dumps({"c_avg_infer": result["c_avg_infer"],
-                                 "capacity_by_class": result["capacity_by_class"],
-                                 "out": str(out_dir)}) + "\n")
+    emit({"c_avg_infer": result["c_avg_infer"], "capacity_by_class": result["capacity_by_class"],
+          "out": str(out_dir)})
     return 0
 
 
@@ -340,11 +334,12 @@ def cmd_fid(args: argparse.Namespace) -> int:
         raise DiffMoEError(f"--num {args.num}: FID needs at least 2 images per set")
     refs = [load_reference(spec, args.num, args.cache_dir, args.feature_batch,
                            not args.no_progress) for spec in (args.first, args.second)]
-    result = compare(refs[0].stats, refs[1].stats)
+    result = compare(refs[0].stats, refs[1].stats,
+                     names=(f"'{refs[0].source}'", f"'{refs[1].source}'"))
     result.update(first=refs[0].source, second=refs[1].source)
     for warning in result["warnings"]:
         log.warning("%s", warning)
-    sys.stdout.write(json.dumps(result) + "\n")
+    emit(result)
     return 0
 
 
@@ -373,8 +368,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
                           shard_size=args.shard_size, batch_size=args.batch_size,
                           device=args.device, progress=not args.no_progress)
     if index is not None:
-        sys.stdout.write(json.dumps({k: index[k] for k in ("num_latents", "num_skipped")})
-                         + "\n")
+        emit({k: index[k] for k in ("num_latents", "num_skipped")})
     return 0
 
 
@@ -383,7 +377,7 @@ def cmd_import_official(args: argparse.Namespace) -> int:
 
     path = import_official(args.checkpoint, args.config, args.out, args.overrides,
                            trust_pickle=args.trust_pickle)
-    sys.stdout.write(json.dumps({"checkpoint": str(path)}) + "\n")
+    emit({"checkpoint": str(path)})
     return 0
 
 
@@ -391,7 +385,7 @@ def cmd_export_official(args: argparse.Namespace) -> int:
     from .official import export_official
 
     path = export_official(args.run, args.out)
-    sys.stdout.write(json.dumps({"checkpoint": str(path)}) + "\n")
+    emit({"checkpoint": str(path)})
     return 0
 
 

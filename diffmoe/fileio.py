@@ -1,13 +1,14 @@
-"""File helpers written once: hashing a file, writing a file atomically, and finding what an
-installed package ships."""
+"""File helpers written once: hashing a file, writing a file atomically, strict JSON, and
+finding what an installed package ships."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 HASH_CHUNK = 1 << 20  # bytes read at a time when hashing a file
 
@@ -52,6 +53,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool 
 
 def atomic_write_text(path: str | Path, text: str, durable: bool = False) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text), durable)
+
+
+def to_json(value: Any, indent: Optional[int] = None) -> str:
+    """``value`` as strict JSON: a NaN or an infinity anywhere in it raises ValueError instead
+    of being written as the ``NaN``/``Infinity`` no JSON parser accepts. Every JSON the project
+    writes goes through here (results put None with a reason where a number is undefined)."""
+    return json.dumps(value, indent=indent, allow_nan=False)
+
+
+def write_json(path: str | Path, value: Any, indent: int = 1) -> Path:
+    """Write ``value`` to ``path`` as strict JSON (:func:`to_json`), atomically."""
+    return atomic_write_text(path, to_json(value, indent))
 
 
 def package_path(package: str, *relative: str,

@@ -71,7 +71,9 @@ from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write, atomic_write_text
 from .models import DiT, build_model
 from .models.dit import sincos_pos_embed_2d
-from .paths import file_in_the_way
+from .paths import check_outputs, file_in_the_way
+from .run import CONFIG_FILE
+from .sample import nonfinite_tensors
 
 log = logging.getLogger(__name__)
 
@@ -391,10 +393,17 @@ def from_official(theirs: dict[str, Tensor], model: DiT, where: str) -> dict[str
 
 def _their_checkpoint(path: str | Path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a directory; pass their .pt/.pth or "
+                              f".safetensors file inside it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; pass their .pt/.pth or "
                               f".safetensors file")
     return path
+
+
+# How a file torch.save wrote begins: a zip archive (since torch 1.6) or a pickle (protocol 2+).
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
 
 
 def _load(path: Path, trust_pickle: bool) -> Any:
@@ -407,6 +416,11 @@ def _load(path: Path, trust_pickle: bool) -> Any:
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"checkpoint '{path}' is not a readable safetensors file "
                                   f"({exc})") from None
+    with open(path, "rb") as fh:
+        start = fh.read(max(len(s) for s in TORCH_FILE_STARTS))
+    if not start.startswith(TORCH_FILE_STARTS):
+        raise CheckpointError(f"checkpoint '{path}' is not a file torch.save wrote (neither a zip "
+                              f"archive nor a pickle); pass their .pt/.pth or .safetensors file")
     try:
         with torch.serialization.safe_globals(LOADABLE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
@@ -446,6 +460,7 @@ def _new_output(out: Path) -> None:
                           f"OUT")
     if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"'{out}' already exists and is not empty; choose a new OUT")
+    check_outputs([out / CONFIG_FILE], force=False, option="OUT")
 
 
 def import_official(checkpoint: str | Path, yaml_path: Optional[str | Path], out: str | Path,
@@ -463,10 +478,16 @@ def import_official(checkpoint: str | Path, yaml_path: Optional[str | Path], out
     model = build_model(cfg.model)
     files = {name: from_official(sd, model, f"'{checkpoint}' ({name})")
              for name, sd in entries.items()}
-    for tensors in files.values():  # the converted weights load exactly
+    for name, tensors in files.items():  # the converted weights are finite and load exactly
+        bad = nonfinite_tensors(tensors)
+        if bad:
+            raise CheckpointError(f"checkpoint '{checkpoint}' ({name}) holds NaN or inf in "
+                                  f"{len(bad)} of its tensors (first: {bad[0]}); nothing was "
+                                  f"imported; convert a checkpoint of a run that did not "
+                                  f"diverge")
         model.load_state_dict(tensors)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    atomic_write_text(out / CONFIG_FILE, cfg.to_yaml())
     state = {"config": cfg.to_dict(), "imported_from": str(checkpoint.resolve()),
              "imported_config": str(yaml_path.resolve()), "world_size": 1}
     path = save_checkpoint(out / CHECKPOINTS_DIR, 0, files, state)

@@ -6,11 +6,10 @@ in one pool (paper §4): ``batch_size`` is a real setting, recorded with the res
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -22,7 +21,8 @@ from .config import WEIGHTS, Config, SampleConfig, config_from_dict, validate_sa
 from .data import sample_decoder
 from .device import autocast, resolve_device, use_tf32
 from .diffusion import Objective, SamplerOptions, build_objective, resolve_sampler, sample
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DiffMoEError
+from .fileio import write_json
 from .images import save_grid
 from .models import DiT, build_model
 from .models.condition import TextCondition
@@ -31,6 +31,58 @@ from .models.moe import Routing, diffmoe_layers
 log = logging.getLogger(__name__)
 
 Condition = Union[Tensor, TextCondition]  # class labels, or a batch of encoded captions
+
+# The sampling settings that act only under some other setting: for each, the command-line
+# option that turns it on, and whether resolved settings (the sampler no longer ``auto``) use it.
+# Given where it does nothing it is refused; left to the checkpoint's config there, it is not
+# recorded as used.
+CONDITIONAL_SETTINGS: dict[str, tuple[str, Callable[[SampleConfig], bool]]] = {
+    "threshold": ("--mode threshold", lambda s: s.mode == "threshold"),
+    "ddim_eta": ("--sampler ddim", lambda s: s.sampler == "ddim"),
+    "ode_rtol": ("--sampler dopri5", lambda s: s.sampler == "dopri5"),
+    "ode_atol": ("--sampler dopri5", lambda s: s.sampler == "dopri5"),
+    "sde_noise": ("--sampler sde", lambda s: s.sampler == "sde"),
+    "guidance_channels": ("--cfg-scale other than 1", lambda s: s.cfg_scale != 1),
+}
+
+
+def option_name(setting: str) -> str:
+    """The command-line option of a sampling setting: ``ddim_eta`` → ``--ddim-eta``."""
+    return "--" + setting.replace("_", "-")
+
+
+def check_applicable(overrides: dict, s: SampleConfig) -> None:
+    """Refuse a setting given in ``overrides`` that the resolved settings ``s`` do not use (a
+    threshold without threshold mode, a DDIM eta for another sampler, ...), and a sampling
+    batch larger than the number of images asked for."""
+    for name, (needs, applies) in CONDITIONAL_SETTINGS.items():
+        if name in overrides and not applies(s):
+            raise ConfigError(f"{option_name(name)} does nothing here: it applies only with "
+                              f"{needs} (these settings: sampler {s.sampler}, mode {s.mode}, "
+                              f"cfg scale {s.cfg_scale:g}); drop it or add {needs}")
+    if "batch_size" in overrides and s.batch_size > s.num:
+        raise ConfigError(f"--batch-size {s.batch_size} is larger than the {s.num} images to "
+                          f"draw, so no batch would be that large; use --batch-size {s.num} or "
+                          f"less, or draw more images")
+
+
+def recorded_settings(s: SampleConfig, mode: str) -> dict:
+    """The settings a result records: ``s`` with the routing ``mode`` it resolved to, without the
+    conditional settings it did not use (:data:`CONDITIONAL_SETTINGS`)."""
+    used = replace(s, mode=mode)
+    return {k: v for k, v in asdict(used).items()
+            if k not in CONDITIONAL_SETTINGS or CONDITIONAL_SETTINGS[k][1](used)}
+
+
+def nonfinite_tensors(tensors: dict[str, Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``tensors`` that hold a NaN or an infinity."""
+    return [name for name, t in tensors.items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def summary_path(image: str | Path) -> Path:
+    """The JSON summary ``diffmoe sample`` writes beside the PNG grid ``image``."""
+    return Path(image).with_suffix(".json")
 
 
 def resolve_routing(model: DiT, settings: SampleConfig) -> Routing:
@@ -104,8 +156,9 @@ def generate_batches(model: DiT, objective: Objective, condition: Condition,
     device = next(model.parameters()).device
     net = torch.compile(model) if settings.compile else model
     size = settings.batch_size
+    total = -(-condition.shape[0] // size)
     if batches is None:
-        batches = range(-(-condition.shape[0] // size))
+        batches = range(total)
     was_training = model.training
     model.eval()
     try:
@@ -118,6 +171,12 @@ def generate_batches(model: DiT, objective: Objective, condition: Condition,
                                 steps=settings.steps, cfg_scale=settings.cfg_scale,
                                 routing=routing, generator=gen, on_forward=on_forward,
                                 options=options)
+            if not bool(torch.isfinite(images).all()):
+                raise DiffMoEError(
+                    f"sampling batch {b + 1} of {total} came out non-finite (NaN or "
+                    f"inf), so nothing is written; the settings are unstable for this model "
+                    f"(lower --cfg-scale or --sde-noise, raise --steps) or its weights are "
+                    f"damaged")
             yield images.float().cpu(), y
     finally:
         model.train(was_training)
@@ -158,8 +217,13 @@ def model_from_checkpoint(ckpt: LoadedCheckpoint, weights: str = "ema",
     if weights not in WEIGHTS:
         raise ConfigError(f"weights '{weights}' must be one of {list(WEIGHTS)}")
     model = build_model(checkpoint_config(ckpt).model)
-    load_state_dict_checked(model, ckpt.tensors("ema" if weights == "ema" else "model"),
-                            f"'{ckpt.path}'")
+    tensors = ckpt.tensors("ema" if weights == "ema" else "model")
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise CheckpointError(f"checkpoint '{ckpt.path}' holds NaN or inf in {len(bad)} of its "
+                              f"{weights} tensors (first: {bad[0]}); use an earlier checkpoint "
+                              f"of the run")
+    load_state_dict_checked(model, tensors, f"'{ckpt.path}'")
     return model.to(device).eval()
 
 
@@ -186,7 +250,9 @@ def sampling_settings(cfg: Config, overrides: dict) -> SampleConfig:
     except TypeError as exc:
         raise ConfigError(f"bad sample settings ({exc}); check the options") from None
     validate_sampling(cfg.objective, s, cfg.model)
-    return replace(s, sampler=resolve_sampler(cfg.objective.type, s.sampler))
+    s = replace(s, sampler=resolve_sampler(cfg.objective.type, s.sampler))
+    check_applicable(overrides, s)
+    return replace(s, batch_size=min(s.batch_size, s.num))
 
 
 def parse_labels(spec: Optional[str], num: int, num_classes: int, seed: int) -> Tensor:
@@ -204,13 +270,18 @@ def parse_labels(spec: Optional[str], num: int, num_classes: int, seed: int) -> 
     bad = [v for v in values if not 0 <= v < num_classes]
     if bad:
         raise ConfigError(f"--labels: class {bad[0]} is outside 0..{num_classes - 1}")
+    if len(values) > num:
+        raise ConfigError(f"--labels names {len(values)} classes but only {num} images are "
+                          f"drawn, so the last {len(values) - num} would be dropped; name at "
+                          f"most {num} or draw more images")
     return torch.tensor(values).repeat(-(-num // len(values)))[:num]
 
 
 def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
                       labels: Optional[str] = None, device: str | torch.device = "auto") -> dict:
-    """The ``diffmoe sample`` command: a PNG grid at ``out`` and a JSON summary beside it.
-    Settings are the checkpoint's ``sample`` config updated with ``overrides``."""
+    """The ``diffmoe sample`` command: a PNG grid at ``out`` and a JSON summary beside it
+    (:func:`summary_path`; the caller has checked both may be written). Settings are the
+    checkpoint's ``sample`` config updated with ``overrides``."""
     out, device = Path(out), resolve_device(device, "--device")
     ckpt, s, model, objective = load_for_sampling(path, overrides, device)
     state, ckpt_path, cfg = ckpt.state, ckpt.path, model.cfg
@@ -227,10 +298,10 @@ def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
         log.warning("%s", warning)
     summary = {
         "checkpoint": str(ckpt_path), "step": state["step"], "image": str(out),
-        "settings": dict(asdict(s), mode=routing.mode), "labels": y.tolist(),
+        "settings": recorded_settings(s, routing.mode), "labels": y.tolist(),
         "c_avg_infer": cap["c_avg_infer"], "capacity_per_layer": cap["per_layer"],
         "activated_params": activated_params(model, cap["c_avg_infer"]),
         "total_params": model.num_params(),
     }
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    write_json(summary_path(out), summary)
     return summary

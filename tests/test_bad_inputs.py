@@ -148,9 +148,10 @@ def image_folder(ctx: Context) -> None:
 
 
 def official_checkpoint(depth_in_yaml: int, ckpt: str = "theirs.pt",
-                        yaml_name: Optional[str] = "theirs.yaml") -> Callable[[Context], None]:
-    """A checkpoint in the authors' layout of the tiny digits model (``<tmp>/ckpt``), and their
-    YAML for it (``<tmp>/yaml_name``; None: no YAML)."""
+                        yaml_name: Optional[str] = "theirs.yaml",
+                        nan: bool = False) -> Callable[[Context], None]:
+    """A checkpoint in the authors' layout of the tiny digits model (``<tmp>/ckpt``; ``nan``:
+    with NaN weights), and their YAML for it (``<tmp>/yaml_name``; None: no YAML)."""
     def setup(ctx: Context) -> None:
         import torch
         import yaml
@@ -160,6 +161,8 @@ def official_checkpoint(depth_in_yaml: int, ckpt: str = "theirs.pt",
         from diffmoe.official import THEIR_DIFFMOE, their_pos_embed, to_official
         m = load_config(ROOT / CONFIG).model
         theirs = to_official(build_model(m).state_dict(), m.moe.threshold_ema, their_pos_embed(m))
+        if nan:
+            theirs["final_layer.linear.bias"].fill_(float("nan"))
         (ctx.tmp / ckpt).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": theirs}, ctx.tmp / ckpt)
         moe = dict(num_experts=m.moe.num_experts, capacity=m.moe.capacity, n_shared_experts=0,
@@ -168,8 +171,37 @@ def official_checkpoint(depth_in_yaml: int, ckpt: str = "theirs.pt",
                       patch_size=m.patch_size, input_size=m.input_size, in_channels=m.in_channels,
                       num_classes=m.num_classes, learn_sigma=m.learn_sigma, MoE_config=moe)
         if yaml_name is not None:
+            (ctx.tmp / yaml_name).parent.mkdir(parents=True, exist_ok=True)
             (ctx.tmp / yaml_name).write_text(yaml.safe_dump(
                 {"basic": {"rf": True}, "model": {"target": THEIR_DIFFMOE, "params": params}}))
+    return setup
+
+
+def nan_weights_run(ctx: Context) -> None:
+    """<tmp>/nan: <run>'s step-2 checkpoint re-saved with one EMA tensor set to NaN (a run whose
+    weights diverged, with every file intact)."""
+    from diffmoe.checkpoint import open_checkpoint, save_checkpoint
+    ckpt = open_checkpoint(ctx.run / "checkpoints" / "step_00000002")
+    files = {name: ckpt.tensors(name) for name in ("model", "ema")}
+    files["ema"]["final_layer.linear.bias"].fill_(float("nan"))
+    state = {k: v for k, v in ckpt.state.items() if k not in ("files", "step")}
+    save_checkpoint(ctx.tmp / "nan" / "checkpoints", ckpt.state["step"], files, state)
+
+
+def nan_statistics(ctx: Context) -> None:
+    """<tmp>/nan.npz: Inception statistics (mu, sigma) holding NaN."""
+    from diffmoe.evaluation.inception import FEATURE_DIM
+    mu = np.full(FEATURE_DIM, np.nan, dtype=np.float32)
+    np.savez(ctx.tmp / "nan.npz", mu=mu, sigma=np.eye(FEATURE_DIM, dtype=np.float32))
+
+
+def unwritable(name: str) -> Callable[[Context], None]:
+    """Make ``<tmp>/name`` (created here) read as not writable: a chmod does not hold for root,
+    so the writability test itself reports it."""
+    def setup(ctx: Context) -> None:
+        (ctx.tmp / name).mkdir()
+        ctx.monkeypatch.setattr("diffmoe.paths.writable",
+                                lambda d: Path(d) != ctx.tmp / name)
     return setup
 
 
@@ -265,6 +297,24 @@ CASES = [
          setup=write("c.yaml", "- 1\n- 2\n"), note="`<tmp>/c.yaml` is a YAML list"),
     Case("override-conflict", "config", TRAIN + ["model=3", "model.depth=2"],
          "error: override 'model.depth=2' conflicts with an earlier override"),
+    Case("config-empty", "config", ["train", "<tmp>/c.yaml"],
+         "error: config file '<tmp>/c.yaml' is empty: it sets nothing, and the defaults alone "
+         "are no experiment; start from a file in configs/, e.g. configs/mnist_diffmoe.yaml",
+         setup=write("c.yaml", "# nothing yet\n"), note="`<tmp>/c.yaml` holds only a comment"),
+    Case("config-duplicate-key", "config", ["train", "<tmp>/c.yaml"],
+         "error: config file '<tmp>/c.yaml' sets a key twice: 'depth' set on line 2 and again on "
+         "line 3 (YAML would keep only the last); delete one",
+         setup=write("c.yaml", "model:\n  depth: 2\n  depth: 3\n"),
+         note="`<tmp>/c.yaml` sets `model.depth` twice"),
+    Case("config-yaml-11-boolean", "config", ["train", "<tmp>/c.yaml"],
+         "error: data.name='no' is not one of ['mnist', 'digits', 'latents', 'shapes', 'emoji']",
+         setup=write("c.yaml", "data:\n  name: no\n"),
+         note="`<tmp>/c.yaml` is `data: {name: no}`, which YAML 1.1 reads as the boolean false"),
+    Case("lr-infinite", "config", TRAIN + ["train.lr=inf"],
+         "error: train.lr=inf must be a finite number"),
+    Case("capacity-above-experts", "config", TRAIN + ["model.moe.capacity=8"],
+         "error: model.moe.capacity=8.0 is more than model.moe.num_experts=4: each expert would "
+         "take more tokens than there are; use at most 4 (every expert on every token)"),
     # Paths and files
     Case("config-missing", "files", ["train", "<tmp>/nope.yaml"],
          "error: config file '<tmp>/nope.yaml' does not exist; pass a YAML file such as "
@@ -333,6 +383,32 @@ CASES = [
          "error: --out '<tmp>/file/grid.png' cannot be written: '<tmp>/file' is a file, not a "
          "directory; choose another --out", setup=write("file", "x"),
          note="`<tmp>/file` is a file"),
+    Case("sample-summary-exists", "files", ["sample", "<run>", "--out", "<tmp>/mine.png"],
+         "error: output '<tmp>/mine.json' already exists; pass --force to replace it or choose "
+         "another --out", setup=write("mine.json", "{}"),
+         note="`<tmp>/mine.json` exists (the summary `sample` writes beside the PNG)"),
+    Case("sample-out-unwritable", "files", ["sample", "<run>", "--out", "<tmp>/ro/grid.png"],
+         "error: --out '<tmp>/ro/grid.png' cannot be written: '<tmp>/ro' is not writable by "
+         "this user; choose another --out", setup=unwritable("ro"),
+         note="`<tmp>/ro` is not writable"),
+    Case("eval-out-under-file", "files",
+         ["eval", "<run>", "--num", "4", "--out", "<tmp>/file/eval.json"],
+         "error: --out '<tmp>/file/eval.json' cannot be written: '<tmp>/file' is a file, not a "
+         "directory; choose another --out", setup=write("file", "x"),
+         note="`<tmp>/file` is a file (refused before sampling)"),
+    Case("eval-num-below-kid", "files", ["eval", "<run>", "--num", "3", "--ref", "digits:test:8",
+                                         "--out", "<tmp>/eval.json"],
+         "error: --num 3: FID, KID and precision/recall need at least 4 images per set; use "
+         "--num 4 or more", note="refused before sampling"),
+    Case("analyze-figure-exists", "files", ["analyze", "<run>", "--num", "2", "--out", "<tmp>/a"],
+         "error: output '<tmp>/a/expert_load.png' already exists; pass --force to replace it or "
+         "choose another --out", setup=write("a/expert_load.png", b"mine"),
+         note="`<tmp>/a/expert_load.png` exists, `<tmp>/a/analysis.json` does not"),
+    Case("sweep-figure-exists", "files",
+         ["sweep-thresholds", "<run>", "--num", "4", "--out", "<tmp>/s"],
+         "error: output '<tmp>/s/sweep.png' already exists; pass --force to replace it or "
+         "choose another --out", setup=write("s/sweep.png", b"mine"),
+         note="`<tmp>/s/sweep.png` exists, `<tmp>/s/sweep.json` does not"),
     # Command-line arguments
     Case("override-without-value", "cli", TRAIN + ["model.depth"],
          "error: override 'model.depth' is not of the form key=value (e.g. "
@@ -370,6 +446,42 @@ CASES = [
          ["sample", "<dense>", "--mode", "dynamic", "--out", "<tmp>/o.png"],
          "error: sample.mode=dynamic needs a capacity predictor, but this model's FFN is "
          "'dense'; use --mode static"),
+    Case("threshold-without-threshold-mode", "cli",
+         ["sample", "<run>", "--threshold", "0.3", "--out", "<tmp>/o.png"],
+         "error: --threshold does nothing here: it applies only with --mode threshold (these "
+         "settings: sampler euler, mode auto, cfg scale 1); drop it or add --mode threshold"),
+    Case("ddim-eta-on-flow", "cli",
+         ["sample", "<run>", "--ddim-eta", "0.5", "--out", "<tmp>/o.png"],
+         "error: --ddim-eta does nothing here: it applies only with --sampler ddim (these "
+         "settings: sampler euler, mode auto, cfg scale 1); drop it or add --sampler ddim"),
+    Case("batch-larger-than-num", "cli",
+         ["sample", "<run>", "--num", "2", "--batch-size", "8", "--out", "<tmp>/o.png"],
+         "error: --batch-size 8 is larger than the 2 images to draw, so no batch would be that "
+         "large; use --batch-size 2 or less, or draw more images"),
+    Case("more-labels-than-images", "cli",
+         ["sample", "<run>", "--num", "2", "--labels", "1,2,3", "--out", "<tmp>/o.png"],
+         "error: --labels names 3 classes but only 2 images are drawn, so the last 1 would be "
+         "dropped; name at most 2 or draw more images"),
+    Case("analyze-batch-above-its-samples", "cli",
+         ["analyze", "<run>", "--num", "2", "--batch-sizes", "8", "--num-per-batch-size", "4",
+          "--out", "<tmp>/a"],
+         "error: --batch-sizes 8 is larger than --num-per-batch-size 4, so no batch would be that "
+         "large; drop it or raise --num-per-batch-size"),
+    Case("cfg-scale-infinite", "cli", ["sample", "<run>", "--cfg-scale", "inf",
+                                       "--out", "<tmp>/o.png"],
+         "error: sample.cfg_scale=inf must be a finite number"),
+    Case("sde-noise-infinite", "cli", ["sample", "<run>", "--sampler", "sde", "--sde-noise",
+                                       "inf", "--out", "<tmp>/o.png"],
+         "error: sample.sde_noise=inf must be a finite number"),
+    Case("samples-non-finite", "cli", ["sample", "<run>", "--cfg-scale", "1e308",
+                                       "--out", "<tmp>/o.png"],
+         "error: sampling batch 1 of 1 came out non-finite (NaN or inf), so nothing is written; "
+         "the settings are unstable for this model (lower --cfg-scale or --sde-noise, raise "
+         "--steps) or its weights are damaged", note="nothing is written at `<tmp>/o.png`"),
+    Case("fid-non-finite-statistics", "cli", ["fid", "<tmp>/nan.npz", "digits:test:8"],
+         "error: the feature statistics of 'statistics <tmp>/nan.npz' hold NaN or inf, so no "
+         "metric is defined; recompute them (or regenerate the .npz)", setup=nan_statistics,
+         note="`<tmp>/nan.npz` holds mu and sigma with NaN"),
     # Dataset contents
     Case("fewer-images-than-a-batch", "data", TRAIN + ["data.limit=10"],
          "error: dataset 'digits' has 10 images, fewer than one batch of 32 per rank x 1 ranks; "
@@ -465,6 +577,11 @@ CASES = [
          "error: run '<tmp>/copy' has no intact checkpoint; train longer or point at another run",
          setup=copy_run(truncate("model.safetensors")),
          note="the run's only checkpoint is truncated"),
+    Case("checkpoint-non-finite-weights", "checkpoint",
+         ["sample", "<tmp>/nan", "--out", "<tmp>/o.png"],
+         "error: checkpoint '<tmp>/nan/checkpoints/step_00000002' holds NaN or inf in 1 of its "
+         "ema tensors (first: final_layer.linear.bias); use an earlier checkpoint of the run",
+         setup=nan_weights_run, note="an intact checkpoint whose EMA weights hold a NaN"),
     # The ImageNet-scale path: latent caches and the authors' checkpoints
     Case("vae-missing", "latents",
          ["cache-latents", "<tmp>/images", "<tmp>/cache", "--vae", "<tmp>/no-vae"],
@@ -500,6 +617,33 @@ CASES = [
          "checkpoint was trained with as --config",
          setup=official_checkpoint(2, ckpt="exp/checkpoints/0000100.pt", yaml_name=None),
          note="their checkpoint in their experiment layout, but no YAML in `<tmp>/exp`"),
+    Case("official-out-holds-their-yaml", "checkpoint",
+         ["import-official", "<tmp>/theirs.pt", "--config", "<tmp>/exp/config.yaml", "<tmp>/exp"],
+         "error: '<tmp>/exp' already exists and is not empty; choose a new OUT",
+         setup=official_checkpoint(2, yaml_name="exp/config.yaml"),
+         note="their YAML is `<tmp>/exp/config.yaml`, inside OUT"),
+    Case("official-non-finite-weights", "checkpoint",
+         ["import-official", "<tmp>/theirs.pt", "--config", "<tmp>/theirs.yaml", "<tmp>/out"],
+         "error: checkpoint '<tmp>/theirs.pt' (model) holds NaN or inf in 1 of its tensors "
+         "(first: final_layer.linear.bias); nothing was imported; convert a checkpoint of a run "
+         "that did not diverge", setup=official_checkpoint(2, nan=True),
+         note="`<tmp>/theirs.pt` holds a NaN"),
+    Case("official-text-file", "checkpoint",
+         ["import-official", "<tmp>/notes.pt", "--config", "<tmp>/theirs.yaml", "<tmp>/out"],
+         "error: checkpoint '<tmp>/notes.pt' is not a file torch.save wrote (neither a zip "
+         "archive nor a pickle); pass their .pt/.pth or .safetensors file",
+         setup=chain(official_checkpoint(2), write("notes.pt", "my notes\n")),
+         note="`<tmp>/notes.pt` is a text file"),
+    Case("official-checkpoint-is-directory", "checkpoint",
+         ["import-official", "<tmp>", "--config", "<tmp>/theirs.yaml", "<tmp>/out"],
+         "error: checkpoint '<tmp>' is a directory; pass their .pt/.pth or .safetensors file "
+         "inside it", setup=official_checkpoint(2)),
+    Case("cache-latents-into-other-folder", "latents",
+         ["cache-latents", "<tmp>/images", "<tmp>/mine", "--vae", "<tmp>/no-vae"],
+         "error: cache directory '<tmp>/mine' already holds files but no latent cache (e.g. "
+         "'notes.txt', and no cache.json); choose a new or empty OUT",
+         setup=chain(image_folder, write("mine/notes.txt", "mine")),
+         note="`<tmp>/mine/notes.txt` exists"),
     Case("official-export-time-scale", "checkpoint", ["export-official", "<run>", "<tmp>/exp"],
          f"error: '{CKPT}' cannot be written for the authors' code: objective.time_scale=1000 "
          f"{EXPORT_TIME}; {EXPORT_NOTHING}"),
@@ -553,6 +697,20 @@ CASES = [
          ["eval", "<t2i>", "--num", "10", "--no-fid"],
          "error: --num does not apply to a text-to-image checkpoint; set the sample count with "
          "--per-category and --samples-per-prompt"),
+    Case("t2i-eval-grid-exists", "text-to-image",
+         ["eval", "<t2i>", "--no-fid", "--out", "<tmp>/judge.json"],
+         "error: output '<tmp>/judge.png' already exists; pass --force to replace it or choose "
+         "another --out", setup=write("judge.png", b"mine"),
+         note="`<tmp>/judge.png` exists (the judged grid `eval` writes beside the JSON)"),
+    Case("t2i-eval-out-not-json", "text-to-image",
+         ["eval", "<t2i>", "--no-fid", "--out", "<tmp>/judge.png"],
+         "error: --out '<tmp>/judge.png' must end in .json (the results are JSON; the judged "
+         "grid is written beside it as a PNG)"),
+    Case("t2i-eval-too-few-for-fid", "text-to-image",
+         ["eval", "<t2i>", "--categories", "counting", "--per-category", "1",
+          "--samples-per-prompt", "2", "--out", "<tmp>/judge.json"],
+         "error: 2 images are too few for FID against the shapes test split (at least 4); raise "
+         "--per-category or --samples-per-prompt, or pass --no-fid"),
     Case("t2i-eval-unknown-category", "text-to-image",
          ["eval", "<t2i>", "--categories", "single_object", "shapes", "--no-fid"],
          "error: unknown judge categories ['shapes']; choose from ['single_object', "

@@ -1,10 +1,13 @@
 """Property-based tests: for any batch size, tokens per sample, expert count and capacity, the
 routing layers keep their shape, stay finite and respect their per-expert token bounds; the config
-parser round-trips what it accepts and rejects with ConfigError what it does not."""
+parser round-trips what it accepts and rejects with ConfigError what it does not, and reads YAML
+as a person does; and no command changes a file it was not asked to write unless --force."""
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,12 +84,22 @@ def test_token_choice_any_shape(batch, tokens, experts, top_k, seed):
 
 
 @FAST
-@given(experts=st.integers(1, 64), capacity=st.floats(0.01, 8.0), depth=st.integers(1, 30))
-def test_config_accepts_valid_values_and_keeps_them(experts, capacity, depth):
+@given(experts=st.integers(1, 64), share=st.floats(0.01, 1.0), depth=st.integers(1, 30))
+def test_config_accepts_valid_values_and_keeps_them(experts, share, depth):
+    capacity = share * experts  # up to every expert on every token
     cfg = load_config(None, [f"model.moe.num_experts={experts}", f"model.moe.capacity={capacity}",
                              f"model.depth={depth}", "model.moe.type=diffmoe"])
     assert (cfg.model.moe.num_experts, cfg.model.depth) == (experts, depth)
     assert cfg.model.moe.capacity == pytest.approx(capacity)
+
+
+@FAST
+@given(experts=st.integers(1, 16), excess=st.floats(1.01, 8.0),
+       kind=st.sampled_from(["diffmoe", "expert_choice"]))
+def test_capacity_above_the_expert_count_is_refused(experts, excess, kind):
+    with pytest.raises(ConfigError, match="is more than model.moe.num_experts"):
+        load_config(None, [f"model.moe.num_experts={experts}", f"model.moe.type={kind}",
+                           f"model.moe.capacity={experts * excess}"])
 
 
 @FAST
@@ -246,3 +259,68 @@ def test_valid_config_round_trips_through_yaml(steps, lr, nonfinite, keep, timeo
                              f"train.keep_checkpoints={keep}", f"train.dist_timeout_s={timeout!r}",
                              f"model.moe.num_experts={experts}", f"model.moe.type={kind}"])
     assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+# -- commands write only what they were asked to -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(train_tiny):
+    return train_tiny()
+
+
+# Each command with what it is asked to write into a folder (names in it), and its arguments.
+OUTPUT_COMMANDS = {
+    "sample": ({"x.png", "x.json"},
+               lambda run, d: ["sample", run, "--num", "1", "--steps", "1", "--out", f"{d}/x.png"]),
+    "analyze": ({"analysis.json", "capacity_vs_timestep.png", "expert_load.png",
+                 "capacity_by_class.png", "capacity_vs_batch_size.png"},
+                lambda run, d: ["analyze", run, "--num", "1", "--steps", "1", "--batch-sizes",
+                                "1", "--num-per-batch-size", "1", "--no-progress", "--out", d]),
+}
+NEIGHBOURS = ("x.png", "x.json", "x.npz", "notes.txt", "analysis.json", "expert_load.png",
+              "x.png.bak", "y.png")
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@settings(max_examples=8, deadline=None)
+@given(command=st.sampled_from(sorted(OUTPUT_COMMANDS)), existing=st.sets(st.sampled_from(
+    NEIGHBOURS)), force=st.booleans())
+def test_commands_change_no_file_they_were_not_asked_to_write(tiny_run, command, existing,
+                                                              force):
+    from diffmoe.cli import main
+    asked, argv = OUTPUT_COMMANDS[command]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name in existing:
+            (folder / name).write_bytes(f"the user's {name}".encode())
+        before = _snapshot(folder)
+        rc = main(argv(str(tiny_run), tmp) + (["--force"] if force else []))
+        after = _snapshot(folder)
+    changed = {name for name in before if after.get(name) != before[name]}
+    refused = bool(existing & asked) and not force
+    assert rc == (2 if refused else 0)
+    assert changed <= (set() if refused else asked)
+    assert refused or asked <= set(after)
+
+
+@FAST
+@given(text=st.sampled_from(["no", "off", "On", "YES", "0755", "1:30", "2020-01-01"]),
+       key=st.sampled_from(["train.out_dir", "data.split", "data.path"]))
+def test_yaml_reads_plain_scalars_as_written_for_a_text_field(text, key):
+    from diffmoe.config.loading import read_yaml
+    section, name = key.split(".")
+    data = read_yaml(f"{section}:\n  {name}: {text}\n")
+    assert data[section][name] == text
+    assert read_yaml(f"{section}:\n  {name}: true\n")[section][name] is True
+
+
+@FAST
+@given(key=st.sampled_from(["train.lr", "sample.cfg_scale", "model.moe.capacity",
+                            "objective.beta_end"]),
+       value=st.sampled_from(["inf", "-inf", ".inf", "nan", ".nan"]))
+def test_non_finite_numbers_are_refused(key, value):
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        load_config(None, [f"{key}={value}", "model.moe.type=diffmoe"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,64 @@ import yaml
 from ..errors import ConfigError
 from .schema import Config, preset, quote
 from .validation import validate
+
+# Plain scalars that YAML 1.1 (what PyYAML reads) turns into something other than what a person
+# sees: yes/no/on/off as booleans, 0755 as the octal 493, 1:30 as the sexagesimal 90, and dates.
+# :class:`ConfigLoader` keeps them as the text written, which the field's type then reads.
+YAML_TRUE_FALSE = ("true", "false")  # the only booleans a YAML 1.2 reader (or a person) sees
+YAML_11_NUMBER = re.compile(r"[-+]?(0[0-9_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
+MERGE_TAG = "tag:yaml.org,2002:merge"
+# The words a bool field accepts, whether YAML left them as text or an override gave them.
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+              "false": False, "no": False, "off": False, "0": False}
+
+
+class DuplicateKey(yaml.MarkedYAMLError):
+    """A mapping that sets one key twice (YAML would silently keep the last)."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading a config as a person reads it: a key set twice in one
+    mapping is an error, and the YAML 1.1 surprises above stay the text written."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == MERGE_TAG:
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise DuplicateKey(f"'{key}' set on line {seen[key] + 1}", None,
+                                       "set again", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _as_written(construct):
+    """A constructor that keeps a plain scalar as its text where ``construct`` would read it
+    otherwise than a person does (see :data:`YAML_11_NUMBER`, :data:`YAML_TRUE_FALSE`)."""
+    def read(loader: ConfigLoader, node: yaml.ScalarNode):
+        text = node.value
+        if node.style is None and (
+                (node.tag.endswith(":bool") and text.lower() not in YAML_TRUE_FALSE)
+                or (not node.tag.endswith(":bool") and (YAML_11_NUMBER.fullmatch(text)
+                                                          or node.tag.endswith(":timestamp")))):
+            return text
+        return construct(loader, node)
+    return read
+
+
+for _tag, _construct in (("bool", yaml.SafeLoader.construct_yaml_bool),
+                         ("int", yaml.SafeLoader.construct_yaml_int),
+                         ("float", yaml.SafeLoader.construct_yaml_float),
+                         ("timestamp", yaml.SafeLoader.construct_yaml_timestamp)):
+    ConfigLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _as_written(_construct))
+
+
+def read_yaml(text: str):
+    """The YAML document ``text`` as :class:`ConfigLoader` reads it."""
+    return yaml.load(text, Loader=ConfigLoader)
 
 
 def deep_merge(base: dict, upd: dict) -> dict:
@@ -61,8 +120,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.lower()]
     elif tp in (int, float):
         number = _as_number(value, tp)
         if number is not None:
@@ -106,7 +165,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {quote(text)} has an empty key; write e.g. train.steps=100")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -153,13 +212,21 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file '{path}' cannot be read ({reason}); pass a YAML "
                           f"file") from None
     try:
-        data = yaml.safe_load(text)
+        data = read_yaml(text)
+    except DuplicateKey as exc:
+        raise ConfigError(f"config file '{path}' sets a key twice: {exc.context} and again on "
+                          f"line {exc.problem_mark.line + 1} (YAML would keep only the last); "
+                          f"delete one") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise ConfigError(f"config file '{path}' is not valid YAML{where}; "
                           f"fix its syntax") from None
-    return data or {}
+    if data is None or data == {}:
+        raise ConfigError(f"config file '{path}' is empty: it sets nothing, and the defaults "
+                          f"alone are no experiment; start from a file in configs/, e.g. "
+                          f"configs/mnist_diffmoe.yaml")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

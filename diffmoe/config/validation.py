@@ -3,7 +3,9 @@ each other, one ``ConfigError`` line naming the key and the fix."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 
 import numpy as np
 
@@ -61,8 +63,20 @@ def _positive(section: object, prefix: str, names: tuple[str, ...]) -> None:
         _require(value > 0, f"{prefix}{name}={value} must be a positive integer")
 
 
+def _finite(section: object, prefix: str) -> None:
+    """Every float field of ``section`` (and of its nested sections) is a finite number: no
+    setting of this project means anything at NaN or infinity."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            _require(math.isfinite(value), f"{prefix}{f.name}={value} must be a finite number")
+
+
 def validate(cfg: Config) -> None:
-    """Every section on its own, then the sections against each other."""
+    """Every value finite, every section on its own, then the sections against each other."""
+    _finite(cfg, "")
     validate_model(cfg.model)
     validate_moe(cfg.model)
     validate_data(cfg.data)
@@ -100,6 +114,10 @@ def validate_moe(m: ModelConfig) -> None:
              f"(1.0 matches the dense model's compute)")
     if moe.type == "dense":
         return
+    _require(moe.type == "token_choice" or moe.capacity <= moe.num_experts,
+             f"model.moe.capacity={moe.capacity} is more than model.moe.num_experts="
+             f"{moe.num_experts}: each expert would take more tokens than there are; use at "
+             f"most {moe.num_experts} (every expert on every token)")
     _require(moe.granularity > 0, f"model.moe.granularity={moe.granularity} must be a "
              f"positive integer (1 = full-width experts)")
     hidden = m.mlp_ratio * m.hidden_size
@@ -187,6 +205,7 @@ def validate_sample(s: SampleConfig) -> None:
     _choice("sample.mode", s.mode, INFERENCE_MODES)
     _choice("sample.weights", s.weights, WEIGHTS)
     _choice("sample.precision", s.precision, PRECISIONS)
+    _finite(s, "sample.")
     _positive(s, "sample.", ("steps", "batch_size", "num"))
     _require(s.cfg_scale >= 0, f"sample.cfg_scale={s.cfg_scale} must be >= 0 (1 = no guidance)")
     _require(0.0 <= s.threshold <= 1.0, f"sample.threshold={s.threshold} must be in [0, 1] "

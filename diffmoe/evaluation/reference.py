@@ -28,7 +28,7 @@ import torch
 
 from ..data import build_dataset
 from ..errors import DataError
-from ..fileio import atomic_write, sha256_file
+from ..fileio import atomic_write, sha256_file, to_json
 from .inception import FEATURE_DIM, batched, extract_features, inception_id
 from .metrics import FeatureStats
 
@@ -61,7 +61,7 @@ def _file_hash(path: Path) -> str:
 def save_stats(stats: FeatureStats, path: Path, meta: dict) -> None:
     """Write mean, covariance, features and a JSON ``meta`` atomically (temp file + rename)."""
     arrays = {"mu": stats.mu.numpy(), "sigma": stats.sigma.numpy(),
-              "num": np.array(stats.num), "meta": np.array(json.dumps(meta))}
+              "num": np.array(stats.num), "meta": np.array(to_json(meta))}
     if stats.features is not None:
         arrays["features"] = stats.features.numpy()
 
@@ -155,6 +155,9 @@ def _check_shape(path: Path, key: str, array: np.ndarray, expected: tuple) -> No
 
 def npz_reference(path: Path, cache: Optional[str | Path] = None, batch_size: int = 50,
                   progress: bool = True) -> Reference:
+    if path.is_dir():
+        raise DataError(f"reference file {path} is a directory; pass an .npz file (or "
+                        f"DATASET[:SPLIT][:N])")
     if not path.is_file():
         raise DataError(f"reference file {path} does not exist")
     data = _load_npz(path)

@@ -11,7 +11,6 @@ the same category, i.e. what an image that ignores the prompt's details scores.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from dataclasses import asdict, dataclass
@@ -29,13 +28,17 @@ from ..data.shapes import CATEGORY_NAMES, SHAPES, eval_prompts, parse_caption, r
 from ..data.text_encoder import TextEncoder, check_prompts
 from ..device import resolve_device
 from ..errors import ConfigError
+from ..evaluation.metrics import min_set_size
+from ..fileio import write_json
 from ..images import save_grid
 from ..models.condition import TextCondition
 from ..sample import (
     capacity_warnings,
     generate,
     load_for_sampling,
+    recorded_settings,
     resolve_routing,
+    summary_path,
 )
 from .judge import NO_OBJECT, judge
 
@@ -84,7 +87,8 @@ def encode_prompts(cfg: ModelConfig, prompts: list[str], device: str | torch.dev
 def sample_prompts(path: str | Path, overrides: dict, out: str | Path, prompts: list[str],
                    device: str | torch.device = "auto") -> dict:
     """``diffmoe sample RUN --prompt P ...``: one grid row per prompt, ``sample.num`` images
-    split evenly over the prompts (at least one each), and a JSON summary beside the PNG."""
+    split evenly over the prompts (at least one each), and a JSON summary beside the PNG
+    (``sample.summary_path``; the caller has checked both may be written)."""
     out = Path(out)
     check_prompts(prompts)
     device = resolve_device(device, "--device")
@@ -100,13 +104,13 @@ def sample_prompts(path: str | Path, overrides: dict, out: str | Path, prompts: 
         log.warning("%s", warning)
     summary = {
         "checkpoint": str(ckpt.path), "step": ckpt.state["step"], "image": str(out),
-        "settings": dict(asdict(s), num=len(index), mode=routing.mode),
+        "settings": dict(recorded_settings(s, routing.mode), num=len(index)),
         "prompts": prompts, "rows": "one row per prompt, in order",
         "c_avg_infer": cap["c_avg_infer"], "capacity_per_layer": cap["per_layer"],
         "activated_params": activated_params(model, cap["c_avg_infer"]),
         "total_params": model.num_params(),
     }
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    write_json(summary_path(out), summary)
     return summary
 
 
@@ -141,14 +145,19 @@ def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOp
     """The judge's six GenEval-style scores and overall, the chance level, FID against the
     shapes test split, and the capacity DiffMoE spent."""
     device = resolve_device(options.device, "--device")
-    ckpt, s, model, objective = load_for_sampling(path, overrides, device)
+    pairs = eval_prompts(options.per_category, options.prompt_seed, tuple(options.categories))
+    categories = [c for c, _ in pairs for _ in range(options.samples_per_prompt)]
+    prompts = [p for _, p in pairs for _ in range(options.samples_per_prompt)]
+    if options.fid and len(prompts) < min_set_size(with_features=True):
+        raise ConfigError(f"{len(prompts)} images are too few for FID against the shapes test "
+                          f"split (at least {min_set_size(with_features=True)}); raise "
+                          f"--per-category or --samples-per-prompt, or pass --no-fid")
+    ckpt, s, model, objective = load_for_sampling(path, dict(overrides, num=len(prompts)),
+                                                  device)
     data = ckpt.state["config"].get("data", {})
     if data.get("name") != "shapes":
         raise ConfigError(f"the judge knows the shapes domain only, but this checkpoint was "
                           f"trained on data.name={data.get('name')}; evaluate a shapes run")
-    pairs = eval_prompts(options.per_category, options.prompt_seed, tuple(options.categories))
-    categories = [c for c, _ in pairs for _ in range(options.samples_per_prompt)]
-    prompts = [p for _, p in pairs for _ in range(options.samples_per_prompt)]
     cond = encode_prompts(model.cfg, prompts, device)
     routing = resolve_routing(model, s)
     images, meter = generate(model, objective, cond, s, progress=options.progress)
@@ -170,7 +179,7 @@ def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOp
         "c_avg_infer": cap["c_avg_infer"],
         "activated_params": activated_params(model, cap["c_avg_infer"]),
         "total_params": model.num_params(),
-        "settings": dict(asdict(s), num=len(prompts), mode=routing.mode,
+        "settings": dict(recorded_settings(s, routing.mode),
                          **{f"judge_{k}": v for k, v in asdict(options).items()}),
         "samples": [{"prompt": p, "category": c, "correct": v, "correct_strict": w}
                     for p, c, v, w in zip(prompts, categories, result["verdicts"],
@@ -201,6 +210,12 @@ def _fid(pixels: torch.Tensor, options: JudgeOptions) -> dict:
         log.warning("%s", warning)
     return {"fid": metrics["fid"], "kid": metrics["kid"], "reference": reference.source,
             "num": num}
+
+
+def judge_outputs(out: str | Path) -> list[Path]:
+    """The files ``diffmoe eval`` writes for a text-to-image checkpoint: the results JSON
+    ``out`` and the judged grid beside it."""
+    return [Path(out), Path(out).with_suffix(".png")]
 
 
 def save_judged_grid(result: dict, path: str | Path) -> Path:
