@@ -61,6 +61,26 @@ MEAN_FIELDS = ["loss", "diffusion_loss", "aux_loss", "predictor_bce", "threshold
                "dynamic_capacity"]
 
 
+def training_device(t: TrainConfig) -> torch.device:
+    """``train.device`` resolved, with its settings applied: TF32 on CUDA (``train.tf32``) and
+    the CPU threads (``train.num_threads``); ``train.ddp_bf16_grads`` refused off CUDA."""
+    device = resolve_device(t.device)
+    if t.ddp_bf16_grads and device.type != "cuda":
+        raise ConfigError("train.ddp_bf16_grads=true needs CUDA (torch's bf16 all-reduce hook "
+                          "runs on NCCL only); unset it to train on this device")
+    use_tf32(device, t.tf32)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    return device
+
+
+def check_batch_split(t: TrainConfig, world_size: int) -> None:
+    if t.batch_size % (world_size * t.grad_accum):
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the "
+                          f"{world_size} ranks x train.grad_accum={t.grad_accum}; pick a "
+                          f"multiple of their product")
+
+
 def check_data_matches_model(cfg: Config, ds: ImageDataset) -> None:
     m = cfg.model
     if ds.image_size != m.input_size or ds.channels != m.in_channels:
@@ -173,20 +193,11 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, accept_changes: bool = False):
         self.cfg = cfg
         t = cfg.train
-        self.device = resolve_device(t.device)
-        if t.ddp_bf16_grads and self.device.type != "cuda":
-            raise ConfigError("train.ddp_bf16_grads=true needs CUDA (torch's bf16 all-reduce "
-                              "hook runs on NCCL only); unset it to train on this device")
-        use_tf32(self.device, t.tf32)
-        if t.num_threads:
-            torch.set_num_threads(t.num_threads)
+        self.device = training_device(t)
         self.dist = distributed.setup(self.device.type, t.dist_timeout_s)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.cuda_index)
-        if t.batch_size % (self.dist.world_size * t.grad_accum):
-            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the "
-                              f"{self.dist.world_size} ranks x train.grad_accum={t.grad_accum}; "
-                              f"pick a multiple of their product")
+        check_batch_split(t, self.dist.world_size)
         self.run = RunDirectory(cfg, self.dist, self.device)
         self.model: Optional[parallel.TrainingModel] = None
         try:

@@ -40,3 +40,10 @@ def test_the_check_measures_function_bodies(tmp_path, monkeypatch):
     monkeypatch.setitem(globals(), "PACKAGE", tmp_path)
     lines = MAX_FUNCTION_LINES + 1
     assert long_functions() == [f"{tmp_path.name}/long.py:1 too_long ({lines} lines)"]
+
+
+def test_the_training_loop_fits_in_200_lines():
+    """issue 17: the class that holds the loop stays short; run management lives in run.py."""
+    tree = ast.parse((PACKAGE / "train.py").read_text())
+    trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    assert trainer.end_lineno - trainer.lineno + 1 <= 200
