@@ -232,7 +232,7 @@ def test_dynamic_inference_processes_exactly_the_predicted_count(dispatch):
     out = layer(x, Routing("dynamic"))
     expected_counts = (torch.sigmoid(logits) > tau).sum(0)
     assert out.counts_E.tolist() == expected_counts.tolist()
-    assert out.mask_SE.sum(0).tolist() == expected_counts.tolist()
+    assert out.selection_mask().sum(0).tolist() == expected_counts.tolist()
     ref, ref_counts = reference_dynamic(layer, x, tau)
     assert ref_counts == expected_counts.tolist()
     assert_close(out.y, ref, rtol=1e-5, atol=1e-6)
