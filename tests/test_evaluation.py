@@ -295,7 +295,7 @@ def test_capacity_meter_optional_records():
                       num_tokens=4, base_experts=2)
 
     class Out:
-        out = torch.zeros(2, 1)
+        prediction = torch.zeros(2, 1)
         layers = [layer]
 
     meter.on_forward(0.5, Out())
