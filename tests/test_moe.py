@@ -320,21 +320,25 @@ UNEQUAL_COUNTS = [5, 0, 9, 2]  # an expert without rows among them
 
 @pytest.mark.parametrize("kernel", ["grouped_mm", "padded_bmm", "loop"])
 def test_grouped_kernels_match_the_per_row_reference_values_and_gradients(kernel):
-    """Each kernel of ExpertBank.forward_grouped against expert_ffn row by row, with the
-    gradients of the rows and of every expert weight (token choice trains through them)."""
-    layer = make("token_choice").float()
+    """MoELayer.run_grouped with each kernel against Eq. 7 row by row (expert_ffn), with the
+    gradients of the pool, the router weights and every expert weight (token choice trains
+    through them); one expert gets no row, and a token may be taken by several experts."""
+    layer = make("token_choice", dispatch=kernel).float()
     bank = layer.experts
     counts = torch.tensor(UNEQUAL_COUNTS)
     torch.manual_seed(2)
-    x = torch.randn(int(counts.sum()), D, requires_grad=True)
+    x = torch.randn(12, D, requires_grad=True)
+    w = torch.rand(int(counts.sum()), requires_grad=True)
+    tok = torch.randint(0, 12, (int(counts.sum()),))
     experts = torch.repeat_interleave(torch.arange(4), counts).tolist()
-    ref = torch.stack([expert_ffn(layer, e, row) for e, row in zip(experts, x)])
-    fast = bank.forward_grouped(x, counts, kernel)
+    ref = torch.zeros(12, D).index_add(0, tok, torch.stack(
+        [w[i] * expert_ffn(layer, e, x[t]) for i, (e, t) in enumerate(zip(experts, tok))]))
+    fast = layer.run_grouped(x, tok, w, counts)
     assert_close(fast, ref, rtol=1e-5, atol=1e-5)
-    w = torch.randn_like(ref)
-    inputs = [x, bank.w1_EDF, bank.b1_EF, bank.w2_EFD, bank.b2_ED]
-    for g_fast, g_ref in zip(torch.autograd.grad((fast * w).sum(), inputs),
-                             torch.autograd.grad((ref * w).sum(), inputs)):
+    g = torch.randn_like(ref)
+    inputs = [x, w, bank.w1_EDF, bank.b1_EF, bank.w2_EFD, bank.b2_ED]
+    for g_fast, g_ref in zip(torch.autograd.grad((fast * g).sum(), inputs),
+                             torch.autograd.grad((ref * g).sum(), inputs)):
         assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
 
 

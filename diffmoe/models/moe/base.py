@@ -184,10 +184,12 @@ class ExpertBank(nn.Module):
     w1_EDF, b1_EF, w2_EFD, b2_ED. Two ways in:
 
     * :meth:`forward_equal` when every expert takes the same number of tokens (training rule of
-      expert choice and DiffMoE): one bmm per projection, no host synchronisation.
-    * :meth:`forward_grouped` when counts differ (token choice, dynamic inference): rows sorted by
-      expert with ``counts_E``, run by ``grouped_mm``, a padded bmm or a per-expert loop
-      (``dispatch``; ``auto`` is :func:`auto_kernel`).
+      expert choice and DiffMoE), or when unequal counts are padded to the largest
+      (``padded_bmm``, :meth:`MoELayer.run_grouped`): one bmm per projection.
+    * :meth:`forward_grouped` for rows sorted by expert with unequal counts (token choice,
+      dynamic inference): ``grouped_mm`` or a per-expert loop.
+
+    :meth:`kernel` says which of the three (``dispatch``; ``auto`` is :func:`auto_kernel`).
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int, dispatch: str = "auto"):
@@ -222,33 +224,27 @@ class ExpertBank(nn.Module):
         h_EkF = gelu_tanh(torch.baddbmm(b1.unsqueeze(1), x_EkD, w1))
         return torch.baddbmm(b2.unsqueeze(1), h_EkF, w2)
 
-    def kernel(self, x_TD: Tensor) -> str:
-        """The kernel ``forward_grouped`` runs rows like ``x_TD`` with."""
+    def kernel(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The kernel for unequal counts, for rows computed in ``dtype`` on ``device``."""
         if self.dispatch != "auto":
             return self.dispatch
-        return auto_kernel(x_TD.device, x_TD.dtype, (self.dim, self.hidden))
+        return auto_kernel(device, dtype, (self.dim, self.hidden))
 
-    def forward_grouped(self, x_TD: Tensor, counts_E: Tensor, kernel: Optional[str] = None,
-                        expert_T: Optional[Tensor] = None,
+    def forward_grouped(self, x_TD: Tensor, counts_E: Tensor, kernel: str,
                         host_counts: Optional[list[int]] = None) -> Tensor:
         """Run rows ``x_TD``, sorted by expert with ``counts_E`` rows each, through their
-        experts. ``expert_T`` (each row's expert) is derived from the counts if not given.
-        ``host_counts``: ``counts_E`` as Python ints when the caller has read them (dynamic
-        inference). Otherwise the padded bmm reads the largest count and the loop all counts,
-        the one host synchronisation of this path; grouped_mm needs none."""
-        kernel = kernel or self.kernel(x_TD)
-        if kernel not in GROUPED_KERNELS:
-            raise ValueError(f"unknown expert dispatch '{kernel}'")
+        experts with ``kernel`` (``grouped_mm`` or ``loop``). ``host_counts``: ``counts_E`` as
+        Python ints if the caller has read them; the loop reads them otherwise (the one host
+        synchronisation of this path), grouped_mm needs none."""
+        if kernel not in ROW_KERNELS:
+            raise ValueError(f"expert kernel '{kernel}' does not run rows; use one of "
+                             f"{ROW_KERNELS}")
         if x_TD.shape[0] == 0:
             return x_TD.new_zeros(0, self.dim)
         if kernel == "loop":
             return self._loop(x_TD, counts_E.tolist() if host_counts is None else host_counts)
-        if expert_T is None:
-            expert_T = row_experts(counts_E, self.num_experts, x_TD.shape[0])
-        if kernel == "grouped_mm":
-            return self._grouped_mm(x_TD, counts_E, expert_T)
-        width = int(counts_E.max()) if host_counts is None else max(host_counts)
-        return self._padded_bmm(x_TD, counts_E, width, expert_T)
+        return self._grouped_mm(x_TD, counts_E, row_experts(counts_E, self.num_experts,
+                                                            x_TD.shape[0]))
 
     def _grouped_mm(self, x_TD: Tensor, counts_E: Tensor, expert_T: Tensor) -> Tensor:
         w1, b1, w2, b2 = self.weights(x_TD.dtype)
@@ -256,28 +252,16 @@ class ExpertBank(nn.Module):
         h_TF = gelu_tanh(F.grouped_mm(x_TD, w1, offs=offs_E) + b1[expert_T])
         return F.grouped_mm(h_TF, w2, offs=offs_E) + b2[expert_T]
 
-    def _padded_bmm(self, x_TD: Tensor, counts_E: Tensor, width: int, expert_T: Tensor
-                    ) -> Tensor:
-        # Scatter rows into an (E, width, D) buffer, width the largest count, one bmm per
-        # projection, gather back.
-        rows = x_TD.shape[0]
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        slot_T = expert_T * width + (torch.arange(rows, device=x_TD.device) - starts_E[expert_T])
-        buf = x_TD.new_zeros(self.num_experts * width, self.dim).index_copy(0, slot_T, x_TD)
-        y = self.forward_equal(buf.view(self.num_experts, width, self.dim))
-        return y.reshape(-1, self.dim).index_select(0, slot_T)
-
     def _loop(self, x_TD: Tensor, counts: list[int]) -> Tensor:
-        # One matmul pair per expert (bias fused), the activation once over all rows. The
+        # One expert at a time, its hidden rows used while they are in cache (bias fused). The
         # weights are unbound once, so the backward stacks the E slices' gradients in one op.
         w1, b1, w2, b2 = (p.unbind(0) for p in self.weights(x_TD.dtype))
-        h_TF = gelu_tanh(torch.cat([torch.addmm(b1[e], x_e, w1[e])
-                                    for e, x_e in enumerate(x_TD.split(counts))]))
-        return torch.cat([torch.addmm(b2[e], h_e, w2[e])
-                          for e, h_e in enumerate(h_TF.split(counts))])
+        return torch.cat([torch.addmm(b2[e], gelu_tanh(torch.addmm(b1[e], x_e, w1[e])), w2[e])
+                          for e, x_e in enumerate(x_TD.split(counts))])
 
 
 GROUPED_KERNELS = tuple(k for k in DISPATCH_KERNELS if k != "auto")
+ROW_KERNELS = ("grouped_mm", "loop")  # the kernels of forward_grouped; padded_bmm pads instead
 
 
 class Router(nn.Module):
@@ -307,12 +291,24 @@ def gather_rows(x_SD: Tensor, tok_T: Tensor) -> Tensor:
     return x_SD.to(compute_dtype(x_SD)).index_select(0, tok_T)
 
 
+def padded(tok_T: Tensor, w_T: Tensor, counts_E: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Rows grouped by expert (``counts_E`` each) as (E, width) token and weight tables, each
+    expert's rows padded to ``width`` with token 0 at weight 0, which adds exactly nothing."""
+    experts = counts_E.shape[0]
+    rows = tok_T.shape[0]
+    expert_T = row_experts(counts_E, experts, rows)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    slot_T = expert_T * width + (torch.arange(rows, device=tok_T.device) - starts_E[expert_T])
+    tok_Ew = tok_T.new_zeros(experts * width).index_copy_(0, slot_T, tok_T)
+    w_Ew = w_T.new_zeros(experts * width).index_copy_(0, slot_T, w_T)
+    return tok_Ew.view(experts, width), w_Ew.view(experts, width)
+
+
 def combine(y_rows_D: Tensor, token_rows: Tensor, weight_rows: Tensor, num_tokens: int) -> Tensor:
     """Eq. 7: y_s = Σ_e score[s, e] · FFN_e(x_s) over the experts that chose s; tokens chosen by
     no expert get zero."""
     weighted = y_rows_D * weight_rows.unsqueeze(-1).to(y_rows_D.dtype)
-    out = y_rows_D.new_zeros(num_tokens, y_rows_D.shape[-1])
-    return out.index_add(0, token_rows, weighted)
+    return y_rows_D.new_zeros(num_tokens, y_rows_D.shape[-1]).index_add_(0, token_rows, weighted)
 
 
 def selection_mask(token_rows: Tensor, expert_rows: Tensor, num_tokens: int,
@@ -373,9 +369,17 @@ class MoELayer(nn.Module):
                     host_counts: Optional[list[int]] = None) -> Tensor:
         """Experts with unequal counts: rows ``tok_T`` already grouped by expert (``counts_E``
         rows each, ``host_counts`` the same as Python ints if read) with router weights
-        ``w_T``."""
-        y_TD = self.experts.forward_grouped(gather_rows(x_SD, tok_T), counts_E,
-                                            host_counts=host_counts)
+        ``w_T``. ``padded_bmm`` pads every expert's tokens to the largest count (padding: token
+        0 with weight 0) and runs them as equal capacities; it reads the largest count unless
+        ``host_counts`` are given (the one host synchronisation of this path)."""
+        kernel = self.experts.kernel(x_SD.device, compute_dtype(x_SD))
+        if kernel not in GROUPED_KERNELS:
+            raise ValueError(f"unknown expert dispatch '{kernel}'")
+        if kernel == "padded_bmm":
+            width = int(counts_E.max()) if host_counts is None else max(host_counts)
+            return self.run_equal(x_SD, *padded(tok_T, w_T, counts_E, width))
+        y_TD = self.experts.forward_grouped(gather_rows(x_SD, tok_T), counts_E, kernel,
+                                            host_counts)
         return combine(y_TD, tok_T, w_T, x_SD.shape[0])
 
     def output(self, y_SD: Tensor, tok_T: Tensor, counts_E: Tensor, **fields) -> FFNOutput:
