@@ -2,14 +2,18 @@
 token_choice, and three naive DiffMoE implementations (per-expert loop, E x S buffer, one-hot
 einsums; checked to compute the same output as ours), at the S-E16 and B-E16 shapes (8 samples x
 256 tokens; D = 384 or 768; 16 experts of width 4D; capacity 1, so every variant has the dense
-FFN's activated FLOPs). Runs are interleaved and medians reported, with ratios to dense.
+FFN's activated FLOPs). At inference (forward only): diffmoe in dynamic mode (Eq. 14) with each
+expert's threshold at the quantile of its predicted probabilities that gives it S*C/E tokens (as
+Eq. 17 sets it), and the authors' per-expert loop with ``topk`` on the same thresholds (checked
+to compute the same output). Runs are interleaved and medians reported, with ratios to dense.
 
-    python benchmarks/moe_layer.py [--shapes S-E16 B-E16] [--repeats 15] [--json]
+    python benchmarks/moe_layer.py [--shapes S-E16 B-E16] [--layers ...] [--repeats 15] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from common import emit, interleaved_medians, machine, table
 
 from diffmoe.config import MoEConfig
-from diffmoe.models.moe import FeedForward, build_ffn, expert_capacity
+from diffmoe.models.moe import FeedForward, Routing, build_ffn, expert_capacity
 from diffmoe.models.moe.diffmoe import CapacityPredictor
 
 SHAPES = {"S-E16": dict(dim=384, experts=16), "B-E16": dict(dim=768, experts=16)}
@@ -78,6 +82,42 @@ class NaiveDiffMoE(nn.Module):
 NAIVE_STYLES = ("loop", "buffer", "onehot")
 
 
+class AuthorsDynamicLoop(nn.Module):
+    """Dynamic inference as the authors' public code runs it (restated in
+    tests/test_official.py): k_e = #{s : sigmoid(prediction[s, e]) > tau_e}, then for each expert
+    a ``topk`` of its score column, its FFN on those rows and a weighted add."""
+
+    def __init__(self, dim: int, hidden: int, experts: int):
+        super().__init__()
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.predictor = CapacityPredictor(dim, experts)
+        self.experts = nn.ModuleList(FeedForward(dim, hidden) for _ in range(experts))
+        self.register_buffer("thresholds", torch.zeros(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = x.reshape(-1, x.shape[-1])
+        scores = self.router(pool).softmax(-1)
+        counts = (torch.sigmoid(self.predictor(pool)) > self.thresholds).sum(0).tolist()
+        out = torch.zeros_like(pool)
+        for e, (k, expert) in enumerate(zip(counts, self.experts)):
+            if k:
+                idx = scores[:, e].topk(k).indices
+                out[idx] += scores[idx, e, None] * expert(pool[idx])
+        return out.view_as(x)
+
+
+class Dynamic(nn.Module):
+    """Our diffmoe layer at inference in dynamic mode (Eq. 14)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, Routing("dynamic")).y
+
+
+
 class ExpertsOnly(nn.Module):
     """Our stacked experts alone on pre-gathered (E, k, D) rows: no router, predictor, gather or
     combine. Separates what the GEMM shapes cost (inner dimension k = S/E in the weight
@@ -103,21 +143,46 @@ def build_layers(dim: int, experts: int, device: torch.device) -> dict[str, nn.M
     return {k: v.to(device).train() for k, v in layers.items()}
 
 
+def build_dynamic(dim: int, experts: int, x: torch.Tensor, capacity: float = 1.0
+                  ) -> dict[str, nn.Module]:
+    """Our diffmoe layer in dynamic mode and the authors' loop with its weights, each expert's
+    threshold set so that it takes about S*C/E tokens of ``x``."""
+    layer = build_ffn(MoEConfig(type="diffmoe", num_experts=experts), dim, 4 * dim)
+    layer = layer.to(x.device).eval()
+    with torch.no_grad():
+        probs = torch.sigmoid(layer.predictor(x.reshape(-1, dim)).float())
+        layer.thresholds_E.copy_(probs.quantile(1.0 - capacity / experts, dim=0))
+    authors = AuthorsDynamicLoop(dim, 4 * dim, experts).to(x.device).eval()
+    copy_weights(authors, layer)
+    authors.thresholds.copy_(layer.thresholds_E)
+    rows = {"diffmoe_dynamic": Dynamic(layer), "authors_dynamic_loop": authors}
+    with torch.no_grad():
+        if not torch.allclose(rows["authors_dynamic_loop"](x), rows["diffmoe_dynamic"](x),
+                              rtol=1e-4, atol=1e-5):
+            raise RuntimeError("the authors' dynamic loop does not compute the diffmoe layer")
+    return rows
+
+
+def copy_weights(ref: nn.Module, ours: nn.Module) -> None:
+    """Our diffmoe layer's router, predictor and experts into a reference built of nn.Linear."""
+    bank = ours.experts
+    with torch.no_grad():
+        ref.router.weight.copy_(ours.router.weight_ED)
+        ref.predictor.load_state_dict(ours.predictor.state_dict())
+        for e, m in enumerate(ref.experts):
+            m.fc1.weight.copy_(bank.w1_EDF[e].t())
+            m.fc1.bias.copy_(bank.b1_EF[e])
+            m.fc2.weight.copy_(bank.w2_EFD[e].t())
+            m.fc2.bias.copy_(bank.b2_ED[e])
+
+
 def check_references(layers: dict[str, nn.Module], dim: int, device: torch.device) -> None:
     """Give the naive references our diffmoe layer's weights and require the same output, so the
     comparison is between implementations of one computation."""
     ours = layers["diffmoe"]
-    bank = ours.experts
+    for style in NAIVE_STYLES:
+        copy_weights(layers[f"naive_{style}"], ours)
     with torch.no_grad():
-        for style in NAIVE_STYLES:
-            ref = layers[f"naive_{style}"]
-            ref.router.weight.copy_(ours.router.weight_ED)
-            ref.predictor.load_state_dict(ours.predictor.state_dict())
-            for e, m in enumerate(ref.experts):
-                m.fc1.weight.copy_(bank.w1_EDF[e].t())
-                m.fc1.bias.copy_(bank.b1_EF[e])
-                m.fc2.weight.copy_(bank.w2_EFD[e].t())
-                m.fc2.bias.copy_(bank.b2_ED[e])
         x = torch.randn(2, 64, dim, device=device)
         expected = ours(x).y
         for style in NAIVE_STYLES:
@@ -132,7 +197,8 @@ def output_of(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def bench_shape(name: str, repeats: int, warmup: int, device: torch.device,
-                dtype: torch.dtype) -> list[dict]:
+                dtype: torch.dtype, only: Optional[list[str]] = None) -> list[dict]:
+    """Rows of one shape; ``only``: these layers (and the dense FFN) instead of all."""
     cfg = SHAPES[name]
     layers = build_layers(cfg["dim"], cfg["experts"], device)
     check_references(layers, cfg["dim"], device)
@@ -157,29 +223,41 @@ def bench_shape(name: str, repeats: int, warmup: int, device: torch.device,
             y.float().square().mean().backward()
         return run
 
-    f = interleaved_medians({k: fwd(v) for k, v in layers.items()}, repeats, warmup, device)
+    inference = dict(layers, **build_dynamic(cfg["dim"], cfg["experts"], x))
+    if only:
+        layers = {k: v for k, v in layers.items() if k == "dense" or k in only}
+        inference = {k: v for k, v in inference.items() if k == "dense" or k in only}
+    f = interleaved_medians({k: fwd(v) for k, v in inference.items()}, repeats, warmup, device)
     fb = interleaved_medians({k: fwd_bwd(v) for k, v in layers.items()}, repeats, warmup, device)
     rows = []
-    for k in layers:
-        rows.append({"shape": name, "layer": k, "fwd_ms": 1e3 * f[k], "fwd_bwd_ms": 1e3 * fb[k],
-                     "fwd_ratio": f[k] / f["dense"], "fwd_bwd_ratio": fb[k] / fb["dense"]})
+    for k in inference:
+        trained = k in layers
+        rows.append({"shape": name, "layer": k, "fwd_ms": 1e3 * f[k],
+                     "fwd_bwd_ms": 1e3 * fb[k] if trained else None,
+                     "fwd_ratio": f[k] / f["dense"],
+                     "fwd_bwd_ratio": fb[k] / fb["dense"] if trained else None})
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--layers", nargs="+", help="only these rows (and dense), e.g. "
+                   "diffmoe_dynamic authors_dynamic_loop")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
-    rows = [r for s in args.shapes for r in bench_shape(s, args.repeats, args.warmup, device,
-                                                        dtype)]
+    rows = [r for s in args.shapes
+            for r in bench_shape(s, args.repeats, args.warmup, device, dtype, args.layers)]
     result = {"benchmark": "moe_layer", "machine": machine(), "dtype": args.dtype,
               "samples": SAMPLES, "tokens": TOKENS, "rows": rows}
     text = table(rows, ["shape", "layer", "fwd_ms", "fwd_bwd_ms", "fwd_ratio", "fwd_bwd_ratio"])

@@ -40,7 +40,7 @@ def sample_capacities(out: FFNOutput, rows: int) -> Tensor:
     """Eq. 8-9 restricted to each sample's tokens: for each of the ``rows`` samples in the pool,
     the mean over this layer's experts of E·(tokens of the sample the expert took)/(tokens of the
     sample), i.e. how many experts (in units of one full expert) a token of that sample used."""
-    mask = out.mask_SE
+    mask = out.selection_mask()
     experts = mask.shape[1]
     tokens = out.num_tokens // rows
     per_row = mask.view(rows, tokens, experts).sum((1, 2)).float()
@@ -50,38 +50,81 @@ def sample_capacities(out: FFNOutput, rows: int) -> Tensor:
 @dataclass
 class CapacityMeter:
     """Records C (Eq. 9) per MoE layer for every model forward during sampling; C_avg_infer
-    (Eq. 15) is their mean. Use ``meter.on_forward`` as the sampler's callback."""
+    (Eq. 15) is their mean. Use ``meter.on_forward`` as the sampler's callback.
 
-    times: list[float] = field(default_factory=list)
-    per_layer: list[Tensor] = field(default_factory=list)  # each (L,)
+    Recording synchronises nothing: a forward's records stay on the model's device until they are
+    read (``per_layer``, ``per_expert``, ``per_sample``, :meth:`c_avg`, :meth:`summary`) or
+    :meth:`end_batch` is called, and then all waiting records come to the host in one copy."""
+
     # Optional finer records (for ``diffmoe analyze``): per expert (L lists of (E,)) and per
     # sample of the forward's batch ((rows,), mean over layers; needs the selection masks).
     track_experts: bool = False
     track_samples: bool = False
-    per_expert: list[list[Tensor]] = field(default_factory=list)
-    per_sample: list[Tensor] = field(default_factory=list)
+    # The flow-axis time of each routed forward.
+    times: list[float] = field(default_factory=list)
     # Every model call seen, routed or not (the samplers' number of function evaluations).
     calls: int = 0
+    # Records on the host: per routed forward, C of each layer ((L,)) and the optional ones.
+    _per_layer: list[Tensor] = field(default_factory=list, repr=False)
+    _per_expert: list[list[Tensor]] = field(default_factory=list, repr=False)
+    _per_sample: list[Tensor] = field(default_factory=list, repr=False)
+    # Records of forwards not yet copied to the host, each a list of device tensors in the order
+    # per layer, per expert (if tracked), per sample (if tracked).
+    _waiting: list[list[Tensor]] = field(default_factory=list, repr=False)
 
     def on_forward(self, t: float, out: DiTOutput) -> None:
         self.calls += 1
         routed = [o for o in out.layers if o.counts_E is not None]
         if not routed:
             return
-        per_expert = [expert_capacities(o.counts_E, o.num_tokens, o.base_experts).detach().cpu()
+        per_expert = [expert_capacities(o.counts_E, o.num_tokens, o.base_experts).detach()
                       for o in routed]
         self.times.append(float(t))
-        self.per_layer.append(torch.stack([c.mean() for c in per_expert]))
+        record = [torch.stack([c.mean() for c in per_expert])]
         if self.track_experts:
-            self.per_expert.append(per_expert)
+            record += per_expert
         if self.track_samples:
             rows = out.prediction.shape[0]
-            self.per_sample.append(torch.stack([sample_capacities(o, rows) for o in routed])
-                                   .mean(0).detach().cpu())
+            record.append(torch.stack([sample_capacities(o, rows) for o in routed]).mean(0)
+                          .detach())
+        self._waiting.append(record)
+
+    def end_batch(self) -> None:
+        """Copy the waiting records to the host (one copy for all of them)."""
+        if not self._waiting:
+            return
+        flat = torch.cat([r.float().reshape(-1) for rec in self._waiting for r in rec]).cpu()
+        parts = iter(flat.split([r.numel() for rec in self._waiting for r in rec]))
+        for rec in self._waiting:
+            host = [next(parts).view(r.shape) for r in rec]
+            self._per_layer.append(host[0])
+            if self.track_experts:
+                self._per_expert.append(host[1:1 + len(rec[0])])
+            if self.track_samples:
+                self._per_sample.append(host[-1])
+        self._waiting.clear()
+
+    @property
+    def per_layer(self) -> list[Tensor]:
+        """C of each MoE layer, (L,), per routed forward."""
+        self.end_batch()
+        return self._per_layer
+
+    @property
+    def per_expert(self) -> list[list[Tensor]]:
+        """C_e of each expert, L tensors (E,), per routed forward (``track_experts``)."""
+        self.end_batch()
+        return self._per_expert
+
+    @property
+    def per_sample(self) -> list[Tensor]:
+        """Each sample's capacity, (rows,), per routed forward (``track_samples``)."""
+        self.end_batch()
+        return self._per_sample
 
     @property
     def num_forwards(self) -> int:
-        return len(self.per_layer)
+        return len(self.times)
 
     def c_avg(self) -> float:
         """Eq. 15: mean over recorded forwards of C (1.0 when nothing was routed)."""

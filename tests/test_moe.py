@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from reference import (
+    combine_choices,
     expert_ffn,
     reference_diffmoe_train,
     reference_dynamic,
@@ -15,6 +18,7 @@ from reference import (
 from torch.testing import assert_close
 
 from diffmoe.config import MoEConfig
+from diffmoe.models.moe import base as moe_base
 from diffmoe.models.moe import (
     DenseFFN,
     FFNOutput,
@@ -232,7 +236,7 @@ def test_dynamic_inference_processes_exactly_the_predicted_count(dispatch):
     out = layer(x, Routing("dynamic"))
     expected_counts = (torch.sigmoid(logits) > tau).sum(0)
     assert out.counts_E.tolist() == expected_counts.tolist()
-    assert out.mask_SE.sum(0).tolist() == expected_counts.tolist()
+    assert out.selection_mask().sum(0).tolist() == expected_counts.tolist()
     ref, ref_counts = reference_dynamic(layer, x, tau)
     assert ref_counts == expected_counts.tolist()
     assert_close(out.y, ref, rtol=1e-5, atol=1e-6)
@@ -307,3 +311,117 @@ def test_expert_ffn_reference_consistent_with_bank():
     y = layer.experts.forward_equal(x.unsqueeze(0).expand(4, 5, D).contiguous())
     for e in range(4):
         assert_close(y[e], torch.stack([expert_ffn(layer, e, r) for r in x]))
+
+
+# -- the fast paths against plain references ---------------------------------------------------
+
+UNEQUAL_COUNTS = [5, 0, 9, 2]  # an expert without rows among them
+
+
+@pytest.mark.parametrize("kernel", ["grouped_mm", "padded_bmm", "loop"])
+def test_grouped_kernels_match_the_per_row_reference_values_and_gradients(kernel):
+    """MoELayer.run_grouped with each kernel against Eq. 7 row by row (expert_ffn), with the
+    gradients of the pool, the router weights and every expert weight (token choice trains
+    through them); one expert gets no row, and a token may be taken by several experts."""
+    layer = make("token_choice", dispatch=kernel).float()
+    bank = layer.experts
+    counts = torch.tensor(UNEQUAL_COUNTS)
+    torch.manual_seed(2)
+    x = torch.randn(12, D, requires_grad=True)
+    w = torch.rand(int(counts.sum()), requires_grad=True)
+    tok = torch.randint(0, 12, (int(counts.sum()),))
+    experts = torch.repeat_interleave(torch.arange(4), counts).tolist()
+    ref = torch.zeros(12, D).index_add(0, tok, torch.stack(
+        [w[i] * expert_ffn(layer, e, x[t]) for i, (e, t) in enumerate(zip(experts, tok))]))
+    fast = layer.run_grouped(x, tok, w, counts)
+    assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    inputs = [x, w, bank.w1_EDF, bank.b1_EF, bank.w2_EFD, bank.b2_ED]
+    for g_fast, g_ref in zip(torch.autograd.grad((fast * g).sum(), inputs),
+                             torch.autograd.grad((ref * g).sum(), inputs)):
+        assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_selection_breaks_ties_as_the_authors_topk():
+    """Tokens that differ only where the router does not look tie in score (but not in predicted
+    probability, so the counts cut through groups of tied tokens); every expert still takes
+    exactly the tokens, in the order, of the authors' ``scores[:, e].topk(k_e)``, and the output
+    is Eq. 7 over those choices."""
+    layer = make("diffmoe").eval()
+    torch.manual_seed(4)
+    x = torch.randn(3, 12, D, dtype=torch.float64)
+    with torch.no_grad():
+        layer.router.weight_ED[:, D // 2:] = 0.0
+        x[..., :D // 2] = x[:1, :4, :D // 2].repeat(3, 3, 1)  # 36 tokens, 4 distinct scores
+    x_SD = x.reshape(-1, D)
+    with torch.no_grad():
+        probs = torch.sigmoid(layer.predictor(x_SD))
+        layer.thresholds_E.copy_(probs.quantile(0.6, dim=0))
+        out = layer(x, Routing("dynamic"))
+        scores = layer.router(x_SD)
+    counts = out.counts_E.tolist()
+    assert len(set(counts)) > 1 and all(0 < k < 36 for k in counts)
+    theirs = [scores[:, e].topk(k).indices for e, k in enumerate(counts)]
+    assert torch.equal(out.tokens_T, torch.cat(theirs))
+    chosen = {e: t.tolist() for e, t in enumerate(theirs)}
+    assert_close(out.y.reshape(-1, D), combine_choices(layer, x_SD, scores, chosen))
+
+
+def test_inference_builds_no_mask_or_loss_until_asked():
+    """At inference the selection mask is built only when read, and equals the one a training
+    forward would build from the same choices; the predictor's BCE is training-only."""
+    layer = make("diffmoe").eval()
+    x = inputs(requires_grad=False)
+    static = layer(x, Routing("static"))
+    assert static.mask_SE is None and static.predictor_loss is None
+    mask = static.selection_mask()
+    scores = router_scores(layer, x.reshape(-1, D))
+    expected = torch.zeros(24, 4, dtype=torch.bool)
+    for e in range(4):
+        expected[scores[:, e].topk(6).indices, e] = True
+    assert torch.equal(mask, expected) and static.mask_SE is mask
+    dynamic = layer(x, Routing("threshold", 0.5))
+    assert dynamic.mask_SE is None and dynamic.predictor_loss is None
+    assert dynamic.selection_mask().sum(0).tolist() == dynamic.counts_E.tolist()
+    trained = layer.train()(x)
+    assert torch.equal(trained.mask_SE, expected) and trained.predictor_loss is not None
+
+
+@pytest.mark.parametrize("device,capability,dtype,widths,kernel", [
+    ("cuda", (9, 0), torch.bfloat16, (16, 32), "grouped_mm"),  # H100/H200
+    ("cuda", (10, 0), torch.bfloat16, (16, 32), "grouped_mm"),  # B200
+    ("cuda", (8, 0), torch.bfloat16, (16, 32), "padded_bmm"),  # A100: torch's slow fallback
+    ("cuda", (12, 0), torch.bfloat16, (16, 32), "padded_bmm"),
+    ("cuda", (9, 0), torch.float32, (16, 32), "padded_bmm"),  # the fast kernel is bf16 only
+    ("cuda", (9, 0), torch.bfloat16, (12, 32), "padded_bmm"),  # 24-byte rows: not aligned
+    ("cpu", None, torch.bfloat16, (16, 32), "padded_bmm"),
+    ("cpu", None, torch.float32, (16, 32), "padded_bmm")])
+def test_auto_kernel_rule(monkeypatch, caplog, device, capability, dtype, widths, kernel):
+    """grouped_mm only with bf16 rows, aligned for bf16, on a device where torch has its fast
+    kernel; each choice logged once."""
+    monkeypatch.setattr(moe_base, "_KERNEL_CHOICES", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    with caplog.at_level(logging.INFO, logger=moe_base.__name__):
+        for _ in range(2):
+            assert moe_base.auto_kernel(torch.device(device, 0), dtype, widths) == kernel
+    assert [r.getMessage().split(": ")[1].split(" ")[0] for r in caplog.records] == [kernel]
+
+
+def test_rows_reach_the_experts_once_cast_to_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast the pool arrives in float32 (LayerNorm, modulate); it is cast once
+    before the gather, so the experts (and the kernel choice) see bf16 rows."""
+    seen = []
+    original = moe_base.gather_rows
+
+    def spy(x_SD, tok_T):
+        rows = original(x_SD, tok_T)
+        seen.append((x_SD.dtype, rows.dtype))
+        return rows
+
+    monkeypatch.setattr(moe_base, "gather_rows", spy)
+    for kind, routing in [("token_choice", Routing()), ("diffmoe", Routing("threshold", 0.5))]:
+        layer = make(kind).float().eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(inputs(requires_grad=False).float(), routing)
+        assert out.y.dtype == torch.float32
+    assert seen == [(torch.float32, torch.bfloat16)] * 2

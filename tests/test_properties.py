@@ -61,7 +61,7 @@ def test_diffmoe_inference_counts_within_bounds(batch, tokens, experts, gamma, s
     S = batch * tokens
     assert out.y.shape == (batch, tokens, D) and torch.isfinite(out.y).all()
     assert ((out.counts_E >= 0) & (out.counts_E <= S)).all()
-    assert out.mask_SE.sum(0).tolist() == out.counts_E.tolist()
+    assert out.selection_mask().sum(0).tolist() == out.counts_E.tolist()
 
 
 @FAST
@@ -167,8 +167,8 @@ def test_threshold_zero_selects_every_token_and_one_selects_none(batch, tokens, 
     with torch.no_grad():
         every = layer(x, Routing("threshold", 0.0))
         none = layer(x, Routing("threshold", 1.0))
-    assert every.counts_E.tolist() == [S] * experts and bool(every.mask_SE.all())
-    assert none.counts_E.tolist() == [0] * experts and not bool(none.mask_SE.any())
+    assert every.counts_E.tolist() == [S] * experts and bool(every.selection_mask().all())
+    assert none.counts_E.tolist() == [0] * experts and not bool(none.selection_mask().any())
     assert torch.isfinite(every.y).all() and torch.equal(none.y, torch.zeros_like(none.y))
 
 

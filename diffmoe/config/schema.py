@@ -14,8 +14,8 @@ import yaml
 from ..errors import ConfigError
 
 FFN_TYPES = ("dense", "token_choice", "expert_choice", "diffmoe")
-# Expert kernels for unequal token counts (models/moe/base.py, ExpertBank); auto: grouped_mm
-# where the device and dtype support it, else padded_bmm.
+# Expert kernels for unequal token counts (models/moe/base.py, ExpertBank); auto: the rule of
+# models/moe/base.py auto_kernel.
 DISPATCH_KERNELS = ("auto", "grouped_mm", "padded_bmm", "loop")
 # How MoE layers route at inference (models/moe/base.py, Routing); "auto" lets the sampling code
 # pick dynamic for a model with a capacity predictor, static otherwise.

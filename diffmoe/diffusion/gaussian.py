@@ -47,6 +47,12 @@ EDGE_TOLERANCE = 0.999
 LOG_FLOOR = 1e-12
 
 
+# The per-timestep tables a process gathers from on the data's device (see _on_device).
+SCHEDULE_TABLES = ("betas", "alphas_cumprod", "posterior_variance",
+                   "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+                   "model_timesteps")
+
+
 def spaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """``steps`` evenly spaced timesteps of 0..T−1, always keeping T−1 (pure noise) and, from two
     steps on, 0."""
@@ -87,8 +93,9 @@ def _mean_flat(x: Tensor) -> Tensor:
 
 
 class GaussianDiffusion:
-    """One (possibly respaced) DDPM process. Schedule arrays are float64 on the CPU; values are
-    gathered per timestep and cast to float32 on the data's device."""
+    """One (possibly respaced) DDPM process. Schedule arrays are float64 on the CPU; each is
+    copied once to a device as float32 (on first use there), and values are gathered per timestep
+    from that copy, so a sampling step copies nothing between host and device."""
 
     kind = "ddpm"
 
@@ -121,7 +128,10 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = torch.from_numpy(betas * np.sqrt(ac_prev) / (1.0 - ac))
         self.posterior_mean_coef2 = torch.from_numpy((1.0 - ac_prev) * np.sqrt(alphas)
                                                      / (1.0 - ac))
+        # What the timestep embedder sees at each step (see model_time).
+        self.model_timesteps = torch.tensor(self.timestep_map, dtype=torch.float64)
         self._device_cache: dict[tuple[str, torch.device], Tensor] = {}
+        self._respaced: dict[int, GaussianDiffusion] = {}
 
     @classmethod
     def linear(cls, in_channels: int, learn_sigma: bool, num_timesteps: int = 1000,
@@ -132,19 +142,28 @@ class GaussianDiffusion:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _at(self, name: str, t: Tensor, like: Tensor) -> Tensor:
-        """Schedule array ``name`` at integer timesteps t, shaped to broadcast against ``like``."""
-        key = (name, t.device)
+    def _on_device(self, name: str, device: torch.device) -> Tensor:
+        """Schedule array ``name`` as float32 on ``device``, copied there once."""
+        key = (name, device)
         arr = self._device_cache.get(key)
         if arr is None:
-            arr = getattr(self, name).to(device=t.device, dtype=torch.float32)
+            arr = getattr(self, name).to(device=device, dtype=torch.float32)
             self._device_cache[key] = arr
-        return arr[t].view(-1, *([1] * (like.dim() - 1)))
+        return arr
+
+    def copy_tables_to(self, device: torch.device) -> None:
+        """Copy every schedule table to ``device`` now (once per device), so that the sampling
+        steps that use them copy nothing."""
+        for name in SCHEDULE_TABLES:
+            self._on_device(name, device)
+
+    def _at(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        """Schedule array ``name`` at integer timesteps t, shaped to broadcast against ``like``."""
+        return self._on_device(name, t.device)[t].view(-1, *([1] * (like.dim() - 1)))
 
     def model_time(self, t: Tensor) -> Tensor:
         """What the timestep embedder sees: the original timestep index of a (respaced) step."""
-        table = torch.tensor(self.timestep_map, device=t.device, dtype=torch.float32)
-        return table[t]
+        return self._on_device("model_timesteps", t.device)[t]
 
     def data_time(self, t: int) -> float:
         """The step's position on the flow objective's axis (0 = noise, 1 = data), used to report
@@ -153,13 +172,18 @@ class GaussianDiffusion:
 
     def respace(self, steps: int) -> "GaussianDiffusion":
         """The process restricted to ``steps`` evenly spaced timesteps, with β re-derived from the
-        kept ᾱ so each kept step keeps its marginal q(x_t | x_0)."""
+        kept ᾱ so each kept step keeps its marginal q(x_t | x_0). Made once per ``steps`` (every
+        sampling batch reuses it, and with it its tables on the device)."""
+        if steps not in self._respaced:
+            self._respaced[steps] = self._respaced_process(steps)
+        return self._respaced[steps]
+
+    def _respaced_process(self, steps: int) -> "GaussianDiffusion":
         kept = spaced_timesteps(self.num_timesteps, steps)
         if len(kept) == self.num_timesteps:
             return self
         betas, last = [], 1.0
-        for t in kept:
-            ac = float(self.alphas_cumprod[t])
+        for ac in self.alphas_cumprod[kept].tolist():
             betas.append(1.0 - ac / last)
             last = ac
         return GaussianDiffusion(self.in_channels, self.learn_sigma, np.array(betas),

@@ -189,12 +189,13 @@ def ddim(process: GaussianDiffusion, predict: Prediction, x: Tensor, eta: float,
          generator: Optional[torch.Generator] = None) -> Tensor:
     """DDIM: x_{t'} = √ᾱ_{t'}·x̂_0 + √(1−ᾱ_{t'}−σ²)·ε̂ + σ·z with
     σ = η·√((1−ᾱ_{t'})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t'}), t' the previous respaced step."""
+    # ᾱ read to the host once (a CPU table): the steps below take them as Python floats.
+    acs, ac_prevs = process.alphas_cumprod.tolist(), process.alphas_cumprod_prev.tolist()
     for i in reversed(range(process.num_timesteps)):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         eps, _ = process.split_output(predict(x, i))
         pred_x0 = process.predict_x0(x, t, eps)
-        ac = float(process.alphas_cumprod[i])
-        ac_prev = float(process.alphas_cumprod_prev[i])
+        ac, ac_prev = acs[i], ac_prevs[i]
         sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)) ** 0.5
         x = ac_prev ** 0.5 * pred_x0 + max(1 - ac_prev - sigma ** 2, 0.0) ** 0.5 * eps
         if i > 0 and sigma > 0:
@@ -224,6 +225,7 @@ def sample(model: DiT, objective: Objective, labels: Tensor, *, sampler: str = "
 
     if isinstance(objective, GaussianDiffusion):
         process = objective.respace(steps)
+        process.copy_tables_to(device)
 
         def predict(x: Tensor, i: int) -> Tensor:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)

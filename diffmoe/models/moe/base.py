@@ -4,21 +4,38 @@ bank with its dispatch kernels, and the router.
 Shape suffixes (as in torchtitan): B samples, s tokens per sample, S = B*s tokens in the pool,
 D model width, F expert hidden width, E experts in the layer, k tokens per expert (equal
 capacities), T routed rows (unequal capacities, rows grouped by expert).
+
+The expert kernel for unequal counts (``model.moe.dispatch: auto``) is chosen by one rule,
+:func:`auto_kernel`, from the device, the dtype the rows are computed in and whether gradients
+flow, so eager and compiled code choose alike; each choice is logged once.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...config import ROUTING_MODES
+from ...config import DISPATCH_KERNELS, ROUTING_MODES
 
+log = logging.getLogger(__name__)
+
+# CUDA compute capabilities (major versions) on which torch's grouped_mm has its fast kernel:
+# torch's _grouped_mm_cuda (aten/src/ATen/native/cuda/GroupedBlas.cpp) runs the CUTLASS grouped
+# GEMM only on sm90 or sm100 with bfloat16 operands; elsewhere it copies the offsets to the host
+# and runs one matmul per group.
+FAST_GROUPED_MM_CAPABILITIES = (9, 10)
+# The operand dtype of that fast kernel, and the only one torch.compile's meta kernel for
+# grouped_mm accepts (eager CPU kernels also take float32).
+GROUPED_MM_DTYPE = torch.bfloat16
+# grouped_mm needs every operand's row stride to be a multiple of this many bytes.
+GROUPED_MM_ALIGNMENT_BYTES = 16
 
 @dataclass(frozen=True)
 class Routing:
@@ -47,10 +64,12 @@ class FFNOutput:
 
     y: the layer output (B, s, D). The other fields are None for a dense layer.
     aux_loss: token-choice load-balance loss (unweighted), a scalar.
-    predictor_loss: capacity-predictor BCE (Eq. 12) for this layer, a scalar.
-    mask_SE: selection mask O (Eq. 13), True where expert e processed token s.
+    predictor_loss: capacity-predictor BCE (Eq. 12) for this layer, a scalar (training only).
+    mask_SE: selection mask O (Eq. 13), True where expert e processed token s. Built by training
+        forwards; at inference nothing needs it, so :meth:`selection_mask` builds it on demand.
     predictor_logits_SE: capacity-predictor logits.
     counts_E: tokens processed per expert, k_e.
+    tokens_T: the token of each processed row, rows grouped by expert (``counts_E`` rows each).
     thresholds_E: the thresholds τ a training forward saw (DiffMoE), for the trainer's log.
     threshold_targets_E: q_e of Eq. 17 over the training pool (DiffMoE in training mode). The
         forward only records them; ``apply_threshold_updates`` moves the thresholds.
@@ -66,8 +85,19 @@ class FFNOutput:
     counts_E: Optional[Tensor] = None
     thresholds_E: Optional[Tensor] = None
     threshold_targets_E: Optional[Tensor] = None
+    tokens_T: Optional[Tensor] = None
     num_tokens: int = 0
     base_experts: int = 1
+
+    def selection_mask(self) -> Optional[Tensor]:
+        """O (Eq. 13): ``mask_SE``, built from ``tokens_T`` and ``counts_E`` on first use (and then
+        kept) when the forward did not build it; None for a dense layer."""
+        if self.mask_SE is None and self.tokens_T is not None:
+            experts = self.counts_E.shape[0]
+            self.mask_SE = selection_mask(self.tokens_T, row_experts(self.counts_E, experts,
+                                                                     self.tokens_T.shape[0]),
+                                          self.num_tokens, experts)
+        return self.mask_SE
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -92,11 +122,60 @@ class FeedForward(nn.Module):
         return self.fc2(gelu_tanh(self.fc1(x)))
 
 
-def grouped_mm_supported(*tensors: Tensor) -> bool:
-    """torch's grouped_mm needs 16-byte aligned row strides (and exists only in recent torch)."""
-    if not hasattr(F, "grouped_mm"):
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the experts compute ``x``'s rows in: autocast's for float32 rows on a device
+    under autocast, else the rows' own."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def has_fast_grouped_mm(device: torch.device) -> bool:
+    """Whether torch's grouped_mm runs its fast kernel on ``device`` (see
+    :data:`FAST_GROUPED_MM_CAPABILITIES`)."""
+    if device.type != "cuda" or not hasattr(F, "grouped_mm"):
         return False
-    return all((t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
+    return torch.cuda.get_device_capability(device)[0] in FAST_GROUPED_MM_CAPABILITIES
+
+
+def grouped_mm_aligned(widths: Sequence[int], dtype: torch.dtype) -> bool:
+    """Whether rows of these widths, in ``dtype``, have the row strides grouped_mm needs."""
+    return all(w * dtype.itemsize % GROUPED_MM_ALIGNMENT_BYTES == 0 for w in widths)
+
+
+_KERNEL_CHOICES: dict[tuple, str] = {}
+
+
+@torch.compiler.assume_constant_result
+def auto_kernel(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> str:
+    """The expert kernel of ``dispatch: auto`` for rows computed in ``dtype`` on ``device``
+    through experts of these widths (D, F): ``grouped_mm`` where it has its fast kernel (bfloat16,
+    CUDA compute capability 9.x or 10.x, row strides aligned for bfloat16), else ``padded_bmm``,
+    one batched matmul per projection over rows padded to the largest count (one kernel, where
+    grouped_mm would copy the offsets to the host and run one matmul per expert). A constant for
+    torch.compile, so compiled and eager code choose alike; each choice is logged once."""
+    key = (device, dtype, widths)
+    if key not in _KERNEL_CHOICES:
+        if dtype != GROUPED_MM_DTYPE:
+            kernel, why = "padded_bmm", f"grouped_mm's fast kernel takes bfloat16 rows, not {dtype}"
+        elif not has_fast_grouped_mm(device):
+            kernel, why = "padded_bmm", (f"{device} has no fast grouped_mm kernel (CUDA compute "
+                                         f"capability 9.x or 10.x)")
+        elif not grouped_mm_aligned(widths, dtype):
+            kernel, why = "padded_bmm", (f"widths {widths} in {dtype} are not multiples of "
+                                         f"{GROUPED_MM_ALIGNMENT_BYTES} bytes")
+        else:
+            kernel, why = "grouped_mm", f"bfloat16 rows on {device}"
+        _KERNEL_CHOICES[key] = kernel
+        log.info("MoE expert kernel for %s rows on %s: %s (%s)", dtype, device, kernel, why)
+    return _KERNEL_CHOICES[key]
+
+
+def row_experts(counts_E: Tensor, experts: int, rows: int) -> Tensor:
+    """The expert of each of ``rows`` rows grouped by expert with ``counts_E`` rows each (no host
+    synchronisation: the total is given)."""
+    return torch.repeat_interleave(torch.arange(experts, device=counts_E.device), counts_E,
+                                   output_size=rows)
 
 
 class ExpertBank(nn.Module):
@@ -105,9 +184,12 @@ class ExpertBank(nn.Module):
     w1_EDF, b1_EF, w2_EFD, b2_ED. Two ways in:
 
     * :meth:`forward_equal` when every expert takes the same number of tokens (training rule of
-      expert choice and DiffMoE): one bmm per projection, no host synchronisation.
-    * :meth:`forward_grouped` when counts differ (token choice, dynamic inference): rows sorted by
-      expert with ``counts_E``, run by ``grouped_mm``, a padded bmm or a per-expert loop.
+      expert choice and DiffMoE), or when unequal counts are padded to the largest
+      (``padded_bmm``, :meth:`MoELayer.run_grouped`): one bmm per projection.
+    * :meth:`forward_grouped` for rows sorted by expert with unequal counts (token choice,
+      dynamic inference): ``grouped_mm`` or a per-expert loop.
+
+    :meth:`kernel` says which of the three (``dispatch``; ``auto`` is :func:`auto_kernel`).
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int, dispatch: str = "auto"):
@@ -132,69 +214,54 @@ class ExpertBank(nn.Module):
         """Parameters of one expert."""
         return 2 * self.dim * self.hidden + self.hidden + self.dim
 
-    def forward_equal(self, x_EkD: Tensor) -> Tensor:
-        h_EkF = gelu_tanh(torch.baddbmm(self.b1_EF.unsqueeze(1).to(x_EkD.dtype), x_EkD,
-                                        self.w1_EDF.to(x_EkD.dtype)))
-        return torch.baddbmm(self.b2_ED.unsqueeze(1).to(x_EkD.dtype), h_EkF,
-                             self.w2_EFD.to(x_EkD.dtype))
+    def weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """w1_EDF, b1_EF, w2_EFD, b2_ED in the rows' compute dtype."""
+        return (self.w1_EDF.to(dtype), self.b1_EF.to(dtype), self.w2_EFD.to(dtype),
+                self.b2_ED.to(dtype))
 
-    def resolve_dispatch(self, x_TD: Tensor) -> str:
+    def forward_equal(self, x_EkD: Tensor) -> Tensor:
+        w1, b1, w2, b2 = self.weights(x_EkD.dtype)
+        h_EkF = gelu_tanh(torch.baddbmm(b1.unsqueeze(1), x_EkD, w1))
+        return torch.baddbmm(b2.unsqueeze(1), h_EkF, w2)
+
+    def kernel(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The kernel for unequal counts, for rows computed in ``dtype`` on ``device``."""
         if self.dispatch != "auto":
             return self.dispatch
-        # CPU kernels take float32 and bfloat16; CUDA kernels take bfloat16 (SM >= 80).
-        dtypes = (torch.float32, torch.bfloat16) if x_TD.device.type == "cpu" else (torch.bfloat16,)
-        if x_TD.dtype in dtypes and grouped_mm_supported(x_TD, self.w1_EDF, self.w2_EFD):
-            return "grouped_mm"
-        return "padded_bmm"
+        return auto_kernel(device, dtype, (self.dim, self.hidden))
 
-    def forward_grouped(self, x_TD: Tensor, counts_E: Tensor, kernel: Optional[str] = None,
-                        expert_T: Optional[Tensor] = None) -> Tensor:
+    def forward_grouped(self, x_TD: Tensor, counts_E: Tensor, kernel: str,
+                        host_counts: Optional[list[int]] = None) -> Tensor:
         """Run rows ``x_TD``, sorted by expert with ``counts_E`` rows each, through their
-        experts. ``expert_T`` (each row's expert) is derived from the counts if not given."""
-        kernel = kernel or self.resolve_dispatch(x_TD)
+        experts with ``kernel`` (``grouped_mm`` or ``loop``). ``host_counts``: ``counts_E`` as
+        Python ints if the caller has read them; the loop reads them otherwise (the one host
+        synchronisation of this path), grouped_mm needs none."""
+        if kernel not in ROW_KERNELS:
+            raise ValueError(f"expert kernel '{kernel}' does not run rows; use one of "
+                             f"{ROW_KERNELS}")
         if x_TD.shape[0] == 0:
             return x_TD.new_zeros(0, self.dim)
-        if expert_T is None:
-            expert_T = self.row_experts(counts_E, x_TD.shape[0])
-        if kernel == "grouped_mm":
-            return self._grouped_mm(x_TD, counts_E, expert_T)
-        if kernel == "padded_bmm":
-            return self._padded_bmm(x_TD, counts_E, expert_T)
         if kernel == "loop":
-            return self._loop(x_TD, counts_E)
-        raise ValueError(f"unknown expert dispatch '{kernel}'")
-
-    def row_experts(self, counts_E: Tensor, rows: int) -> Tensor:
-        experts = torch.arange(self.num_experts, device=counts_E.device)
-        return torch.repeat_interleave(experts, counts_E, output_size=rows)
+            return self._loop(x_TD, counts_E.tolist() if host_counts is None else host_counts)
+        return self._grouped_mm(x_TD, counts_E, row_experts(counts_E, self.num_experts,
+                                                            x_TD.shape[0]))
 
     def _grouped_mm(self, x_TD: Tensor, counts_E: Tensor, expert_T: Tensor) -> Tensor:
-        dtype = x_TD.dtype
+        w1, b1, w2, b2 = self.weights(x_TD.dtype)
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        h_TF = F.grouped_mm(x_TD, self.w1_EDF.to(dtype), offs=offs_E)
-        h_TF = gelu_tanh(h_TF + self.b1_EF.to(dtype)[expert_T])
-        y_TD = F.grouped_mm(h_TF, self.w2_EFD.to(dtype), offs=offs_E)
-        return y_TD + self.b2_ED.to(dtype)[expert_T]
+        h_TF = gelu_tanh(F.grouped_mm(x_TD, w1, offs=offs_E) + b1[expert_T])
+        return F.grouped_mm(h_TF, w2, offs=offs_E) + b2[expert_T]
 
-    def _padded_bmm(self, x_TD: Tensor, counts_E: Tensor, expert_T: Tensor) -> Tensor:
-        # Scatter rows into an (E, max_count, D) buffer, one bmm per projection, gather back.
-        rows = x_TD.shape[0]
-        width = int(counts_E.max())  # the one host synchronisation of this kernel
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        slot_T = expert_T * width + (torch.arange(rows, device=x_TD.device) - starts_E[expert_T])
-        buf = x_TD.new_zeros(self.num_experts * width, self.dim).index_copy(0, slot_T, x_TD)
-        y = self.forward_equal(buf.view(self.num_experts, width, self.dim))
-        return y.reshape(-1, self.dim).index_select(0, slot_T)
+    def _loop(self, x_TD: Tensor, counts: list[int]) -> Tensor:
+        # One expert at a time, its hidden rows used while they are in cache (bias fused). The
+        # weights are unbound once, so the backward stacks the E slices' gradients in one op.
+        w1, b1, w2, b2 = (p.unbind(0) for p in self.weights(x_TD.dtype))
+        return torch.cat([torch.addmm(b2[e], gelu_tanh(torch.addmm(b1[e], x_e, w1[e])), w2[e])
+                          for e, x_e in enumerate(x_TD.split(counts))])
 
-    def _loop(self, x_TD: Tensor, counts_E: Tensor) -> Tensor:
-        # Plain reference: one matmul pair per expert. Fine for inference; in training its
-        # backward accumulates into the whole stacked weight once per expert.
-        dtype = x_TD.dtype
-        outs = []
-        for e, x_e in enumerate(torch.split(x_TD, counts_E.tolist())):
-            h = gelu_tanh(x_e @ self.w1_EDF[e].to(dtype) + self.b1_EF[e].to(dtype))
-            outs.append(h @ self.w2_EFD[e].to(dtype) + self.b2_ED[e].to(dtype))
-        return torch.cat(outs, 0)
+
+GROUPED_KERNELS = tuple(k for k in DISPATCH_KERNELS if k != "auto")
+ROW_KERNELS = ("grouped_mm", "loop")  # the kernels of forward_grouped; padded_bmm pads instead
 
 
 class Router(nn.Module):
@@ -218,12 +285,30 @@ class Router(nn.Module):
             return logits_SE.softmax(dim=-1)
 
 
+def gather_rows(x_SD: Tensor, tok_T: Tensor) -> Tensor:
+    """The rows ``tok_T`` of the pool for the experts, cast once to their compute dtype (before
+    the gather, so under autocast the gather moves half the bytes)."""
+    return x_SD.to(compute_dtype(x_SD)).index_select(0, tok_T)
+
+
+def padded(tok_T: Tensor, w_T: Tensor, counts_E: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Rows grouped by expert (``counts_E`` each) as (E, width) token and weight tables, each
+    expert's rows padded to ``width`` with token 0 at weight 0, which adds exactly nothing."""
+    experts = counts_E.shape[0]
+    rows = tok_T.shape[0]
+    expert_T = row_experts(counts_E, experts, rows)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    slot_T = expert_T * width + (torch.arange(rows, device=tok_T.device) - starts_E[expert_T])
+    tok_Ew = tok_T.new_zeros(experts * width).index_copy_(0, slot_T, tok_T)
+    w_Ew = w_T.new_zeros(experts * width).index_copy_(0, slot_T, w_T)
+    return tok_Ew.view(experts, width), w_Ew.view(experts, width)
+
+
 def combine(y_rows_D: Tensor, token_rows: Tensor, weight_rows: Tensor, num_tokens: int) -> Tensor:
     """Eq. 7: y_s = Σ_e score[s, e] · FFN_e(x_s) over the experts that chose s; tokens chosen by
     no expert get zero."""
     weighted = y_rows_D * weight_rows.unsqueeze(-1).to(y_rows_D.dtype)
-    out = y_rows_D.new_zeros(num_tokens, y_rows_D.shape[-1])
-    return out.index_add(0, token_rows, weighted)
+    return y_rows_D.new_zeros(num_tokens, y_rows_D.shape[-1]).index_add_(0, token_rows, weighted)
 
 
 def selection_mask(token_rows: Tensor, expert_rows: Tensor, num_tokens: int,
@@ -263,33 +348,44 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y_SD = y_SD + self.shared(x_SD)
         out.y = y_SD.reshape(B, s, D).to(x_BsD.dtype)
-        out.num_tokens = B * s
         out.base_experts = self.base_experts
         return out
 
     def route_and_compute(self, x_SD: Tensor, batch: int, routing: Routing) -> FFNOutput:
+        """Route the pool ``x_SD`` (``batch`` samples) and run the experts; the result comes from
+        :meth:`output`."""
         raise NotImplementedError
 
-    def run_equal(self, x_SD: Tensor, idx_Ek: Tensor, w_Ek: Tensor) -> tuple[Tensor, Tensor]:
+    def run_equal(self, x_SD: Tensor, idx_Ek: Tensor, w_Ek: Tensor) -> Tensor:
         """Experts with equal capacity k: gather → batched matmul → weighted index_add.
-        ``idx_Ek`` are the chosen token indices, ``w_Ek`` their router scores.
-        Returns (y_SD, mask_SE)."""
+        ``idx_Ek`` are the chosen token indices, ``w_Ek`` their router scores."""
         E, k = idx_Ek.shape
-        S = x_SD.shape[0]
         tok_T = idx_Ek.reshape(-1)
-        x_EkD = x_SD.index_select(0, tok_T).view(E, k, self.dim)
+        x_EkD = gather_rows(x_SD, tok_T).view(E, k, self.dim)
         y_EkD = self.experts.forward_equal(x_EkD)
-        y_SD = combine(y_EkD.reshape(E * k, self.dim), tok_T, w_Ek.reshape(-1), S)
-        expert_T = torch.arange(E, device=x_SD.device).repeat_interleave(k)
-        return y_SD, selection_mask(tok_T, expert_T, S, E)
+        return combine(y_EkD.reshape(E * k, self.dim), tok_T, w_Ek.reshape(-1), x_SD.shape[0])
 
-    def run_grouped(self, x_SD: Tensor, tok_T: Tensor, w_T: Tensor,
-                    counts_E: Tensor) -> tuple[Tensor, Tensor]:
+    def run_grouped(self, x_SD: Tensor, tok_T: Tensor, w_T: Tensor, counts_E: Tensor,
+                    host_counts: Optional[list[int]] = None) -> Tensor:
         """Experts with unequal counts: rows ``tok_T`` already grouped by expert (``counts_E``
-        rows each) with router weights ``w_T``. Returns (y_SD, mask_SE)."""
-        S = x_SD.shape[0]
-        expert_T = self.experts.row_experts(counts_E, tok_T.shape[0])
-        y_TD = self.experts.forward_grouped(x_SD.index_select(0, tok_T), counts_E,
-                                            expert_T=expert_T)
-        y_SD = combine(y_TD, tok_T, w_T, S)
-        return y_SD, selection_mask(tok_T, expert_T, S, self.num_experts)
+        rows each, ``host_counts`` the same as Python ints if read) with router weights
+        ``w_T``. ``padded_bmm`` pads every expert's tokens to the largest count (padding: token
+        0 with weight 0) and runs them as equal capacities; it reads the largest count unless
+        ``host_counts`` are given (the one host synchronisation of this path)."""
+        kernel = self.experts.kernel(x_SD.device, compute_dtype(x_SD))
+        if kernel not in GROUPED_KERNELS:
+            raise ValueError(f"unknown expert dispatch '{kernel}'")
+        if kernel == "padded_bmm":
+            width = int(counts_E.max()) if host_counts is None else max(host_counts)
+            return self.run_equal(x_SD, *padded(tok_T, w_T, counts_E, width))
+        y_TD = self.experts.forward_grouped(gather_rows(x_SD, tok_T), counts_E, kernel,
+                                            host_counts)
+        return combine(y_TD, tok_T, w_T, x_SD.shape[0])
+
+    def output(self, y_SD: Tensor, tok_T: Tensor, counts_E: Tensor, **fields) -> FFNOutput:
+        """The layer's :class:`FFNOutput`; a training forward also builds the selection mask."""
+        out = FFNOutput(y=y_SD, counts_E=counts_E, tokens_T=tok_T, num_tokens=y_SD.shape[0],
+                        **fields)
+        if self.training:
+            out.selection_mask()
+        return out

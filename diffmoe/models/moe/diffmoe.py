@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...config import TOKEN_POOLS
-from .base import FFNOutput, MoELayer, Routing, expert_capacity
+from .base import FFNOutput, MoELayer, Routing, expert_capacity, row_experts
 
 
 def _world() -> tuple[int, int]:
@@ -93,28 +93,28 @@ def dynamic_counts(logits_SE: Tensor, thresholds_E: Tensor) -> Tensor:
     return (torch.sigmoid(logits_SE.float()) > thresholds_E).sum(0)
 
 
-def top_by_score(scores_SE: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:
-    """Expert e takes its ``counts_E[e]`` highest-scoring tokens. Returns the chosen token indices
-    grouped by expert and their scores (one sort for all experts; the boolean selection is the
-    layer's single host synchronisation)."""
-    S = scores_SE.shape[0]
-    w_ES, tok_ES = scores_SE.t().sort(dim=1, descending=True)
-    keep_ES = torch.arange(S, device=scores_SE.device).unsqueeze(0) < counts_E.unsqueeze(1)
-    return tok_ES[keep_ES], w_ES[keep_ES]
+def top_by_score(scores_SE: Tensor, counts: list[int]) -> tuple[Tensor, Tensor]:
+    """Expert e takes its ``counts[e]`` highest-scoring tokens, by ``topk`` on its score column
+    as the authors' code does (so ties fall as theirs). Returns the chosen token indices grouped
+    by expert and their scores."""
+    chosen = [scores_SE[:, e].topk(k) for e, k in enumerate(counts)]
+    return torch.cat([c.indices for c in chosen]), torch.cat([c.values for c in chosen])
 
 
 @dataclass
 class Selection:
-    """Which tokens each expert processes, and with which weights (Eq. 7).
+    """Which tokens each expert processes under the training rule, and with which weights (Eq. 7).
 
     Equal capacities (the training rule of the rank pool, static inference): ``tokens`` and
     ``weights`` are (E, k), run as one batched matmul without a host synchronisation. Otherwise
-    rows grouped by expert with ``counts_E`` rows each."""
+    (the global pool) rows grouped by expert with ``counts_E`` rows each, ``host_counts`` the
+    same counts read to the host."""
 
     tokens: Tensor
     weights: Tensor
     counts_E: Tensor
     equal: bool
+    host_counts: Optional[list[int]] = None
 
 
 class DiffMoE(MoELayer):
@@ -128,31 +128,50 @@ class DiffMoE(MoELayer):
         self.pool = pool  # training pool scope under torchrun (see the module docstring)
 
     def route_and_compute(self, x_SD: Tensor, batch: int, routing: Routing) -> FFNOutput:
-        """Choose (tokens, weights, counts) by the mode, then run one shared tail."""
+        """Training: the training rule, its predictor loss and threshold targets. Inference: the
+        static rule without the predictor, or Eq. 14/16 (:meth:`_run_dynamic`)."""
         scores_SE = self.router(x_SD)
-        logits_SE: Optional[Tensor] = None
-        targets_E: Optional[Tensor] = None
         if not self.training and routing.mode == "static":
-            # Static inference needs no prediction: skip the predictor's compute.
-            selection = self._equal_selection(scores_SE, x_SD.shape[0])
-        else:
-            logits_SE = self.predictor(x_SD)
-            if self.training:
-                selection, targets_E = self._training_selection(scores_SE, logits_SE)
-            else:
-                selection = self._inference_selection(scores_SE, logits_SE, routing)
+            return self._run(x_SD, self._equal_selection(scores_SE, x_SD.shape[0]))
+        logits_SE = self.predictor(x_SD)
+        if not self.training:
+            counts_E = dynamic_counts(logits_SE, self._inference_thresholds(routing))
+            return self._run_dynamic(x_SD, scores_SE, counts_E, logits_SE)
+        selection, targets_E = self._training_selection(scores_SE, logits_SE)
+        out = self._run(x_SD, selection, predictor_logits_SE=logits_SE,
+                        # τ as this forward saw it, for the trainer's log (a copy: the trainer
+                        # moves τ in place after the step).
+                        thresholds_E=self.thresholds_E.detach().clone(),
+                        threshold_targets_E=targets_E)
+        out.predictor_loss = predictor_loss(logits_SE, out.mask_SE)
+        return out
+
+    def _inference_thresholds(self, routing: Routing) -> Tensor:
+        """τ (dynamic, Eq. 14) or one constant γ for every expert (threshold, Eq. 16)."""
+        if routing.mode == "dynamic":
+            return self.thresholds_E
+        return torch.full_like(self.thresholds_E, routing.threshold)
+
+    def _run(self, x_SD: Tensor, selection: Selection, **fields) -> FFNOutput:
+        """The experts on the tokens of a training-rule selection."""
         if selection.equal:
-            y_SD, mask_SE = self.run_equal(x_SD, selection.tokens, selection.weights)
+            y_SD = self.run_equal(x_SD, selection.tokens, selection.weights)
         else:
-            y_SD, mask_SE = self.run_grouped(x_SD, selection.tokens, selection.weights,
-                                             selection.counts_E)
-        return FFNOutput(
-            y=y_SD, mask_SE=mask_SE, counts_E=selection.counts_E, predictor_logits_SE=logits_SE,
-            predictor_loss=None if logits_SE is None else predictor_loss(logits_SE, mask_SE),
-            # τ as this training forward saw it, for the trainer's log (a copy: the trainer moves
-            # τ in place after the step); inference needs none, so it allocates none.
-            thresholds_E=self.thresholds_E.detach().clone() if self.training else None,
-            threshold_targets_E=targets_E)
+            y_SD = self.run_grouped(x_SD, selection.tokens, selection.weights, selection.counts_E,
+                                    selection.host_counts)
+        return self.output(y_SD, selection.tokens.reshape(-1), selection.counts_E, **fields)
+
+    # torch.compile runs this eagerly (one graph break per layer): what it does depends on the
+    # counts, which it reads to the host, the one host synchronisation of a dynamic layer.
+    @torch.compiler.disable
+    def _run_dynamic(self, x_SD: Tensor, scores_SE: Tensor, counts_E: Tensor,
+                     logits_SE: Tensor) -> FFNOutput:
+        """Eq. 14/16 at inference: expert e takes its top ``counts_E[e]`` tokens by router score
+        and runs them."""
+        counts = counts_E.tolist()
+        tok_T, w_T = top_by_score(scores_SE, counts)
+        y_SD = self.run_grouped(x_SD, tok_T, w_T, counts_E, host_counts=counts)
+        return self.output(y_SD, tok_T, counts_E, predictor_logits_SE=logits_SE)
 
     def _equal_selection(self, scores_SE: Tensor, pool: int) -> Selection:
         """The training rule on this pool: expert e takes its top k = S·C/E tokens."""
@@ -174,17 +193,6 @@ class DiffMoE(MoELayer):
             targets_E = threshold_targets(logits_SE, int(selection.tokens.shape[1]))
         return selection, targets_E
 
-    def _inference_selection(self, scores_SE: Tensor, logits_SE: Tensor,
-                             routing: Routing) -> Selection:
-        """Eq. 14 (dynamic: τ) or Eq. 16 (one threshold γ): k_e tokens, the router's best."""
-        if routing.mode == "dynamic":
-            thresholds_E = self.thresholds_E
-        else:
-            thresholds_E = torch.full_like(self.thresholds_E, routing.threshold)
-        counts_E = dynamic_counts(logits_SE, thresholds_E)
-        tok_T, w_T = top_by_score(scores_SE, counts_E)
-        return Selection(tok_T, w_T, counts_E, equal=False)
-
     def _global_pool_selection(self, scores_SE: Tensor, logits_SE: Tensor, rank: int,
                                world: int) -> tuple[Selection, Tensor]:
         """Training rule over the pool of all ranks (G = world·S tokens, equal S per rank):
@@ -199,11 +207,16 @@ class DiffMoE(MoELayer):
         idx_Ek = scores_GE.t().topk(k, dim=1).indices - rank * S
         mine_Ek = (idx_Ek >= 0) & (idx_Ek < S)
         counts_E = mine_Ek.sum(1)
-        tok_T = idx_Ek[mine_Ek]  # row-major: grouped by expert
-        expert_T = self.experts.row_experts(counts_E, tok_T.shape[0])
+        counts = counts_E.tolist()  # this layer's one host synchronisation
+        rows = sum(counts)
+        # Row-major: grouped by expert.
+        tok_T = idx_Ek.reshape(-1)[torch.nonzero_static(mine_Ek.reshape(-1), size=rows)[:, 0]]
+        expert_T = row_experts(counts_E, self.num_experts, rows)
         with torch.no_grad():
             targets_E = threshold_targets(logits_GE, k)
-        return Selection(tok_T, scores_SE[tok_T, expert_T], counts_E, equal=False), targets_E
+        selection = Selection(tok_T, scores_SE[tok_T, expert_T], counts_E, equal=False,
+                              host_counts=counts)
+        return selection, targets_E
 
 
 def apply_threshold_updates(layers: Sequence["DiffMoE"], targets: Sequence[Tensor],

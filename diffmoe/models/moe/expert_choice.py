@@ -22,6 +22,5 @@ class ExpertChoiceMoE(MoELayer):
         offset_B = torch.arange(batch, device=x_SD.device).view(batch, 1, 1) * s
         idx_EK = (idx_BEk + offset_B).permute(1, 0, 2).reshape(E, batch * k)
         w_EK = w_BEk.permute(1, 0, 2).reshape(E, batch * k)
-        y_SD, mask_SE = self.run_equal(x_SD, idx_EK, w_EK)
         counts_E = torch.full((E,), batch * k, dtype=torch.long, device=x_SD.device)
-        return FFNOutput(y=y_SD, mask_SE=mask_SE, counts_E=counts_E)
+        return self.output(self.run_equal(x_SD, idx_EK, w_EK), idx_EK.reshape(-1), counts_E)

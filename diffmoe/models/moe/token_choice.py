@@ -36,6 +36,5 @@ class TokenChoiceMoE(MoELayer):
         tok_T = torch.arange(S, device=x_SD.device).repeat_interleave(K)[order_T]
         counts_E = torch.zeros(E, dtype=torch.long, device=x_SD.device).index_add_(
             0, expert_T, torch.ones_like(expert_T))
-        y_SD, mask_SE = self.run_grouped(x_SD, tok_T, w_SK.reshape(-1)[order_T], counts_E)
-        return FFNOutput(y=y_SD, aux_loss=load_balance_loss(scores_SE, counts_E),
-                         mask_SE=mask_SE, counts_E=counts_E)
+        y_SD = self.run_grouped(x_SD, tok_T, w_SK.reshape(-1)[order_T], counts_E)
+        return self.output(y_SD, tok_T, counts_E, aux_loss=load_balance_loss(scores_SE, counts_E))
