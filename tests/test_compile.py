@@ -6,11 +6,10 @@ docs/performance.md ("torch.compile")."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
-
-import copy
 
 import pytest
 import torch

@@ -18,7 +18,6 @@ from reference import (
 from torch.testing import assert_close
 
 from diffmoe.config import MoEConfig
-from diffmoe.models.moe import base as moe_base
 from diffmoe.models.moe import (
     DenseFFN,
     FFNOutput,
@@ -27,6 +26,7 @@ from diffmoe.models.moe import (
     build_ffn,
     expert_capacity,
 )
+from diffmoe.models.moe import base as moe_base
 from diffmoe.models.moe.diffmoe import (
     dynamic_counts,
     predictor_loss,
