@@ -133,11 +133,13 @@ class CapacityMeter:
         return float(torch.stack(self.per_layer).mean())
 
     def extend(self, other: "CapacityMeter") -> None:
-        """Append ``other``'s records after this meter's (a batch sampled elsewhere)."""
+        """Append ``other``'s records (on the host) after this meter's (a batch sampled
+        elsewhere)."""
+        self.end_batch()
         self.times += other.times
-        self.per_layer += other.per_layer
-        self.per_expert += other.per_expert
-        self.per_sample += other.per_sample
+        self._per_layer += other.per_layer
+        self._per_expert += other.per_expert
+        self._per_sample += other.per_sample
         self.calls += other.calls
 
     def summary(self) -> dict:

@@ -197,6 +197,7 @@ class Evaluator:
         extractor = default_extractor()
         features = torch.cat([extractor(chunk).cpu()
                               for chunk in pixels.split(self.options.feature_batch)])
+        share.current.end_batch()  # its records on the host, to travel to rank 0
         part = {"features": features, "meter": share.current,
                 "pixels": pixels if keep_pixels else None, "labels": y if keep_pixels else None}
         return part, (sampled - start, time.perf_counter() - sampled)
