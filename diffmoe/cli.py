@@ -1,6 +1,7 @@
 """The ``diffmoe`` command.
 
     diffmoe train CONFIG [key=value ...] [--resume [--accept-changes]] [--dry-run]
+    diffmoe config --list [SECTION_OR_KEY] [--format text|markdown]
     diffmoe sample CHECKPOINT [--num N --steps N --sampler NAME --cfg-scale S
                                --mode auto|dynamic|static|threshold --threshold G
                                --batch-size N --seed N --labels balanced|random|3,1,4
@@ -39,6 +40,7 @@ from .config import (
     SampleConfig,
     load_config,
 )
+from .config.docs import FORMATS
 from .data.shapes import CATEGORY_NAMES
 from .errors import DiffMoEError
 from .fileio import to_json
@@ -73,6 +75,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume, accept_changes=args.accept_changes)
     log.info("finished at step %d; checkpoint %s; samples %s", result.step,
              result.last_checkpoint, result.last_samples)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config.docs import render
+
+    sys.stdout.write(render(args.format, args.under))
     return 0
 
 
@@ -431,7 +440,10 @@ def add_export_official_command(sub) -> None:
 
 
 def add_train_command(sub) -> None:
-    t = sub.add_parser("train", help="train a model from a YAML config")
+    t = sub.add_parser("train", help="train a model from a YAML config",
+                       description="Train a model from a YAML config and key=value overrides. "
+                                   "Every config key, with its type, default and meaning: "
+                                   "diffmoe config --list (docs/config.md).")
     t.add_argument("config", help="YAML config, e.g. configs/mnist_diffmoe.yaml")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.moe.num_experts=8")
     t.add_argument("--resume", action="store_true",
@@ -442,6 +454,19 @@ def add_train_command(sub) -> None:
                         "run was trained under is kept in train.out_dir/config_history")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
+
+
+def add_config_command(sub) -> None:
+    c = sub.add_parser("config", help="list every config key with its type, default and meaning",
+                       description="Every key a config file or a key=value override may set, "
+                                   "read from the config dataclasses and their comments.")
+    c.add_argument("--list", action="store_true", required=True,
+                   help="list the keys (with SECTION_OR_KEY, only those under it)")
+    c.add_argument("under", nargs="?", default="", metavar="SECTION_OR_KEY",
+                   help="e.g. train, model.moe or train.lr (default: every key)")
+    c.add_argument("--format", choices=list(FORMATS), default="text",
+                   help="text for a terminal (default), or markdown (docs/config.md)")
+    c.set_defaults(func=cmd_config)
 
 
 def add_sample_command(sub) -> None:
@@ -528,8 +553,8 @@ def add_fid_command(sub) -> None:
     f.set_defaults(func=cmd_fid)
 
 
-COMMANDS = (add_train_command, add_sample_command, add_eval_command, add_sweep_command,
-            add_analyze_command, add_fid_command, add_cache_latents_command,
+COMMANDS = (add_train_command, add_config_command, add_sample_command, add_eval_command,
+            add_sweep_command, add_analyze_command, add_fid_command, add_cache_latents_command,
             add_import_official_command, add_export_official_command)
 
 

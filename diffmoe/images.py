@@ -13,6 +13,20 @@ from .data.datasets import to_uint8
 from .fileio import atomic_write
 
 GRID_PAD = 2  # pixels between tiles
+GRID_COLUMNS = 10  # class-conditional grids: one class per column
+
+
+def grid_classes(num_classes: int, seed: int) -> list[int]:
+    """The classes of a class-conditional grid's columns: every class of a model with at most
+    :data:`GRID_COLUMNS`, else one class drawn (with ``seed``) from each of ``GRID_COLUMNS``
+    equal stretches of 0..num_classes-1, in order, so that the grid of an ImageNet model shows
+    classes from the whole range rather than 0..9."""
+    if num_classes <= GRID_COLUMNS:
+        return list(range(num_classes))
+    edges = [num_classes * i // GRID_COLUMNS for i in range(GRID_COLUMNS + 1)]
+    gen = torch.Generator().manual_seed(seed)
+    return [lo + int(torch.randint(hi - lo, (), generator=gen))
+            for lo, hi in zip(edges, edges[1:])]
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, upscale: int = 1) -> np.ndarray:

@@ -10,6 +10,8 @@ Layout (every name a run writes into ``train.out_dir``)::
     metrics.jsonl            one JSON object per logging interval (``train.METRIC_FIELDS``)
     metrics.set-aside.txt    lines of metrics.jsonl that were no metric record, kept by resume
     samples/*.png            sample grids of the EMA model at intervals
+    samples/grid_classes.json  the class of each grid column (class-conditional models)
+    tensorboard/, wandb/     the dashboards of ``train.trackers`` (:mod:`diffmoe.trackers`)
     checkpoints/             atomic checkpoints (see checkpoint.py)
     train.lock               held by the training writing here: its pid, host and start time
     previous-<time>/         what a run restarted from step 0 found of its earlier attempt
@@ -73,6 +75,7 @@ from .config.schema import quote
 from .data import BatchIterator
 from .errors import CheckpointError, DiffMoEError, TrainingError
 from .fileio import atomic_write, atomic_write_text
+from .images import grid_classes, save_grid
 from .paths import (
     DISK_FULL,
     DirectoryLock,
@@ -86,6 +89,8 @@ from .paths import (
     remove_empty_dirs,
     stamped,
 )
+from .trackers import DIRS as TRACKER_DIRS
+from .trackers import Trackers, check_installed
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,7 @@ METRICS_FILE = "metrics.jsonl"
 SET_ASIDE_FILE = "metrics.set-aside.txt"
 LOG_FILE = "train.log"
 SAMPLES_DIR = "samples"
+GRID_CLASSES_FILE = "grid_classes.json"  # in SAMPLES_DIR
 LOCK_FILE = "train.lock"
 PREVIOUS_PREFIX = "previous"
 DIFFERENT = {ARCHITECTURE: "a different architecture", OBJECTIVE: "a different objective",
@@ -103,6 +109,9 @@ DIFFERENT = {ARCHITECTURE: "a different architecture", OBJECTIVE: "a different o
 # What a new run writes (name -> is a directory) and so refuses to find holding something.
 OUTPUTS = {CONFIG_FILE: False, HISTORY_DIR: True, METRICS_FILE: False, SET_ASIDE_FILE: False,
            SAMPLES_DIR: True, CHECKPOINTS_DIR: True}
+# ... and the folders of its trackers: those of train.trackers for a new run; any of them for the
+# earlier attempt of a run that starts again.
+ALL_OUTPUTS = {**OUTPUTS, **{name: True for name in TRACKER_DIRS.values()}}
 
 
 @dataclass
@@ -175,7 +184,7 @@ def words(items: list[str]) -> str:
 
 
 def listing(names: list[str]) -> str:
-    return words([f"{name}/" if OUTPUTS.get(name) else name for name in names])
+    return words([f"{name}/" if ALL_OUTPUTS.get(name) else name for name in names])
 
 
 def record_step(line: bytes) -> Optional[int]:
@@ -234,6 +243,8 @@ class RunDirectory:
         self.held_log: Optional[_HeldRecords] = None
         self.created: list[Path] = []  # directories open() made, removed if the run never began
         self.begun = False
+        self.grid_classes: Optional[list[int]] = None  # the sample grids' columns (open())
+        self.trackers = Trackers()  # rank 0's dashboards, from begin() on
 
     # -- start or resume --------------------------------------------------------------------
 
@@ -241,22 +252,26 @@ class RunDirectory:
         """Check, before any work, that this run may write here: the path, the lock, and for a
         new run that none of its outputs holds something already, or with ``resume`` which
         checkpoint it continues from and that the config may continue it (other optimisation
-        settings only with ``accept_changes``). Writes nothing but the lock. Returns that
-        checkpoint (None: a new run, or one that starts again from step 0)."""
+        settings only with ``accept_changes``), and that the trackers' packages are installed.
+        Writes nothing but the lock. Returns that checkpoint (None: a new run, or one that starts
+        again from step 0)."""
+        check_installed(self.cfg.train.trackers)
         self._check_path()
         if self.dist.is_main:
             self.held_log = _HeldRecords()
             logging.getLogger("diffmoe").addHandler(self.held_log)
         self._claim()
         self.opening.resume = resume
+        latest = None
         if not resume:
             self._refuse_outputs_in_the_way()
-            return None
-        latest = self._checkpoint_to_resume()
-        if latest is None:
-            self._plan_restart()
         else:
-            self._check_config(latest, accept_changes)
+            latest = self._checkpoint_to_resume()
+            if latest is None:
+                self._plan_restart()
+            else:
+                self._check_config(latest, accept_changes)
+        self.grid_classes = self._grid_classes(recorded=latest is not None)
         return latest
 
     def _check_path(self) -> None:
@@ -308,7 +323,8 @@ class RunDirectory:
             (self.path / name).is_file() for name in (CONFIG_FILE, LOG_FILE))
 
     def _refuse_outputs_in_the_way(self) -> None:
-        found = [name for name, is_dir in OUTPUTS.items()
+        outputs = {**OUTPUTS, **{TRACKER_DIRS[name]: True for name in self.cfg.train.trackers}}
+        found = [name for name, is_dir in outputs.items()
                  if holds_something(self.path / name, is_dir)]
         if found and self._holds_a_run():
             raise DiffMoEError(
@@ -337,8 +353,9 @@ class RunDirectory:
         """A run with no checkpoint starts again from step 0; what its earlier attempt wrote
         (and this run would write again) is to be kept under ``previous-<time>/``."""
         o = self.opening
-        o.earlier_attempt = [name for name, is_dir in OUTPUTS.items() if name != CHECKPOINTS_DIR
-                             and holds_something(self.path / name, is_dir)]
+        o.earlier_attempt = [name for name, is_dir in ALL_OUTPUTS.items()
+                             if name != CHECKPOINTS_DIR and holds_something(self.path / name,
+                                                                           is_dir)]
         if CONFIG_FILE in o.earlier_attempt and self._config_file_is_current():
             o.earlier_attempt.remove(CONFIG_FILE)
         kept = ""
@@ -392,6 +409,9 @@ class RunDirectory:
             if not self._config_file_is_current():
                 atomic_write_text(self.path / CONFIG_FILE, self.cfg.to_yaml())
             self._log_here()
+            self._record_grid_classes()
+            self.trackers = Trackers.open(self.cfg, self.path,
+                                          step if self.opening.checkpoint is not None else None)
         self.begun = True
         distributed.barrier()
 
@@ -448,7 +468,8 @@ class RunDirectory:
     def close(self) -> None:
         """Stop writing to train.log (later runs in this process must not log into this one),
         let go of the lock, and remove the directories :meth:`open` created for a run that
-        never began."""
+        never began. The trackers are closed first."""
+        self.trackers.close()
         for handler in (self.log_handler, self.held_log):
             if handler is not None:
                 logging.getLogger("diffmoe").removeHandler(handler)
@@ -548,8 +569,50 @@ class RunDirectory:
     # -- metrics ----------------------------------------------------------------------------
 
     def write_metrics(self, record: dict) -> None:
+        """Append ``record`` to metrics.jsonl and hand it to the trackers."""
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self.trackers.metrics(record)
+
+    def save_samples(self, images: torch.Tensor, step: int, nrow: Optional[int]) -> Path:
+        """Write the sample grid of ``step`` to samples/ and hand it to the trackers."""
+        path = save_grid(images, self.samples_path / f"step_{step:08d}.png", nrow=nrow, upscale=2)
+        log.info("wrote samples %s", path)
+        self.trackers.image(path, step)
+        return path
+
+    # -- the classes of the sample grids ----------------------------------------------------
+
+    def _grid_classes(self, recorded: bool) -> Optional[list[int]]:
+        """The class of each column of this run's sample grids (None for a text model): read
+        from samples/grid_classes.json when resuming from a checkpoint (``recorded``), so that
+        every grid of a run shows the same classes, else :func:`images.grid_classes`."""
+        m = self.cfg.model
+        if m.condition != "class":
+            return None
+        path = self.samples_path / GRID_CLASSES_FILE
+        if not (recorded and path.is_file()):
+            return grid_classes(m.num_classes, self.cfg.train.seed)
+        try:
+            classes = json.loads(path.read_text())["classes"]
+            valid = (isinstance(classes, list) and bool(classes) and all(
+                type(c) is int and 0 <= c < m.num_classes for c in classes))
+        except (OSError, ValueError, KeyError, TypeError):
+            valid = False
+        if not valid:
+            raise DiffMoEError(f"'{path}' holds no list of classes below model.num_classes="
+                               f"{m.num_classes} for the sample grids; delete it (the resume "
+                               f"chooses them again from train.seed)")
+        return classes
+
+    def _record_grid_classes(self) -> None:
+        path = self.samples_path / GRID_CLASSES_FILE
+        if self.grid_classes is None or path.is_file():
+            return
+        self.samples_path.mkdir(exist_ok=True)
+        atomic_write_text(path, json.dumps({"classes": self.grid_classes}) + "\n")
+        if self.cfg.model.num_classes > len(self.grid_classes):
+            log.info("sample grids show classes %s, one per column (%s)", self.grid_classes, path)
 
     def rewind_metrics(self, step: int) -> None:
         """Drop metric records past ``step``: the resumed run replays those steps and writes

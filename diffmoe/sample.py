@@ -23,7 +23,7 @@ from .device import autocast, resolve_device, use_tf32
 from .diffusion import Objective, SamplerOptions, build_objective, resolve_sampler, sample
 from .errors import CheckpointError, ConfigError, DiffMoEError
 from .fileio import write_json
-from .images import save_grid
+from .images import GRID_COLUMNS, save_grid
 from .models import DiT, build_model
 from .models.condition import TextCondition
 from .models.moe import Routing, diffmoe_layers
@@ -291,7 +291,8 @@ def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
     decoder = sample_decoder(state["config"].get("data", {}), device)
     if decoder is not None:  # a latent model: decode with the cache's VAE
         images = decoder(images)
-    nrow = 10 if cfg.num_classes >= 10 and s.num % 10 == 0 else None
+    nrow = (GRID_COLUMNS if cfg.num_classes >= GRID_COLUMNS and s.num % GRID_COLUMNS == 0
+            else None)
     save_grid(images, out, nrow=nrow, upscale=2)
     cap = meter.summary()
     for warning in capacity_warnings(model, routing, s.batch_size, cap["c_avg_infer"]):

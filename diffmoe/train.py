@@ -29,7 +29,7 @@ from .device import autocast, resolve_device, use_tf32
 from .diffusion import build_objective
 from .ema import ema_decay, make_ema, update_ema
 from .errors import ConfigError
-from .images import save_grid
+from .images import GRID_COLUMNS
 from .loss import TrainingLoss, training_loss
 from .models import build_model
 from .models.moe import apply_threshold_updates, diffmoe_layers
@@ -38,8 +38,6 @@ from .run import Progress, RunDirectory, TrainingState, optimizer_settings
 from .sample import generate
 
 log = logging.getLogger(__name__)
-
-GRID_COLUMNS = 10  # sample grids cycle labels 0..9, one class per column
 
 METRIC_FIELDS = {
     # The loss fields are null for an interval whose every step was skipped.
@@ -130,13 +128,14 @@ def step_metrics(out: TrainingLoss) -> torch.Tensor:
                         out.predictor_loss, tau, cap]).double()
 
 
-def grid_conditions(cfg: Config, dataset: ImageDataset, device: torch.device):
-    """What the training sample grids are conditioned on: labels cycling over the first
-    ``GRID_COLUMNS`` classes, or the captions of the dataset's first images."""
+def grid_conditions(cfg: Config, dataset: ImageDataset, device: torch.device,
+                    classes: Optional[list[int]]):
+    """What the training sample grids are conditioned on: the run's grid ``classes``, one per
+    column (:attr:`RunDirectory.grid_classes`), or the captions of the dataset's first images."""
     num = cfg.sample.num
     if cfg.model.condition == "text":
         return dataset.conditions(torch.arange(num) % len(dataset))
-    return torch.arange(num, device=device) % min(cfg.model.num_classes, GRID_COLUMNS)
+    return torch.tensor(classes, device=device)[torch.arange(num, device=device) % len(classes)]
 
 
 def interval_record(p: Progress, t: TrainConfig, interval_start: float, timed_steps: int,
@@ -371,16 +370,15 @@ class Trainer:
         computes it (the sharded EMA's forward is collective)."""
         path = None
         if self.dist.is_main or self.model.fsdp:
-            conditions = grid_conditions(self.cfg, self.dataset, self.device)
+            conditions = grid_conditions(self.cfg, self.dataset, self.device,
+                                         self.run.grid_classes)
             images, _ = generate(self.ema, self.objective, conditions, self.cfg.sample,
                                  progress=False)
             if self.decoder is not None:
                 images = self.decoder(images)
             if self.dist.is_main:
                 nrow = GRID_COLUMNS if self.cfg.model.num_classes >= GRID_COLUMNS else None
-                path = save_grid(images, self.run.samples_path / f"step_{self.step:08d}.png",
-                                 nrow=nrow, upscale=2)
-                log.info("wrote samples %s", path)
+                path = self.run.save_samples(images, self.step, nrow)
         distributed.barrier()
         return path
 

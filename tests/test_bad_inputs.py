@@ -205,6 +205,13 @@ def unwritable(name: str) -> Callable[[Context], None]:
     return setup
 
 
+def without_package(name: str) -> Callable[[Context], None]:
+    """The package ``name`` reads as not installed."""
+    def setup(ctx: Context) -> None:
+        ctx.monkeypatch.setattr("diffmoe.trackers.package_installed", lambda n: n != name)
+    return setup
+
+
 def no_cuda() -> Optional[str]:
     import torch
     return "a CUDA device is present" if torch.cuda.is_available() else None
@@ -315,6 +322,18 @@ CASES = [
     Case("capacity-above-experts", "config", TRAIN + ["model.moe.capacity=8"],
          "error: model.moe.capacity=8.0 is more than model.moe.num_experts=4: each expert would "
          "take more tokens than there are; use at most 4 (every expert on every token)"),
+    Case("tracker-unknown", "config", TRAIN + ["train.trackers=[tensorbord]"],
+         "error: train.trackers='tensorbord' is not one of ['tensorboard', 'wandb'] (did you "
+         "mean 'tensorboard'?)"),
+    Case("tracker-package-missing", "config", TRAIN + ["train.trackers=[tensorboard,wandb]"],
+         "error: train.trackers=['tensorboard', 'wandb'] needs the wandb package, which is not "
+         "installed; install it with pip install 'diffmoe[trackers]' (make install does), or "
+         "take it out of train.trackers", setup=without_package("wandb"),
+         note="the wandb package is not installed"),
+    Case("wandb-project-name", "config",
+         TRAIN + ["train.trackers=[wandb]", "train.wandb_project=me/diffmoe"],
+         "error: train.wandb_project='me/diffmoe' is no W&B project name (empty, over 128 "
+         "characters, or holding one of / \\ # ? % :); name it e.g. diffmoe"),
     # Paths and files
     Case("config-missing", "files", ["train", "<tmp>/nope.yaml"],
          "error: config file '<tmp>/nope.yaml' does not exist; pass a YAML file such as "
@@ -482,6 +501,9 @@ CASES = [
          "error: the feature statistics of 'statistics <tmp>/nan.npz' hold NaN or inf, so no "
          "metric is defined; recompute them (or regenerate the .npz)", setup=nan_statistics,
          note="`<tmp>/nan.npz` holds mu and sigma with NaN"),
+    Case("config-list-unknown-section", "cli", ["config", "--list", "trian"],
+         "error: no config key or section 'trian' (did you mean 'train'?); the sections are "
+         "model, model.moe, model.text, objective, data, train, sample"),
     # Dataset contents
     Case("fewer-images-than-a-batch", "data", TRAIN + ["data.limit=10"],
          "error: dataset 'digits' has 10 images, fewer than one batch of 32 per rank x 1 ranks; "
@@ -568,6 +590,14 @@ CASES = [
          "--accept-changes to train on with them (each config is kept in "
          "<tmp>/copy/config_history), or resume with the run's config.yaml",
          setup=copy_run(lambda c: None), note="`<tmp>/copy` is a copy of `<run>`"),
+    Case("resume-grid-classes-damaged", "checkpoint",
+         ["train", CONFIG, "train.out_dir=<tmp>/copy", "--resume"],
+         "error: '<tmp>/copy/samples/grid_classes.json' holds no list of classes below "
+         "model.num_classes=10 for the sample grids; delete it (the resume chooses them again "
+         "from train.seed)",
+         setup=chain(copy_run(lambda c: None),
+                     write("copy/samples/grid_classes.json", '{"classes": [3, 12]}')),
+         note="`<tmp>/copy` is a copy of `<run>` whose grid_classes.json names class 12"),
     Case("resume-every-checkpoint-damaged", "checkpoint",
          ["train", CONFIG, "train.out_dir=<tmp>/copy", "--resume"],
          "error: --resume: every checkpoint in '<tmp>/copy/checkpoints' is damaged; start a new "

@@ -15,7 +15,7 @@ LAYERS = (
     ("cli", "__main__"),
     ("pipeline", "train", "t2i", "official", "evaluation"),
     ("sample", "loss", "capacity", "parallel", "ema", "checkpoint", "images", "run", "hub",
-     "layers"),
+     "layers", "trackers"),
     ("data", "diffusion"),
     ("models",),
     ("config", "errors", "paths", "distributed", "faults", "fileio", "device"),

@@ -32,7 +32,7 @@ def test_every_variant_trains_and_writes_its_outputs(kind, tiny_config_path, tin
     assert (lines[0]["predictor_bce"] > 0) == (kind == "diffmoe")
     assert (lines[0]["aux_loss"] > 0) == (kind == "token_choice")
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
-        "step_00000003.png", "step_00000006.png"]
+        "grid_classes.json", "step_00000003.png", "step_00000006.png"]
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == [
         "step_00000003", "step_00000006"]
     assert (run / "config.yaml").is_file() and (run / "train.log").is_file()

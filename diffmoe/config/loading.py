@@ -109,7 +109,20 @@ def _as_number(value: Any, tp: type) -> Any:
     return None
 
 
+def _coerce_list(key: str, value: Any, item_type: type) -> list:
+    """A list field: a YAML list (or one bare value, a list of one) of ``item_type``."""
+    if not isinstance(value, list):
+        if value is None or isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a list of {item_type.__name__}, got "
+                              f"{value!r} ({type(value).__name__}); write e.g. [a, b], or [] "
+                              f"for none")
+        value = [value]
+    return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
+    if typing.get_origin(tp) is list:
+        return _coerce_list(key, value, typing.get_args(tp)[0])
     tp, optional = _unwrap_optional(tp)
     article = "an" if tp.__name__[0] in "aeiou" else "a"
     if value is None:

@@ -59,7 +59,7 @@ _TABLE: dict[str, dict[str, str]] = {
         "data": "vae cache_dir",  # the decoder of the sample grids; where caption embeddings live
         "train": "out_dir steps log_every sample_every ckpt_every keep_checkpoints "
                  "nonfinite_loss max_skipped_steps dist_timeout_s max_minutes device compile "
-                 "num_threads parallel activation_checkpointing",
+                 "num_threads parallel activation_checkpointing trackers wandb_project",
         "sample": "sampler steps cfg_scale mode threshold batch_size num seed weights ddim_eta "
                   "ode_rtol ode_atol sde_noise guidance_channels precision tf32 compile",
     },

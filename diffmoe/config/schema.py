@@ -37,6 +37,8 @@ NONFINITE_POLICIES = ("stop", "skip")
 PARALLEL = ("ddp", "fsdp")
 TOKEN_POOLS = ("rank", "global")
 WEIGHTS = ("ema", "raw")  # which weights of a checkpoint to sample with
+# Dashboards a training run feeds besides metrics.jsonl (diffmoe/trackers.py).
+TRACKERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -86,12 +88,14 @@ class ModelConfig:
     # Optional named preset, e.g. "DiffMoE-S-E16", "Dense-DiT-B", "TC-DiT-L-E16", "EC-DiT-S-E8".
     preset: Optional[str] = None
     input_size: int = 32  # spatial size of the model input (latent or pixels)
-    in_channels: int = 4
-    patch_size: int = 2
-    depth: int = 12
-    hidden_size: int = 384
-    num_heads: int = 6
+    in_channels: int = 4  # channels of the model input (4 for SD-VAE latents, 1 for MNIST)
+    patch_size: int = 2  # p: each p x p patch of the input is one token
+    depth: int = 12  # number of DiT blocks
+    hidden_size: int = 384  # D: the token width
+    num_heads: int = 6  # attention heads per block (they divide hidden_size)
+    # FFN width as a multiple of hidden_size (each expert of an MoE layer is this wide, over g).
     mlp_ratio: float = 4.0
+    # Class labels the model embeds (a class-conditional dataset's classes must fit).
     num_classes: int = 1000
     class_dropout: float = 0.1  # label dropout for classifier-free guidance
     # Output 2x channels: DDPM's learned variance (the flow objective ignores the second half).
@@ -116,8 +120,8 @@ class ObjectiveConfig:
     time_scale: float = 1000.0
     # ddpm: T, and the linear beta schedule's ends (given for T = 1000, scaled by 1000/T).
     num_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    beta_start: float = 1e-4  # ddpm: beta_1 of the linear schedule
+    beta_end: float = 0.02  # ddpm: beta_T of the linear schedule
     # ddpm: lambda in L_simple + lambda * L_vb (DiT: T/1000 = 1); used only with learn_sigma.
     vb_weight: float = 1.0
 
@@ -128,6 +132,8 @@ class DataConfig:
     # Captioned, for model.condition=text: shapes (procedural, diffmoe/data/shapes.py) and emoji
     # (the packaged Twemoji PNGs with their Unicode names).
     name: str = "mnist"
+    # The dataset's part to train on: train | test (mnist also val; emoji: all | twemoji |
+    # openmoji; latents: unused).
     split: str = "train"
     # Keep only the first N images (0 = all); handy for quick experiments and tests.
     limit: int = 0
@@ -142,27 +148,29 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    # The run directory: config, log, metrics, sample grids, checkpoints (docs/training.md).
     out_dir: str = "runs/default"
-    steps: int = 10000
+    steps: int = 10000  # optimizer steps to train to
     batch_size: int = 256  # global batch, split evenly over ranks
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    warmup_steps: int = 0
+    lr: float = 1e-4  # AdamW learning rate (the paper: 1e-4)
+    weight_decay: float = 0.0  # AdamW weight decay (the paper: 0)
+    beta1: float = 0.9  # AdamW beta_1
+    beta2: float = 0.999  # AdamW beta_2
+    warmup_steps: int = 0  # linear learning-rate warm-up from 0 over this many steps
     # constant (the paper) or cosine: after warm-up, decay to 0 at train.steps.
     lr_schedule: str = "constant"
     grad_clip: float = 0.0  # 0 disables clipping (the paper does not clip)
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # decay of the EMA weights that sampling uses by default
     # What the EMA model does with buffers (the DiffMoE thresholds): "average" them like weights
     # (the public code), or "copy" the training values.
     ema_buffers: str = "average"
     # Warm the EMA up: decay min(ema_decay, (1+n)/(10+n)) after n updates (off in the paper).
     ema_warmup: bool = False
+    # Seeds the initial weights, the data order and the training noise.
     seed: int = 0
-    log_every: int = 50
-    sample_every: int = 1000
-    ckpt_every: int = 1000
+    log_every: int = 50  # steps between records of metrics.jsonl (and the trackers)
+    sample_every: int = 1000  # steps between the EMA model's sample grids in samples/
+    ckpt_every: int = 1000  # steps between checkpoints (one is also written at the end)
     # How many of the newest checkpoints to keep (older ones are deleted after each save).
     keep_checkpoints: int = 3
     # A NaN/Inf loss: "stop" the run with an error naming the step and the last good checkpoint,
@@ -177,11 +185,11 @@ class TrainConfig:
     dist_timeout_s: float = 600.0
     # Stop after this many minutes of training (0 = no limit); a checkpoint is written at the stop.
     max_minutes: float = 0.0
-    device: str = "auto"
+    device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda
     # fp32 (the paper's; on CUDA its matmuls use TF32 unless tf32 is false) or bf16 autocast.
     precision: str = "fp32"
     tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions
-    compile: bool = False
+    compile: bool = False  # torch.compile the training forward
     num_threads: int = 0  # torch intra-op threads, 0 = torch's default
     # Under torchrun: ddp (replicated weights) or fsdp (FSDP2 fully_shard: weights, gradients and
     # optimizer state sharded over ranks, one unit per DiT block).
@@ -198,6 +206,12 @@ class TrainConfig:
     # DiffMoE's training token pool under torchrun: "rank" (each rank's micro-batch, as the
     # public code) or "global" (experts choose from the micro-batches of all ranks together).
     token_pool: str = "rank"
+    # Dashboards fed with every metrics.jsonl record, the config and the sample grids, e.g.
+    # [tensorboard] or [tensorboard, wandb]: tensorboard writes <out_dir>/tensorboard/, wandb an
+    # offline W&B run in <out_dir>/wandb/ (never the network; upload it with wandb sync).
+    trackers: list[str] = field(default_factory=list)
+    # The W&B project the offline run belongs to when it is synced.
+    wandb_project: str = "diffmoe"
 
 
 @dataclass
@@ -206,17 +220,18 @@ class SampleConfig:
     sampler: str = "auto"
     # Integration steps (flow) or respaced timesteps (ddpm); dopri5: its first step is 1/steps.
     steps: int = 250
-    cfg_scale: float = 1.0
+    cfg_scale: float = 1.0  # classifier-free guidance scale (1 = no guidance)
     # MoE inference mode: dynamic | static | threshold | auto (dynamic for DiffMoE, else static).
     mode: str = "auto"
     threshold: float = 0.5  # gamma for mode=threshold (Eq. 16)
+    # Images per sampling batch: DiffMoE's token pool at inference is this batch.
     batch_size: int = 64
-    num: int = 64
-    seed: int = 0
+    num: int = 64  # images per sample grid (of training, and of diffmoe sample)
+    seed: int = 0  # seeds the sampling noise (and random labels)
     weights: str = "ema"  # ema | raw
     ddim_eta: float = 0.0  # ddim: 0 = deterministic, 1 = as noisy as DDPM
-    ode_rtol: float = 1e-3  # dopri5 tolerances
-    ode_atol: float = 1e-6
+    ode_rtol: float = 1e-3  # dopri5: relative tolerance
+    ode_atol: float = 1e-6  # dopri5: absolute tolerance
     sde_noise: float = 1.0  # sde: w in the diffusion g(t)^2 = w * (1 - t); 0 = Euler
     # Guide the first N predicted channels (0 = all); DiT's public sampling guides 3 of 4.
     guidance_channels: int = 0

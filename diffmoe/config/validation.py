@@ -28,6 +28,7 @@ from .schema import (
     SAMPLERS_BY_OBJECTIVE,
     TEXT_DATASETS,
     TOKEN_POOLS,
+    TRACKERS,
     WEIGHTS,
     Config,
     DataConfig,
@@ -42,6 +43,9 @@ from .schema import (
 # A DDPM schedule must keep alpha_bar at its last step above this: respacing derives
 # beta' = 1 - alpha_bar_t / alpha_bar_prev, which rounds to 1 in float64 below it.
 MIN_ALPHA_BAR = 1e-12
+# What W&B refuses in a project name (wandb.Settings.validate_project), checked before any work.
+WANDB_PROJECT_FORBIDDEN = ("/", "\\", "#", "?", "%", ":")
+WANDB_PROJECT_MAX = 128
 
 
 def _require(cond: bool, message: str) -> None:
@@ -176,6 +180,15 @@ def validate_train(t: TrainConfig) -> None:
     _require(t.batch_size % t.grad_accum == 0,
              f"train.batch_size={t.batch_size} is not divisible by train.grad_accum="
              f"{t.grad_accum}; pick a batch size that is a multiple of it")
+    for name in t.trackers:
+        _choice("train.trackers", name, TRACKERS)
+    _require(len(set(t.trackers)) == len(t.trackers),
+             f"train.trackers={t.trackers} names a tracker twice; name each once")
+    bad = [c for c in WANDB_PROJECT_FORBIDDEN if c in t.wandb_project]
+    _require(0 < len(t.wandb_project) <= WANDB_PROJECT_MAX and not bad,
+             f"train.wandb_project={quote(t.wandb_project)} is no W&B project name (empty, over "
+             f"{WANDB_PROJECT_MAX} characters, or holding one of "
+             f"{' '.join(WANDB_PROJECT_FORBIDDEN)}); name it e.g. diffmoe")
 
 
 def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
