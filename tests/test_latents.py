@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from diffmoe.cli import main
-from diffmoe.data.latents import LatentDataset, center_crop, encode_shard, load_vae
+from diffmoe.data.imagefolder import center_crop, load_image
+from diffmoe.data.latents import LatentDataset, encode_batch, load_vae
 
 IMAGE_SIZE = 16
 CLASSES = ("ant", "bee", "cat")
@@ -75,7 +76,7 @@ def test_cache_holds_image_and_flip_skips_broken_and_trains(images, vae_dir, tmp
                                            for r in caplog.records)
     # Stored latents are the VAE's posterior means of the crop and of its flip.
     vae = load_vae(vae_dir)
-    z, y, bad = encode_shard(vae, [(images / "ant" / "1.png", 0)], IMAGE_SIZE, 1, "cpu")
+    z = encode_batch(vae, load_image(images / "ant" / "1.png", IMAGE_SIZE)[None], "cpu")
     ds = LatentDataset.open(out)
     assert ds.image_size == IMAGE_SIZE // 2 and ds.channels == 4 and len(ds) == 9
     stored = np.load(out / "shard_00000.npy")
@@ -110,28 +111,28 @@ def test_killed_cache_run_continues_where_it_stopped(images, vae_dir, tmp_path, 
     import diffmoe.data.latents as latents
 
     out = tmp_path / "cache"
-    original, calls = latents.encode_shard, []
+    original, calls = latents.save_shard, []
 
     def dies_on_second_shard(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # as if killed while encoding shard 1
+            raise KeyboardInterrupt  # as if killed while writing shard 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(latents, "encode_shard", dies_on_second_shard)
+    monkeypatch.setattr(latents, "save_shard", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         latents.cache_latents(images, out, vae_dir, IMAGE_SIZE, shard_size=4, batch_size=3,
                               progress=False)
     assert (out / "shard_00000.json").is_file() and not (out / "shard_00001.json").exists()
     assert not (out / "index.json").exists()
     first = (out / "shard_00000.npy").stat().st_mtime_ns
-    monkeypatch.setattr(latents, "encode_shard", original)
-    encoded = []
-    monkeypatch.setattr(latents, "encode_shard",
-                        lambda *a, **k: encoded.append(len(a[1])) or original(*a, **k))
+    saved = []
+    monkeypatch.setattr(latents, "save_shard",
+                        lambda out, i, z, *rest: saved.append((i, len(z) + len(rest[1])))
+                        or original(out, i, z, *rest))
     index = latents.cache_latents(images, out, vae_dir, IMAGE_SIZE, shard_size=4, batch_size=3,
                                   progress=False)
-    assert encoded == [4, 2]  # shards 1 and 2 only: shard 0 was done
+    assert saved == [(1, 4), (2, 2)]  # shards 1 and 2 only (latents + skipped): shard 0 was done
     assert (out / "shard_00000.npy").stat().st_mtime_ns == first
     assert index["num_latents"] == 9
     # Other settings in the same directory are refused.
