@@ -61,7 +61,7 @@ def captioned_folder(root):
 
 def folder_config(root, *extra, config=TINY):
     return load_config(config, ["data.name=folder", f"data.path={root}", "model.in_channels=3",
-                                f"model.input_size={SIDE}", *extra])
+                                f"model.input_size={SIDE}", "model.num_classes=2", *extra])
 
 
 def test_class_folder_trains_samples_and_gives_an_fid(tmp_path, caplog, capsys):
@@ -69,8 +69,8 @@ def test_class_folder_trains_samples_and_gives_an_fid(tmp_path, caplog, capsys):
     caplog.set_level(logging.WARNING, logger="diffmoe")
     run = tmp_path / "run"
     assert main(["train", TINY, f"train.out_dir={run}", "data.name=folder",
-                 f"data.path={images}", "model.in_channels=3", f"data.cache_dir={tmp_path}/c",
-                 *SHORT]) == 0
+                 f"data.path={images}", "model.in_channels=3", "model.num_classes=2",
+                 f"data.cache_dir={tmp_path}/c", *SHORT]) == 0
     # The damaged file is skipped and named in the log, not dropped silently.
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("1 image(s) could not be decoded" in w and "zz_damaged.png" in w
@@ -206,3 +206,16 @@ def test_folder_reference_spec():
     assert parse_folder_spec("folder:/data/x:12", 5) == (Path("/data/x"), 12)
     assert parse_folder_spec("folder:/data/a:b", 5)[0].name == "a:b"
     assert parse_folder_spec("folder:rel", 7)[1] == 7
+
+
+def test_the_example_config_trains_on_a_folder(tmp_path):
+    """configs/folder_example.yaml as README "Train on your own images" runs it, shortened."""
+    images = class_folder(tmp_path / "my_images")
+    run = tmp_path / "mine"
+    assert main(["train", "configs/folder_example.yaml", f"data.path={images}",
+                 "model.num_classes=2", f"train.out_dir={run}", *SHORT]) == 0
+    assert json.loads((run / "checkpoints" / "step_00000002" / "state.json").read_text())[
+        "config"]["data"]["flip"] is True
+    assert main(["sample", str(run), "--num", "2", "--steps", "1", "--batch-size", "2",
+                 "--out", str(tmp_path / "mine.png")]) == 0
+    assert Image.open(tmp_path / "mine.png").mode == "RGB"

@@ -85,6 +85,8 @@ def check_condition(condition: str, captioned: bool, where: str) -> None:
 def check_channels(listing: FolderListing, modes: list[Optional[str]], channels: int) -> None:
     """A grey folder trains a 1-channel model, a colour one a 3-channel model."""
     where = f"data.path '{listing.root}'"
+    if all(m is None for m in modes):
+        return  # no header could be read: decoding lists every file
     if channels == 1:
         colour = next((i for i, m in enumerate(modes) if m is not None and not is_grey(m)), None)
         if colour is not None:
@@ -295,6 +297,11 @@ def open_folder(cfg: Config, progress: bool = True) -> ImageDataset:
     check_condition(m.condition, listing.captioned, f"data.path '{d.path}'")
     if d.limit and d.limit < len(listing):
         listing = listing.subset(range(d.limit))
+    classes = len(set(listing.labels))
+    if m.condition == "class" and classes != m.num_classes:  # sampling draws 0..num_classes-1
+        raise DataError(f"data.path '{d.path}' has {classes} class{'es' * (classes != 1)}"
+                        f"{' within data.limit' if d.limit else ''} but model.num_classes="
+                        f"{m.num_classes}; set model.num_classes={classes}")
     size, channels = m.input_size, m.in_channels
     if len(listing) * channels * size * size <= d.in_memory_mb * MB:
         check_channels(listing, folder_modes(listing, d.workers), channels)

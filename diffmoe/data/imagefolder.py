@@ -41,8 +41,6 @@ CHANNELS = (1, 3)  # grey, RGB
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
                  Image.DecompressionBombError)
 SKIPPED_SHOWN = 5  # skipped files named in the log line (all of them go to skipped.txt)
-LAYOUT_HELP = ("put each class's images in a subfolder of it (DIR/<class>/<image>, the ImageNet "
-               "layout) or caption them in DIR/" + METADATA)
 
 
 @dataclass
@@ -80,13 +78,18 @@ class FolderListing:
         return h.hexdigest()
 
 
+def layout_help(folder: Path) -> str:
+    return (f"put each class's images in a subfolder of it ('{folder}/<class>/<image>', the "
+            f"ImageNet layout) or caption them in '{folder / METADATA}'")
+
+
 def list_folder(folder: str | Path) -> FolderListing:
     """The images of ``folder``: captioned if it holds metadata.jsonl, else by class subfolder."""
     folder = Path(folder)
     if not folder.is_dir():
         what = "is a file" if folder.exists() else "does not exist"
-        raise DataError(f"image folder '{folder}' {what}; pass a directory of images: "
-                        f"{LAYOUT_HELP}")
+        raise DataError(f"image folder '{folder}' {what}; pass a directory of images and "
+                        f"{layout_help(folder)}")
     if (folder / METADATA).is_file():
         return _captioned_listing(folder)
     return _class_listing(folder)
@@ -97,7 +100,7 @@ def _class_listing(folder: Path) -> FolderListing:
     if not classes:
         state = "is empty" if next(folder.iterdir(), None) is None else \
             f"has no class subfolders and no {METADATA}"
-        raise DataError(f"image folder '{folder}' {state}; {LAYOUT_HELP}")
+        raise DataError(f"image folder '{folder}' {state}; {layout_help(folder)}")
     pairs = [(p, label) for label, name in enumerate(classes)
              for p in sorted((folder / name).iterdir())
              if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]

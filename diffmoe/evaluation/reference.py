@@ -215,7 +215,8 @@ def folder_reference(spec: str, default_num: int, image_size: int,
     listing = list_folder(root)
     if num > len(listing):
         raise DataError(f"reference '{spec}' asks for {num} images but '{root}' has "
-                        f"{len(listing)}; pass folder:DIR:{len(listing)} or fewer samples")
+                        f"{len(listing)}; ask for at most {len(listing)} (folder:DIR:N, or a "
+                        f"smaller --num)")
     spread = [i * len(listing) // num for i in range(num)]
     order = spread + sorted(set(range(len(listing))) - set(spread))  # the rest stand in
     source = f"folder {root}:{num} at {image_size}x{image_size}"
