@@ -147,19 +147,21 @@ def decode_first(listing: FolderListing, order: list[int], num: int, size: int,
                  channels: int, progress: bool = False) -> Tensor:
     """The first ``num`` images of ``listing`` in ``order`` that decode, (num, C, S, S) uint8:
     the files that do not are skipped, logged, and the next ones taken in their place."""
-    array = np.zeros((len(listing), channels, size, size), dtype=np.uint8)
-    kept: list[int] = []
+    parts: list[np.ndarray] = []
     skipped: list[str] = []
-    start = 0
-    while len(kept) < num and start < len(order):
-        take = order[start:start + num - len(kept)]
-        bad, lines = decode_rows(listing, array, {0: take}, size, channels, 0, progress)
-        kept += [i for i in take if i not in set(bad)]
+    have = start = 0
+    while have < num and start < len(order):
+        take = listing.subset(order[start:start + num - have])
+        array = np.zeros((len(take), channels, size, size), dtype=np.uint8)
+        bad, lines = decode_rows(take, array, {0: list(range(len(take)))}, size, channels, 0,
+                                 progress)
+        parts.append(array[_kept(len(take), bad)])
         skipped += lines
+        have += len(parts[-1])
         start += len(take)
     report_skipped(skipped)
-    _require_some(np.asarray(kept), listing, "listed in the warning above")
-    return torch.from_numpy(array[kept])
+    _require_some(np.arange(have), listing, "listed in the warning above")
+    return torch.from_numpy(np.concatenate(parts))
 
 
 def _kept(num: int, bad_rows) -> np.ndarray:

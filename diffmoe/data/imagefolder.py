@@ -73,8 +73,7 @@ class FolderListing:
                                     "captions": self.captions, "settings": settings}).encode())
         for path, label in zip(self.files, self.labels):
             st = path.stat()
-            h.update(f"{path.relative_to(self.root)}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n"
-                     .encode())
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
         return h.hexdigest()
 
 
@@ -127,8 +126,8 @@ def _captioned_listing(folder: Path) -> FolderListing:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise DataError(f"{where} is not JSON; write one {form} per line") from None
-        name, text = (row.get("file_name"), row.get("text")) if isinstance(row, dict) else (None,
-                                                                                          None)
+        row = row if isinstance(row, dict) else {}
+        name, text = row.get("file_name"), row.get("text")
         if not isinstance(name, str) or not name or not isinstance(text, str) or not text.strip():
             raise DataError(f"{where} needs a non-empty \"file_name\" and \"text\"; write one "
                             f"{form} per line")
