@@ -407,6 +407,36 @@ def test_auto_kernel_rule(monkeypatch, caplog, device, capability, dtype, widths
     assert [r.getMessage().split(": ")[1].split(" ")[0] for r in caplog.records] == [kernel]
 
 
+@pytest.mark.parametrize("counts,kernel", [
+    ([8, 8, 8, 8], "padded_bmm"),      # no padding
+    ([10, 8, 8, 8], "padded_bmm"),     # 6% padding
+    ([20, 4, 4, 4], "loop"),           # padding would more than double the rows
+    ([0, 0, 3, 0], "loop")])
+def test_auto_runs_counts_on_the_host_one_expert_at_a_time_when_padding_is_wasteful(
+        monkeypatch, counts, kernel):
+    """With the counts already on the host (dynamic inference), ``auto`` pads only where padding
+    adds at most PADDED_BMM_MAX_WASTE of the rows; either way the layer output is the same."""
+    cfg = MoEConfig(type="diffmoe", num_experts=4)
+    layer = build_ffn(cfg, 16, 32).eval()
+    assert layer.experts.kernel(torch.device("cpu"), torch.float32, counts) == kernel
+    assert layer.experts.kernel(torch.device("cpu"), torch.float32) == "padded_bmm"
+    ran = []
+    original = moe_base.padded
+    monkeypatch.setattr(moe_base, "padded", lambda *a: ran.append("padded_bmm") or original(*a))
+    x = torch.randn(sum(counts) + 5, 16)
+    tok = torch.randperm(x.shape[0])[:sum(counts)]
+    w = torch.rand(sum(counts))
+    counts_E = torch.tensor(counts)
+    with torch.no_grad():
+        got = layer.run_grouped(x, tok, w, counts_E, host_counts=counts)
+        expected = torch.zeros_like(x)
+        for e, (rows, weights) in enumerate(zip(tok.split(counts), w.split(counts))):
+            for t, wt in zip(rows.tolist(), weights.tolist()):
+                expected[t] += wt * expert_ffn(layer, e, x[t])
+    assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert ran == (["padded_bmm"] if kernel == "padded_bmm" else [])
+
+
 def test_rows_reach_the_experts_once_cast_to_the_autocast_dtype(monkeypatch):
     """Under bf16 autocast the pool arrives in float32 (LayerNorm, modulate); it is cast once
     before the gather, so the experts (and the kernel choice) see bf16 rows."""

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.testing import assert_close
 
 from diffmoe.checkpoint import list_checkpoints
 from diffmoe.cli import main
@@ -137,10 +138,17 @@ def test_time_limit_stops_with_checkpoint_and_metrics(tiny_config_path, tiny_ove
     assert (run / "samples" / "step_00000001.png").is_file()
 
 
-def test_checkpoint_written_before_the_redesign_resumes_bit_for_bit(tmp_path):
+# The fixture's machine (AVX2) and one with AVX-512 run MKL kernels that round differently: the
+# same code reaches step 6 within 2e-6 (relative) of the fixture's weights there. A resume that
+# lost state (RNG, optimizer moments, EMA, thresholds) moves them by about the learning rate.
+CROSS_CPU_RTOL, CROSS_CPU_ATOL = 2e-5, 1e-6
+
+
+def test_checkpoint_written_before_the_redesign_resumes_to_the_old_codes_step(tmp_path):
     """A run directory written by the code before issue 17's redesign (commit ec998bd, see
     tests/fixtures/run_ec998bd/README.md) resumes with today's code from its step-4 checkpoint
-    and reaches the old code's step-6 weights and metrics exactly."""
+    and reaches the old code's step-6 weights and metrics: bit for bit on a CPU like the one that
+    wrote it, within float rounding (``CROSS_CPU_RTOL``) on another."""
     import shutil
     from pathlib import Path
 
@@ -153,14 +161,18 @@ def test_checkpoint_written_before_the_redesign_resumes_bit_for_bit(tmp_path):
         expected = load_file(fixture / "expected_step_00000006" / f"{name}.safetensors")
         got = load_file(run / "checkpoints" / "step_00000006" / f"{name}.safetensors")
         assert expected.keys() == got.keys()
-        assert all(torch.equal(expected[k], got[k]) for k in expected), name
+        for k in expected:
+            assert_close(got[k], expected[k], rtol=CROSS_CPU_RTOL, atol=CROSS_CPU_ATOL,
+                         msg=lambda m, k=k, name=name: f"{name} {k}: {m}")
     # threshold_mean is, since the redesign, tau as the step's forward saw it (the old code logged
     # it after the step's update); timings differ from run to run.
     differ = ("images_per_sec", "elapsed_s", "threshold_mean")
     old, new = ([{k: v for k, v in json.loads(line).items() if k not in differ}
                  for line in path.read_text().splitlines()]
                 for path in (fixture / "metrics.jsonl", run / "metrics.jsonl"))
-    assert new == old
+    assert len(new) == len(old)
+    for got, expected in zip(new, old):
+        assert got == pytest.approx(expected, rel=CROSS_CPU_RTOL, abs=CROSS_CPU_ATOL)
     model, _, _ = load_model(run / "checkpoints" / "step_00000004")
     assert model.cfg.hidden_size == 16
 

@@ -36,6 +36,9 @@ FAST_GROUPED_MM_CAPABILITIES = (9, 10)
 GROUPED_MM_DTYPE = torch.bfloat16
 # grouped_mm needs every operand's row stride to be a multiple of this many bytes.
 GROUPED_MM_ALIGNMENT_BYTES = 16
+# ``auto`` runs unequal counts already read to the host (dynamic inference) one expert at a time
+# instead of padded when padding to the largest count would add more than this share of rows.
+PADDED_BMM_MAX_WASTE = 0.25
 
 @dataclass(frozen=True)
 class Routing:
@@ -171,6 +174,13 @@ def auto_kernel(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...
     return _KERNEL_CHOICES[key]
 
 
+def padding_waste(counts: Sequence[int]) -> float:
+    """The share of rows ``padded_bmm`` would add to rows of these per-expert counts by padding
+    every expert to the largest count."""
+    rows = sum(counts)
+    return len(counts) * max(counts) / rows - 1.0 if rows else 0.0
+
+
 def row_experts(counts_E: Tensor, experts: int, rows: int) -> Tensor:
     """The expert of each of ``rows`` rows grouped by expert with ``counts_E`` rows each (no host
     synchronisation: the total is given)."""
@@ -224,11 +234,19 @@ class ExpertBank(nn.Module):
         h_EkF = gelu_tanh(torch.baddbmm(b1.unsqueeze(1), x_EkD, w1))
         return torch.baddbmm(b2.unsqueeze(1), h_EkF, w2)
 
-    def kernel(self, device: torch.device, dtype: torch.dtype) -> str:
-        """The kernel for unequal counts, for rows computed in ``dtype`` on ``device``."""
+    def kernel(self, device: torch.device, dtype: torch.dtype,
+               host_counts: Optional[Sequence[int]] = None) -> str:
+        """The kernel for unequal counts, for rows computed in ``dtype`` on ``device``. With
+        ``auto`` and the counts on the host, ``padded_bmm`` gives way to the per-expert loop
+        where padding would waste more than :data:`PADDED_BMM_MAX_WASTE` of the rows (the loop
+        then needs no further host read)."""
         if self.dispatch != "auto":
             return self.dispatch
-        return auto_kernel(device, dtype, (self.dim, self.hidden))
+        kernel = auto_kernel(device, dtype, (self.dim, self.hidden))
+        if kernel == "padded_bmm" and host_counts and padding_waste(host_counts) > \
+                PADDED_BMM_MAX_WASTE:
+            return "loop"
+        return kernel
 
     def forward_grouped(self, x_TD: Tensor, counts_E: Tensor, kernel: str,
                         host_counts: Optional[list[int]] = None) -> Tensor:
@@ -372,7 +390,7 @@ class MoELayer(nn.Module):
         ``w_T``. ``padded_bmm`` pads every expert's tokens to the largest count (padding: token
         0 with weight 0) and runs them as equal capacities; it reads the largest count unless
         ``host_counts`` are given (the one host synchronisation of this path)."""
-        kernel = self.experts.kernel(x_SD.device, compute_dtype(x_SD))
+        kernel = self.experts.kernel(x_SD.device, compute_dtype(x_SD), host_counts)
         if kernel not in GROUPED_KERNELS:
             raise ValueError(f"unknown expert dispatch '{kernel}'")
         if kernel == "padded_bmm":
