@@ -3,8 +3,8 @@
 Generates a folder of JPEGs at ImageNet-like sizes (smooth colour gradients with noise, 4 classes)
 and a tiny randomly initialised ``AutoencoderKL`` (the one tests/test_latents.py builds), then
 writes the same cache once per ``--workers`` value, interleaved over ``--repeats`` rounds (after
-one untimed round), each into a new directory; reports the median images/s of each and checks that every cache holds the
-same latents, bit for bit, as the first.
+one untimed round), each into a new directory; reports the median images/s of each and checks
+that every cache holds the same latents, bit for bit, as the first.
 
     python benchmarks/cache_latents_workers.py [--images 512] [--workers 0 2] [--repeats 3]
         [--image-size 16] [--batch-size 32] [--json]
