@@ -11,9 +11,10 @@
     diffmoe eval T2I_CHECKPOINT [--per-category N --samples-per-prompt N --no-fid]
     diffmoe sweep-thresholds CHECKPOINT [--thresholds G ...] [--budget C] [--num N]
     diffmoe analyze CHECKPOINT [--batch-sizes B ...] [--out DIR]
-    diffmoe fid SET SET         (SET: DATASET[:SPLIT][:N] or an ADM .npz)
+    diffmoe fid SET SET [--image-size 256]  (SET: DATASET[:SPLIT][:N], folder:DIR[:N], .npz)
     diffmoe cache-latents IMAGE_FOLDER OUT --vae VAE_DIR [--image-size 256 --shard-size N
-                          --batch-size N --device auto|cpu|cuda]   (also under torchrun)
+                          --batch-size N --workers N --device auto|cpu|cuda]
+                          (also under torchrun)
     diffmoe import-official CHECKPOINT [--config THEIR_YAML] OUT [key=value ...] [--trust-pickle]
     diffmoe export-official RUN OUT
 
@@ -342,7 +343,8 @@ def cmd_fid(args: argparse.Namespace) -> int:
     if args.num < 2:
         raise DiffMoEError(f"--num {args.num}: FID needs at least 2 images per set")
     refs = [load_reference(spec, args.num, args.cache_dir, args.feature_batch,
-                           not args.no_progress) for spec in (args.first, args.second)]
+                           not args.no_progress, args.image_size)
+            for spec in (args.first, args.second)]
     result = compare(refs[0].stats, refs[1].stats,
                      names=(f"'{refs[0].source}'", f"'{refs[1].source}'"))
     result.update(first=refs[0].source, second=refs[1].source)
@@ -354,8 +356,9 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
 def add_metric_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref", default=None,
-                   help="reference set: DATASET[:SPLIT][:N] (default: the checkpoint's training "
-                        "data, first --num images) or an ADM .npz (mu/sigma or arr_0 images)")
+                   help="reference set: DATASET[:SPLIT][:N] or folder:DIR[:N] (default: the "
+                        "checkpoint's training data, --num images) or an ADM .npz (mu/sigma or "
+                        "arr_0 images)")
     p.add_argument("--feature-batch", dest="feature_batch", type=int, default=50,
                    help="images per Inception forward")
     p.add_argument("--cache-dir", dest="cache_dir", default=None,
@@ -375,7 +378,8 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
 
     index = cache_latents(args.image_folder, args.out, args.vae, image_size=args.image_size,
                           shard_size=args.shard_size, batch_size=args.batch_size,
-                          device=args.device, progress=not args.no_progress)
+                          device=args.device, progress=not args.no_progress,
+                          workers=args.workers)
     if index is not None:
         emit({k: index[k] for k in ("num_latents", "num_skipped")})
     return 0
@@ -399,15 +403,18 @@ def cmd_export_official(args: argparse.Namespace) -> int:
 
 
 def add_cache_latents_command(sub) -> None:
-    c = sub.add_parser("cache-latents", help="encode a class-folder image dataset to a sharded "
-                                             "VAE latent cache (resumable; torchrun-parallel)")
-    c.add_argument("image_folder", help="IMAGE_FOLDER/<class>/<image> (the ImageNet layout)")
+    c = sub.add_parser("cache-latents", help="encode an image folder to a sharded VAE latent "
+                                             "cache (resumable; torchrun-parallel)")
+    c.add_argument("image_folder", help="IMAGE_FOLDER/<class>/<image> (the ImageNet layout), or "
+                                        "IMAGE_FOLDER/metadata.jsonl of captions")
     c.add_argument("out", help="cache directory (data.path of a latents config)")
     c.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
     c.add_argument("--image-size", dest="image_size", type=int, default=256)
     c.add_argument("--shard-size", dest="shard_size", type=int, default=1000,
                    help="images per shard (the unit of resumption)")
     c.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    c.add_argument("--workers", type=int, default=0,
+                   help="processes decoding images (default 0: the main process)")
     c.add_argument("--device", default="auto", choices=list(DEVICES))
     c.add_argument("--no-progress", dest="no_progress", action="store_true")
     c.set_defaults(func=cmd_cache_latents)
@@ -542,11 +549,13 @@ def add_analyze_command(sub) -> None:
 
 def add_fid_command(sub) -> None:
     f = sub.add_parser("fid", help="FID/KID/precision/recall between two image sets",
-                       description="Each set is DATASET[:SPLIT][:N] or an ADM .npz, e.g. "
-                                   "diffmoe fid mnist:train:1000 mnist:test:1000")
+                       description="Each set is DATASET[:SPLIT][:N], folder:DIR[:N] or an ADM "
+                                   ".npz, e.g. diffmoe fid mnist:train:1000 mnist:test:1000")
     f.add_argument("first")
     f.add_argument("second")
     f.add_argument("--num", type=int, default=1000, help="images per dataset set without :N")
+    f.add_argument("--image-size", dest="image_size", type=int, default=256,
+                   help="side that folder:DIR images are centre-cropped to (default 256)")
     f.add_argument("--feature-batch", dest="feature_batch", type=int, default=50)
     f.add_argument("--cache-dir", dest="cache_dir", default=None)
     f.add_argument("--no-progress", dest="no_progress", action="store_true")

@@ -147,6 +147,22 @@ def image_folder(ctx: Context) -> None:
     Image.new("RGB", (20, 16), (200, 30, 30)).save(ctx.tmp / "images" / "cat" / "0.png")
 
 
+def grey_folder(ctx: Context) -> None:
+    from PIL import Image
+    (ctx.tmp / "grey" / "cat").mkdir(parents=True)
+    Image.new("L", (20, 16), 90).save(ctx.tmp / "grey" / "cat" / "0.png")
+
+
+def captions(*lines: str) -> Callable[[Context], None]:
+    """<tmp>/cap/0.png, an image, and <tmp>/cap/metadata.jsonl holding ``lines``."""
+    def setup(ctx: Context) -> None:
+        from PIL import Image
+        (ctx.tmp / "cap").mkdir()
+        Image.new("RGB", (20, 16), (200, 30, 30)).save(ctx.tmp / "cap" / "0.png")
+        (ctx.tmp / "cap" / "metadata.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    return setup
+
+
 def official_checkpoint(depth_in_yaml: int, ckpt: str = "theirs.pt",
                         yaml_name: Optional[str] = "theirs.yaml",
                         nan: bool = False) -> Callable[[Context], None]:
@@ -218,6 +234,13 @@ def no_cuda() -> Optional[str]:
 
 
 # -- the cases -------------------------------------------------------------------------------
+
+FOLDER = TRAIN + ["data.name=folder", "model.in_channels=3", "model.num_classes=1"]
+T2I_FOLDER = T2I_TRAIN + ["data.name=folder"]
+CAPTION = '{"file_name": "0.png", "text": "a red square"}'
+LINE_FORM = 'write one {"file_name": "a.png", "text": "a caption"} per line'
+LAYOUT = ("put each class's images in a subfolder of it ('<tmp>/{0}/<class>/<image>', the "
+          "ImageNet layout) or caption them in '<tmp>/{0}/metadata.jsonl'")
 
 VALID_MOE_KEYS = ("type, num_experts, capacity, interleave, shared_experts, granularity, "
                   "router_init_std, balance_loss_weight, predictor_loss_weight, threshold_ema, "
@@ -314,7 +337,8 @@ CASES = [
          setup=write("c.yaml", "model:\n  depth: 2\n  depth: 3\n"),
          note="`<tmp>/c.yaml` sets `model.depth` twice"),
     Case("config-yaml-11-boolean", "config", ["train", "<tmp>/c.yaml"],
-         "error: data.name='no' is not one of ['mnist', 'digits', 'latents', 'shapes', 'emoji']",
+         "error: data.name='no' is not one of ['mnist', 'digits', 'folder', 'latents', "
+         "'shapes', 'emoji']",
          setup=write("c.yaml", "data:\n  name: no\n"),
          note="`<tmp>/c.yaml` is `data: {name: no}`, which YAML 1.1 reads as the boolean false"),
     Case("lr-infinite", "config", TRAIN + ["train.lr=inf"],
@@ -536,6 +560,77 @@ CASES = [
          "error: dataset 'mnist' has label 12 outside 0..9; its data is damaged (reinstall it)",
          setup=fake_mnist(mnist_split(np.zeros((3, 784)), np.array([1, 12, 3]))),
          note="the MNIST file has a label 12"),
+    # Your own images (data.name=folder, --ref folder:DIR)
+    Case("folder-without-path", "folder", FOLDER,
+         "error: data.name=folder needs data.path, a directory of images in class subfolders or "
+         "with a metadata.jsonl of captions"),
+    Case("folder-four-channels", "folder", FOLDER + ["data.path=<tmp>", "model.in_channels=4"],
+         "error: model.in_channels=4, but data.name=folder gives 1-channel (grey) or 3-channel "
+         "(RGB) images; set model.in_channels=1 or 3"),
+    Case("folder-missing", "folder", FOLDER + ["data.path=<tmp>/nowhere"],
+         "error: image folder '<tmp>/nowhere' does not exist; pass a directory of images and "
+         + LAYOUT.format("nowhere")),
+    Case("folder-empty", "folder", FOLDER + ["data.path=<tmp>/empty"],
+         "error: image folder '<tmp>/empty' is empty; " + LAYOUT.format("empty"),
+         setup=lambda ctx: (ctx.tmp / "empty").mkdir(), note="`<tmp>/empty` is an empty "
+                                                              "directory"),
+    Case("folder-without-classes-or-captions", "folder", FOLDER + ["data.path=<tmp>/loose"],
+         "error: image folder '<tmp>/loose' has no class subfolders and no metadata.jsonl; "
+         + LAYOUT.format("loose"), setup=write("loose/0.png", b"png"),
+         note="`<tmp>/loose` holds `0.png` and no subfolder"),
+    Case("folder-caption-names-missing-file", "folder", T2I_FOLDER + ["data.path=<tmp>/cap"],
+         "error: '<tmp>/cap/metadata.jsonl' line 2 names 'gone.png', which is not a file in "
+         "'<tmp>/cap'; fix the line or add the image",
+         setup=captions(CAPTION, '{"file_name": "gone.png", "text": "a cat"}'),
+         note="line 2 of `<tmp>/cap/metadata.jsonl` names `gone.png`, which does not exist"),
+    Case("folder-caption-not-json", "folder", T2I_FOLDER + ["data.path=<tmp>/cap"],
+         f"error: '<tmp>/cap/metadata.jsonl' line 2 is not JSON; {LINE_FORM}",
+         setup=captions(CAPTION, "0.png, a red square"),
+         note="line 2 of `<tmp>/cap/metadata.jsonl` is `0.png, a red square`"),
+    Case("folder-caption-without-text", "folder", T2I_FOLDER + ["data.path=<tmp>/cap"],
+         "error: '<tmp>/cap/metadata.jsonl' line 1 needs a non-empty \"file_name\" and "
+         f"\"text\"; {LINE_FORM}", setup=captions('{"file_name": "0.png"}'),
+         note="line 1 of `<tmp>/cap/metadata.jsonl` has no `text`"),
+    Case("folder-captions-for-class-model", "folder", FOLDER + ["data.path=<tmp>/cap"],
+         "error: data.path '<tmp>/cap' holds captions, not class labels; set "
+         "model.condition=text", setup=captions(CAPTION),
+         note="`<tmp>/cap/metadata.jsonl` captions `<tmp>/cap/0.png`"),
+    Case("folder-classes-for-text-model", "folder", T2I_FOLDER + ["data.path=<tmp>/images"],
+         "error: model.condition=text needs captions, but data.path '<tmp>/images' has class "
+         "labels; caption its images in metadata.jsonl ({\"file_name\": ..., \"text\": ...} "
+         "per line) or set model.condition=class", setup=image_folder,
+         note="`<tmp>/images/cat/0.png` is an image"),
+    Case("folder-num-classes-mismatch", "folder", TRAIN + ["data.name=folder",
+                                                           "data.path=<tmp>/images",
+                                                           "model.in_channels=3"],
+         "error: data.path '<tmp>/images' has 1 class but model.num_classes=10; set "
+         "model.num_classes=1", setup=image_folder,
+         note="`<tmp>/images/cat/0.png` is its one class's image; samples are drawn for every "
+              "class of the model"),
+    Case("folder-grey-for-colour-model", "folder", FOLDER + ["data.path=<tmp>/grey"],
+         "error: data.path '<tmp>/grey' holds only grey images but model.in_channels=3; set "
+         "model.in_channels=1", setup=grey_folder, note="`<tmp>/grey/cat/0.png` is grey"),
+    Case("folder-colour-for-grey-model", "folder",
+         FOLDER + ["data.path=<tmp>/images", "model.in_channels=1"],
+         "error: data.path '<tmp>/images' holds colour images (e.g. '<tmp>/images/cat/0.png', "
+         "RGB) but model.in_channels=1; set model.in_channels=3", setup=image_folder,
+         note="`<tmp>/images/cat/0.png` is an RGB image"),
+    Case("folder-every-image-damaged", "folder", FOLDER + ["data.path=<tmp>/bad"],
+         "error: none of the 1 images in '<tmp>/bad' could be decoded (listed in the warning "
+         "above); check that they are images", setup=write("bad/cat/0.png", b"not a png"),
+         note="`<tmp>/bad/cat/0.png` holds text"),
+    Case("flip-on-latents", "folder",
+         TRAIN + ["data.name=latents", "data.path=<tmp>", "data.flip=true"],
+         "error: data.flip=true applies to pixel-space data; a latent cache already feeds each "
+         "image or its flip at random, so drop data.flip"),
+    Case("folder-reference-too-large", "folder",
+         ["eval", "<run>", "--num", "4", "--ref", "folder:<tmp>/images:50", "--out",
+          "<tmp>/e.json"],
+         "error: reference 'folder:<tmp>/images:50' asks for 50 images but '<tmp>/images' has "
+         "1; ask for at most 1 (folder:DIR:N, or a smaller --num)", setup=image_folder,
+         note="`<tmp>/images` holds one image"),
+    Case("folder-reference-without-folder", "folder", ["fid", "folder:", "digits:test:8"],
+         "error: reference 'folder:' names no folder; write folder:DIR[:N]"),
     # Checkpoints and architecture mismatches
     Case("checkpoint-missing", "checkpoint", ["sample", "<tmp>/nothing"],
          "error: checkpoint '<tmp>/nothing' does not exist; pass a run directory or one of its "
@@ -626,9 +721,10 @@ CASES = [
          setup=chain(image_folder, write("unet/config.json", '{"_class_name": "UNet2DModel"}')),
          note="`<tmp>/unet/config.json` names a UNet2DModel"),
     Case("image-folder-without-classes", "latents",
-         ["cache-latents", "<tmp>", "<tmp>/cache", "--vae", "<tmp>/no-vae"],
-         "error: image folder '<tmp>' has no class subfolders; put each class's images in a "
-         "subfolder of it (the ImageNet layout)"),
+         ["cache-latents", "<tmp>/loose", "<tmp>/cache", "--vae", "<tmp>/no-vae"],
+         "error: image folder '<tmp>/loose' has no class subfolders and no metadata.jsonl; "
+         + LAYOUT.format("loose"), setup=write("loose/0.png", b"png"),
+         note="`<tmp>/loose` holds `0.png` and no subfolder"),
     Case("latent-cache-missing", "latents", TRAIN + ["data.name=latents", "data.path=<tmp>"],
          "error: '<tmp>' is not a finished latent cache (no index.json); write one with diffmoe "
          "cache-latents IMAGE_FOLDER OUT --vae VAE_DIR"),
@@ -696,7 +792,7 @@ CASES = [
     Case("t2i-condition-without-captions", "text-to-image",
          [*TRAIN, "model.condition=text"],
          "error: model.condition=text needs a captioned dataset, but data.name=digits; use "
-         "data.name=shapes or data.name=emoji"),
+         "data.name=shapes, emoji, or folder with a metadata.jsonl of captions"),
     Case("t2i-captions-without-text-condition", "text-to-image",
          [*T2I_TRAIN, "model.condition=class"],
          "error: data.name=shapes has captions, not class labels; set model.condition=text"),

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from diffmoe.cli import main
-from diffmoe.data.latents import LatentDataset, center_crop, encode_shard, load_vae
+from diffmoe.data.imagefolder import center_crop, load_image
+from diffmoe.data.latents import LatentDataset, encode_batch, load_vae
 
 IMAGE_SIZE = 16
 CLASSES = ("ant", "bee", "cat")
@@ -75,7 +76,7 @@ def test_cache_holds_image_and_flip_skips_broken_and_trains(images, vae_dir, tmp
                                            for r in caplog.records)
     # Stored latents are the VAE's posterior means of the crop and of its flip.
     vae = load_vae(vae_dir)
-    z, y, bad = encode_shard(vae, [(images / "ant" / "1.png", 0)], IMAGE_SIZE, 1, "cpu")
+    z = encode_batch(vae, load_image(images / "ant" / "1.png", IMAGE_SIZE)[None], "cpu")
     ds = LatentDataset.open(out)
     assert ds.image_size == IMAGE_SIZE // 2 and ds.channels == 4 and len(ds) == 9
     stored = np.load(out / "shard_00000.npy")
@@ -110,28 +111,28 @@ def test_killed_cache_run_continues_where_it_stopped(images, vae_dir, tmp_path, 
     import diffmoe.data.latents as latents
 
     out = tmp_path / "cache"
-    original, calls = latents.encode_shard, []
+    original, calls = latents.save_shard, []
 
     def dies_on_second_shard(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # as if killed while encoding shard 1
+            raise KeyboardInterrupt  # as if killed while writing shard 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(latents, "encode_shard", dies_on_second_shard)
+    monkeypatch.setattr(latents, "save_shard", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         latents.cache_latents(images, out, vae_dir, IMAGE_SIZE, shard_size=4, batch_size=3,
                               progress=False)
     assert (out / "shard_00000.json").is_file() and not (out / "shard_00001.json").exists()
     assert not (out / "index.json").exists()
     first = (out / "shard_00000.npy").stat().st_mtime_ns
-    monkeypatch.setattr(latents, "encode_shard", original)
-    encoded = []
-    monkeypatch.setattr(latents, "encode_shard",
-                        lambda *a, **k: encoded.append(len(a[1])) or original(*a, **k))
+    saved = []
+    monkeypatch.setattr(latents, "save_shard",
+                        lambda out, i, z, *rest: saved.append((i, len(z) + len(rest[1])))
+                        or original(out, i, z, *rest))
     index = latents.cache_latents(images, out, vae_dir, IMAGE_SIZE, shard_size=4, batch_size=3,
                                   progress=False)
-    assert encoded == [4, 2]  # shards 1 and 2 only: shard 0 was done
+    assert saved == [(1, 4), (2, 2)]  # shards 1 and 2 only (latents + skipped): shard 0 was done
     assert (out / "shard_00000.npy").stat().st_mtime_ns == first
     assert index["num_latents"] == 9
     # Other settings in the same directory are refused.
@@ -153,3 +154,43 @@ def test_two_ranks_write_the_same_cache_as_one(images, vae_dir, tmp_path):
     for i in range(len(one["shards"])):
         a, b = (np.load(tmp_path / d / f"shard_{i:05d}.npy") for d in ("one", "two"))
         np.testing.assert_allclose(a, b, atol=1e-3)
+
+
+def test_two_decoding_workers_give_the_same_latents_as_none(images, vae_dir, tmp_path):
+    assert cache(images, tmp_path / "w0", vae_dir, "--workers", "0") == 0
+    assert cache(images, tmp_path / "w2", vae_dir, "--workers", "2") == 0
+    one, two = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("w0", "w2"))
+    assert one["shards"] == two["shards"] and two["num_skipped"] == 1
+    for shard in one["shards"]:
+        for suffix in (".npy", ".labels.npy"):
+            a, b = (np.load(tmp_path / d / f"{shard['name']}{suffix}") for d in ("w0", "w2"))
+            assert np.array_equal(a, b)  # same order, same batches: bit for bit
+    assert (tmp_path / "w0" / "skipped.txt").read_text() == \
+        (tmp_path / "w2" / "skipped.txt").read_text()
+
+
+def test_captioned_folder_caches_latents_for_a_text_model(vae_dir, tmp_path):
+    root = tmp_path / "captioned"
+    root.mkdir()
+    texts = ["a red square", "a blue square", "a red square"]
+    for i in range(len(texts)):
+        Image.new("RGBA", (20 + i, 18), (200 * (i % 2 == 0), 0, 200, 255)).save(root / f"{i}.png")
+    (root / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "text": t}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "cache"
+    assert cache(root, out, vae_dir) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["captions"] == ["a blue square", "a red square"] and index["classes"] == []
+    assert LatentDataset.open(out).labels.tolist() == [1, 0, 1]
+    # A text model trains on the latents; its prompt samples are decoded by the cache's VAE.
+    run = tmp_path / "run"
+    assert main(["train", "configs/t2i_shapes_tiny.yaml", f"train.out_dir={run}",
+                 "data.name=latents", f"data.path={out}", f"data.cache_dir={tmp_path}/text",
+                 "model.in_channels=4", f"model.input_size={IMAGE_SIZE // 2}",
+                 "model.patch_size=2", "train.batch_size=3", "train.steps=2",
+                 "train.ckpt_every=2", "train.sample_every=2", "sample.steps=1", "sample.num=2",
+                 "sample.batch_size=2"]) == 0
+    assert main(["sample", str(run), "--prompt", "a red square", "--num", "1", "--steps", "1",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    grid = Image.open(tmp_path / "s.png")
+    assert grid.mode == "RGB" and grid.size[1] >= 2 * IMAGE_SIZE  # decoded: pixels, not latents

@@ -59,6 +59,7 @@ from .validation import (
     MIN_ALPHA_BAR,
     validate,
     validate_data,
+    validate_folder,
     validate_inference_mode,
     validate_model,
     validate_moe,
@@ -77,6 +78,6 @@ __all__ = [
     "Config", "DataConfig", "ModelConfig", "MoEConfig", "ObjectiveConfig", "SampleConfig",
     "TextConfig", "TrainConfig", "config_from_dict", "deep_merge", "load_config", "load_yaml",
     "overrides_to_dict", "parse_override", "preset", "preset_names", "validate", "validate_data",
-    "validate_inference_mode", "validate_model", "validate_moe", "validate_objective",
-    "validate_sample", "validate_sampling", "validate_text", "validate_train",
+    "validate_folder", "validate_inference_mode", "validate_model", "validate_moe",
+    "validate_objective", "validate_sample", "validate_sampling", "validate_text", "validate_train",
 ]

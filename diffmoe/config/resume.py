@@ -40,7 +40,7 @@ _TABLE: dict[str, dict[str, str]] = {
         "objective": "type time_scale num_timesteps beta_start beta_end vb_weight",
     },
     DATA: {
-        "data": "name split limit path",
+        "data": "name split limit path flip",
         "train": "seed",  # the data order (and the initial weights)
     },
     OPTIMISATION: {
@@ -56,7 +56,9 @@ _TABLE: dict[str, dict[str, str]] = {
         # A preset is a name for values that are compared one by one.
         "model": "preset",
         "model.moe": "dispatch",  # the expert kernel: the same arithmetic, another speed
-        "data": "vae cache_dir",  # the decoder of the sample grids; where caption embeddings live
+        # The decoder of the sample grids; where caption embeddings and folder caches live;
+        # how a folder is read (the same pixels either way).
+        "data": "vae cache_dir in_memory_mb workers",
         "train": "out_dir steps log_every sample_every ckpt_every keep_checkpoints "
                  "nonfinite_loss max_skipped_steps dist_timeout_s max_minutes device compile "
                  "num_threads parallel activation_checkpointing trackers wandb_project",

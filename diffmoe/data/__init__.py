@@ -6,21 +6,32 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .captioned import captioned_training_dataset
+from .captioned import attach_captions, build_captioned_dataset
 from .datasets import ImageDataset, build_dataset, load_digits, load_mnist, to_model_range, to_uint8
+from .folder import check_condition, open_folder
 from .latents import LatentDataset, latent_decoder, read_index
 from .loader import BatchIterator
 
 
 def build_training_dataset(cfg) -> ImageDataset | LatentDataset:
-    """The dataset ``cfg.data`` names: a packaged image set, a latent cache, or (for
-    ``model.condition: text``) a captioned set with its caption embeddings attached."""
+    """The dataset ``cfg.data`` names: a packaged image set, a folder of the user's images, a
+    latent cache, or a captioned set; for ``model.condition: text`` with its caption
+    embeddings attached."""
     d = cfg.data
     if d.name == "latents":
-        return LatentDataset.open(d.path, d.limit)
+        ds = LatentDataset.open(d.path, d.limit)
+        check_condition(cfg.model.condition, bool(ds.captions), f"latent cache '{d.path}'")
+    elif d.name == "folder":
+        ds = open_folder(cfg)
+    elif cfg.model.condition == "text":
+        ds = build_captioned_dataset(d.name, d.split, d.limit)
+    else:
+        ds = build_dataset(d.name, d.split, d.limit)
+    if isinstance(ds, ImageDataset):  # pixels (a latent cache holds its own flips)
+        ds.flip = d.flip
     if cfg.model.condition == "text":
-        return captioned_training_dataset(cfg)
-    return build_dataset(d.name, d.split, d.limit)
+        attach_captions(cfg, ds)
+    return ds
 
 
 def sample_decoder(data: dict, device: torch.device | str

@@ -34,9 +34,9 @@ from ..config import Config
 from ..errors import DataError
 from ..fileio import package_path
 from ..models.condition import TextCondition
-from .datasets import ImageDataset, to_model_range
+from .datasets import ImageDataset
 from .shapes import IMAGE_SIZE, random_scenes, render
-from .text_encoder import Encoder, TextEncoder, cached_embeddings, encoder_dir, encoder_identity
+from .text_encoder import CaptionLabels, Encoder, TextEncoder, encoder_dir, encoder_identity
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +55,17 @@ OPENMOJI_POINT_SIZE = 60
 
 
 @dataclass
-class CaptionedDataset(ImageDataset):
+class CaptionedDataset(ImageDataset, CaptionLabels):
     """Images with captions: ``labels`` index ``captions``; ``text`` holds their embeddings
     (one row per caption) once :meth:`attach_text` has run."""
 
     captions: list[str] = None
     text: Optional[TextCondition] = None
 
-    def conditions(self, index: Tensor) -> TextCondition:
-        if self.text is None:
-            raise RuntimeError("caption embeddings not attached; call attach_text first")
-        return self.text[self.labels[index]]
-
     def batch(self, idx: Tensor, generator: Optional[torch.Generator] = None
               ) -> tuple[Tensor, TextCondition]:
-        """Images of ``idx`` in [-1, 1] and their captions' embeddings (the batch interface
-        that main's BatchIterator uses; no augmentation, so ``generator`` is unused)."""
-        return to_model_range(self.images[idx]), self.conditions(idx)
-
-    def attach_text(self, encoder: Encoder, cache_dir: str | Path) -> None:
-        self.text = cached_embeddings(encoder, self.captions, cache_dir)
-
-    def prompts(self, index: Tensor) -> list[str]:
-        return [self.captions[i] for i in self.labels[index].tolist()]
+        """Images of ``idx`` in [-1, 1] (:meth:`pixels`) and their captions' embeddings."""
+        return self.pixels(idx, generator), self.conditions(idx)
 
 
 def _captioned(images: np.ndarray, captions: list[str], name: str) -> CaptionedDataset:
@@ -224,20 +212,14 @@ def build_captioned_dataset(name: str, split: str = "train", limit: int = 0
     return ds
 
 
-def captioned_training_dataset(cfg: Config, encoder: Optional[Encoder] = None
-                               ) -> CaptionedDataset:
-    """The captioned dataset of a ``model.condition: text`` run, with its caption embeddings
-    attached (from the cache, or encoded once with ``encoder``)."""
-    d = cfg.data
-    ds = build_captioned_dataset(d.name, d.split, d.limit)
-    if encoder is None:
-        encoder = LazyEncoder(cfg)
-    ds.attach_text(encoder, d.cache_dir)
+def attach_captions(cfg: Config, ds: CaptionLabels, encoder: Optional[Encoder] = None) -> None:
+    """Attach the caption embeddings of a ``model.condition: text`` run's dataset (from the
+    cache in ``data.cache_dir``, or encoded once with ``encoder``, by default the run's)."""
+    ds.attach_text(encoder if encoder is not None else LazyEncoder(cfg), cfg.data.cache_dir)
     if ds.text.tokens.shape[-1] != cfg.model.text.dim:
         raise DataError(f"the text encoder gives {ds.text.tokens.shape[-1]}-d token states but "
                         f"model.text.dim={cfg.model.text.dim}; set model.text.dim="
                         f"{ds.text.tokens.shape[-1]}")
-    return ds
 
 
 class LazyEncoder:

@@ -37,10 +37,11 @@ DIGITS_MAX = 16.0  # scikit-learn digits are integers in [0, 16]
 
 @dataclass
 class ImageDataset:
-    images: Tensor  # (N, C, H, W) uint8
+    images: Tensor  # (N, C, H, W) uint8 (or an object indexed like one: folder.MappedImages)
     labels: Tensor  # (N,) int64
     num_classes: int
     name: str
+    flip: bool = False  # data.flip: each image or its horizontal mirror, at random
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -53,11 +54,19 @@ class ImageDataset:
     def image_size(self) -> int:
         return self.images.shape[-1]
 
+    def pixels(self, idx: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Images of ``idx`` in [-1, 1]; with ``flip``, each mirrored horizontally or not at
+        random (drawn from ``generator``, the batch's own, so a resumed run sees the same)."""
+        x = to_model_range(self.images[idx])
+        if self.flip:
+            mirror = torch.rand(x.shape[0], generator=generator) < 0.5
+            x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+        return x
+
     def batch(self, idx: Tensor, generator: Optional[torch.Generator] = None
               ) -> tuple[Tensor, Tensor]:
-        """Images of ``idx`` in [-1, 1] and their labels (``generator`` is for datasets with
-        random augmentation; unused here)."""
-        return to_model_range(self.images[idx]), self.labels[idx]
+        """Images of ``idx`` in [-1, 1] (:meth:`pixels`) and their labels."""
+        return self.pixels(idx, generator), self.labels[idx]
 
 
 def to_model_range(images_uint8: Tensor) -> Tensor:
@@ -149,7 +158,8 @@ def build_dataset(name: str, split: str = "train", limit: int = 0) -> ImageDatas
         raise DataError(f"unknown dataset '{name}'; use one of {list(LOADERS)}")
     ds = LOADERS[name](split)
     if limit:
-        ds = ImageDataset(ds.images[:limit], ds.labels[:limit], ds.num_classes, ds.name)
+        ds = ImageDataset(ds.images[:limit], ds.labels[:limit], ds.num_classes, ds.name,
+                          ds.flip)
     if len(ds) == 0:
         raise DataError(f"dataset '{name}' split '{split}' is empty; check data.name/data.split")
     bad = (ds.labels < 0) | (ds.labels >= ds.num_classes)

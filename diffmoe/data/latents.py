@@ -1,19 +1,20 @@
 """Latent caches for ImageNet-scale training (paper §6): images → VAE latents, once.
 
-``diffmoe cache-latents IMAGE_FOLDER OUT`` reads a class-subfolder dataset (the ImageNet layout:
-``IMAGE_FOLDER/<class>/<image>``, classes numbered in sorted order), center-crops every image to
-``--image-size`` as ADM does (halve with a box filter while the short side is at least twice the
-target, resize the short side to the target with bicubic, crop the centre), and encodes the image
-and its horizontal flip with a diffusers ``AutoencoderKL`` loaded from a local directory (nothing
-is downloaded). The posterior mean is stored, as float16.
+``diffmoe cache-latents IMAGE_FOLDER OUT`` reads a folder of images (imagefolder.py: class
+subfolders, the ImageNet layout, classes numbered in sorted order; or a ``metadata.jsonl`` of
+captions), center-crops every image to ``--image-size`` as ADM does
+(:func:`~.imagefolder.center_crop`), decoding them in ``--workers`` processes, and encodes the
+image and its horizontal flip with a diffusers ``AutoencoderKL`` loaded from a local directory
+(nothing is downloaded). The posterior mean is stored, as float16.
 
 Layout of OUT::
 
     cache.json               the settings (source, VAE, sizes); a rerun must match them
     shard_00000.npy          (n, 2, C, h, w) float16 latents: [:, 0] the image, [:, 1] its flip
-    shard_00000.labels.npy   (n,) int64 class indices
+    shard_00000.labels.npy   (n,) int64 class indices (or indices into the captions)
     shard_00000.json         written last: the shard's count and the images that failed to decode
-    index.json               written when every shard is done: shards, classes, scale factor
+    index.json               written when every shard is done: shards, classes (or captions),
+                             scale factor
     skipped.txt              every image that could not be decoded (also logged as a warning)
 
 Shard i belongs to rank i mod W under ``torchrun``; a shard whose ``.json`` exists is done, so a
@@ -29,7 +30,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -40,11 +41,13 @@ from .. import distributed
 from ..device import resolve_device
 from ..errors import DataError
 from ..fileio import atomic_write, atomic_write_text, to_json, write_json
+from ..models.condition import TextCondition
 from ..paths import check_outputs
+from .imagefolder import Decoder, FolderListing, list_folder, map_grouped, report_skipped
+from .text_encoder import CaptionLabels
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_SCALE_FACTOR = 0.18215  # Stable Diffusion's VAE, when its config names none
 CACHE_VERSION = 1
 LATENT_DTYPE = np.float16
@@ -101,41 +104,6 @@ def vae_downsampling(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-# -- images ---------------------------------------------------------------------------------
-
-def center_crop(image, size: int) -> np.ndarray:
-    """ADM's center crop of a PIL image to ``size``×``size`` RGB, as a uint8 (size, size, 3)."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(d // 2 for d in image.size), resample=Image.BOX)
-    ratio = size / min(image.size)
-    image = image.resize(tuple(round(d * ratio) for d in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
-
-
-def list_images(folder: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Classes (sorted subfolder names) and every (image file, class index), sorted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"image folder '{folder}' does not exist; pass a directory with one "
-                        f"subfolder of images per class (the ImageNet layout)")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"image folder '{folder}' has no class subfolders; put each class's "
-                        f"images in a subfolder of it (the ImageNet layout)")
-    files = [(p, label) for label, name in enumerate(classes)
-             for p in sorted((folder / name).iterdir())
-             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise DataError(f"image folder '{folder}' has no images ({', '.join(IMAGE_SUFFIXES)}) in "
-                        f"its class subfolders")
-    return classes, files
-
-
 # -- writing the cache ----------------------------------------------------------------------
 
 def _shard_name(i: int) -> str:
@@ -143,44 +111,47 @@ def _shard_name(i: int) -> str:
 
 
 @torch.no_grad()
-def encode_shard(vae, files: list[tuple[Path, int]], image_size: int, batch_size: int,
-                 device: torch.device) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Latents (n, 2, C, h, w) of the images and their flips, labels, and the files that could
-    not be decoded (left out)."""
-    from PIL import Image, UnidentifiedImageError
+def encode_batch(vae, pixels: np.ndarray, device: torch.device | str) -> np.ndarray:
+    """Latents (B, 2, C, h, w) of uint8 (B, H, W, 3) images ([:, 0]) and their flips ([:, 1])."""
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device)
+    x = x.float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
+    both = torch.stack([x, x.flip(-1)], 1).flatten(0, 1)  # image, flip, image, flip, ...
+    z = vae.encode(both).latent_dist.mean
+    return z.view(x.shape[0], 2, *z.shape[1:]).float().cpu().numpy()
 
-    latents, labels, skipped = [], [], []
-    for start in range(0, len(files), batch_size):
-        pixels = []
-        for path, label in files[start:start + batch_size]:
-            try:
-                with Image.open(path) as image:
-                    pixels.append(center_crop(image, image_size))
-                labels.append(label)
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-                skipped.append(f"{path}\t{type(exc).__name__}: {exc}")
-        if not pixels:
-            continue
-        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(device)
-        x = x.float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
-        both = torch.stack([x, x.flip(-1)], 1).flatten(0, 1)  # image, flip, image, flip, ...
-        z = vae.encode(both).latent_dist.mean
-        latents.append(z.view(x.shape[0], 2, *z.shape[1:]).float().cpu().numpy())
-    if latents:
-        out = np.concatenate(latents).astype(LATENT_DTYPE)
-    else:
-        out = np.zeros((0, 2, 0, 0, 0), dtype=LATENT_DTYPE)
-    return out, np.asarray(labels, dtype=np.int64), skipped
+
+def encode_shards(vae, listing: FolderListing, shards: dict[int, list[int]], image_size: int,
+                  batch_size: int, device: torch.device | str, workers: int = 0
+                  ) -> Iterator[tuple[int, np.ndarray, np.ndarray, list[str]]]:
+    """Per shard (its number → the indices of its files), in order: the latents (n, 2, C, h,
+    w) of its images and their flips, their labels, and the files that could not be decoded
+    (left out). ``workers`` processes decode the images; the batches the VAE sees are the same
+    for any number of them, so are the latents."""
+    parts: dict[int, tuple[list, list, list]] = {shard: ([], [], []) for shard in shards}
+    for shard, items, last in map_grouped(listing.files, Decoder(image_size, 3), shards,
+                                          batch_size, workers):
+        latents, labels, skipped = parts[shard]
+        skipped += [failure for _, _, failure in items if failure]
+        good = [(i, pixels) for i, pixels, failure in items if not failure]
+        if good:
+            latents.append(encode_batch(vae, np.stack([p for _, p in good]), device))
+            labels += [listing.labels[i] for i, _ in good]
+        if last:
+            out = np.concatenate(latents).astype(LATENT_DTYPE) if latents else \
+                np.zeros((0, 2, 0, 0, 0), dtype=LATENT_DTYPE)
+            yield shard, out, np.asarray(labels, dtype=np.int64), skipped
+            del parts[shard]
 
 
 def cache_latents(image_folder: str | Path, out: str | Path, vae_dir: str | Path,
                   image_size: int = 256, shard_size: int = 1000, batch_size: int = 32,
-                  device: str = "auto", progress: bool = True) -> Optional[dict]:
-    """Write (or finish) a latent cache; under torchrun each rank encodes its shards. Returns
-    the index on rank 0 (None elsewhere)."""
-    if image_size <= 0 or shard_size <= 0 or batch_size <= 0:
+                  device: str = "auto", progress: bool = True, workers: int = 0
+                  ) -> Optional[dict]:
+    """Write (or finish) a latent cache; under torchrun each rank encodes its shards, each with
+    ``workers`` decoding processes. Returns the index on rank 0 (None elsewhere)."""
+    if image_size <= 0 or shard_size <= 0 or batch_size <= 0 or workers < 0:
         raise DataError(f"--image-size {image_size}, --shard-size {shard_size} and --batch-size "
-                        f"{batch_size} must be positive integers")
+                        f"{batch_size} must be positive integers, --workers {workers} >= 0")
     out = Path(out)
     check_cache_output(out)
     dev = resolve_device(device, "--device")
@@ -189,37 +160,47 @@ def cache_latents(image_folder: str | Path, out: str | Path, vae_dir: str | Path
         dev = torch.device("cuda", info.cuda_index)
     finished = False
     try:
-        classes, files = list_images(image_folder)
+        listing = list_folder(image_folder)
         vae = load_vae(vae_dir, dev)
         scale, shift = vae_factors(vae)
         settings = {"version": CACHE_VERSION, "source": str(Path(image_folder).resolve()),
                     "vae": str(Path(vae_dir).resolve()), "image_size": image_size,
-                    "shard_size": shard_size, "num_files": len(files), "classes": classes,
-                    "scale_factor": scale, "shift_factor": shift,
+                    "shard_size": shard_size, "num_files": len(listing),
+                    "classes": listing.classes, "scale_factor": scale, "shift_factor": shift,
                     "downsampling": vae_downsampling(vae)}
+        if listing.captioned:  # only then, so that a class cache's settings are as they were
+            settings["captions"] = listing.captions
         _check_settings(out, settings, info.is_main)
         distributed.barrier()
-        shards = [files[i:i + shard_size] for i in range(0, len(files), shard_size)]
-        mine = [i for i in range(len(shards)) if i % info.world_size == info.rank]
+        num_shards = -(-len(listing) // shard_size)
+        mine = [i for i in range(num_shards) if i % info.world_size == info.rank]
         todo = [i for i in mine if not (out / f"{_shard_name(i)}.json").is_file()]
         if len(todo) < len(mine):
             log.info("rank %d: %d of its %d shards already done; continuing", info.rank,
                      len(mine) - len(todo), len(mine))
-        for i in tqdm(todo, desc="cache-latents", disable=not (progress and info.is_main),
-                      dynamic_ncols=True):
-            z, y, skipped = encode_shard(vae, shards[i], image_size, batch_size, dev)
-            name = _shard_name(i)
-            atomic_write(out / f"{name}.npy", lambda p, z=z: _save_npy(p, z), durable=True)
-            atomic_write(out / f"{name}.labels.npy", lambda p, y=y: _save_npy(p, y),
-                         durable=True)
-            meta = {"count": int(z.shape[0]), "skipped": skipped}
-            atomic_write_text(out / f"{name}.json", to_json(meta))
+        shards = {i: list(range(i * shard_size, min(len(listing), (i + 1) * shard_size)))
+                  for i in todo}
+        for i, z, y, skipped in tqdm(
+                encode_shards(vae, listing, shards, image_size, batch_size, dev, workers),
+                total=len(todo), desc="cache-latents",
+                disable=not (progress and info.is_main), dynamic_ncols=True):
+            save_shard(out, i, z, y, skipped)
         distributed.barrier()
-        index = _write_index(out, settings, len(shards)) if info.is_main else None
+        index = _write_index(out, settings, num_shards) if info.is_main else None
         finished = True
         return index
     finally:
         distributed.teardown(wait_for_others=finished)
+
+
+def save_shard(out: Path, i: int, latents: np.ndarray, labels: np.ndarray,
+               skipped: list[str]) -> None:
+    """Shard ``i``'s latents and labels, then (last, marking it done) its ``.json``."""
+    name = _shard_name(i)
+    atomic_write(out / f"{name}.npy", lambda p: _save_npy(p, latents), durable=True)
+    atomic_write(out / f"{name}.labels.npy", lambda p: _save_npy(p, labels), durable=True)
+    meta = {"count": int(latents.shape[0]), "skipped": skipped}
+    atomic_write_text(out / f"{name}.json", to_json(meta))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -264,13 +245,12 @@ def _write_index(out: Path, settings: dict, num_shards: int) -> dict:
         skipped += meta["skipped"]
     index = dict(settings, shards=shards, num_latents=sum(s["count"] for s in shards),
                  num_skipped=len(skipped))
-    (out / "skipped.txt").write_text("".join(line + "\n" for line in skipped))
-    if skipped:
-        log.warning("%d image(s) could not be decoded and were left out; they are listed in %s",
-                    len(skipped), out / "skipped.txt")
+    report_skipped(skipped, out / "skipped.txt")
     write_json(out / "index.json", index)
-    log.info("latent cache %s: %d images of %d classes in %d shards", out,
-             index["num_latents"], len(settings["classes"]), num_shards)
+    kinds = (f"{len(settings['captions'])} captions" if settings.get("captions")
+             else f"{len(settings['classes'])} classes")
+    log.info("latent cache %s: %d images of %s in %d shards", out, index["num_latents"], kinds,
+             num_shards)
     return index
 
 
@@ -293,9 +273,11 @@ def read_index(path: str | Path) -> dict:
 
 
 @dataclass
-class LatentDataset:
+class LatentDataset(CaptionLabels):
     """The shards of a latent cache, memory-mapped. Same attributes as ImageDataset as far as
-    training needs them: ``image_size`` and ``channels`` are the latents'."""
+    training needs them: ``image_size`` and ``channels`` are the latents'. A cache of a
+    captioned folder has ``captions`` (its labels index them) and, once attached, their
+    embeddings in ``text``."""
 
     path: Path
     index: dict
@@ -303,6 +285,7 @@ class LatentDataset:
     labels: Tensor  # (N,)
     offsets: np.ndarray  # first global index of each shard, plus N
     name: str = "latents"
+    text: Optional[TextCondition] = None
 
     @classmethod
     def open(cls, path: str | Path, limit: int = 0) -> "LatentDataset":
@@ -342,8 +325,13 @@ class LatentDataset:
     def num_classes(self) -> int:
         return len(self.index["classes"])
 
+    @property
+    def captions(self) -> list[str]:
+        return self.index.get("captions", [])
+
     def batch(self, idx: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Normalised latents of ``idx``, each the image or its flip at random."""
+        """Normalised latents of ``idx``, each the image or its flip at random, and their
+        labels (their captions' embeddings once attached)."""
         idx_np = idx.numpy()
         shard = np.searchsorted(self.offsets, idx_np, side="right") - 1
         rows = np.empty((len(idx_np), *self.latents[0].shape[1:]), dtype=LATENT_DTYPE)
@@ -355,7 +343,8 @@ class LatentDataset:
         flip = torch.randint(0, 2, (len(idx_np),), generator=generator)
         z = torch.from_numpy(rows)[torch.arange(len(idx_np)), flip].float()
         scale, shift = self.index["scale_factor"], self.index["shift_factor"]
-        return (z - shift) * scale, self.labels[idx]
+        condition = self.labels[idx] if self.text is None else self.conditions(idx)
+        return (z - shift) * scale, condition
 
 
 def latent_decoder(vae_dir: str | Path, index: dict, device: torch.device | str,

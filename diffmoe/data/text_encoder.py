@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -135,6 +135,26 @@ def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
     return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+class CaptionLabels:
+    """For a dataset whose ``labels`` index its distinct ``captions``: the captions' embeddings
+    per image (``text``, one row per caption, once :meth:`attach_text` has run)."""
+
+    labels: Tensor
+    captions: list[str]
+    text: Optional[TextCondition]
+
+    def conditions(self, index: Tensor) -> TextCondition:
+        if self.text is None:
+            raise RuntimeError("caption embeddings not attached; call attach_text first")
+        return self.text[self.labels[index]]
+
+    def attach_text(self, encoder: Encoder, cache_dir: str | Path) -> None:
+        self.text = cached_embeddings(encoder, self.captions, cache_dir)
+
+    def prompts(self, index: Tensor) -> list[str]:
+        return [self.captions[i] for i in self.labels[index].tolist()]
 
 
 def cache_key(encoder_identity: str, captions: list[str]) -> str:

@@ -84,6 +84,8 @@ class Evaluator:
         config = ckpt.state.get("config", {})
         data = config.get("data", {})
         data_spec = f"{data.get('name', 'mnist')}:{data.get('split', 'train')}"
+        if data.get("name") == "folder":
+            data_spec = f"folder:{data['path']}"
         if data.get("name") == "latents" and not options.reference:
             raise ConfigError("a model trained on a latent cache has no packaged reference set; "
                               "pass --ref with an ADM reference batch (e.g. "
@@ -95,7 +97,8 @@ class Evaluator:
         if self.reference is None:
             spec = self.options.reference or self.data_spec
             self.reference = load_reference(spec, self.options.num, self.options.cache_dir,
-                                            self.options.feature_batch, self.options.progress)
+                                            self.options.feature_batch, self.options.progress,
+                                            decoded_size(self.data, self.model.cfg.input_size))
         return self.reference
 
     def run(self, settings: Optional[SampleConfig] = None,

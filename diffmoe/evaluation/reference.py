@@ -4,13 +4,21 @@ A reference is named by a spec:
 
 * ``DATASET[:SPLIT][:N]`` — the first N images of a packaged dataset split (``mnist:train:1000``,
   ``animal_mnist:all:1000``); N defaults to the number of generated samples;
+* ``folder:DIR[:N]`` — N images of a folder of your own (class subfolders or a
+  ``metadata.jsonl``, data/imagefolder.py), spread evenly over its sorted file list so that
+  every class is represented (a file that does not decode is skipped, logged, and one not yet
+  chosen takes its place), centre-cropped as for training to the generated images' side
+  (``image_size``), grey if every one of them is grey; N defaults to the number of generated
+  samples;
 * a path to an ``.npz`` in the ADM evaluator's layout — either ``mu`` and ``sigma`` (the usual
   ImageNet reference statistics: FID only) or raw images ``arr_0`` (N, H, W, C) uint8.
 
 Features of a dataset reference are cached as ``<cache>/fid/<dataset>-<split>-n<N>-<inception
-id>.npz`` (mean, covariance and features), and of an ``arr_0`` file by the file's hash, so a
-reference is pushed through the Inception once. The cache directory is ``$DIFFMOE_CACHE_DIR`` or
-``~/.cache/diffmoe``; cache files are written atomically.
+id>.npz`` (mean, covariance and features), of a folder by a hash of its path and its files' names,
+sizes and modification times (``folder-<hash>-n<N>-s<side>-<inception id>.npz``), and of an
+``arr_0`` file by the file's hash, so a reference is pushed through the Inception once. The
+cache directory is ``$DIFFMOE_CACHE_DIR`` or ``~/.cache/diffmoe``; cache files are written
+atomically.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import numpy as np
 import torch
 
 from ..data import build_dataset
+from ..data.folder import decode_first
+from ..data.imagefolder import folder_channels, folder_modes, list_folder
 from ..errors import DataError
 from ..fileio import atomic_write, sha256_file, to_json
 from .inception import FEATURE_DIM, batched, extract_features, inception_id
@@ -183,8 +193,53 @@ def npz_reference(path: Path, cache: Optional[str | Path] = None, batch_size: in
                                batch_size, progress)
 
 
+FOLDER_PREFIX = "folder:"
+
+
+def parse_folder_spec(spec: str, default_num: int) -> tuple[Path, int]:
+    """``folder:DIR[:N]`` → (DIR, N); a DIR holding ':' is read whole unless it ends in ':N'."""
+    rest = spec[len(FOLDER_PREFIX):]
+    head, _, tail = rest.rpartition(":")
+    root, num = (Path(head), int(tail)) if head and tail.isdigit() else (Path(rest), default_num)
+    if not rest:
+        raise DataError(f"reference '{spec}' names no folder; write folder:DIR[:N]")
+    if num < 2:
+        raise DataError(f"reference '{spec}': needs at least 2 images, got {num}")
+    return root, num
+
+
+def folder_reference(spec: str, default_num: int, image_size: int,
+                     cache: Optional[str | Path] = None, batch_size: int = 50,
+                     progress: bool = True) -> Reference:
+    root, num = parse_folder_spec(spec, default_num)
+    listing = list_folder(root)
+    if num > len(listing):
+        raise DataError(f"reference '{spec}' asks for {num} images but '{root}' has "
+                        f"{len(listing)}; ask for at most {len(listing)} (folder:DIR:N, or a "
+                        f"smaller --num)")
+    spread = [i * len(listing) // num for i in range(num)]
+    order = spread + sorted(set(range(len(listing))) - set(spread))  # the rest stand in
+    source = f"folder {root}:{num} at {image_size}x{image_size}"
+    key = listing.fingerprint(size=image_size)[:16]
+    path = cache_dir(cache) / "fid" / f"folder-{key}-n{num}-s{image_size}-{inception_id()}.npz"
+
+    def images() -> torch.Tensor:
+        channels = folder_channels(folder_modes(listing.subset(spread)))
+        return decode_first(listing, order, num, image_size, channels, progress)
+
+    return _cached_or_computed(path, source, images, batch_size, progress)
+
+
 def load_reference(spec: str, default_num: int, cache: Optional[str | Path] = None,
-                   batch_size: int = 50, progress: bool = True) -> Reference:
+                   batch_size: int = 50, progress: bool = True,
+                   image_size: Optional[int] = None) -> Reference:
+    """The reference ``spec`` names; ``image_size`` is the side a folder's images are cropped
+    to (that of the generated images)."""
+    if spec.startswith(FOLDER_PREFIX):
+        if image_size is None:
+            raise DataError(f"reference '{spec}': a folder reference needs the side to crop its "
+                            f"images to")
+        return folder_reference(spec, default_num, image_size, cache, batch_size, progress)
     if spec.endswith(".npz") or Path(spec).is_file():
         return npz_reference(Path(spec), cache, batch_size, progress)
     return dataset_reference(spec, default_num, cache, batch_size, progress)

@@ -23,7 +23,7 @@ import torch
 from ..capacity import activated_params
 from ..checkpoint import open_checkpoint
 from ..config import ModelConfig
-from ..data import to_model_range, to_uint8
+from ..data import sample_decoder, to_model_range, to_uint8
 from ..data.shapes import CATEGORY_NAMES, SHAPES, eval_prompts, parse_caption, render
 from ..data.text_encoder import TextEncoder, check_prompts
 from ..device import resolve_device
@@ -98,6 +98,9 @@ def sample_prompts(path: str | Path, overrides: dict, out: str | Path, prompts: 
     index = torch.arange(len(prompts)).repeat_interleave(per_prompt)
     routing = resolve_routing(model, s)
     images, meter = generate(model, objective, cond[index], s)
+    decoder = sample_decoder(ckpt.state["config"].get("data", {}), device)
+    if decoder is not None:  # trained on a latent cache: decode with its VAE
+        images = decoder(images)
     save_grid(images, out, nrow=per_prompt, upscale=2)
     cap = meter.summary()
     for warning in capacity_warnings(model, routing, s.batch_size, cap["c_avg_infer"]):
