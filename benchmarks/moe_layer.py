@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from common import emit, interleaved_medians, machine, table
+from common import add_allocator_arg, allocator, emit, interleaved_medians, machine, table
 
 from diffmoe.config import MoEConfig
 from diffmoe.models.moe import FeedForward, Routing, build_ffn, expert_capacity
@@ -227,14 +227,16 @@ def bench_shape(name: str, repeats: int, warmup: int, device: torch.device,
     if only:
         layers = {k: v for k, v in layers.items() if k == "dense" or k in only}
         inference = {k: v for k, v in inference.items() if k == "dense" or k in only}
-    f = interleaved_medians({k: fwd(v) for k, v in inference.items()}, repeats, warmup, device)
+    faults: dict[str, float] = {}
+    f = interleaved_medians({k: fwd(v) for k, v in inference.items()}, repeats, warmup, device,
+                            faults)
     fb = interleaved_medians({k: fwd_bwd(v) for k, v in layers.items()}, repeats, warmup, device)
     rows = []
     for k in inference:
         trained = k in layers
         rows.append({"shape": name, "layer": k, "fwd_ms": 1e3 * f[k],
                      "fwd_bwd_ms": 1e3 * fb[k] if trained else None,
-                     "fwd_ratio": f[k] / f["dense"],
+                     "fwd_ratio": f[k] / f["dense"], "fwd_page_faults": faults[k],
                      "fwd_bwd_ratio": fb[k] / fb["dense"] if trained else None})
     return rows
 
@@ -250,7 +252,9 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_allocator_arg(p)
     args = p.parse_args()
+    malloc = allocator(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -258,9 +262,11 @@ def main() -> None:
     torch.manual_seed(0)
     rows = [r for s in args.shapes
             for r in bench_shape(s, args.repeats, args.warmup, device, dtype, args.layers)]
-    result = {"benchmark": "moe_layer", "machine": machine(), "dtype": args.dtype,
+    result = {"benchmark": "moe_layer", "machine": machine(), "allocator": malloc,
+              "dtype": args.dtype,
               "samples": SAMPLES, "tokens": TOKENS, "rows": rows}
-    text = table(rows, ["shape", "layer", "fwd_ms", "fwd_bwd_ms", "fwd_ratio", "fwd_bwd_ratio"])
+    text = table(rows, ["shape", "layer", "fwd_ms", "fwd_bwd_ms", "fwd_ratio", "fwd_bwd_ratio",
+                        "fwd_page_faults"])
     emit(result, text, args.json)
 
 

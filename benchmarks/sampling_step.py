@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import emit, interleaved_medians, machine, table
+from common import add_allocator_arg, allocator, emit, interleaved_medians, machine, table
 
 from diffmoe.capacity import forward_capacity
 from diffmoe.config import load_config
@@ -54,7 +54,9 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     p.add_argument("--json", action="store_true")
+    add_allocator_arg(p)
     args = p.parse_args()
+    malloc = allocator(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -86,16 +88,18 @@ def main() -> None:
         run = forward(model, Routing("dynamic"))
         measured[cap] = float(forward_capacity(run().layers))
         tasks[f"DiffMoE-S-E16 C~{cap:g}"] = run
-    times = interleaved_medians(tasks, args.repeats, args.warmup, device)
+    faults: dict[str, float] = {}
+    times = interleaved_medians(tasks, args.repeats, args.warmup, device, faults)
     base = times["Dense-DiT-S"]
-    rows = [{"model": "Dense-DiT-S", "c_avg": 1.0, "step_ms": 1e3 * base, "ratio": 1.0}]
+    rows = [{"model": "Dense-DiT-S", "c_avg": 1.0, "step_ms": 1e3 * base, "ratio": 1.0,
+             "page_faults": faults["Dense-DiT-S"]}]
     for cap in args.capacities:
         name = f"DiffMoE-S-E16 C~{cap:g}"
         rows.append({"model": name, "c_avg": measured[cap], "step_ms": 1e3 * times[name],
-                     "ratio": times[name] / base})
-    result = {"benchmark": "sampling_step", "machine": machine(), "dtype": args.dtype,
-              "batch": args.batch, "rows": rows}
-    emit(result, table(rows, ["model", "c_avg", "step_ms", "ratio"]), args.json)
+                     "ratio": times[name] / base, "page_faults": faults[name]})
+    result = {"benchmark": "sampling_step", "machine": machine(), "allocator": malloc,
+              "dtype": args.dtype, "batch": args.batch, "rows": rows}
+    emit(result, table(rows, ["model", "c_avg", "step_ms", "ratio", "page_faults"]), args.json)
 
 
 if __name__ == "__main__":
