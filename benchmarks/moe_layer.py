@@ -5,7 +5,9 @@ einsums; checked to compute the same output as ours), at the S-E16 and B-E16 sha
 FFN's activated FLOPs). At inference (forward only): diffmoe in dynamic mode (Eq. 14) with each
 expert's threshold at the quantile of its predicted probabilities that gives it S*C/E tokens (as
 Eq. 17 sets it), and the authors' per-expert loop with ``topk`` on the same thresholds (checked
-to compute the same output). Runs are interleaved and medians reported, with ratios to dense.
+to compute the same output), and the capacity predictor alone (``predictor_only``), which with
+``experts_only`` (the expert GEMMs alone) bounds what the dynamic layer can cost. Runs are
+interleaved and medians reported, with ratios to dense.
 
     python benchmarks/moe_layer.py [--shapes S-E16 B-E16] [--layers ...] [--repeats 15] [--json]
 """
@@ -132,6 +134,19 @@ class ExpertsOnly(nn.Module):
         return self.bank.forward_equal(x.reshape(E, -1, x.shape[-1])).view_as(x)
 
 
+class PredictorOnly(nn.Module):
+    """The capacity predictor alone on the pool: what dynamic inference (Eq. 14) must compute
+    for every token before any expert runs, about 1/8 of the dense FFN's FLOPs (D² against 8D²
+    per token)."""
+
+    def __init__(self, predictor: nn.Module):
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictor(x.reshape(-1, x.shape[-1]))
+
+
 def build_layers(dim: int, experts: int, device: torch.device) -> dict[str, nn.Module]:
     hidden = 4 * dim
     layers: dict[str, nn.Module] = {"dense": FeedForward(dim, hidden)}
@@ -155,7 +170,8 @@ def build_dynamic(dim: int, experts: int, x: torch.Tensor, capacity: float = 1.0
     authors = AuthorsDynamicLoop(dim, 4 * dim, experts).to(x.device).eval()
     copy_weights(authors, layer)
     authors.thresholds.copy_(layer.thresholds_E)
-    rows = {"diffmoe_dynamic": Dynamic(layer), "authors_dynamic_loop": authors}
+    rows = {"diffmoe_dynamic": Dynamic(layer), "authors_dynamic_loop": authors,
+            "predictor_only": PredictorOnly(layer.predictor)}
     with torch.no_grad():
         if not torch.allclose(rows["authors_dynamic_loop"](x), rows["diffmoe_dynamic"](x),
                               rtol=1e-4, atol=1e-5):
