@@ -83,6 +83,37 @@ def render_comparison(lines: list[dict]) -> str:
     return "\n".join(out)
 
 
+PAIRED = (("diffmoe-e8", "static", "dynamic"), ("diffmoe-e8", "predictor", "dynamic"),
+          ("ec-e8", "dynamic", "static"))
+PAIRED_METRICS = ("c_avg_infer", "fid", "heldout_loss", "class_consistency")
+
+
+def paired_modes(done: dict, rows: list) -> list[dict]:
+    """Two inference modes of the same checkpoints: the per-seed difference (first minus
+    second), mean and SE over seeds."""
+    lines = []
+    for model, a, b in PAIRED:
+        seeds = sorted({r.seed for r in rows if r.model == model and r.kind == "eval"})
+        pairs = [(done.get(f"eval-{model}-s{s}-{a}"), done.get(f"eval-{model}-s{s}-{b}"))
+                 for s in seeds]
+        pairs = [(x, y) for x, y in pairs if x and y]
+        if pairs:
+            lines.append({"model": model, "modes": f"{a} - {b}", "seeds": len(pairs),
+                          **{m: mean_se([x[m] - y[m] for x, y in pairs])
+                             for m in PAIRED_METRICS}})
+    return lines
+
+
+def render_paired(lines: list[dict]) -> str:
+    out = ["| model | difference | seeds | Δ C_avg | Δ FID | Δ held-out loss | "
+           "Δ class consistency |", "|---|---|---|---|---|---|---|"]
+    for ln in lines:
+        out.append(f"| {ln['model']} | {ln['modes']} | {ln['seeds']} | {fmt(ln['c_avg_infer'], 3)} "
+                   f"| {fmt(ln['fid'])} | {fmt(ln['heldout_loss'], 4)} | "
+                   f"{fmt(ln['class_consistency'], 3)} |")
+    return "\n".join(out)
+
+
 def render_sampling_rows(title: str, results: list[dict], key: str) -> str:
     out = [f"| {title} | C_avg | FID | KID | class consistency | held-out loss | img/s |",
            "|---|---|---|---|---|---|---|"]
@@ -223,13 +254,16 @@ def write_report(out: Path, rows: list, scale, models: dict, machine: dict) -> d
         figures["sampling_batch"] = str(plot_batch(batch, report / "sampling_batch.png"))
     if stability:
         figures["stability"] = str(plot_stability(stability, report / "stability.png"))
+    paired = paired_modes(done, rows)
     text = ["## Comparisons (Tables 3 and 4)", render_comparison(lines),
+            "## Inference modes of the same checkpoints (paired by seed)", render_paired(paired),
             "## Interval search (Table 10)", render_sampling_rows("setting", sweep, "setting"),
             "## Sampling batch (Table 13)", render_sampling_rows("setting", batch, "setting")]
     atomic_write_text(report / "tables.md", "\n\n".join(text) + "\n")
     summary = {"scale": scale.name, "settings": {k: v for k, v in vars(scale).items()},
                "machine": machine, "done": totals(done), "rows_planned": len(rows),
-               "comparison": lines, "interval_search": sweep, "sampling_batch": batch,
+               "comparison": lines, "paired_modes": paired, "interval_search": sweep,
+               "sampling_batch": batch,
                "stability": stability, "figures": figures}
     write_json(report / "summary.json", summary)
     return summary
