@@ -3,7 +3,7 @@
     diffmoe train CONFIG [key=value ...] [--resume [--accept-changes]] [--dry-run]
     diffmoe config --list [SECTION_OR_KEY] [--format text|markdown]
     diffmoe sample CHECKPOINT [--num N --steps N --sampler NAME --cfg-scale S
-                               --mode auto|dynamic|static|threshold --threshold G
+                               --mode auto|dynamic|static|threshold|predictor --threshold G
                                --batch-size N --seed N --labels balanced|random|3,1,4
                                --weights ema|raw --out grid.png [--force]]
     diffmoe sample T2I_CHECKPOINT --prompt "a red circle" [--prompt ...] [sampling options]

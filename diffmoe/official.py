@@ -511,6 +511,9 @@ def export_problems(cfg: Config) -> list[str]:
     if moe.type in ("token_choice", "expert_choice"):
         problems.append(f"model.moe.type={moe.type} (their {THEIR_DIFFMOE} routes by DiffMoE's "
                         f"rule; only diffmoe and dense runs can be exported)")
+    if moe.type == "diffmoe" and moe.pool_scope != "batch":
+        problems.append(f"model.moe.pool_scope={moe.pool_scope} (their experts choose from the "
+                        f"batch-level pool)")
     if moe.type != "dense" and moe.granularity != 1:
         problems.append(f"model.moe.granularity={moe.granularity} (fine-grained experts; theirs "
                         f"are all mlp_ratio·D wide)")

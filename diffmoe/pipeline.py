@@ -46,7 +46,7 @@ class CapacityReport:
     per_layer: C of each MoE layer, averaged over the forwards; per_step: one
     ``{"t": flow time (0 noise, 1 data), "capacity": C}`` per sampler step;
     activated_params: parameters a token activates at c_avg_infer (Eq. 40), of total_params;
-    mode: the routing the layers used (``dynamic``, ``threshold`` or ``static``).
+    mode: the routing the layers used (``dynamic``, ``threshold``, ``static`` or ``predictor``).
     """
 
     c_avg_infer: float

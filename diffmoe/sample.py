@@ -88,12 +88,12 @@ def summary_path(image: str | Path) -> Path:
 def resolve_routing(model: DiT, settings: SampleConfig) -> Routing:
     """The MoE routing that ``settings`` ask of ``model``: ``auto`` → the model's
     ``default_routing`` (dynamic for a DiffMoE model, static otherwise). Dynamic and threshold
-    modes need DiffMoE's capacity predictor."""
+    modes need DiffMoE's capacity predictor, and so does ``predictor``."""
     has_predictor = bool(diffmoe_layers(model))
     mode = settings.mode
     if mode == "auto":
         mode = model.default_routing.mode
-    if mode in ("dynamic", "threshold") and not has_predictor:
+    if mode in ("dynamic", "threshold", "predictor") and not has_predictor:
         raise ConfigError(f"sample.mode={mode} needs a capacity predictor, but this model's FFN is "
                           f"'{model.cfg.moe.type}'; use --mode static")
     return Routing(mode, settings.threshold)
@@ -105,7 +105,7 @@ def capacity_warnings(model: DiT, routing: Routing, batch_size: int, c_avg: floa
     if not diffmoe_layers(model):
         return []
     found = []
-    if batch_size == 1:
+    if batch_size == 1 and routing.mode != "predictor":
         found.append("sampling batch size 1: DiffMoE's token pool holds a single image (two with "
                      "guidance), so its tokens compete only with each other; the paper samples "
                      "at batch 75-125")

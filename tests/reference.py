@@ -83,3 +83,33 @@ def reference_dynamic(layer: MoELayer, x_BsD: torch.Tensor, thresholds: torch.Te
         counts.append(k_e)
         chosen[e] = torch.topk(scores[:, e], k_e).indices.tolist() if k_e else []
     return combine_choices(layer, x_SD, scores, chosen).view(B, s, D), counts
+
+
+def reference_predictor(layer: MoELayer, x_BsD: torch.Tensor, thresholds: torch.Tensor
+                        ) -> torch.Tensor:
+    """``predictor`` mode: token s goes to expert e iff p[s, e] > tau_e."""
+    B, s, D = x_BsD.shape
+    x_SD = x_BsD.reshape(B * s, D)
+    probs = torch.sigmoid(layer.predictor(x_SD))
+    chosen = {e: [tok for tok in range(B * s) if probs[tok, e] > thresholds[e]]
+              for e in range(layer.num_experts)}
+    return combine_choices(layer, x_SD, router_scores(layer, x_SD), chosen).view(B, s, D)
+
+
+def reference_local_dynamic(layer: MoELayer, x_BsD: torch.Tensor, thresholds: torch.Tensor
+                            ) -> tuple[torch.Tensor, list[list[int]]]:
+    """Eq. 14 within each sample: in sample b expert e takes the top k_{b,e} tokens of b by router
+    score, k_{b,e} = #{s in b : p[s, e] > tau_e}. Returns the output and the counts k_{b,e}."""
+    B, s, D = x_BsD.shape
+    x_SD = x_BsD.reshape(B * s, D)
+    scores = router_scores(layer, x_SD)
+    probs = torch.sigmoid(layer.predictor(x_SD))
+    chosen: dict[int, list[int]] = {e: [] for e in range(layer.num_experts)}
+    counts = []
+    for b in range(B):
+        counts.append([])
+        for e in range(layer.num_experts):
+            k = int((probs[b * s:(b + 1) * s, e] > thresholds[e]).sum())
+            counts[b].append(k)
+            chosen[e] += (torch.topk(scores[b * s:(b + 1) * s, e], k).indices + b * s).tolist()
+    return combine_choices(layer, x_SD, scores, chosen).view(B, s, D), counts

@@ -244,7 +244,7 @@ LAYOUT = ("put each class's images in a subfolder of it ('<tmp>/{0}/<class>/<ima
 
 VALID_MOE_KEYS = ("type, num_experts, capacity, interleave, shared_experts, granularity, "
                   "router_init_std, balance_loss_weight, predictor_loss_weight, threshold_ema, "
-                  "dispatch")
+                  "dispatch, pool_scope")
 
 EXPORT_TIME = "(their rectified flow gives the model t in [0, 1], time_scale 1)"
 EXPORT_NOTHING = "their code cannot run such a model, so export-official writes nothing for it"
@@ -873,6 +873,26 @@ CASES = [
          ["sample", "<run>", "--mode", "threshold", "--threshold", "0", "--out", "<tmp>/o.png"],
          "every expert selected every token (C_avg_infer 4, 4x the dense compute, mode "
          "threshold); raise --threshold", warning=True),
+    # The per-sample pool scope and the predictor's own routing
+    Case("pool-scope-on-expert-choice", "config",
+         TRAIN + ["model.moe.type=expert_choice", "model.moe.pool_scope=sample"],
+         "error: model.moe.pool_scope=sample applies only to model.moe.type=diffmoe "
+         "(expert_choice always chooses within each sample); drop it"),
+    Case("pool-scope-sample-global-pool", "config",
+         TRAIN + ["model.moe.pool_scope=sample", "train.token_pool=global"],
+         "error: train.token_pool=global does nothing with model.moe.pool_scope=sample (experts "
+         "choose within each sample, so there is no pool to gather across ranks); drop it"),
+    Case("predictor-mode-on-dense-checkpoint", "cli",
+         ["sample", "<dense>", "--mode", "predictor", "--out", "<tmp>/o.png"],
+         "error: sample.mode=predictor needs a capacity predictor, but this model's FFN is "
+         "'dense'; use --mode static"),
+    Case("official-export-sample-scope", "checkpoint",
+         ["export-official", "<tmp>/copy", "<tmp>/exp"],
+         "error: '<tmp>/copy/checkpoints/step_00000002' cannot be written for the authors' "
+         "code: model.moe.pool_scope=sample (their experts choose from the batch-level pool); "
+         f"objective.time_scale=1000 {EXPORT_TIME}; {EXPORT_NOTHING}",
+         setup=copy_run(state_edit(lambda st: set_moe(st, pool_scope="sample"))),
+         note="`<tmp>/copy` is `<run>` with `model.moe.pool_scope: sample` in its state.json"),
 ]
 
 

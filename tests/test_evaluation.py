@@ -13,9 +13,12 @@ from test_cli import error_line, run_cli
 from torch.testing import assert_close
 
 from diffmoe.capacity import CapacityMeter, sample_capacities
+from diffmoe.config import ModelConfig, MoEConfig
 from diffmoe.data import build_dataset
+from diffmoe.diffusion import FlowMatching
 from diffmoe.errors import DataError
-from diffmoe.evaluation.inception import FEATURE_DIM, default_extractor
+from diffmoe.evaluation.heldout import HeldOutSet, heldout_loss
+from diffmoe.evaluation.inception import FEATURE_DIM, InceptionFeatures, default_extractor
 from diffmoe.evaluation.metrics import (
     FeatureStats,
     compare,
@@ -25,7 +28,8 @@ from diffmoe.evaluation.metrics import (
 )
 from diffmoe.evaluation.npz import NpzSampleWriter
 from diffmoe.evaluation.reference import dataset_reference, load_reference, save_stats
-from diffmoe.models.moe import FFNOutput
+from diffmoe.models import build_model
+from diffmoe.models.moe import FFNOutput, Routing
 
 
 @pytest.fixture(autouse=True)
@@ -183,6 +187,47 @@ def test_dataset_reference_is_cached_and_a_corrupt_cache_rebuilt(inception, tmp_
     third = dataset_reference("digits:test:4", 99, progress=False)
     assert not third.cached and "unreadable reference cache" in caplog.text
     assert_close(third.stats.features, first.stats.features)
+
+
+def test_bf16_features_are_close_to_fp32_and_cached_apart(inception, tmp_path):
+    digits = build_dataset("digits", "test").images[:4]
+    bf16 = default_extractor("bf16")(digits)
+    assert bf16.dtype == torch.float32
+    assert (bf16 - inception(digits)).norm() / inception(digits).norm() < 0.1
+    fp32_ref = dataset_reference("digits:test:4", 99, progress=False)
+    bf16_ref = dataset_reference("digits:test:4", 99, progress=False, precision="bf16")
+    assert bf16_ref.cache_file != fp32_ref.cache_file and bf16_ref.source.endswith("-bf16")
+    assert_close(bf16_ref.stats.features, bf16)
+    with pytest.raises(ValueError, match="feature precision 'fp16'"):
+        InceptionFeatures(precision="fp16")
+
+
+def test_heldout_loss_is_the_flow_mse_on_fixed_draws():
+    cfg = ModelConfig(input_size=8, in_channels=1, patch_size=4, depth=2, hidden_size=16,
+                      num_heads=2, num_classes=10, moe=MoEConfig(type="diffmoe", num_experts=2))
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    digits = build_dataset("digits", "test")
+    data = HeldOutSet.build(digits, 6, 3, seed=5)
+    assert data.times.tolist() == pytest.approx([1 / 6, 0.5, 5 / 6])
+    assert torch.equal(HeldOutSet.build(digits, 6, 3, seed=5).noise, data.noise)
+    flow = FlowMatching(1)
+    got = heldout_loss(model, flow, data, Routing("static"), batch_size=6)
+    assert model.training  # restored
+    model.eval()
+    by_hand = []
+    for k, t in enumerate(data.times.tolist()):
+        tt = torch.full((6,), t)
+        z = tt.view(-1, 1, 1, 1) * data.images + (1 - tt.view(-1, 1, 1, 1)) * data.noise[k]
+        v = model(z, tt * 1000, data.labels, Routing("static")).prediction
+        by_hand.append(float((v - (data.images - data.noise[k])).pow(2).mean()))
+    assert got["per_t"] == pytest.approx(by_hand, rel=1e-5)
+    assert got["loss"] == pytest.approx(sum(by_hand) / 3, rel=1e-5)
+    with pytest.raises(DataError, match="held-out set needs"):
+        HeldOutSet.build(digits, 0, 3)
 
 
 def test_saved_statistics_round_trip(tmp_path):

@@ -13,7 +13,7 @@ from diffmoe.diffusion import FlowMatching, dopri5, euler, guided_velocity, heun
 from diffmoe.errors import ConfigError
 from diffmoe.loss import training_loss
 from diffmoe.models import build_model
-from diffmoe.models.moe import Routing
+from diffmoe.models.moe import Routing, diffmoe_layers
 
 
 def test_path_endpoints_and_target():
@@ -117,6 +117,57 @@ def test_sample_runs_every_mode_and_reports_capacity():
             assert out.shape == (3, 1, 4, 4) and torch.isfinite(out).all()
             assert len(times) >= (6 if sampler == "dopri5" else 3)
             assert min(times) == 0.0 and max(times) <= 1.0
+
+
+def diffmoe_with_working_experts() -> torch.nn.Module:
+    """A small DiffMoE DiT (float64) whose zero-initialised layers are perturbed, so that the MoE
+    layers' outputs reach the image, with thresholds that route some tokens, not all."""
+    cfg = ModelConfig(input_size=8, in_channels=1, patch_size=2, depth=2, hidden_size=16,
+                      num_heads=2, num_classes=3, moe=MoEConfig(type="diffmoe", num_experts=4))
+    torch.manual_seed(0)
+    model = build_model(cfg).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        for layer in diffmoe_layers(model):
+            layer.thresholds_E.fill_(0.5)
+    return model
+
+
+def test_predictor_mode_samples_an_image_alone_as_inside_any_batch():
+    model = diffmoe_with_working_experts()
+    noise = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 0])
+
+    def draw(mode: str, rows: slice, cfg_scale: float) -> torch.Tensor:
+        return sample(model, FlowMatching(1), labels[rows], sampler="euler", steps=4,
+                      cfg_scale=cfg_scale, routing=Routing(mode), noise=noise[rows])
+
+    for cfg_scale in (1.0, 2.0):
+        for mode, independent in (("predictor", True), ("dynamic", False)):
+            together = draw(mode, slice(0, 4), cfg_scale)
+            pairs = torch.cat([draw(mode, slice(0, 2), cfg_scale),
+                               draw(mode, slice(2, 4), cfg_scale)])
+            alone = torch.cat([draw(mode, slice(i, i + 1), cfg_scale) for i in range(4)])
+            if independent:
+                assert_close(alone, together, rtol=0, atol=1e-12)
+                assert_close(pairs, together, rtol=0, atol=1e-12)
+            else:  # the paper's dynamic mode: an image depends on the rest of its batch
+                assert not torch.allclose(alone, together, atol=1e-6)
+
+
+def test_given_noise_is_where_sampling_starts():
+    model = diffmoe_with_working_experts()
+    noise = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    drawn = torch.randn(2, 1, 8, 8, generator=gen).double()
+    a = sample(model, FlowMatching(1), torch.tensor([0, 1]), sampler="euler", steps=2,
+               routing=Routing("predictor"), noise=drawn)
+    b = sample(model.float(), FlowMatching(1), torch.tensor([0, 1]), sampler="euler", steps=2,
+               routing=Routing("predictor"), generator=torch.Generator().manual_seed(3))
+    assert_close(a.float(), b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="starting noise of shape"):
+        sample(model, FlowMatching(1), torch.tensor([0]), noise=noise)
 
 
 def test_dopri5_integrates_a_linear_ode_to_its_tolerance():

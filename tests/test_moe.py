@@ -12,6 +12,8 @@ from reference import (
     reference_diffmoe_train,
     reference_dynamic,
     reference_expert_choice,
+    reference_local_dynamic,
+    reference_predictor,
     reference_token_choice,
     router_scores,
 )
@@ -455,3 +457,105 @@ def test_rows_reach_the_experts_once_cast_to_the_autocast_dtype(monkeypatch):
             out = layer(inputs(requires_grad=False).float(), routing)
         assert out.y.dtype == torch.float32
     assert seen == [(torch.float32, torch.bfloat16)] * 2
+
+
+def spread_thresholds(layer, x, quantiles=(0.1, 0.5, 0.8, 0.97)):
+    """Set each expert's threshold at a different quantile of its predictions on ``x``, so every
+    expert takes a different number of tokens; returns them."""
+    with torch.no_grad():
+        probs = torch.sigmoid(layer.predictor(x.reshape(-1, D)))
+        tau = torch.stack([probs[:, e].quantile(q) for e, q in enumerate(quantiles)])
+        layer.thresholds_E.copy_(tau.to(layer.thresholds_E.dtype))
+    return layer.thresholds_E.clone()
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "padded_bmm", "loop"])
+def test_predictor_mode_matches_reference_values_and_gradients(dispatch):
+    layer = make("diffmoe", dispatch=dispatch).float().eval()
+    x = inputs().float().detach().requires_grad_(True)
+    tau = spread_thresholds(layer, x)
+    out = layer(x, Routing("predictor"))
+    ref = reference_predictor(layer, x, tau)
+    assert_close(out.y, ref, rtol=1e-5, atol=1e-6)
+    for g_fast, g_ref in zip(grads(layer, x, out.y), grads(layer, x, ref)):
+        if g_ref is None:
+            assert g_fast is None or torch.count_nonzero(g_fast) == 0
+        else:
+            assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_predictor_mode_takes_the_predicted_tokens_and_the_eq14_counts():
+    layer = make("diffmoe").eval()
+    x = inputs(requires_grad=False)
+    tau = spread_thresholds(layer, x)
+    out = layer(x, Routing("predictor"))
+    predicted = torch.sigmoid(layer.predictor(x.reshape(-1, D))) > tau
+    assert torch.equal(out.selection_mask(), predicted)
+    assert out.counts_E.tolist() == layer(x, Routing("dynamic")).counts_E.tolist()
+    assert len(set(out.counts_E.tolist())) == 4  # the thresholds gave every expert its own count
+
+
+def test_predictor_mode_output_of_a_sample_does_not_depend_on_its_batch():
+    layer = make("diffmoe").eval()
+    x = inputs(B=4, requires_grad=False)
+    spread_thresholds(layer, x)
+    for mode, independent in (("predictor", True), ("dynamic", False)):
+        together = layer(x, Routing(mode)).y
+        alone = torch.cat([layer(x[b:b + 1], Routing(mode)).y for b in range(4)])
+        if independent:
+            assert_close(alone, together, rtol=0, atol=1e-12)
+        else:  # the paper's dynamic mode: tokens compete across the batch
+            assert not torch.allclose(alone, together)
+
+
+def test_sample_scope_trains_as_expert_choice_with_a_predictor():
+    layer = make("diffmoe", pool_scope="sample").train()
+    x = inputs()
+    out = layer(x)
+    check_against_reference(layer, x, out.y, reference_expert_choice(layer, x, 8 // 4))
+    assert out.mask_SE.view(3, 8, 4).sum(1).eq(2).all()  # k = s*C/E in every sample
+    p = torch.sigmoid(out.predictor_logits_SE)
+    o = out.mask_SE.double()
+    assert_close(out.predictor_loss.double(), -(o * p.log() + (1 - o) * (1 - p).log()).mean())
+    # Threshold targets: the k-th largest prediction of the pool, k = the selection's size B*2.
+    assert torch.equal(out.threshold_targets_E, threshold_targets(out.predictor_logits_SE, 6))
+
+
+def test_sample_scope_static_inference_is_expert_choice():
+    layer = make("diffmoe", pool_scope="sample").eval()
+    x = inputs()
+    out = layer(x, Routing("static"))
+    check_against_reference(layer, x, out.y, reference_expert_choice(layer, x, 2))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "threshold"])
+def test_sample_scope_dynamic_counts_per_sample_values_and_gradients(mode):
+    layer = make("diffmoe", pool_scope="sample").eval()
+    x = inputs()
+    tau = spread_thresholds(layer, x)
+    routing = Routing(mode, 0.5)
+    if mode == "threshold":
+        tau = torch.full_like(tau, 0.5)
+    out = layer(x, routing)
+    ref, counts_BE = reference_local_dynamic(layer, x, tau)
+    check_against_reference(layer, x, out.y, ref)
+    assert out.selection_mask().view(3, 8, 4).sum(1).tolist() == counts_BE
+    assert len({c for row in counts_BE for c in row}) > 2  # counts differ across samples
+
+
+def test_sample_scope_pool_crosses_no_samples_in_any_mode():
+    layer = make("diffmoe", pool_scope="sample")
+    x = inputs(requires_grad=False)
+    spread_thresholds(layer, x)
+    x2 = x.clone()
+    x2[1] = torch.randn(x.shape[1], D, dtype=x.dtype) * 3
+    for training, mode in ((True, "static"), (False, "static"), (False, "dynamic")):
+        layer.train(training)
+        a, b = layer(x, Routing(mode)).y, layer(x2, Routing(mode)).y
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]), (training, mode)
+
+
+def test_sample_scope_needs_the_rank_pool():
+    with pytest.raises(ValueError, match="per-sample pool scope"):
+        build_ffn(MoEConfig(type="diffmoe", num_experts=4, pool_scope="sample"), D, HIDDEN,
+                  token_pool="global")

@@ -19,8 +19,12 @@ FFN_TYPES = ("dense", "token_choice", "expert_choice", "diffmoe")
 DISPATCH_KERNELS = ("auto", "grouped_mm", "padded_bmm", "loop")
 # How MoE layers route at inference (models/moe/base.py, Routing); "auto" lets the sampling code
 # pick dynamic for a model with a capacity predictor, static otherwise.
-ROUTING_MODES = ("static", "dynamic", "threshold")
-INFERENCE_MODES = ("auto", "dynamic", "static", "threshold")
+ROUTING_MODES = ("static", "dynamic", "threshold", "predictor")
+INFERENCE_MODES = ("auto", "dynamic", "static", "threshold", "predictor")
+# Where a DiffMoE layer's experts choose their tokens (models/moe/diffmoe.py): the batch-level
+# pool (the paper's DiffMoE) or each sample on its own (expert choice with the capacity predictor,
+# the "local" ablation of the paper's Table 4).
+POOL_SCOPES = ("batch", "sample")
 # Samplers per objective (diffusion/samplers.py); "auto" picks the first of the objective's list.
 SAMPLERS_BY_OBJECTIVE = {"flow": ("euler", "heun", "dopri5", "sde"), "ddpm": ("ddpm", "ddim")}
 SAMPLER_NAMES = tuple(n for names in SAMPLERS_BY_OBJECTIVE.values() for n in names)
@@ -70,6 +74,9 @@ class MoEConfig:
     threshold_ema: float = 0.95
     # Expert kernel for unequal token counts: auto | grouped_mm | padded_bmm | loop.
     dispatch: str = "auto"
+    # DiffMoE: where experts choose tokens: batch (the batch-level global pool, Eq. 4) or sample
+    # (top k = s*C/E within each sample, as expert choice; dynamic inference counts per sample).
+    pool_scope: str = "batch"
 
 
 @dataclass

@@ -25,6 +25,7 @@ from .schema import (
     NONFINITE_POLICIES,
     OBJECTIVES,
     PARALLEL,
+    POOL_SCOPES,
     PRECISIONS,
     SAMPLERS,
     SAMPLERS_BY_OBJECTIVE,
@@ -92,6 +93,7 @@ def validate(cfg: Config) -> None:
     validate_objective(cfg.objective, cfg.model)
     validate_sampling(cfg.objective, cfg.sample, cfg.model)
     validate_inference_mode(cfg.model.moe, cfg.sample)
+    validate_pool_scope(cfg)
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -115,6 +117,10 @@ def validate_moe(m: ModelConfig) -> None:
     moe = m.moe
     _choice("model.moe.type", moe.type, FFN_TYPES)
     _choice("model.moe.dispatch", moe.dispatch, DISPATCH_KERNELS)
+    _choice("model.moe.pool_scope", moe.pool_scope, POOL_SCOPES)
+    _require(moe.type == "diffmoe" or moe.pool_scope == "batch",
+             f"model.moe.pool_scope={moe.pool_scope} applies only to model.moe.type=diffmoe "
+             f"(expert_choice always chooses within each sample); drop it")
     _require(moe.num_experts > 0, f"model.moe.num_experts={moe.num_experts} must be a "
              f"positive integer (the paper uses 4, 8 or 16)")
     _require(moe.capacity > 0, f"model.moe.capacity={moe.capacity} must be positive "
@@ -275,6 +281,13 @@ def validate_inference_mode(moe: MoEConfig, s: SampleConfig) -> None:
         _require(s.mode in ("auto", "static"),
                  f"sample.mode={s.mode} needs a capacity predictor, which only model.moe.type="
                  f"diffmoe has; use sample.mode=static (or auto)")
+
+
+def validate_pool_scope(cfg: Config) -> None:
+    """A per-sample pool has nothing to gather across ranks."""
+    _require(not (cfg.model.moe.pool_scope == "sample" and cfg.train.token_pool == "global"),
+             "train.token_pool=global does nothing with model.moe.pool_scope=sample (experts "
+             "choose within each sample, so there is no pool to gather across ranks); drop it")
 
 
 def validate_text(cfg: Config) -> None:

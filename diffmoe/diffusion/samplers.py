@@ -211,16 +211,22 @@ def sample(model: DiT, objective: Objective, labels: Tensor, *, sampler: str = "
            steps: int = 250, cfg_scale: float = 1.0, routing: Optional[Routing] = None,
            generator: Optional[torch.Generator] = None,
            on_forward: Optional[ForwardHook] = None,
-           options: Optional[SamplerOptions] = None) -> Tensor:
+           options: Optional[SamplerOptions] = None, noise: Optional[Tensor] = None) -> Tensor:
     """Generate one batch from noise with either objective; returns (B, C, H, W). ``routing``:
-    the MoE inference rule, the model's ``default_routing`` (dynamic for DiffMoE) when None."""
+    the MoE inference rule, the model's ``default_routing`` (dynamic for DiffMoE) when None.
+    ``noise``: the starting noise (B, C, H, W), drawn from ``generator`` when None (given, each
+    image starts from its own noise whatever batch it is sampled in)."""
     options = options or SamplerOptions()
     sampler = resolve_sampler(objective.kind, sampler)
     check_sampling_steps(steps)
     device = labels.device
     cfg = model.cfg
     shape = (labels.shape[0], cfg.in_channels, cfg.input_size, cfg.input_size)
-    z = torch.randn(shape, generator=generator, device=device)
+    if noise is not None and tuple(noise.shape) != shape:
+        raise ValueError(f"starting noise of shape {tuple(noise.shape)} for a batch of shape "
+                         f"{shape}")
+    z = torch.randn(shape, generator=generator, device=device) if noise is None else \
+        noise.to(device)
     guided = _guided_channels(options, cfg.in_channels)
 
     if isinstance(objective, GaussianDiffusion):

@@ -47,17 +47,29 @@ def inception_id() -> str:
     return sha256_file(inception_file())[:16]
 
 
+# Feature precisions. fp32 is the standard. bf16 runs the network under CPU bfloat16 autocast,
+# several times faster on CPUs with AMX or AVX-512 BF16; on MNIST (test vs train, 1,000 each) it
+# moved FID from 15.88 to 15.82, and the FID between the fp32 and bf16 features of the same
+# 1,000 images was 0.11 (docs/replication.md). Use one precision for both sets of a comparison.
+FEATURE_PRECISIONS = ("fp32", "bf16")
+
+
 class InceptionFeatures(nn.Module):
     """uint8 images (N, C, H, W) with C = 1 or 3, any size → pool3 features (N, 2048), float32.
 
     Grey images are repeated to three channels; images are resized to 299x299 bilinearly (no
-    antialiasing, as TF's ``resize_bilinear``) and scaled as the TF graph expects.
+    antialiasing, as TF's ``resize_bilinear``) and scaled as the TF graph expects. ``precision``:
+    one of :data:`FEATURE_PRECISIONS` (bf16: CPU autocast; the features are returned as float32).
     """
 
     num_features = FEATURE_DIM
 
-    def __init__(self, path: Path | None = None):
+    def __init__(self, path: Path | None = None, precision: str = "fp32"):
         super().__init__()
+        if precision not in FEATURE_PRECISIONS:
+            raise ValueError(f"feature precision '{precision}' is not one of "
+                             f"{FEATURE_PRECISIONS}")
+        self.precision = precision
         path = path or inception_file()
         try:
             with warnings.catch_warnings():
@@ -83,15 +95,22 @@ class InceptionFeatures(nn.Module):
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
                               align_corners=False)
-        feats = self.net((x - PIXEL_CENTER) / PIXEL_CENTER)
+        x = (x - PIXEL_CENTER) / PIXEL_CENTER
+        if self.precision == "bf16":
+            # oneDNN's bf16 convolutions run in channels-last layout; given it, they skip a
+            # reorder per layer (1.5-1.7x the rate on this project's CPU, batches of 10-25).
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
+            feats = self.net(x)
         if feats.dim() > 2:
             feats = feats.flatten(2).mean(-1)
         return feats.float()
 
 
-@functools.lru_cache(maxsize=1)
-def default_extractor() -> InceptionFeatures:
-    return InceptionFeatures()
+@functools.lru_cache(maxsize=len(FEATURE_PRECISIONS))
+def default_extractor(precision: str = "fp32") -> InceptionFeatures:
+    return InceptionFeatures(precision=precision)
 
 
 def extract_features(batches: Iterable[Tensor], extractor: InceptionFeatures | None = None,

@@ -39,7 +39,7 @@ from ..data.folder import decode_first
 from ..data.imagefolder import folder_channels, folder_modes, list_folder
 from ..errors import DataError
 from ..fileio import atomic_write, sha256_file, to_json
-from .inception import FEATURE_DIM, batched, extract_features, inception_id
+from .inception import FEATURE_DIM, batched, default_extractor, extract_features, inception_id
 from .metrics import FeatureStats
 
 log = logging.getLogger(__name__)
@@ -123,26 +123,36 @@ def parse_dataset_spec(spec: str, default_num: int) -> tuple[str, str, int]:
 
 
 def features_of_images(images_u8: torch.Tensor, batch_size: int, progress: bool,
-                       desc: str) -> FeatureStats:
-    feats = extract_features(batched(images_u8, batch_size), total=images_u8.shape[0],
-                             desc=desc, progress=progress)
+                       desc: str, precision: str = "fp32") -> FeatureStats:
+    feats = extract_features(batched(images_u8, batch_size), default_extractor(precision),
+                             total=images_u8.shape[0], desc=desc, progress=progress)
     return FeatureStats.from_features(feats)
 
 
+def _precision_tag(precision: str) -> str:
+    """The cache-name part of a feature precision: none for the standard fp32."""
+    return "" if precision == "fp32" else f"-{precision}"
+
+
 def dataset_reference(spec: str, default_num: int, cache: Optional[str | Path] = None,
-                      batch_size: int = 50, progress: bool = True) -> Reference:
+                      batch_size: int = 50, progress: bool = True,
+                      precision: str = "fp32") -> Reference:
+    """``precision``: the Inception's (:data:`inception.FEATURE_PRECISIONS`), part of the cache
+    name; compare generated features of the same precision only."""
     name, split, num = parse_dataset_spec(spec, default_num)
     ds = build_dataset(name, split)
     if num > len(ds):
         raise DataError(f"reference '{spec}' asks for {num} images but {name}:{split} has "
                         f"{len(ds)}")
     source = f"{name}:{split}:{num}"
-    path = cache_dir(cache) / "fid" / f"{name}-{split}-n{num}-{inception_id()}.npz"
-    return _cached_or_computed(path, source, lambda: ds.images[:num], batch_size, progress)
+    tag = _precision_tag(precision)
+    path = cache_dir(cache) / "fid" / f"{name}-{split}-n{num}-{inception_id()}{tag}.npz"
+    return _cached_or_computed(path, source + tag, lambda: ds.images[:num], batch_size,
+                               progress, precision)
 
 
 def _cached_or_computed(path: Path, source: str, images_nchw: Callable[[], torch.Tensor],
-                        batch_size: int, progress: bool) -> Reference:
+                        batch_size: int, progress: bool, precision: str = "fp32") -> Reference:
     """The reference's features from the cache file if it is readable, else computed from
     ``images_nchw()`` (uint8) and cached."""
     if path.is_file():
@@ -150,9 +160,10 @@ def _cached_or_computed(path: Path, source: str, images_nchw: Callable[[], torch
         if stats is not None:
             log.info("reference %s from cache %s", source, path)
             return Reference(stats, source, str(path), cached=True)
-    stats = features_of_images(images_nchw(), batch_size, progress, f"reference {source}")
+    stats = features_of_images(images_nchw(), batch_size, progress, f"reference {source}",
+                               precision)
     save_stats(stats, path, {"format": CACHE_FORMAT, "source": source,
-                             "inception": inception_id()})
+                             "inception": inception_id(), "precision": precision})
     log.info("reference %s cached at %s", source, path)
     return Reference(stats, source, str(path))
 

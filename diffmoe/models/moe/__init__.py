@@ -5,7 +5,8 @@
 ``token_choice``   :class:`TokenChoiceMoE` — top-K experts per token, load-balance loss
 ``expert_choice``  :class:`ExpertChoiceMoE` — each expert takes top-k tokens within each sample
 ``diffmoe``        :class:`DiffMoE` — expert choice over the batch-level global pool (Eq. 4-7),
-                   capacity predictor and thresholds (Eq. 12-17)
+                   capacity predictor and thresholds (Eq. 12-17); with ``pool_scope: sample``
+                   expert choice within each sample with the same predictor (Table 4's "local")
 =================  ==========================================================================
 """
 
@@ -37,7 +38,7 @@ def build_ffn(moe: MoEConfig, dim: int, hidden: int, token_pool: str = "rank") -
                   granularity=moe.granularity, shared_experts=moe.shared_experts,
                   router_init_std=moe.router_init_std, dispatch=moe.dispatch)
     if moe.type == "diffmoe":
-        kwargs.update(threshold_ema=moe.threshold_ema, pool=token_pool)
+        kwargs.update(threshold_ema=moe.threshold_ema, pool=token_pool, scope=moe.pool_scope)
     return LAYERS[moe.type](dim, hidden, **kwargs)
 
 

@@ -48,6 +48,9 @@ class Routing:
     * ``static``: the training rule (top-k with k = S*C/E for expert choice).
     * ``dynamic``: expert e takes k_e = #{p[:, e] > tau_e} tokens (Eq. 14), picked by the router.
     * ``threshold``: as dynamic with one constant threshold gamma for all experts (Eq. 16).
+    * ``predictor``: token s goes to expert e iff p[s, e] > tau_e: the predictor chooses the
+      tokens, not only how many, so no token's routing depends on the rest of the batch (beyond
+      the paper).
     """
 
     mode: str = "static"

@@ -15,6 +15,16 @@ micro-batch skipped for a non-finite loss leaves τ as it was.
 
 Inference (Eq. 14, 16): expert e processes k_e = #{s : p[s, e] > τ_e} tokens (or > γ for a
 constant threshold), and the router decides which: expert e takes its top-k_e tokens by score.
+Beyond the paper, ``predictor`` mode lets the predictor choose the tokens too: token s goes to
+expert e iff p[s, e] > τ_e, so each token's routing, and each sample's output, is independent of
+the other samples of the sampling batch (the counts are those of Eq. 14).
+
+Scope (``scope = "batch"`` or ``"sample"``, ``model.moe.pool_scope``): "batch" is the paper's
+DiffMoE. "sample" is the "local" ablation of the paper's Table 4: the training rule is expert
+choice within each sample (top k = s·C/E per sample, as EC-MoE), the predictor learns that
+selection, the thresholds follow the k-th largest predictions of the pool with k = B·s·C/E (the
+selection's size), and dynamic inference counts k_{b,e} = #{s in sample b : p[s, e] > τ_e} and
+takes sample b's top k_{b,e} tokens by router score.
 
 Pool scope under torchrun (``pool = "rank"`` or ``"global"``, given at construction; the trainer
 builds the model with ``train.token_pool``): with "rank" (the public code) the pool is this rank's
@@ -38,8 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...config import TOKEN_POOLS
+from ...config import POOL_SCOPES, TOKEN_POOLS
 from .base import FFNOutput, MoELayer, Routing, expert_capacity, row_experts
+from .expert_choice import per_sample_topk
 
 
 def _world() -> tuple[int, int]:
@@ -88,9 +99,26 @@ def update_thresholds(tau_E: Tensor, q_E: Tensor, alpha: float) -> None:
     tau_E.mul_(alpha).add_(q_E.to(tau_E.dtype), alpha=1.0 - alpha)
 
 
+def predicted_mask(logits_SE: Tensor, thresholds_E: Tensor) -> Tensor:
+    """Where the predictor expects expert e to take token s: sigmoid(logit[s, e]) > τ_e."""
+    return torch.sigmoid(logits_SE.float()) > thresholds_E
+
+
 def dynamic_counts(logits_SE: Tensor, thresholds_E: Tensor) -> Tensor:
     """Eq. 14: k_e = #{s : sigmoid(logit[s, e]) > τ_e}."""
-    return (torch.sigmoid(logits_SE.float()) > thresholds_E).sum(0)
+    return predicted_mask(logits_SE, thresholds_E).sum(0)
+
+
+def per_sample_dynamic_mask(scores_SE: Tensor, predicted_SE: Tensor, batch: int) -> Tensor:
+    """Eq. 14 within each sample (``pool_scope: sample``): in each of the ``batch`` samples,
+    expert e takes the top k_{b,e} = #{s in b : predicted[s, e]} tokens of that sample by router
+    score. Returns the selection mask (S, E)."""
+    S, E = scores_SE.shape
+    s = S // batch
+    counts_BE = predicted_SE.view(batch, s, E).sum(1)
+    order_BsE = scores_SE.view(batch, s, E).argsort(dim=1, descending=True, stable=True)
+    rank_BsE = order_BsE.argsort(dim=1, stable=True)  # each token's place in its sample, per e
+    return (rank_BsE < counts_BE.unsqueeze(1)).view(S, E)
 
 
 def top_by_score(scores_SE: Tensor, counts: list[int]) -> tuple[Tensor, Tensor]:
@@ -118,26 +146,40 @@ class Selection:
 
 
 class DiffMoE(MoELayer):
-    def __init__(self, *args, threshold_ema: float = 0.95, pool: str = "rank", **kwargs):
+    def __init__(self, *args, threshold_ema: float = 0.95, pool: str = "rank",
+                 scope: str = "batch", **kwargs):
         super().__init__(*args, **kwargs)
         if pool not in TOKEN_POOLS:
             raise ValueError(f"token pool '{pool}' is not one of {TOKEN_POOLS}")
+        if scope not in POOL_SCOPES:
+            raise ValueError(f"pool scope '{scope}' is not one of {POOL_SCOPES}")
+        if scope == "sample" and pool == "global":
+            raise ValueError("a per-sample pool scope has no pool to gather across ranks; use "
+                             "pool='rank'")
         self.threshold_ema = threshold_ema
         self.predictor = CapacityPredictor(self.dim, self.num_experts)
         self.register_buffer("thresholds_E", torch.zeros(self.num_experts))
         self.pool = pool  # training pool scope under torchrun (see the module docstring)
+        self.scope = scope  # the batch-level pool, or each sample (see the module docstring)
 
     def route_and_compute(self, x_SD: Tensor, batch: int, routing: Routing) -> FFNOutput:
         """Training: the training rule, its predictor loss and threshold targets. Inference: the
-        static rule without the predictor, or Eq. 14/16 (:meth:`_run_dynamic`)."""
+        static rule without the predictor, Eq. 14/16 (:meth:`_run_dynamic`, or per sample), or
+        the predictor's own choice (``predictor`` mode)."""
         scores_SE = self.router(x_SD)
         if not self.training and routing.mode == "static":
-            return self._run(x_SD, self._equal_selection(scores_SE, x_SD.shape[0]))
+            return self._run(x_SD, self._equal_selection(scores_SE, batch))
         logits_SE = self.predictor(x_SD)
         if not self.training:
-            counts_E = dynamic_counts(logits_SE, self._inference_thresholds(routing))
-            return self._run_dynamic(x_SD, scores_SE, counts_E, logits_SE)
-        selection, targets_E = self._training_selection(scores_SE, logits_SE)
+            predicted_SE = predicted_mask(logits_SE, self._inference_thresholds(routing))
+            if routing.mode == "predictor":
+                return self._run_mask(x_SD, scores_SE, predicted_SE, logits_SE)
+            if self.scope == "sample":
+                return self._run_mask(x_SD, scores_SE,
+                                      per_sample_dynamic_mask(scores_SE, predicted_SE, batch),
+                                      logits_SE)
+            return self._run_dynamic(x_SD, scores_SE, predicted_SE.sum(0), logits_SE)
+        selection, targets_E = self._training_selection(scores_SE, logits_SE, batch)
         out = self._run(x_SD, selection, predictor_logits_SE=logits_SE,
                         # τ as this forward saw it, for the trainer's log (a copy: the trainer
                         # moves τ in place after the step).
@@ -147,8 +189,9 @@ class DiffMoE(MoELayer):
         return out
 
     def _inference_thresholds(self, routing: Routing) -> Tensor:
-        """τ (dynamic, Eq. 14) or one constant γ for every expert (threshold, Eq. 16)."""
-        if routing.mode == "dynamic":
+        """τ (dynamic, Eq. 14, and predictor) or one constant γ for every expert (threshold,
+        Eq. 16)."""
+        if routing.mode in ("dynamic", "predictor"):
             return self.thresholds_E
         return torch.full_like(self.thresholds_E, routing.threshold)
 
@@ -173,22 +216,45 @@ class DiffMoE(MoELayer):
         y_SD = self.run_grouped(x_SD, tok_T, w_T, counts_E, host_counts=counts)
         return self.output(y_SD, tok_T, counts_E, predictor_logits_SE=logits_SE)
 
-    def _equal_selection(self, scores_SE: Tensor, pool: int) -> Selection:
-        """The training rule on this pool: expert e takes its top k = S·C/E tokens."""
-        k = expert_capacity(pool, self.capacity, self.base_experts)
-        w_Ek, idx_Ek = scores_SE.t().topk(k, dim=1)
-        counts_E = torch.full((self.num_experts,), k, dtype=torch.long, device=scores_SE.device)
+    # torch.compile runs this eagerly, as _run_dynamic: the counts are read to the host.
+    @torch.compiler.disable
+    def _run_mask(self, x_SD: Tensor, scores_SE: Tensor, mask_SE: Tensor, logits_SE: Tensor
+                  ) -> FFNOutput:
+        """Run the tokens a selection mask (S, E) chose, each weighted by its router score (Eq.
+        7): rows grouped by expert, each expert's tokens in pool order."""
+        counts_E = mask_SE.sum(0)
+        counts = counts_E.tolist()  # this layer's one host synchronisation
+        rows = torch.nonzero_static(mask_SE.t().reshape(-1), size=sum(counts))[:, 0]
+        expert_T, tok_T = rows // mask_SE.shape[0], rows % mask_SE.shape[0]
+        y_SD = self.run_grouped(x_SD, tok_T, scores_SE[tok_T, expert_T], counts_E,
+                                host_counts=counts)
+        return self.output(y_SD, tok_T, counts_E, predictor_logits_SE=logits_SE)
+
+    def _equal_selection(self, scores_SE: Tensor, batch: int) -> Selection:
+        """The training rule on this pool of ``batch`` samples: expert e takes its top
+        k = S·C/E tokens of the pool, or with the per-sample scope its top s·C/E of each
+        sample."""
+        S = scores_SE.shape[0]
+        if self.scope == "sample":
+            k = expert_capacity(S // batch, self.capacity, self.base_experts)
+            idx_Ek, w_Ek = per_sample_topk(scores_SE, batch, k)
+        else:
+            k = expert_capacity(S, self.capacity, self.base_experts)
+            w_Ek, idx_Ek = scores_SE.t().topk(k, dim=1)
+        counts_E = torch.full((self.num_experts,), idx_Ek.shape[1], dtype=torch.long,
+                              device=scores_SE.device)
         return Selection(idx_Ek, w_Ek, counts_E, equal=True)
 
-    def _training_selection(self, scores_SE: Tensor, logits_SE: Tensor
+    def _training_selection(self, scores_SE: Tensor, logits_SE: Tensor, batch: int
                             ) -> tuple[Selection, Tensor]:
-        """The training rule over the pool (this rank's, or all ranks' with ``pool="global"``),
-        and the threshold targets q_e over the same pool."""
+        """The training rule over the pool (this rank's, or all ranks' with ``pool="global"``,
+        or each sample's with the per-sample scope), and the threshold targets q_e over the same
+        pool (for the per-sample scope: the pool's k-th largest, k the selection's size)."""
         if self.pool == "global":
             rank, world = _world()
             if world > 1:
                 return self._global_pool_selection(scores_SE, logits_SE, rank, world)
-        selection = self._equal_selection(scores_SE, scores_SE.shape[0])
+        selection = self._equal_selection(scores_SE, batch)
         with torch.no_grad():
             targets_E = threshold_targets(logits_SE, int(selection.tokens.shape[1]))
         return selection, targets_E

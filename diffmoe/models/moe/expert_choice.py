@@ -12,15 +12,22 @@ from torch import Tensor
 from .base import FFNOutput, MoELayer, Routing, expert_capacity
 
 
+def per_sample_topk(scores_SE: Tensor, batch: int, k: int) -> tuple[Tensor, Tensor]:
+    """Expert choice within each sample: expert e takes the top ``k`` tokens of each of the
+    ``batch`` samples of the pool by its score column. Returns the chosen token indices (into the
+    pool) and their scores, (E, batch·k) each, every expert's tokens sample after sample."""
+    S, E = scores_SE.shape
+    s = S // batch
+    w_BEk, idx_BEk = scores_SE.view(batch, s, E).transpose(1, 2).topk(k, dim=2)
+    offset_B = torch.arange(batch, device=scores_SE.device).view(batch, 1, 1) * s
+    idx_EK = (idx_BEk + offset_B).permute(1, 0, 2).reshape(E, batch * k)
+    return idx_EK, w_BEk.permute(1, 0, 2).reshape(E, batch * k)
+
+
 class ExpertChoiceMoE(MoELayer):
     def route_and_compute(self, x_SD: Tensor, batch: int, routing: Routing) -> FFNOutput:
         S, E = x_SD.shape[0], self.num_experts
-        s = S // batch
-        k = expert_capacity(s, self.capacity, self.base_experts)
-        scores_SE = self.router(x_SD)
-        w_BEk, idx_BEk = scores_SE.view(batch, s, E).transpose(1, 2).topk(k, dim=2)
-        offset_B = torch.arange(batch, device=x_SD.device).view(batch, 1, 1) * s
-        idx_EK = (idx_BEk + offset_B).permute(1, 0, 2).reshape(E, batch * k)
-        w_EK = w_BEk.permute(1, 0, 2).reshape(E, batch * k)
+        k = expert_capacity(S // batch, self.capacity, self.base_experts)
+        idx_EK, w_EK = per_sample_topk(self.router(x_SD), batch, k)
         counts_E = torch.full((E,), batch * k, dtype=torch.long, device=x_SD.device)
         return self.output(self.run_equal(x_SD, idx_EK, w_EK), idx_EK.reshape(-1), counts_E)

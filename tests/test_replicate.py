@@ -1,0 +1,127 @@
+"""The machinery of benchmarks/replicate.py at a toy size (not the study): rows run in order with
+what they need, write their results, are skipped when done, stop at the budget, reproduce their
+numbers when rerun, and feed the report. A toy feature network stands in for the Inception so
+that FID costs nothing here."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import replicate  # noqa: E402
+
+PROJECTION = torch.randn(32 * 32, 6, generator=torch.Generator().manual_seed(0))
+
+
+def toy_features(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 1, 32, 32) → (N, 6): a fixed random projection."""
+    return pixels.float().flatten(1).div(255) @ PROJECTION
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    torch.set_num_threads(2)
+    study = replicate.Study(replicate.TINY, tmp_path_factory.mktemp("study"),
+                            extractor=toy_features)
+    rows = replicate.selected(replicate.plan(replicate.TINY),
+                              ["eval-diffmoe-e8-s0-predictor", "batch-*-predictor-*",
+                               "stability-*"])
+    assert replicate.run_plan(study, rows, budget_minutes=0) == 0
+    return study, rows
+
+
+def test_rows_run_with_what_they_need_in_plan_order(finished):
+    study, rows = finished
+    assert [r.id for r in rows] == ["train-diffmoe-e8-s0", "eval-diffmoe-e8-s0-predictor",
+                                    "batch-diffmoe-e8-s0-predictor-b2",
+                                    "stability-diffmoe-e8-s0"]
+    for r in rows:
+        assert study.row_path(r.id).is_file()
+    train = json.loads(study.row_path("train-diffmoe-e8-s0").read_text())
+    assert train["steps"] == replicate.TINY.steps and len(train["curve"]) == 1
+    assert train["total_params"] > train["activated_params_c1"]
+    ev = json.loads(study.row_path("eval-diffmoe-e8-s0-predictor").read_text())
+    assert ev["mode"] == "predictor" and ev["num"] == replicate.TINY.fid_num
+    for key in ("fid", "heldout_loss", "c_avg_infer", "class_consistency", "kid"):
+        assert math.isfinite(ev[key]), key
+    assert 0 <= ev["class_consistency"] <= 1 and 0 < ev["c_avg_infer"] <= 8
+    assert (study.out / "grids" / "eval-diffmoe-e8-s0-predictor.png").is_file()
+
+
+def test_predictor_rows_do_not_depend_on_the_sampling_batch(finished):
+    study, _ = finished
+    b4 = json.loads(study.row_path("eval-diffmoe-e8-s0-predictor").read_text())
+    b2 = json.loads(study.row_path("batch-diffmoe-e8-s0-predictor-b2").read_text())
+    assert (b4["batch"], b2["batch"]) == (4, 2)
+    for key in ("fid", "c_avg_infer", "class_consistency"):
+        assert b2[key] == pytest.approx(b4[key], rel=1e-5, abs=1e-6), key
+
+
+def test_finished_rows_are_skipped_and_the_budget_stops_new_rows(finished, tmp_path):
+    study, rows = finished
+    stamps = {r.id: study.row_path(r.id).stat().st_mtime_ns for r in rows}
+    assert replicate.run_plan(study, rows, budget_minutes=0) == 0
+    assert stamps == {r.id: study.row_path(r.id).stat().st_mtime_ns for r in rows}
+    fresh = replicate.Study(replicate.TINY, tmp_path / "fresh", extractor=toy_features)
+    assert replicate.run_plan(fresh, rows, budget_minutes=1e-9) == len(rows)
+    assert not (tmp_path / "fresh" / "rows").exists()
+
+
+def test_a_row_claimed_by_another_process_is_left_to_it(finished, tmp_path):
+    from diffmoe.paths import DirectoryLock
+
+    _, rows = finished
+    fresh = replicate.Study(replicate.TINY, tmp_path / "fresh", extractor=toy_features)
+    (fresh.out / "claims").mkdir(parents=True)
+    other = DirectoryLock(fresh.out / "claims" / "train-diffmoe-e8-s0.lock")
+    other.acquire()  # another worker is training the model every other row needs
+    try:
+        assert not replicate.run_next(fresh, rows)
+        assert not (fresh.out / "rows").exists()
+    finally:
+        other.release()
+
+
+def test_a_rerun_row_reproduces_its_numbers(finished):
+    study, rows = finished
+    assert replicate.verify(study, rows, "eval-diffmoe-e8-s0-predictor")
+
+
+def test_the_report_reads_the_rows(finished):
+    study, rows = finished
+    summary = replicate_report_of(study, rows)
+    (line,) = summary["comparison"]
+    assert (line["model"], line["mode"], line["seeds"]) == ("diffmoe-e8", "predictor", [0])
+    assert line["fid"]["se"] is None  # one seed: no standard error
+    assert [d["batch"] for d in summary["sampling_batch"]] == [2, 4]
+    report = study.out / "report"
+    for name in ("tables.md", "summary.json", "loss_curves.png", "sampling_batch.png",
+                 "stability.png"):
+        assert (report / name).is_file(), name
+    changed = summary["stability"]["modes"]["dynamic"]["changed"]
+    assert len(changed) == replicate.TINY.sample_steps - 1
+    assert all(0 <= c <= 1 for step in changed for c in step)
+
+
+def replicate_report_of(study, rows):
+    from replicate_report import write_report
+
+    return write_report(study.out, rows, study.scale, replicate.MODELS, {})
+
+
+def test_every_row_of_the_full_study_has_a_unique_id_and_its_training_row_first():
+    rows = replicate.plan(replicate.FULL)
+    ids = [r.id for r in rows]
+    assert len(ids) == len(set(ids))
+    for i, r in enumerate(rows):
+        if r.needs:
+            assert r.needs in ids[:i], r.id
+    assert sum(r.kind == "train" for r in rows) == len(replicate.MODELS) * 3
