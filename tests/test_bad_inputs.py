@@ -421,6 +421,10 @@ CASES = [
          "error: sample.steps=0 must be a positive integer"),
     Case("sample-num-negative", "cli", ["sample", "<run>", "--num", "-3", "--out", "<tmp>/o.png"],
          "error: sample.num=-3 must be a positive integer"),
+    Case("judge-not-mnist", "cli", ["sample", "<run>", "--judge", "--out", "<tmp>/o.png"],
+         "error: --judge reads samples with the MNIST judge, which reads 10-class 1x32x32 pixel "
+         "images; this checkpoint's model makes 10-class 1x8x8 images; drop --judge",
+         note="refused before sampling"),
     Case("labels-out-of-range", "cli",
          ["sample", "<run>", "--labels", "3,99", "--out", "<tmp>/o.png"],
          "error: --labels: class 99 is outside 0..9"),
