@@ -289,6 +289,10 @@ CASES = [
          TRAIN + ["objective.type=ddpm", "objective.beta_end=0.5"],
          "error: objective.beta_end=0.5 leaves alpha_bar=4.9e-134 at the last timestep, too "
          "close to 0 for respaced sampling; lower beta_end (DiT: 0.02)"),
+    Case("time-sampling-on-ddpm", "config",
+         TRAIN + ["objective.type=ddpm", "objective.time_sampling=logit_normal"],
+         "error: objective.time_sampling=logit_normal is for the flow objective; DDPM draws its "
+         "integer timesteps uniformly; drop it or use objective.type=flow"),
     Case("section-not-mapping", "config", ["train", "<tmp>/c.yaml"],
          "error: config section 'model' must be a mapping of keys to values, got int",
          setup=write("c.yaml", "model: 3\n"), note="`<tmp>/c.yaml` is `model: 3`"),
