@@ -26,9 +26,9 @@ $(STAMP): pyproject.toml Makefile
 # Train the default DiffMoE on MNIST (about 15 minutes on 2 CPU cores), then sample a grid.
 demo: install
 	$(BIN)/diffmoe train $(DEMO_CONFIG) train.out_dir=$(DEMO_DIR)
-	$(BIN)/diffmoe sample $(DEMO_DIR) --out $(DEMO_DIR)/demo_grid.png
-	$(BIN)/diffmoe sample $(DEMO_DIR) --cfg-scale 1 --out $(DEMO_DIR)/demo_grid_unguided.png
-	@echo "samples: $(DEMO_DIR)/demo_grid.png (guided), $(DEMO_DIR)/demo_grid_unguided.png; metrics: $(DEMO_DIR)/metrics.jsonl"
+	$(BIN)/diffmoe sample $(DEMO_DIR) --judge --out $(DEMO_DIR)/demo_grid.png
+	$(BIN)/diffmoe sample $(DEMO_DIR) --judge --cfg-scale 1 --out $(DEMO_DIR)/demo_grid_unguided.png
+	@echo "samples: $(DEMO_DIR)/demo_grid.png (guided), $(DEMO_DIR)/demo_grid_unguided.png (the MNIST judge's class consistency in the .json beside each); metrics: $(DEMO_DIR)/metrics.jsonl"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -5,7 +5,7 @@
     diffmoe sample CHECKPOINT [--num N --steps N --sampler NAME --cfg-scale S
                                --mode auto|dynamic|static|threshold|predictor --threshold G
                                --batch-size N --seed N --labels balanced|random|3,1,4
-                               --weights ema|raw --out grid.png [--force]]
+                               --weights ema|raw --out grid.png [--force] [--judge]]
     diffmoe sample T2I_CHECKPOINT --prompt "a red circle" [--prompt ...] [sampling options]
     diffmoe eval CHECKPOINT [sampling options] [--num N --ref SPEC --save-npz F --out F]
     diffmoe eval T2I_CHECKPOINT [--per-category N --samples-per-prompt N --no-fid]
@@ -98,12 +98,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise DiffMoEError(f"--out '{out}' is a directory; pass a file such as "
                            f"{out / 'samples.png'}")
     check_outputs([out, summary_path(out)], args.force)
+    if args.judge:
+        from .checkpoint import open_checkpoint
+        from .evaluation.mnist_judge import check_judgeable, judge_samples
+        from .sample import checkpoint_config
+
+        check_judgeable(checkpoint_config(open_checkpoint(args.checkpoint)))
     if args.prompt is not None or checkpoint_condition(args.checkpoint) == "text":
         return cmd_sample_text(args, overrides)
-    summary = sample_checkpoint(args.checkpoint, overrides, args.out, args.labels, args.device)
+    summary = sample_checkpoint(args.checkpoint, overrides, args.out, args.labels, args.device,
+                                measure=judge_samples if args.judge else None)
     log.info("wrote %s (C_avg_infer %.3f, mode %s)", summary["image"], summary["c_avg_infer"],
              summary["settings"]["mode"])
-    emit({k: summary[k] for k in ("image", "c_avg_infer", "activated_params")})
+    shown = {k: summary[k] for k in ("image", "c_avg_infer", "activated_params")}
+    if args.judge:
+        judged = summary["judge"]
+        log.info("the MNIST judge reads %.1f%% of the %d samples as their label (the judge "
+                 "itself reads %.2f%% of the MNIST test digits right)",
+                 100 * judged["class_consistency"], judged["num"],
+                 100 * judged["judge_test_accuracy"])
+        shown["class_consistency"] = judged["class_consistency"]
+    emit(shown)
     return 0
 
 
@@ -486,6 +501,10 @@ def add_sample_command(sub) -> None:
                         "(one grid row each)")
     s.add_argument("--out", default="samples.png", help="output PNG (a JSON summary goes beside)")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.add_argument("--judge", action="store_true",
+                   help="MNIST-shaped class-conditional models: also report the share of "
+                        "samples the packaged MNIST classifier reads as their label (class "
+                        "consistency; in the log and the JSON summary)")
     s.set_defaults(func=cmd_sample)
 
 

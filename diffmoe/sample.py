@@ -278,10 +278,13 @@ def parse_labels(spec: Optional[str], num: int, num_classes: int, seed: int) -> 
 
 
 def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
-                      labels: Optional[str] = None, device: str | torch.device = "auto") -> dict:
+                      labels: Optional[str] = None, device: str | torch.device = "auto",
+                      measure: Optional[Callable[[Tensor, Tensor], dict]] = None) -> dict:
     """The ``diffmoe sample`` command: a PNG grid at ``out`` and a JSON summary beside it
     (:func:`summary_path`; the caller has checked both may be written). Settings are the
-    checkpoint's ``sample`` config updated with ``overrides``."""
+    checkpoint's ``sample`` config updated with ``overrides``. ``measure(images, labels)``, if
+    given, reads the samples (in [-1, 1]) and returns entries for the summary (``diffmoe sample
+    --judge``: the MNIST judge's class consistency)."""
     out, device = Path(out), resolve_device(device, "--device")
     ckpt, s, model, objective = load_for_sampling(path, overrides, device)
     state, ckpt_path, cfg = ckpt.state, ckpt.path, model.cfg
@@ -303,6 +306,7 @@ def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
         "c_avg_infer": cap["c_avg_infer"], "capacity_per_layer": cap["per_layer"],
         "activated_params": activated_params(model, cap["c_avg_infer"]),
         "total_params": model.num_params(),
+        **(measure(images, y) if measure is not None else {}),
     }
     write_json(summary_path(out), summary)
     return summary

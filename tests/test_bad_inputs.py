@@ -319,6 +319,10 @@ CASES = [
          TRAIN + ["objective.type=ddpm", "objective.beta_end=0.5"],
          "error: objective.beta_end=0.5 leaves alpha_bar=4.9e-134 at the last timestep, too "
          "close to 0 for respaced sampling; lower beta_end (DiT: 0.02)"),
+    Case("time-sampling-on-ddpm", "config",
+         TRAIN + ["objective.type=ddpm", "objective.time_sampling=logit_normal"],
+         "error: objective.time_sampling=logit_normal is for the flow objective; DDPM draws its "
+         "integer timesteps uniformly; drop it or use objective.type=flow"),
     Case("section-not-mapping", "config", ["train", "<tmp>/c.yaml"],
          "error: config section 'model' must be a mapping of keys to values, got int",
          setup=write("c.yaml", "model: 3\n"), note="`<tmp>/c.yaml` is `model: 3`"),
@@ -464,6 +468,10 @@ CASES = [
          "error: sample.steps=0 must be a positive integer"),
     Case("sample-num-negative", "cli", ["sample", "<run>", "--num", "-3", "--out", "<tmp>/o.png"],
          "error: sample.num=-3 must be a positive integer"),
+    Case("judge-not-mnist", "cli", ["sample", "<run>", "--judge", "--out", "<tmp>/o.png"],
+         "error: --judge reads samples with the MNIST judge, which reads 10-class 1x32x32 pixel "
+         "images; this checkpoint's model makes 10-class 1x8x8 images; drop --judge",
+         note="refused before sampling"),
     Case("labels-out-of-range", "cli",
          ["sample", "<run>", "--labels", "3,99", "--out", "<tmp>/o.png"],
          "error: --labels: class 99 is outside 0..9"),

@@ -41,6 +41,32 @@ def test_loss_parts_and_learn_sigma_ignored():
     assert out.predictor_loss > 0
 
 
+def test_training_times_uniform_or_logit_normal():
+    """Uniform draws what torch.rand draws (so runs from before the option reproduce); logit-normal
+    is sigmoid(m + s·n) of the generator's normal draws, and the loss trains the model at them."""
+    def draw(fm):
+        return fm.draw_times(6, torch.device("cpu"), torch.Generator().manual_seed(3))
+
+    expected = torch.rand(6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(draw(FlowMatching(1)), expected)
+    fm = FlowMatching(1, time_scale=10.0, time_sampling="logit_normal", logit_mean=-0.5,
+                      logit_std=2.0)
+    normal = torch.randn(6, generator=torch.Generator().manual_seed(3))
+    assert_close(draw(fm), torch.sigmoid(-0.5 + 2.0 * normal))
+
+    seen = []
+
+    def model(z, model_t, y):
+        seen.append(model_t)
+        return type("Out", (), {"prediction": torch.zeros_like(z)})()
+
+    fm.loss(model, torch.zeros(6, 1, 2, 2), torch.zeros(6, dtype=torch.long),
+            torch.Generator().manual_seed(3))
+    assert_close(seen[0], 10.0 * torch.sigmoid(-0.5 + 2.0 * normal))
+    with pytest.raises(ValueError, match="time_sampling 'lognormal'"):
+        FlowMatching(1, time_sampling="lognormal")
+
+
 def linear_ode(z: torch.Tensor, t: float, a: float = -1.3) -> torch.Tensor:
     return a * z
 

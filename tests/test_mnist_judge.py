@@ -59,3 +59,36 @@ def test_the_recipe_is_deterministic():
     a, b = (train_judge(recipe, progress=False).state_dict() for _ in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], MnistJudge().state_dict()[k]) for k in a)
+
+
+def test_sample_judge_reports_the_consistency_of_the_grid(train_tiny, tmp_path, capsys):
+    """``diffmoe sample --judge`` on an MNIST-shaped model: the summary and the printed line
+    carry the judge's reading of exactly the images drawn, for their labels."""
+    import json
+
+    from diffmoe import sample as sample_module
+    from diffmoe.cli import main
+
+    run = train_tiny("data.name=mnist", "data.split=test", "data.limit=64", "model.input_size=32",
+                     "model.patch_size=8")
+    seen = {}
+    real_generate = sample_module.generate
+
+    def generate(*args, **kwargs):
+        images, meter = real_generate(*args, **kwargs)
+        seen["images"], seen["labels"] = images, args[2]
+        return images, meter
+
+    out = tmp_path / "grid.png"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sample_module, "generate", generate)
+        assert main(["sample", str(run), "--judge", "--num", "20", "--steps", "1",
+                     "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    judged = json.loads(out.with_suffix(".json").read_text())["judge"]
+    expected = class_consistency(load_judge(), seen["images"], seen["labels"])
+    assert seen["labels"].tolist() == [i % 10 for i in range(20)]
+    assert judged["num"] == 20 and judged["per_class"] == expected["per_class"]
+    assert printed["class_consistency"] == judged["class_consistency"] == \
+        expected["class_consistency"]
+    assert judged["judge_test_accuracy"] == judge_metadata()["test_accuracy"]

@@ -37,7 +37,8 @@ _TABLE: dict[str, dict[str, str]] = {
         "model.text": "encoder dim max_tokens",
     },
     OBJECTIVE: {
-        "objective": "type time_scale num_timesteps beta_start beta_end vb_weight",
+        "objective": "type time_scale time_sampling logit_mean logit_std num_timesteps "
+                     "beta_start beta_end vb_weight",
     },
     DATA: {
         "data": "name split limit path flip",

@@ -30,6 +30,7 @@ SAMPLERS_BY_OBJECTIVE = {"flow": ("euler", "heun", "dopri5", "sde"), "ddpm": ("d
 SAMPLER_NAMES = tuple(n for names in SAMPLERS_BY_OBJECTIVE.values() for n in names)
 SAMPLERS = ("auto",) + SAMPLER_NAMES
 OBJECTIVES = tuple(SAMPLERS_BY_OBJECTIVE)
+TIME_SAMPLINGS = ("uniform", "logit_normal")  # flow: how training draws t (diffusion/flow.py)
 DATASETS = ("mnist", "digits", "folder", "latents", "shapes", "emoji")
 TEXT_DATASETS = ("shapes", "emoji")  # captioned: need model.condition=text
 # Class labels or captions, whichever the data holds (checked when it is opened).
@@ -128,6 +129,11 @@ class ObjectiveConfig:
     type: str = "flow"
     # flow: the timestep embedder sees t * time_scale, so t in [0, 1] spans DiT's 0..1000 range.
     time_scale: float = 1000.0
+    # flow: how training draws t: uniform (SiT, the paper) or logit_normal, t = sigmoid(logit_mean
+    # + logit_std * n), n ~ N(0, 1) (SD3's rectified flow: more training at the middle times).
+    time_sampling: str = "uniform"
+    logit_mean: float = 0.0  # flow, logit_normal: the location m
+    logit_std: float = 1.0  # flow, logit_normal: the scale s
     # ddpm: T, and the linear beta schedule's ends (given for T = 1000, scaled by 1000/T).
     num_timesteps: int = 1000
     beta_start: float = 1e-4  # ddpm: beta_1 of the linear schedule

@@ -30,6 +30,7 @@ from .schema import (
     SAMPLERS,
     SAMPLERS_BY_OBJECTIVE,
     TEXT_DATASETS,
+    TIME_SAMPLINGS,
     TOKEN_POOLS,
     TRACKERS,
     WEIGHTS,
@@ -221,9 +222,14 @@ def validate_train(t: TrainConfig) -> None:
 
 def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
     _choice("objective.type", o.type, OBJECTIVES)
+    _choice("objective.time_sampling", o.time_sampling, TIME_SAMPLINGS)
     if o.type == "flow":
         _require(o.time_scale > 0, f"objective.time_scale={o.time_scale} must be positive")
+        _require(o.logit_std > 0, f"objective.logit_std={o.logit_std} must be positive")
         return
+    _require(o.time_sampling == "uniform",
+             f"objective.time_sampling={o.time_sampling} is for the flow objective; DDPM draws "
+             f"its integer timesteps uniformly; drop it or use objective.type=flow")
     _require(o.num_timesteps > 0, f"objective.num_timesteps={o.num_timesteps} must be a positive "
              f"integer (DiT: 1000)")
     _require(0 < o.beta_start <= o.beta_end and o.beta_end * beta_scale(o.num_timesteps) < 1,

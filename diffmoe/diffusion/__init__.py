@@ -33,7 +33,7 @@ def build_objective(cfg: Config) -> Objective:
     if o.type == "ddpm":
         return GaussianDiffusion.linear(m.in_channels, m.learn_sigma, o.num_timesteps,
                                         o.beta_start, o.beta_end, o.vb_weight)
-    return FlowMatching(m.in_channels, o.time_scale)
+    return FlowMatching(m.in_channels, o.time_scale, o.time_sampling, o.logit_mean, o.logit_std)
 
 
 __all__ = ["FlowMatching", "GaussianDiffusion", "ObjectiveLoss", "Objective", "SAMPLERS",

@@ -31,8 +31,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from ..config import Config
 from ..data import build_dataset, to_model_range
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,29 @@ def class_consistency(judge: MnistJudge, images: Tensor, labels: Tensor) -> dict
                  for c in range(NUM_CLASSES) if bool((labels == c).any())}
     return {"class_consistency": float(hit.float().mean()), "per_class": per_class,
             "num": int(hit.numel())}
+
+
+def check_judgeable(cfg: Config) -> None:
+    """Refuse, in one line, a model whose samples the judge cannot read: it reads
+    class-conditional pixel images of 1 × 32 × 32 in 10 classes (MNIST padded to 32)."""
+    m = cfg.model
+    makes = (m.condition == "class" and cfg.data.name != "latents" and m.in_channels == 1
+             and m.input_size == IMAGE_SIZE and m.num_classes == NUM_CLASSES)
+    if not makes:
+        what = ("text-conditioned images" if m.condition == "text" else
+                f"{m.num_classes}-class {m.in_channels}x{m.input_size}x{m.input_size} "
+                f"{'latents' if cfg.data.name == 'latents' else 'images'}")
+        raise ConfigError(f"--judge reads samples with the MNIST judge, which reads 10-class "
+                          f"1x{IMAGE_SIZE}x{IMAGE_SIZE} pixel images; this checkpoint's model "
+                          f"makes {what}; drop --judge")
+
+
+def judge_samples(images: Tensor, labels: Tensor) -> dict:
+    """The committed judge's class consistency of ``images`` drawn for ``labels`` (as
+    :func:`class_consistency`), with the judge's own accuracy on the MNIST test split beside it,
+    so a reader knows how far to trust the figure."""
+    result = class_consistency(load_judge(), images, labels)
+    return {"judge": {**result, "judge_test_accuracy": judge_metadata().get("test_accuracy")}}
 
 
 def shifted(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
