@@ -125,3 +125,12 @@ def test_every_row_of_the_full_study_has_a_unique_id_and_its_training_row_first(
         if r.needs:
             assert r.needs in ids[:i], r.id
     assert sum(r.kind == "train" for r in rows) == len(replicate.MODELS) * 3
+
+
+def test_a_study_folder_refuses_rows_of_another_scale(tmp_path):
+    study = replicate.Study(replicate.TINY, tmp_path)
+    replicate.check_scale(study)
+    replicate.check_scale(study)  # the same scale again: continues
+    edited = replicate.Study(replicate.replace(replicate.TINY, steps=5), tmp_path)
+    with pytest.raises(SystemExit, match=r"holds rows of another scale \(differs in steps\)"):
+        replicate.check_scale(edited)
