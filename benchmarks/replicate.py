@@ -120,10 +120,10 @@ TRAIN_RECIPE = ("model.depth=4", "model.hidden_size=128", "model.num_heads=4",
                 "train.batch_size=32", "train.lr=1.5e-3", "train.lr_schedule=cosine",
                 "train.ema_decay=0.995", "train.ema_warmup=true", "train.max_minutes=0",
                 "train.keep_checkpoints=1")
-FULL = Scale("full", steps=2000, seeds=(0, 1, 2), fid_num=2000, ref_num=10000, sample_steps=20,
+FULL = Scale("full", steps=1500, seeds=(0, 1, 2), fid_num=2000, ref_num=10000, sample_steps=20,
              sample_batch=64, heldout_images=512, heldout_times=8, curve_points=8,
              curve_images=128, gammas=(0.9, 0.5, 0.1, 1e-3), batch_sizes=(1, 4, 16, 64),
-             stability_num=128, train=TRAIN_RECIPE + ("train.warmup_steps=200",))
+             stability_num=128, train=TRAIN_RECIPE + ("train.warmup_steps=150",))
 QUICK = replace(FULL, name="quick", steps=150, seeds=(0,), fid_num=500, ref_num=2000,
                 sample_steps=10, heldout_images=256, heldout_times=4, curve_points=3,
                 curve_images=128, gammas=(0.5, 0.01), batch_sizes=(4, 64), stability_num=64,
