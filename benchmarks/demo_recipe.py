@@ -94,6 +94,18 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
                             "train.lr=3e-3"),
     "d128x4-ln-lr3e-3-8k": ("model.depth=4", "train.steps=8000", "train.warmup_steps=300",
                             "objective.time_sampling=logit_normal", "train.lr=3e-3"),
+    # Toward the noisy end (t = 0 is noise): the times where a sample's class is decided.
+    "d96x4-lnm05-lr3e-3-11k": ("model.depth=4", "model.hidden_size=96", "train.steps=11000",
+                               "train.warmup_steps=300", "objective.time_sampling=logit_normal",
+                               "objective.logit_mean=-0.5", "train.lr=3e-3"),
+    "d96x4-ln-lr3e-3-b64-6k": ("model.depth=4", "model.hidden_size=96", "train.steps=6000",
+                               "train.batch_size=64", "train.warmup_steps=200",
+                               "objective.time_sampling=logit_normal", "train.lr=3e-3"),
+    "d128x4-ln-lr3e-3-9k": ("model.depth=4", "train.steps=9000", "train.warmup_steps=300",
+                            "objective.time_sampling=logit_normal", "train.lr=3e-3"),
+    "d128x4-ln-lr3e-3-9k-cd05": ("model.depth=4", "train.steps=9000", "train.warmup_steps=300",
+                                 "objective.time_sampling=logit_normal", "train.lr=3e-3",
+                                 "model.class_dropout=0.05"),
 }
 
 
@@ -119,6 +131,7 @@ SETTINGS = {"unguided": UNGUIDED, "guided": GUIDED}
 EXTRA_SETTINGS = {
     "raw": Setting(weights="raw"),
     "heun25": Setting(sampler="heun", steps=25),
+    "heun50": Setting(sampler="heun", steps=50),
     "euler25": Setting(steps=25),
     "guided1000": Setting(cfg_scale=4.0),
     "cfg2": Setting(cfg_scale=2.0, num=200),
