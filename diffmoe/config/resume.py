@@ -32,8 +32,9 @@ _TABLE: dict[str, dict[str, str]] = {
         "model": "input_size in_channels patch_size depth hidden_size num_heads mlp_ratio "
                  "num_classes learn_sigma final_conv condition",
         # router_init_std only shapes the initial weights, which the checkpoint replaces.
+        # pool_scope: the batch-level pool (DiffMoE) or each sample (expert choice): the model.
         "model.moe": "type num_experts capacity interleave shared_experts granularity "
-                     "router_init_std",
+                     "pool_scope router_init_std",
         "model.text": "encoder dim max_tokens",
     },
     OBJECTIVE: {
