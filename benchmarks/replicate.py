@@ -116,7 +116,9 @@ class Scale:
 # rows comparable: the demo's width and patch at depth 4 (MoE in blocks 1 and 3), the paper's
 # uniform training times, a short-run schedule.
 TRAIN_RECIPE = ("model.depth=4", "model.hidden_size=128", "model.num_heads=4",
-                "model.patch_size=4", "model.final_conv=false", "objective.time_sampling=uniform",
+                "model.patch_size=4", "model.final_conv=false", "model.class_dropout=0.1",
+                "model.moe.interleave=true", "objective.time_sampling=uniform",
+                "objective.logit_mean=0.0", "objective.logit_std=1.0",
                 "train.batch_size=32", "train.lr=1.5e-3", "train.lr_schedule=cosine",
                 "train.ema_decay=0.995", "train.ema_warmup=true", "train.max_minutes=0",
                 "train.keep_checkpoints=1")
@@ -480,8 +482,15 @@ def check_scale(study: Study) -> None:
     import json
 
     record = study.out / "scale.json"
+    configs = {}
+    for name in MODELS:  # as resolved, so that an edit of the base config is caught too
+        cfg = study.config(name, 0).to_dict()
+        cfg["train"] = {k: v for k, v in cfg["train"].items()
+                        if k not in ("out_dir", "num_threads", "seed")}
+        configs[name] = cfg
     now = json.loads(json.dumps({"scale": asdict(study.scale),
-                                 "models": {k: asdict(m) for k, m in MODELS.items()}}))
+                                 "models": {k: asdict(m) for k, m in MODELS.items()},
+                                 "configs": configs}))
     if not record.is_file():
         write_json(record, now)
         return
@@ -489,9 +498,10 @@ def check_scale(study: Study) -> None:
     if before != now:
         changed = sorted(k for k in {**before["scale"], **now["scale"]}
                          if before["scale"].get(k) != now["scale"].get(k))
-        raise SystemExit(f"error: {study.out} holds rows of another scale (differs in "
-                         f"{', '.join(changed) or 'the models'}); pass another --out, or move "
-                         f"that folder away to start again")
+        what = ", ".join(changed) or ("the models" if before.get("models") != now["models"]
+                                      else "the models' configs")
+        raise SystemExit(f"error: {study.out} holds rows of another scale (differs in {what}); "
+                         f"pass another --out, or move that folder away to start again")
 
 
 def run_next(study: Study, todo: list[Row]) -> bool:

@@ -134,3 +134,13 @@ def test_a_study_folder_refuses_rows_of_another_scale(tmp_path):
     edited = replicate.Study(replicate.replace(replicate.TINY, steps=5), tmp_path)
     with pytest.raises(SystemExit, match=r"holds rows of another scale \(differs in steps\)"):
         replicate.check_scale(edited)
+
+
+def test_a_study_folder_refuses_an_edited_base_config(tmp_path, monkeypatch):
+    replicate.check_scale(replicate.Study(replicate.TINY, tmp_path))
+    edited = tmp_path / "base.yaml"
+    edited.write_text(replicate.BASE_CONFIG.read_text().replace("num_experts: 4",
+                                                                "num_experts: 2"))
+    monkeypatch.setattr(replicate, "BASE_CONFIG", edited)
+    with pytest.raises(SystemExit, match=r"differs in the models' configs"):
+        replicate.check_scale(replicate.Study(replicate.TINY, tmp_path))
