@@ -104,6 +104,60 @@ def paired_modes(done: dict, rows: list) -> list[dict]:
     return lines
 
 
+MODEL_PAIRS = (("diffmoe-e8", "dynamic", "tc-e8", "static"),
+               ("diffmoe-e8", "dynamic", "ec-e8", "static"),
+               ("diffmoe-e8", "dynamic", "dense-3x", "static"),
+               ("diffmoe-e4", "dynamic", "diffmoe-e8", "dynamic"),
+               ("diffmoe-e4", "dynamic", "tc-e8", "static"),
+               ("diffmoe-e4", "dynamic", "ec-e8", "static"),
+               ("diffmoe-e4", "dynamic", "dense-3x", "static"))
+
+
+def paired_models(done: dict, rows: list, models: dict) -> list[dict]:
+    """Two models compared seed by seed (same data order, same noise): first minus second."""
+    lines = []
+    seeds = sorted({r.seed for r in rows if r.kind == "eval"})
+    for a, mode_a, b, mode_b in MODEL_PAIRS:
+        pairs = [(done.get(f"eval-{a}-s{s}-{mode_a}"), done.get(f"eval-{b}-s{s}-{mode_b}"))
+                 for s in seeds]
+        pairs = [(x, y) for x, y in pairs if x and y]
+        if pairs and a in models and b in models:
+            lines.append({"model": f"{models[a].label} ({mode_a})",
+                          "modes": f"- {models[b].label} ({mode_b})", "seeds": len(pairs),
+                          **{m: mean_se([x[m] - y[m] for x, y in pairs])
+                             for m in PAIRED_METRICS}})
+    return lines
+
+
+def stability_summary(result: dict) -> list[dict]:
+    """Per mode and MoE layer: the share of tokens whose experts changed between consecutive
+    steps, averaged over the noisier and the cleaner half of the trajectory and over all steps,
+    and the share of tokens no expert processed."""
+    lines = []
+    for mode, r in result["modes"].items():
+        times = r["times"]
+        for layer in range(len(r["changed"][0])):
+            changed = [c[layer] for c in r["changed"]]
+            early = [c for c, t in zip(changed, times) if t < 0.5]
+            late = [c for c, t in zip(changed, times) if t >= 0.5]
+            lines.append({"mode": mode, "layer": layer + 1,
+                          "changed_t_below_half": sum(early) / max(1, len(early)),
+                          "changed_t_above_half": sum(late) / max(1, len(late)),
+                          "changed": sum(changed) / len(changed),
+                          "unrouted": sum(u[layer] for u in r["unrouted"]) / len(times)})
+    return lines
+
+
+def render_stability(lines: list[dict]) -> str:
+    out = ["| mode | MoE layer | changed, t < 0.5 | changed, t ≥ 0.5 | changed, all steps | "
+           "no expert |", "|---|---|---|---|---|---|"]
+    for ln in lines:
+        out.append(f"| {ln['mode']} | {ln['layer']} | {ln['changed_t_below_half']:.3f} | "
+                   f"{ln['changed_t_above_half']:.3f} | {ln['changed']:.3f} | "
+                   f"{ln['unrouted']:.3f} |")
+    return "\n".join(out)
+
+
 def render_paired(lines: list[dict]) -> str:
     out = ["| model | difference | seeds | Δ C_avg | Δ FID | Δ held-out loss | "
            "Δ class consistency |", "|---|---|---|---|---|---|---|"]
@@ -255,14 +309,19 @@ def write_report(out: Path, rows: list, scale, models: dict, machine: dict) -> d
     if stability:
         figures["stability"] = str(plot_stability(stability, report / "stability.png"))
     paired = paired_modes(done, rows)
+    between = paired_models(done, rows, models)
+    steadiness = stability_summary(stability) if stability else []
     text = ["## Comparisons (Tables 3 and 4)", render_comparison(lines),
             "## Inference modes of the same checkpoints (paired by seed)", render_paired(paired),
+            "## Models against each other (paired by seed)", render_paired(between),
             "## Interval search (Table 10)", render_sampling_rows("setting", sweep, "setting"),
-            "## Sampling batch (Table 13)", render_sampling_rows("setting", batch, "setting")]
+            "## Sampling batch (Table 13)", render_sampling_rows("setting", batch, "setting"),
+            "## Routing stability along the trajectory", render_stability(steadiness)]
     atomic_write_text(report / "tables.md", "\n\n".join(text) + "\n")
     summary = {"scale": scale.name, "settings": {k: v for k, v in vars(scale).items()},
                "machine": machine, "done": totals(done), "rows_planned": len(rows),
-               "comparison": lines, "paired_modes": paired, "interval_search": sweep,
+               "comparison": lines, "paired_modes": paired, "paired_models": between,
+               "interval_search": sweep, "stability_summary": steadiness,
                "sampling_batch": batch,
                "stability": stability, "figures": figures}
     write_json(report / "summary.json", summary)

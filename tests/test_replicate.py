@@ -109,6 +109,33 @@ def test_the_report_reads_the_rows(finished):
     changed = summary["stability"]["modes"]["dynamic"]["changed"]
     assert len(changed) == replicate.TINY.sample_steps - 1
     assert all(0 <= c <= 1 for step in changed for c in step)
+    lines = summary["stability_summary"]
+    layers = len(changed[0])
+    assert len(lines) == len(summary["stability"]["modes"]) * layers
+    dynamic_first = next(ln for ln in lines if (ln["mode"], ln["layer"]) == ("dynamic", 1))
+    assert math.isclose(dynamic_first["changed"], sum(c[0] for c in changed) / len(changed))
+    assert "## Routing stability" in (report / "tables.md").read_text()
+
+
+def test_models_are_compared_seed_by_seed():
+    from replicate_report import paired_models
+
+    def result(fid, loss):
+        return {"fid": fid, "heldout_loss": loss, "c_avg_infer": 1.0, "class_consistency": 0.5}
+
+    done = {"eval-diffmoe-e8-s0-dynamic": result(10.0, 0.20),
+            "eval-diffmoe-e8-s1-dynamic": result(12.0, 0.22),
+            "eval-tc-e8-s0-static": result(13.0, 0.25),
+            "eval-tc-e8-s1-static": result(14.0, 0.25),
+            "eval-tc-e8-s2-static": result(99.0, 0.99)}  # no DiffMoE row for seed 2: unpaired
+    rows = replicate.plan(replicate.FULL)
+    (line,) = [ln for ln in paired_models(done, rows, replicate.MODELS)
+               if "TC-MoE" in ln["modes"] and ln["model"].startswith("DiffMoE-E8")]
+    assert line["seeds"] == 2
+    assert line["fid"]["values"] == [-3.0, -2.0]
+    assert math.isclose(line["fid"]["mean"], -2.5)
+    assert math.isclose(line["fid"]["se"], 0.5)
+    assert math.isclose(line["heldout_loss"]["mean"], -0.04)
 
 
 def replicate_report_of(study, rows):
