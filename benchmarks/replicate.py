@@ -19,7 +19,7 @@ minutes (run it again to continue); ``--list`` shows the plan and what is done; 
 only rebuilds the tables and figures (``OUT/report``) from the finished rows, which every run
 also does at its end. ``--verify ROW`` runs a finished row (and the rows it needs) again in
 ``OUT/verify`` and compares every number it measured with the stored one. ``--quick`` is a
-smaller study (one seed, short training, 500-sample FIDs) for a smoke check in about 20 minutes
+smaller study (one seed, short training, 500-sample FIDs) for a smoke check in about 8 minutes
 on 2 cores, written to ``OUT`` (default runs/replicate-quick).
 
 Rows:
@@ -42,7 +42,7 @@ Rows:
 
 FIDs use the standard FID Inception under bfloat16 autocast (``inception.FEATURE_PRECISIONS``),
 for reference and samples alike: several times faster on this CPU, and on MNIST within 0.1 of the
-fp32 FID (docs/replication.md). Every row runs with a fixed number of threads (recorded in
+fp32 FID (docs/evaluation.md). Every row runs with a fixed number of threads (recorded in
 its result), so a row rerun on the same machine with as many threads gives the same numbers.
 """
 
@@ -563,7 +563,7 @@ def verify(study: Study, rows: list[Row], row_id: str) -> bool:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path)
-    p.add_argument("--quick", action="store_true", help="the smoke-check scale (~20 min)")
+    p.add_argument("--quick", action="store_true", help="the smoke-check scale (~8 min on 2 cores)")
     p.add_argument("--scale", choices=list(SCALES), help=argparse.SUPPRESS)
     p.add_argument("--rows", nargs="+", help="fnmatch patterns of the rows to run")
     p.add_argument("--budget-minutes", type=float, default=0.0,
