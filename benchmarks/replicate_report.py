@@ -88,19 +88,30 @@ PAIRED = (("diffmoe-e8", "static", "dynamic"), ("diffmoe-e8", "predictor", "dyna
 PAIRED_METRICS = ("c_avg_infer", "fid", "heldout_loss", "class_consistency")
 
 
+def seed_differences(done: dict, seeds: list[int], first: str, second: str) -> dict | None:
+    """The per-seed differences of :data:`PAIRED_METRICS` between two rows (``first`` minus
+    ``second``, row ids with a ``{seed}`` field), mean and SE over the seeds where both are done;
+    None where there are none."""
+    pairs = [(done.get(first.format(seed=s)), done.get(second.format(seed=s))) for s in seeds]
+    pairs = [(x, y) for x, y in pairs if x and y]
+    if not pairs:
+        return None
+    return {"seeds": len(pairs),
+            **{m: mean_se([x[m] - y[m] for x, y in pairs]) for m in PAIRED_METRICS}}
+
+
+def eval_seeds(rows: list) -> list[int]:
+    return sorted({r.seed for r in rows if r.kind == "eval"})
+
+
 def paired_modes(done: dict, rows: list) -> list[dict]:
-    """Two inference modes of the same checkpoints: the per-seed difference (first minus
-    second), mean and SE over seeds."""
+    """Two inference modes of the same checkpoints, seed by seed: first minus second."""
     lines = []
     for model, a, b in PAIRED:
-        seeds = sorted({r.seed for r in rows if r.model == model and r.kind == "eval"})
-        pairs = [(done.get(f"eval-{model}-s{s}-{a}"), done.get(f"eval-{model}-s{s}-{b}"))
-                 for s in seeds]
-        pairs = [(x, y) for x, y in pairs if x and y]
-        if pairs:
-            lines.append({"model": model, "modes": f"{a} - {b}", "seeds": len(pairs),
-                          **{m: mean_se([x[m] - y[m] for x, y in pairs])
-                             for m in PAIRED_METRICS}})
+        diff = seed_differences(done, eval_seeds(rows), f"eval-{model}-s{{seed}}-{a}",
+                                f"eval-{model}-s{{seed}}-{b}")
+        if diff:
+            lines.append({"model": model, "modes": f"{a} - {b}", **diff})
     return lines
 
 
@@ -116,16 +127,12 @@ MODEL_PAIRS = (("diffmoe-e8", "dynamic", "tc-e8", "static"),
 def paired_models(done: dict, rows: list, models: dict) -> list[dict]:
     """Two models compared seed by seed (same data order, same noise): first minus second."""
     lines = []
-    seeds = sorted({r.seed for r in rows if r.kind == "eval"})
     for a, mode_a, b, mode_b in MODEL_PAIRS:
-        pairs = [(done.get(f"eval-{a}-s{s}-{mode_a}"), done.get(f"eval-{b}-s{s}-{mode_b}"))
-                 for s in seeds]
-        pairs = [(x, y) for x, y in pairs if x and y]
-        if pairs and a in models and b in models:
+        diff = seed_differences(done, eval_seeds(rows), f"eval-{a}-s{{seed}}-{mode_a}",
+                                f"eval-{b}-s{{seed}}-{mode_b}")
+        if diff and a in models and b in models:
             lines.append({"model": f"{models[a].label} ({mode_a})",
-                          "modes": f"- {models[b].label} ({mode_b})", "seeds": len(pairs),
-                          **{m: mean_se([x[m] - y[m] for x, y in pairs])
-                             for m in PAIRED_METRICS}})
+                          "modes": f"- {models[b].label} ({mode_b})", **diff})
     return lines
 
 
