@@ -15,7 +15,10 @@ last, and the directory is renamed into place; a crash at any moment leaves eith
 new checkpoint or none. Old checkpoints are deleted the same way round: renamed out of the
 ``step_*`` namespace first, then removed, so a crash while pruning never leaves a half-deleted
 directory that looks like a checkpoint. Leftovers of either (``.tmp-*``, ``.deleting-*``) are
-removed on resume by :func:`remove_incomplete`.
+removed on resume by :func:`remove_incomplete`. Removing a checkpoint removes only the files it
+wrote (``state.json`` and the files its manifest lists): anything else found in its directory (a
+sample grid written there, another run's directory) stays, in the directory under its old name,
+which then no longer counts as a checkpoint.
 
 ``state.json`` lists each file's size and hash, so a truncated or damaged checkpoint is detected
 and reported, never loaded silently: resume checks every hash before choosing a checkpoint, and
@@ -28,7 +31,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -51,6 +53,7 @@ OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) names 
 TMP_PREFIX = ".tmp-"  # a checkpoint being written
 DELETING_PREFIX = ".deleting-"  # a checkpoint being pruned
 DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint moved aside; never deleted
+KEYS_SHOWN = 3  # keys (or files) named in a message
 
 
 def checkpoint_name(step: int) -> str:
@@ -100,6 +103,8 @@ def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, dict[str, torch
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / checkpoint_name(step)
+    if final.is_dir() and not holds_checkpoint_files(final):
+        return _write_beside_others(final, step, files, state)
     if final.exists():
         try:
             verify_checkpoint(final)
@@ -109,17 +114,40 @@ def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, dict[str, torch
             aside = stamped(ckpt_root / f"{DAMAGED_PREFIX}{final.name}")
             os.rename(final, aside)
             log.warning("moved damaged checkpoint %s aside to %s (%s)", final, aside, exc)
+    tmp = _written_aside(ckpt_root, step, files, state)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    return final
+
+
+def _written_aside(ckpt_root: Path, step: int, files: dict[str, dict[str, torch.Tensor]],
+                   state: dict[str, Any]) -> Path:
+    """The checkpoint written completely into a hidden temporary directory of ``ckpt_root``."""
     tmp = ckpt_root / f"{TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
     if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+        _remove_own(tmp)
+    tmp.mkdir(exist_ok=True)
     try:
         _write_checkpoint(tmp, step, files, state)
     except BaseException:  # a full disk, a signal: the space goes back, the older ones stay
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_own(tmp)
         raise
-    os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
+    return tmp
+
+
+def _write_beside_others(final: Path, step: int, files: dict[str, dict[str, torch.Tensor]],
+                         state: dict[str, Any]) -> Path:
+    """The checkpoint of ``step`` into ``final``, a directory of that name that holds only files
+    the run did not write (kept where they are): each file moved in, ``state.json`` last, so
+    that it is a checkpoint only once complete."""
+    tmp = _written_aside(final.parent, step, files, state)
+    names = sorted(p.name for p in tmp.iterdir())
+    for name in sorted(names, key=lambda n: n == STATE_FILE):
+        os.rename(tmp / name, final / name)
+    tmp.rmdir()
+    _fsync_dir(final)
+    log.info("wrote checkpoint %s beside the files already there (%s)", final,
+             ", ".join(p.name for p in sorted(final.iterdir()) if p.name not in names))
     return final
 
 
@@ -158,7 +186,8 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     ckpt_root = Path(ckpt_root)
     if not ckpt_root.is_dir():
         return []
-    found = [p for p in ckpt_root.iterdir() if p.is_dir() and CKPT_RE.match(p.name)]
+    found = [p for p in ckpt_root.iterdir()
+             if p.is_dir() and CKPT_RE.match(p.name) and holds_checkpoint_files(p)]
     return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
 
 
@@ -260,31 +289,82 @@ def open_checkpoint(path: str | Path, check_hashes: bool = False) -> LoadedCheck
     return LoadedCheckpoint(ckpt, verify_checkpoint(ckpt, check_hashes), verified=check_hashes)
 
 
+# -- removing: only what a checkpoint wrote -----------------------------------------------------
+
+def own_files(path: Path) -> list[Path]:
+    """The files of the checkpoint directory ``path`` that the checkpoint wrote: state.json and
+    the files its manifest lists; with no readable state.json (a write cut short), the
+    ``*.safetensors`` files, which is all a checkpoint writes before it."""
+    try:
+        names = set(json.loads((path / STATE_FILE).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        names = {p.name for p in path.glob("*.safetensors")}
+    return [path / name for name in sorted(names | {STATE_FILE})
+            if (path / name).is_file() and not (path / name).is_symlink()]
+
+
+def holds_checkpoint_files(path: Path) -> bool:
+    """Whether the directory holds a checkpoint (complete or not), not only others' files."""
+    return (path / STATE_FILE).exists() or any(path.glob("*.safetensors"))
+
+
+def _remove_own(path: Path) -> list[str]:
+    """Remove the files the checkpoint in ``path`` wrote (state.json first, so that what is
+    left is never taken for an intact checkpoint), then the directory if that left it empty.
+    Returns the names of what else it holds (kept)."""
+    for file in sorted(own_files(path), key=lambda p: p.name != STATE_FILE):
+        file.unlink()
+    others = sorted(p.name for p in path.iterdir())
+    if not others:
+        path.rmdir()
+    return others
+
+
+def _remove_checkpoint(path: Path, original: Path) -> None:
+    """Remove the checkpoint's own files from ``path`` (``original`` renamed away for the
+    removal); a directory that still holds others' files goes back to its name, with a
+    warning naming them."""
+    others = _remove_own(path)
+    if not others:
+        log.info("removed old checkpoint %s", original)
+        return
+    if path != original and not os.path.lexists(original):
+        os.rename(path, original)
+        path = original
+    shown = ", ".join(others[:KEYS_SHOWN]) + (" ..." if len(others) > KEYS_SHOWN else "")
+    log.warning("removed old checkpoint %s but kept its directory %s, which holds files the run "
+                "did not write (%s)", original, path, shown)
+
+
 def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (each renamed away first, then removed)."""
+    """Remove all but the newest ``keep`` checkpoints (each renamed away first, then its own
+    files removed)."""
     for old in list_checkpoints(ckpt_root)[:-keep]:
+        if len(own_files(old)) < len(list(old.iterdir())):
+            # Others' files (a sample grid, a run training there): the directory stays put.
+            _remove_checkpoint(old, old)
+            continue
         doomed = old.with_name(DELETING_PREFIX + old.name)
         os.rename(old, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-        log.info("removed old checkpoint %s", old)
+        _remove_checkpoint(doomed, old)
 
 
 def remove_incomplete(ckpt_root: Path) -> list[Path]:
-    """Remove what an interrupted save or prune left behind (``.tmp-*``, ``.deleting-*``) and
-    return the paths removed. Only for a run no other process is writing to."""
+    """Remove what an interrupted save or prune left behind (``.tmp-*``, ``.deleting-*``: the
+    files a checkpoint writes) and return those directories. Only for a run no other process
+    is writing to."""
     ckpt_root = Path(ckpt_root)
     if not ckpt_root.is_dir():
         return []
     removed = sorted(p for p in ckpt_root.iterdir()
                      if p.is_dir() and p.name.startswith((TMP_PREFIX, DELETING_PREFIX)))
     for path in removed:
+        deleting = path.name.startswith(DELETING_PREFIX)
         log.warning("removing %s, left by an interrupted checkpoint %s", path,
-                    "write" if path.name.startswith(TMP_PREFIX) else "deletion")
-        shutil.rmtree(path, ignore_errors=True)
+                    "deletion" if deleting else "write")
+        original = path.with_name(path.name.removeprefix(DELETING_PREFIX)) if deleting else path
+        _remove_checkpoint(path, original)
     return removed
-
-
-KEYS_SHOWN = 3  # keys named in a mismatch message
 
 
 def state_dict_mismatch(given: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],

@@ -42,6 +42,7 @@ from .config import (
     load_config,
 )
 from .config.docs import FORMATS
+from .config.ranges import COMMAND_OPTION_RANGES, OPTION_RANGES, check_int
 from .data.shapes import CATEGORY_NAMES
 from .errors import DiffMoEError
 from .fileio import to_json
@@ -169,10 +170,6 @@ def cmd_eval_text(args: argparse.Namespace) -> int:
     if args.num is not None:
         raise DiffMoEError("--num does not apply to a text-to-image checkpoint; set the sample "
                            "count with --per-category and --samples-per-prompt")
-    for name in ("per_category", "samples_per_prompt"):
-        if getattr(args, name) <= 0:
-            raise DiffMoEError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a "
-                               f"positive integer")
     options = JudgeOptions(per_category=args.per_category,
                            samples_per_prompt=args.samples_per_prompt,
                            categories=tuple(args.categories), fid=not args.no_fid,
@@ -252,8 +249,6 @@ def eval_options(args: argparse.Namespace):
 
     if args.num is not None and args.num < 2:
         raise DiffMoEError(f"--num {args.num}: FID needs at least 2 samples")
-    if args.feature_batch <= 0:
-        raise DiffMoEError(f"--feature-batch {args.feature_batch} must be a positive integer")
     return EvalOptions(num=args.num or EvalOptions.num, reference=args.ref,
                        labels=args.labels or "balanced", feature_batch=args.feature_batch,
                        cache_dir=args.cache_dir, device=args.device,
@@ -330,8 +325,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .evaluation.analysis import AnalyzeOptions, analysis_outputs, analyze
     from .evaluation.evaluate import EvalOptions, Evaluator
 
-    if args.num < 1 or args.num_per_batch_size < 1:
-        raise DiffMoEError("--num and --num-per-batch-size must be positive integers")
     require_class_conditional(
         args.checkpoint, "analyze",
         "diffmoe eval CHECKPOINT reports its capacity (C_avg_infer) on the judge's prompts")
@@ -595,6 +588,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_int_options(args: argparse.Namespace) -> None:
+    """Every integer option of the command that is no sampling setting within its range
+    (:mod:`diffmoe.config.ranges`; the sampling options are checked as their sample.* keys)."""
+    options = {**OPTION_RANGES, **COMMAND_OPTION_RANGES.get(args.command, {})}
+    for dest, (flag, limit) in options.items():
+        value = getattr(args, dest, None)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, int):
+                check_int(flag, item, limit, sep=" ")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after the train options, so collect leftovers here.
@@ -607,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     previous = _stop_on_sigterm()
     try:
+        check_int_options(args)
         return args.func(args)
     except DiffMoEError as exc:
         sys.stderr.write(f"error: {exc}\n")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from .sample import checkpoint_config, model_from_checkpoint
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
+CARD_START = b"---\nlibrary_name: diffmoe\n"  # how every card begins (its front matter)
 SAFETENSORS_FORMAT = "pt"  # the "format" metadata entry transformers and diffusers write
 CAPACITY_LOGGED = "logged in training (C dynamic inference would use on the last logged batch)"
 FOLDER_KINDS = "a folder written by save_pretrained, a run directory or a checkpoint directory"
@@ -201,17 +203,26 @@ def model_card(p: Pretrained) -> str:
             ("parameters", f"{p.model.num_params():,}"), ("training steps", str(p.step)),
             ("weights", p.weights), ("C_avg_infer (Eq. 15)", capacity)]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return (f"---\nlibrary_name: diffmoe\ntags:\n- diffmoe\n- diffusion\n- mixture-of-experts\n"
+    return (f"{CARD_START.decode()}tags:\n- diffmoe\n- diffusion\n- mixture-of-experts\n"
             f"---\n\n# DiffMoE model\n\nA diffusion transformer trained with diffmoe "
             f"(DiffMoE, arXiv 2503.14487); the full config is in {CONFIG_FILE}.\n\n"
             f"| | |\n|---|---|\n{table}\n\n```python\nfrom diffmoe import DiffMoEPipeline\n\n"
             f"pipe = DiffMoEPipeline.from_pretrained(\"path/to/this/folder\")\n```\n")
 
 
+def _is_our_card(path: Path) -> bool:
+    """Whether the file begins as every card :func:`model_card` writes (so it may be replaced)."""
+    try:
+        with open(path, "rb") as fh:
+            return path.is_file() and fh.read(len(CARD_START)) == CARD_START
+    except OSError:
+        return False
+
+
 def save_pretrained(p: Pretrained, directory: str | Path) -> Path:
     """Write ``p`` as a folder (see the module docstring): the weights first and ``config.json``,
     which marks the folder as loadable, last. Refuses, writing nothing, a path that is a file, a
-    run or a checkpoint directory."""
+    run or a checkpoint directory, or a folder whose README.md is not a card it wrote."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"'{directory}' is a file; save_pretrained writes a folder, pass a "
@@ -219,6 +230,10 @@ def save_pretrained(p: Pretrained, directory: str | Path) -> Path:
     if (directory / STATE_FILE).exists() or (directory / "checkpoints").exists():
         raise ConfigError(f"'{directory}' is a run or checkpoint directory; save the folder "
                           f"somewhere else")
+    card_path = directory / CARD_FILE
+    if os.path.lexists(card_path) and not _is_our_card(card_path):
+        raise ConfigError(f"'{card_path}' is not a model card save_pretrained wrote, and it "
+                          f"would be replaced; move it away or save the folder somewhere else")
     tensors = {k: v.detach().cpu().contiguous() for k, v in p.model.state_dict().items()}
     capacity = {"c_avg_infer": p.c_avg_infer, "note": p.capacity_note}
     meta = {"format": SAFETENSORS_FORMAT, "diffmoe_version": VERSION, "step": str(p.step),

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .capacity import activated_params
 from .config import Config, SampleConfig
+from .config.ranges import IMAGES, check_int
 from .data import sample_decoder, to_uint8
 from .device import resolve_device, use_tf32
 from .diffusion import Objective, build_objective
@@ -164,8 +165,7 @@ class DiffMoEPipeline:
         """The labels, or the encoded prompts, each repeated ``per_prompt`` times; one error line
         for a condition this model does not take or a label outside its classes."""
         m = self.config.model
-        if per_prompt < 1:
-            raise ConfigError(f"num_images_per_prompt={per_prompt} must be a positive integer")
+        check_int("num_images_per_prompt", per_prompt, IMAGES)
         if m.condition == "text":
             if class_labels is not None:
                 raise ConfigError("this model is text-to-image and has no class labels; drop "

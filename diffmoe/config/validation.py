@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from ..errors import ConfigError
+from .ranges import CONFIG_RANGES, check_int
 from .schedule import REFERENCE_STEPS, beta_scale, linear_betas
 from .schema import (
     CONDITIONS,
@@ -64,11 +65,15 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={quote(value)} is not one of {list(choices)}{hint}")
 
 
-def _positive(section: object, prefix: str, names: tuple[str, ...]) -> None:
-    """Each of the integer fields ``names`` of ``section`` (keys ``prefix`` + name) is > 0."""
-    for name in names:
-        value = getattr(section, name)
-        _require(value > 0, f"{prefix}{name}={value} must be a positive integer")
+def _in_range(section: object, prefix: str) -> None:
+    """Every integer field of ``section`` (and of its nested sections) within its range
+    (:data:`ranges.CONFIG_RANGES`)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _in_range(value, f"{prefix}{f.name}.")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            check_int(f"{prefix}{f.name}", value, CONFIG_RANGES[f"{prefix}{f.name}"])
 
 
 def _finite(section: object, prefix: str) -> None:
@@ -83,8 +88,10 @@ def _finite(section: object, prefix: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Every value finite, every section on its own, then the sections against each other."""
+    """Every value finite and every integer in its range, every section on its own, then the
+    sections against each other."""
     _finite(cfg, "")
+    _in_range(cfg, "")
     validate_model(cfg.model)
     validate_moe(cfg.model)
     validate_data(cfg.data)
@@ -100,8 +107,6 @@ def validate(cfg: Config) -> None:
 def validate_model(m: ModelConfig) -> None:
     """The backbone's shape and its class condition (the MoE layers: :func:`validate_moe`)."""
     _choice("model.condition", m.condition, CONDITIONS)
-    _positive(m, "model.", ("input_size", "in_channels", "patch_size", "depth", "hidden_size",
-                            "num_heads", "num_classes"))
     _require(m.input_size % m.patch_size == 0,
              f"model.input_size={m.input_size} is not divisible by model.patch_size="
              f"{m.patch_size}; choose a patch size that divides the input size")
@@ -122,8 +127,6 @@ def validate_moe(m: ModelConfig) -> None:
     _require(moe.type == "diffmoe" or moe.pool_scope == "batch",
              f"model.moe.pool_scope={moe.pool_scope} applies only to model.moe.type=diffmoe "
              f"(expert_choice always chooses within each sample); drop it")
-    _require(moe.num_experts > 0, f"model.moe.num_experts={moe.num_experts} must be a "
-             f"positive integer (the paper uses 4, 8 or 16)")
     _require(moe.capacity > 0, f"model.moe.capacity={moe.capacity} must be positive "
              f"(1.0 matches the dense model's compute)")
     if moe.type == "dense":
@@ -132,14 +135,10 @@ def validate_moe(m: ModelConfig) -> None:
              f"model.moe.capacity={moe.capacity} is more than model.moe.num_experts="
              f"{moe.num_experts}: each expert would take more tokens than there are; use at "
              f"most {moe.num_experts} (every expert on every token)")
-    _require(moe.granularity > 0, f"model.moe.granularity={moe.granularity} must be a "
-             f"positive integer (1 = full-width experts)")
     hidden = m.mlp_ratio * m.hidden_size
     _require(hidden % moe.granularity == 0,
              f"model.moe.granularity={moe.granularity} does not divide the FFN width "
              f"{hidden:g}; pick a granularity that divides mlp_ratio * hidden_size")
-    _require(moe.shared_experts >= 0, f"model.moe.shared_experts={moe.shared_experts} "
-             f"must be >= 0")
     _require(moe.router_init_std > 0, f"model.moe.router_init_std={moe.router_init_std} "
              f"must be positive")
     _require(0.0 <= moe.threshold_ema < 1.0,
@@ -157,7 +156,6 @@ def validate_moe(m: ModelConfig) -> None:
 
 def validate_data(d: DataConfig) -> None:
     _choice("data.name", d.name, DATASETS)
-    _require(d.limit >= 0, "data.limit must be >= 0 (0 = the whole split)")
     _require(d.name != "latents" or bool(d.path),
              "data.name=latents needs data.path, the directory written by diffmoe cache-latents")
     _require(d.name != "folder" or bool(d.path),
@@ -168,8 +166,6 @@ def validate_data(d: DataConfig) -> None:
              "image or its flip at random, so drop data.flip")
     _require(d.in_memory_mb >= 0, f"data.in_memory_mb={d.in_memory_mb} must be >= 0 (0 = "
              f"always convert a folder to a cache)")
-    _require(d.workers >= 0, f"data.workers={d.workers} must be >= 0 (0 = decode in the "
-             f"training process)")
 
 
 def validate_folder(cfg: Config) -> None:
@@ -190,22 +186,15 @@ def validate_train(t: TrainConfig) -> None:
     _choice("train.parallel", t.parallel, PARALLEL)
     _choice("train.fsdp_reduce_dtype", t.fsdp_reduce_dtype, PRECISIONS)
     _choice("train.token_pool", t.token_pool, TOKEN_POOLS)
-    _positive(t, "train.", ("steps", "batch_size", "log_every", "sample_every", "ckpt_every",
-                            "keep_checkpoints"))
     _require(t.lr > 0, f"train.lr={t.lr} must be positive")
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
     _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
-    _require(t.warmup_steps >= 0, "train.warmup_steps must be >= 0")
     _require(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
     _require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     _require(t.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no limit)")
-    _require(t.num_threads >= 0, "train.num_threads must be >= 0 (0 = torch's default)")
-    _require(t.max_skipped_steps >= 0, "train.max_skipped_steps must be >= 0 (0 = no limit)")
     _require(t.dist_timeout_s > 0, f"train.dist_timeout_s={t.dist_timeout_s} must be positive "
              f"(seconds a rank waits for the others)")
     _require(bool(t.out_dir), "train.out_dir may not be empty")
-    _require(t.grad_accum > 0, f"train.grad_accum={t.grad_accum} must be a positive integer "
-             f"(1 = no accumulation)")
     _require(t.batch_size % t.grad_accum == 0,
              f"train.batch_size={t.batch_size} is not divisible by train.grad_accum="
              f"{t.grad_accum}; pick a batch size that is a multiple of it")
@@ -230,8 +219,6 @@ def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
     _require(o.time_sampling == "uniform",
              f"objective.time_sampling={o.time_sampling} is for the flow objective; DDPM draws "
              f"its integer timesteps uniformly; drop it or use objective.type=flow")
-    _require(o.num_timesteps > 0, f"objective.num_timesteps={o.num_timesteps} must be a positive "
-             f"integer (DiT: 1000)")
     _require(0 < o.beta_start <= o.beta_end and o.beta_end * beta_scale(o.num_timesteps) < 1,
              f"objective.beta_start={o.beta_start}, beta_end={o.beta_end} must satisfy "
              f"0 < beta_start <= beta_end and beta_end * {REFERENCE_STEPS}/num_timesteps < 1 "
@@ -253,7 +240,7 @@ def validate_sample(s: SampleConfig) -> None:
     _choice("sample.weights", s.weights, WEIGHTS)
     _choice("sample.precision", s.precision, PRECISIONS)
     _finite(s, "sample.")
-    _positive(s, "sample.", ("steps", "batch_size", "num"))
+    _in_range(s, "sample.")
     _require(s.cfg_scale >= 0, f"sample.cfg_scale={s.cfg_scale} must be >= 0 (1 = no guidance)")
     _require(0.0 <= s.threshold <= 1.0, f"sample.threshold={s.threshold} must be in [0, 1] "
              f"(it is compared with sigmoid probabilities)")
@@ -310,8 +297,4 @@ def validate_text(cfg: Config) -> None:
                           f"model.condition=text")
     if m.condition != "text":
         return
-    _require(text.dim > 0, f"model.text.dim={text.dim} must be a positive integer (the text "
-             f"encoder's width, 384 for all-MiniLM-L6-v2)")
-    _require(text.max_tokens > 0, f"model.text.max_tokens={text.max_tokens} must be a positive "
-             f"integer")
     _require(0.0 <= text.dropout < 1.0, f"model.text.dropout={text.dropout} must be in [0, 1)")

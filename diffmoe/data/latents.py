@@ -38,6 +38,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .. import distributed
+from ..config.ranges import IMAGES, PROCESSES, SIDE, check_int
 from ..device import resolve_device
 from ..errors import DataError
 from ..fileio import atomic_write, atomic_write_text, to_json, write_json
@@ -149,9 +150,11 @@ def cache_latents(image_folder: str | Path, out: str | Path, vae_dir: str | Path
                   ) -> Optional[dict]:
     """Write (or finish) a latent cache; under torchrun each rank encodes its shards, each with
     ``workers`` decoding processes. Returns the index on rank 0 (None elsewhere)."""
-    if image_size <= 0 or shard_size <= 0 or batch_size <= 0 or workers < 0:
-        raise DataError(f"--image-size {image_size}, --shard-size {shard_size} and --batch-size "
-                        f"{batch_size} must be positive integers, --workers {workers} >= 0")
+    for flag, value, limit in (("--image-size", image_size, SIDE),
+                               ("--shard-size", shard_size, IMAGES),
+                               ("--batch-size", batch_size, IMAGES),
+                               ("--workers", workers, PROCESSES)):
+        check_int(flag, value, limit, sep=" ")
     out = Path(out)
     check_cache_output(out)
     dev = resolve_device(device, "--device")

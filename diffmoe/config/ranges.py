@@ -1,0 +1,116 @@
+"""The range of every integer setting: each config key and each integer command-line option
+(and the Python API's integer arguments) has one :class:`Range` here, and :func:`check_int` is the
+one check they all go through, before anything is built or allocated. An upper limit is where a
+value stops meaning anything on any machine (a seed wider than 64 bits, a step number beyond the
+8 digits of checkpoint names, a tensor side no memory holds), so that an absurd value is one line
+naming the limit instead of an overflow or an allocator's traceback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Range:
+    """``low..high``; ``hint``: what the value means (said when it is too small); ``why``: why
+    ``high`` is the limit (said when it is too large)."""
+
+    low: int
+    high: int
+    why: str
+    hint: str = ""
+
+
+INT64_MAX = 2 ** 63 - 1
+SEED = Range(0, INT64_MAX, "a seed is a non-negative 64-bit integer")
+# Checkpoints are named step_XXXXXXXX: a step must fit in 8 digits.
+STEP = Range(1, 10 ** 8 - 1, "checkpoint names hold 8 digits of step")
+STEP_OR_0 = Range(0, STEP.high, STEP.why)
+# Sides, widths and counts that size a tensor: far beyond any model or image of the field, and
+# still small enough that the product of a few of them is no integer overflow.
+SIDE = Range(1, 2 ** 14, "a side beyond 16384 pixels or latents cannot be held in memory")
+WIDTH = Range(1, 2 ** 16, "a width beyond 65536 cannot be held in memory")
+DEPTH = Range(1, 2 ** 12, "more than 4096 blocks cannot be held in memory")
+CHANNELS = Range(1, 2 ** 12, "more than 4096 channels cannot be held in memory")
+EXPERTS = Range(1, 2 ** 12, "more than 4096 experts cannot be held in memory")
+CLASSES = Range(1, 2 ** 24, "a class table of more than 16777216 rows cannot be held in memory")
+TOKENS = Range(1, 2 ** 16, "captions of more than 65536 tokens cannot be encoded")
+# Images drawn or held at once, and sampling steps (a tensor of this many timesteps).
+IMAGES = Range(1, 2 ** 24, "more than 16777216 images cannot be held in memory")
+SAMPLING_STEPS = Range(1, 10 ** 6, "more than a million steps cannot be integrated")
+PROCESSES = Range(0, 2 ** 10, "more than 1024 processes is no setting of one machine")
+THREADS = Range(0, 2 ** 12, "more than 4096 threads is no setting of one machine")
+COUNT = Range(0, INT64_MAX, "counts are 64-bit integers")
+
+# Every integer key of the config (tests/test_config.py checks that none is missing).
+CONFIG_RANGES: dict[str, Range] = {
+    "model.input_size": SIDE,
+    "model.in_channels": CHANNELS,
+    "model.patch_size": SIDE,
+    "model.depth": DEPTH,
+    "model.hidden_size": WIDTH,
+    "model.num_heads": WIDTH,
+    "model.num_classes": CLASSES,
+    "model.moe.num_experts": Range(1, EXPERTS.high, EXPERTS.why, "the paper uses 4, 8 or 16"),
+    "model.moe.shared_experts": Range(0, EXPERTS.high, EXPERTS.why),
+    "model.moe.granularity": Range(1, EXPERTS.high, EXPERTS.why, "1 = full-width experts"),
+    "model.text.dim": Range(1, WIDTH.high, WIDTH.why,
+                            "the text encoder's width, 384 for all-MiniLM-L6-v2"),
+    "model.text.max_tokens": TOKENS,
+    "objective.num_timesteps": Range(1, SAMPLING_STEPS.high, SAMPLING_STEPS.why, "DiT: 1000"),
+    "data.limit": Range(0, INT64_MAX, COUNT.why, "0 = the whole split"),
+    "data.workers": Range(0, PROCESSES.high, PROCESSES.why, "0 = decode in the training process"),
+    "train.steps": STEP,
+    "train.batch_size": IMAGES,
+    "train.warmup_steps": STEP_OR_0,
+    "train.seed": SEED,
+    "train.log_every": STEP,
+    "train.sample_every": STEP,
+    "train.ckpt_every": STEP,
+    "train.keep_checkpoints": STEP,
+    "train.max_skipped_steps": Range(0, STEP.high, STEP.why, "0 = no limit"),
+    "train.num_threads": Range(0, THREADS.high, THREADS.why, "0 = torch's default"),
+    "train.grad_accum": Range(1, IMAGES.high, IMAGES.why, "1 = no accumulation"),
+    "sample.steps": SAMPLING_STEPS,
+    "sample.batch_size": IMAGES,
+    "sample.num": IMAGES,
+    "sample.seed": SEED,
+    "sample.guidance_channels": Range(0, CHANNELS.high, CHANNELS.why,
+                                      "0 = all channels; DiT's legacy behaviour is 3"),
+}
+
+# Integer command-line options that are no config key (argparse dest -> option, range); the
+# sampling options (--steps, --num of sample, --seed, --batch-size, ...) are checked as their
+# sample.* keys.
+OPTION_RANGES: dict[str, tuple[str, Range]] = {
+    "image_size": ("--image-size", SIDE),
+    "shard_size": ("--shard-size", IMAGES),
+    "workers": ("--workers", PROCESSES),
+    "feature_batch": ("--feature-batch", IMAGES),
+    "per_category": ("--per-category", IMAGES),
+    "samples_per_prompt": ("--samples-per-prompt", IMAGES),
+    "num_per_batch_size": ("--num-per-batch-size", IMAGES),
+    "batch_sizes": ("--batch-sizes", IMAGES),
+}
+# Integer options named alike in several commands, checked per command (command -> dest -> ...).
+COMMAND_OPTION_RANGES: dict[str, dict[str, tuple[str, Range]]] = {
+    "cache-latents": {"batch_size": ("--batch-size", IMAGES)},
+    "eval": {"num": ("--num", IMAGES)},
+    "sweep-thresholds": {"num": ("--num", IMAGES)},
+    "analyze": {"num": ("--num", IMAGES)},
+    "fid": {"num": ("--num", IMAGES)},
+}
+
+
+def check_int(name: str, value: int, r: Range, sep: str = "=") -> None:
+    """``value`` of the setting ``name`` within ``r``, else one ``ConfigError`` line saying the
+    limit (``sep`` joins name and value: ``=`` for a config key, a space for an option)."""
+    if value < r.low:
+        need = "a positive integer" if r.low == 1 else f">= {r.low}"
+        hint = f" ({r.hint})" if r.hint else ""
+        raise ConfigError(f"{name}{sep}{value} must be {need}{hint}")
+    if value > r.high:
+        raise ConfigError(f"{name}{sep}{value} is more than {r.high}, the most it may be ("
+                          f"{r.why}); use a value in {r.low}..{r.high}")
