@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
 from .fileio import fsync_file, sha256_file
-from .paths import stamped
+from .paths import stamped, user_path
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def find_latest_checkpoint(ckpt_root: Path, check_hashes: bool = True) -> Option
 
 def resolve_checkpoint(path: str | Path, check_hashes: bool = False) -> Path:
     """Accept a checkpoint directory or a run directory (→ its newest intact checkpoint)."""
-    path = Path(path)
+    path = Path(user_path(str(path)))
     if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist; pass a run directory or one of "
                               f"its checkpoints/step_XXXXXXXX directories")

@@ -46,7 +46,7 @@ from .config.ranges import COMMAND_OPTION_RANGES, OPTION_RANGES, check_int
 from .data.shapes import CATEGORY_NAMES
 from .errors import DiffMoEError
 from .fileio import to_json
-from .paths import check_outputs
+from .paths import check_outputs, user_path
 
 log = logging.getLogger("diffmoe")
 
@@ -197,7 +197,8 @@ def cmd_eval_text(args: argparse.Namespace) -> int:
 
 
 def add_sampling_args(s: argparse.ArgumentParser, with_num: bool) -> None:
-    s.add_argument("checkpoint", help="a run directory or a checkpoints/step_XXXXXXXX directory")
+    s.add_argument("checkpoint", type=user_path,
+                   help="a run directory or a checkpoints/step_XXXXXXXX directory")
     if with_num:
         s.add_argument("--num", type=int, help="number of images")
     s.add_argument("--steps", type=int,
@@ -369,7 +370,7 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
                         "arr_0 images)")
     p.add_argument("--feature-batch", dest="feature_batch", type=int, default=50,
                    help="images per Inception forward")
-    p.add_argument("--cache-dir", dest="cache_dir", default=None,
+    p.add_argument("--cache-dir", dest="cache_dir", type=user_path, default=None,
                    help="where reference statistics are cached (default $DIFFMOE_CACHE_DIR or "
                         "~/.cache/diffmoe)")
     p.add_argument("--no-progress", dest="no_progress", action="store_true",
@@ -413,10 +414,12 @@ def cmd_export_official(args: argparse.Namespace) -> int:
 def add_cache_latents_command(sub) -> None:
     c = sub.add_parser("cache-latents", help="encode an image folder to a sharded VAE latent "
                                              "cache (resumable; torchrun-parallel)")
-    c.add_argument("image_folder", help="IMAGE_FOLDER/<class>/<image> (the ImageNet layout), or "
-                                        "IMAGE_FOLDER/metadata.jsonl of captions")
-    c.add_argument("out", help="cache directory (data.path of a latents config)")
-    c.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
+    c.add_argument("image_folder", type=user_path,
+                   help="IMAGE_FOLDER/<class>/<image> (the ImageNet layout), or "
+                        "IMAGE_FOLDER/metadata.jsonl of captions")
+    c.add_argument("out", type=user_path, help="cache directory (data.path of a latents config)")
+    c.add_argument("--vae", required=True, type=user_path,
+                   help="local diffusers AutoencoderKL directory")
     c.add_argument("--image-size", dest="image_size", type=int, default=256)
     c.add_argument("--shard-size", dest="shard_size", type=int, default=1000,
                    help="images per shard (the unit of resumption)")
@@ -431,13 +434,15 @@ def add_cache_latents_command(sub) -> None:
 def add_import_official_command(sub) -> None:
     i = sub.add_parser("import-official", help="convert a checkpoint of the authors' public "
                                                "code to this library's format")
-    i.add_argument("checkpoint", help="their .pt/.pth (state dict or training checkpoint with "
-                                      "model/ema; both are converted, ema is what sampling "
-                                      "uses) or .safetensors")
-    i.add_argument("--config", default=None,
+    i.add_argument("checkpoint", type=user_path,
+                   help="their .pt/.pth (state dict or training checkpoint with "
+                        "model/ema; both are converted, ema is what sampling uses) or "
+                        ".safetensors")
+    i.add_argument("--config", type=user_path, default=None,
                    help="their YAML (default: the one *.yaml of their experiment folder, "
                         "EXP/*.yaml for EXP/checkpoints/NNNNNNN.pt, as their sampler finds it)")
-    i.add_argument("out", help="directory for the converted run (OUT/checkpoints/step_00000000)")
+    i.add_argument("out", type=user_path,
+                   help="directory for the converted run (OUT/checkpoints/step_00000000)")
     i.add_argument("overrides", nargs="*", help="dotted overrides of our config, e.g. "
                                                 "data.name=latents data.path=DIR")
     i.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
@@ -448,8 +453,9 @@ def add_import_official_command(sub) -> None:
 def add_export_official_command(sub) -> None:
     x = sub.add_parser("export-official", help="write a run as an experiment folder of the "
                                                "authors' public code (their keys and YAML)")
-    x.add_argument("run", help="run directory (its newest checkpoint) or checkpoint directory")
-    x.add_argument("out", help="new experiment folder: OUT/config.yaml and "
+    x.add_argument("run", type=user_path,
+                   help="run directory (its newest checkpoint) or checkpoint directory")
+    x.add_argument("out", type=user_path, help="new experiment folder: OUT/config.yaml and "
                                "OUT/checkpoints/NNNNNNN.pt holding model and ema")
     x.set_defaults(func=cmd_export_official)
 
@@ -459,7 +465,7 @@ def add_train_command(sub) -> None:
                        description="Train a model from a YAML config and key=value overrides. "
                                    "Every config key, with its type, default and meaning: "
                                    "diffmoe config --list (docs/config.md).")
-    t.add_argument("config", help="YAML config, e.g. configs/mnist_diffmoe.yaml")
+    t.add_argument("config", type=user_path, help="YAML config, e.g. configs/mnist_diffmoe.yaml")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.moe.num_experts=8")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in train.out_dir from its newest intact checkpoint")
@@ -492,7 +498,8 @@ def add_sample_command(sub) -> None:
     s.add_argument("--prompt", action="append", default=None,
                    help="text-to-image checkpoints: what to draw; repeat for several prompts "
                         "(one grid row each)")
-    s.add_argument("--out", default="samples.png", help="output PNG (a JSON summary goes beside)")
+    s.add_argument("--out", type=user_path, default="samples.png",
+                   help="output PNG (a JSON summary goes beside)")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.add_argument("--judge", action="store_true",
                    help="MNIST-shaped class-conditional models: also report the share of "
@@ -510,9 +517,9 @@ def add_eval_command(sub) -> None:
     add_sampling_args(e, with_num=False)
     e.add_argument("--num", type=int, default=None, help="samples to generate (default 500)")
     add_metric_args(e)
-    e.add_argument("--save-npz", dest="save_npz", default=None,
+    e.add_argument("--save-npz", dest="save_npz", type=user_path, default=None,
                    help="also save the samples as an ADM-style .npz (arr_0 images, arr_1 labels)")
-    e.add_argument("--out", default=None,
+    e.add_argument("--out", type=user_path, default=None,
                    help="results JSON (default <run>/eval/<step>/eval.json)")
     e.add_argument("--force", action="store_true", help="replace existing outputs")
     e.add_argument("--per-category", dest="per_category", type=int, default=8,
@@ -537,7 +544,7 @@ def add_sweep_command(sub) -> None:
     w.add_argument("--budget", type=float, default=1.0,
                    help="pick the best FID with C_avg_infer <= this (default 1)")
     add_metric_args(w)
-    w.add_argument("--out", default=None,
+    w.add_argument("--out", type=user_path, default=None,
                    help="output directory (default <run>/eval/<step>/sweep)")
     w.add_argument("--force", action="store_true", help="replace existing outputs")
     w.set_defaults(func=cmd_sweep)
@@ -552,7 +559,7 @@ def add_analyze_command(sub) -> None:
                    default=list(DEFAULT_BATCH_SIZES), help="sampling batch sizes to compare")
     a.add_argument("--num-per-batch-size", dest="num_per_batch_size", type=int, default=32,
                    help="samples per batch-size run (default 32)")
-    a.add_argument("--out", default=None,
+    a.add_argument("--out", type=user_path, default=None,
                    help="output directory (default <run>/analysis/<step>)")
     a.add_argument("--force", action="store_true", help="replace existing outputs")
     a.add_argument("--no-progress", dest="no_progress", action="store_true")
@@ -569,7 +576,7 @@ def add_fid_command(sub) -> None:
     f.add_argument("--image-size", dest="image_size", type=int, default=256,
                    help="side that folder:DIR images are centre-cropped to (default 256)")
     f.add_argument("--feature-batch", dest="feature_batch", type=int, default=50)
-    f.add_argument("--cache-dir", dest="cache_dir", default=None)
+    f.add_argument("--cache-dir", dest="cache_dir", type=user_path, default=None)
     f.add_argument("--no-progress", dest="no_progress", action="store_true")
     f.set_defaults(func=cmd_fid)
 

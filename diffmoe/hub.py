@@ -38,6 +38,7 @@ from .config import WEIGHTS, Config, config_from_dict
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write, atomic_write_text
 from .models import DiT, build_model
+from .paths import user_path
 from .run import METRICS_FILE
 from .sample import checkpoint_config, model_from_checkpoint
 
@@ -163,7 +164,7 @@ def load_pretrained(path: str | Path, weights: str = "ema", device: torch.device
     """The model of a folder written by :func:`save_pretrained`, of a run directory (its newest
     intact checkpoint) or of a checkpoint directory, with its ``ema`` or ``raw`` weights (a
     folder holds the one set it was saved with), in eval mode on ``device``."""
-    path = Path(path)
+    path = Path(user_path(str(path)))
     if weights not in WEIGHTS:
         raise ConfigError(f"weights '{weights}' must be one of {list(WEIGHTS)}")
     if not path.exists():
@@ -223,7 +224,7 @@ def save_pretrained(p: Pretrained, directory: str | Path) -> Path:
     """Write ``p`` as a folder (see the module docstring): the weights first and ``config.json``,
     which marks the folder as loadable, last. Refuses, writing nothing, a path that is a file, a
     run or a checkpoint directory, or a folder whose README.md is not a card it wrote."""
-    directory = Path(directory)
+    directory = Path(user_path(str(directory)))
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"'{directory}' is a file; save_pretrained writes a folder, pass a "
                           f"directory path")

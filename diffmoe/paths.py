@@ -25,6 +25,13 @@ STAMP_FORMAT = "%Y%m%d-%H%M%S"  # the time in the name of something moved aside
 LOCK_FILE_MODE = 0o644  # rw-r--r--
 
 
+def user_path(path: str) -> str:
+    """A path as a shell reads it: a leading ``~`` or ``~user`` is that home directory (the one
+    expansion a shell does not make inside ``key=~/dir`` or a quoted word). Every path a user
+    gives (config keys, command-line options, the Python API) goes through it."""
+    return os.path.expanduser(path)
+
+
 def file_in_the_way(path: Path) -> Optional[Path]:
     """The nearest existing ``path`` or ancestor of it that is not a directory (so nothing can be
     created at ``path``), or None."""

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -71,6 +71,7 @@ from .config.resume import (
     Change,
     config_changes,
 )
+from .config.schedule import learning_rate
 from .config.schema import quote
 from .data import BatchIterator
 from .errors import CheckpointError, DiffMoEError, TrainingError
@@ -112,6 +113,10 @@ OUTPUTS = {CONFIG_FILE: False, HISTORY_DIR: True, METRICS_FILE: False, SET_ASIDE
 # ... and the folders of its trackers: those of train.trackers for a new run; any of them for the
 # earlier attempt of a run that starts again.
 ALL_OUTPUTS = {**OUTPUTS, **{name: True for name in TRACKER_DIRS.values()}}
+# The files of a checkpoint that a resume restores (TrainingState).
+RESUMED_FILES = ("model", "ema", "optimizer", "rng")
+# ... and what it writes besides (name -> is a directory).
+RUN_FILES = {LOG_FILE: False, f"{SAMPLES_DIR}/{GRID_CLASSES_FILE}": False}
 
 
 @dataclass
@@ -156,6 +161,7 @@ class Opening:
     checkpoint: Optional[Path] = None
     step: int = 0  # the checkpoint's
     trained_under: dict = field(default_factory=dict)  # the config of the checkpoint's steps
+    data: Optional[dict] = None  # the checkpoint's record of its data (RunDirectory.check_data)
     changes: list[Change] = field(default_factory=list)  # from trained_under to this config
     earlier_attempt: list[str] = field(default_factory=list)  # names a restart moves aside
     keep_in: Optional[Path] = None  # where it moves them
@@ -245,6 +251,7 @@ class RunDirectory:
         self.begun = False
         self.grid_classes: Optional[list[int]] = None  # the sample grids' columns (open())
         self.trackers = Trackers()  # rank 0's dashboards, from begin() on
+        self.data: dict = {}  # what the run trains on, recorded in each checkpoint (check_data)
 
     # -- start or resume --------------------------------------------------------------------
 
@@ -261,6 +268,7 @@ class RunDirectory:
             self.held_log = _HeldRecords()
             logging.getLogger("diffmoe").addHandler(self.held_log)
         self._claim()
+        self._refuse_wrong_kinds()
         self.opening.resume = resume
         latest = None
         if not resume:
@@ -316,6 +324,18 @@ class RunDirectory:
         if stale is not None:
             log.warning("run directory '%s': the training that held it (%s) ended without "
                         "letting go of it (it was killed); taking it over", self.path, stale)
+
+    def _refuse_wrong_kinds(self) -> None:
+        """Each name the run writes is, where it exists, the kind of entry the run writes there
+        (a file or a directory), so that a start or resume is refused before it records
+        anything rather than failing at the first write."""
+        for name, is_dir in {**RUN_FILES, **ALL_OUTPUTS}.items():
+            path = self.path / name
+            if path.exists() and path.is_dir() != is_dir:
+                found = "a directory" if path.is_dir() else "a file"
+                raise DiffMoEError(f"'{path}' is {found}, where the run keeps its {name} "
+                                   f"({'a directory' if is_dir else 'a file'}); move it away "
+                                   f"or set train.out_dir to another directory")
 
     def _holds_a_run(self) -> bool:
         """A run was started here: it has a checkpoint, or a config.yaml and train.log."""
@@ -373,9 +393,22 @@ class RunDirectory:
         state = verify_checkpoint(latest, check_hashes=False)
         o.checkpoint, o.step = latest, int(state["step"])
         o.trained_under = state.get("config", {})
+        o.data = state.get("data")
+        missing = [name for name in RESUMED_FILES if f"{name}.safetensors" not in state["files"]]
+        if missing:
+            raise CheckpointError(
+                f"--resume: checkpoint '{latest}' holds no {words(missing)} state (a model "
+                f"written by import-official holds weights only), so no training continues from "
+                f"it; sample or evaluate it, or start a new run in another train.out_dir")
         accepted = self.path / HISTORY_DIR / f"{checkpoint_name(o.step)}.yaml"
         reference = load_yaml(accepted) if accepted.is_file() else o.trained_under
         current = self.cfg.to_dict()
+        if self.cfg.train.steps < o.step:
+            raise DiffMoEError(
+                f"--resume: the run is at step {o.step} ({latest}) and train.steps="
+                f"{self.cfg.train.steps} is below it: a run is never trained backwards; set "
+                f"train.steps above {o.step} to train on, or sample an earlier checkpoint of "
+                f"the run with diffmoe sample")
         changes = config_changes(reference, current)
         refused = [c for c in changes if c.kind in REFUSED]
         if refused:
@@ -387,12 +420,41 @@ class RunDirectory:
         if optimisation and not accept_changes:
             raise DiffMoEError(
                 f"--resume: checkpoint '{latest}' was trained with other optimisation settings: "
-                f"{'; '.join(map(str, optimisation[:3]))}; add --accept-changes to train on "
-                f"with them (each config is kept in {self.path / HISTORY_DIR}), or resume with "
-                f"the run's config.yaml")
+                f"{'; '.join(map(str, optimisation[:3]))}{self._schedule_note(changes)}; add "
+                f"--accept-changes to train on with them (each config is kept in "
+                f"{self.path / HISTORY_DIR}), or resume with the run's config.yaml")
         if changes:
-            log.info("resuming from step %d with %s", o.step, "; ".join(map(str, changes)))
+            log.warning("resuming from step %d with changed settings: %s%s", o.step,
+                        "; ".join(map(str, changes)), self._schedule_note(changes))
         o.changes = config_changes(o.trained_under, current)
+
+    def _schedule_note(self, changes: list[Change]) -> str:
+        """What a changed train.steps does to a cosine schedule's learning rate at the step
+        resumed from ("" when it does nothing)."""
+        t, step = self.cfg.train, self.opening.step
+        steps = next((c for c in changes if c.key == "train.steps"), None)
+        if steps is None or steps.kind != OPTIMISATION or t.lr_schedule != "cosine":
+            return ""
+        before = learning_rate(step, replace(t, steps=steps.before))
+        return (f" (with train.lr_schedule=cosine the learning rate of step {step + 1} goes "
+                f"from {before:.3g} to {learning_rate(step, t):.3g})")
+
+    def check_data(self, num_images: int, contents: Optional[str]) -> None:
+        """Record the dataset the run trains on (its size, and for a folder or a latent cache
+        which files it holds) and refuse a resume whose dataset is not the one the checkpoint
+        recorded: its data order and its steps belong to those images. Before :meth:`begin`."""
+        self.data = {"images": num_images, "contents": contents}
+        then = self.opening.data
+        if then is None or then == self.data:
+            return
+        d = self.cfg.data
+        where = f"data.path '{d.path}'" if d.path else f"data.name={d.name}"
+        held = (f"{then['images']} images then and {num_images} now" if
+                then["images"] != num_images else f"{num_images} images, but not the same ones")
+        raise CheckpointError(
+            f"checkpoint '{self.opening.checkpoint}' was trained with different data: {where} "
+            f"held {held} (images added, removed or changed); put back the images the run was "
+            f"trained on, or start a new run in another train.out_dir")
 
     def begin(self, step: int) -> None:
         """Write what the run starts with, once :meth:`open` has checked everything and the
@@ -503,7 +565,7 @@ class RunDirectory:
             rng = {f"rank{r}.{k}": v for r, st in enumerate(rng_all) for k, v in st.items()}
             state = {"config": self.cfg.to_dict(), "loader": s.loader.state_dict(),
                      "optimizer": opt_meta, "world_size": self.dist.world_size,
-                     "skipped_steps": s.progress.skipped_steps,
+                     "skipped_steps": s.progress.skipped_steps, "data": self.data,
                      "interval": {"sums": sums_all, "good": int(s.progress.interval_good)}}
             path = self._write_checkpoint(s.progress.step,
                                           {**weights, "optimizer": opt_tensors, "rng": rng}, state)

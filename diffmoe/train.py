@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from . import distributed, faults, parallel
 from .capacity import expert_capacities
 from .config import Config, TrainConfig
+from .config.schedule import learning_rate
 from .data import BatchIterator, ImageDataset, build_training_dataset, sample_decoder
 from .device import autocast, resolve_device, use_tf32
 from .diffusion import build_objective
@@ -79,17 +79,26 @@ def check_batch_split(t: TrainConfig, world_size: int) -> None:
                           f"multiple of their product")
 
 
-def check_data_matches_model(cfg: Config, ds: ImageDataset) -> None:
+def check_data_matches_model(cfg: Config, ds: ImageDataset,
+                             checkpoint: Optional[Path] = None) -> None:
+    """The data fits the model. A model resumed from ``checkpoint`` keeps its architecture,
+    so the fix is then other data, never another model."""
     m = cfg.model
+    model = f"{m.in_channels}x{m.input_size}x{m.input_size}"
     if ds.image_size != m.input_size or ds.channels != m.in_channels:
+        fix = (f"set model.input_size={ds.image_size} model.in_channels={ds.channels}"
+               if checkpoint is None else
+               f"a resume keeps the checkpoint's model ('{checkpoint}'), so resume on data of "
+               f"{model} images (data.name, data.path)")
         raise ConfigError(
             f"dataset '{ds.name}' has {ds.channels}x{ds.image_size}x{ds.image_size} images but the "
-            f"model expects {m.in_channels}x{m.input_size}x{m.input_size}; set "
-            f"model.input_size={ds.image_size} model.in_channels={ds.channels}")
+            f"model expects {model}; {fix}")
     if m.condition == "class" and ds.num_classes > m.num_classes:
+        fix = (f"set model.num_classes={ds.num_classes}" if checkpoint is None else
+               f"a resume keeps the checkpoint's model ('{checkpoint}'), so resume on data of "
+               f"at most {m.num_classes} classes (data.name, data.path, data.limit)")
         raise ConfigError(f"dataset '{ds.name}' has {ds.num_classes} classes but "
-                          f"model.num_classes={m.num_classes}; set "
-                          f"model.num_classes={ds.num_classes}")
+                          f"model.num_classes={m.num_classes}; {fix}")
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -101,17 +110,6 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optim
         return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(model.parameters(), **kwargs)
-
-
-def learning_rate(step: int, t: TrainConfig) -> float:
-    """The rate for optimizer step ``step`` (0-based): linear warm-up over ``warmup_steps``,
-    then constant or cosine decay to 0 at ``steps``."""
-    if t.warmup_steps and step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    if t.lr_schedule == "cosine":
-        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-        return t.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return t.lr
 
 
 @torch.no_grad()
@@ -209,7 +207,8 @@ class Trainer:
         cfg, t, dist = self.cfg, self.cfg.train, self.dist
         resume_from = self.run.open(resume, accept_changes)
         self.dataset = build_training_dataset(cfg)
-        check_data_matches_model(cfg, self.dataset)
+        check_data_matches_model(cfg, self.dataset, resume_from)
+        self.run.check_data(len(self.dataset), self.dataset.contents)
         self.loader = BatchIterator(self.dataset, t.batch_size // dist.world_size, t.seed,
                                     dist.rank, dist.world_size, self.device)
         torch.manual_seed(t.seed)  # identical initial weights on every rank

@@ -13,7 +13,8 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from .schema import Config, preset, quote
+from ..paths import user_path
+from .schema import PATH_KEYS, Config, preset, quote
 from .validation import validate
 
 # Plain scalars that YAML 1.1 (what PyYAML reads) turns into something other than what a person
@@ -206,6 +207,9 @@ def config_from_dict(data: dict) -> Config:
     if isinstance(model, dict) and model.get("preset"):
         data = deep_merge({"model": preset(str(model["preset"]))}, data)
     cfg = _build(Config, data, "")
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, user_path(getattr(getattr(cfg, section), name)))
     validate(cfg)
     return cfg
 

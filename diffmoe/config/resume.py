@@ -9,6 +9,10 @@
 * ``bookkeeping``: how long the run goes, how often it logs, samples and saves, where and on
   what it runs, how it reacts to a non-finite loss, and the sample grids' settings. Free to
   change on resume, and recorded too.
+
+A key's class can depend on the config (:func:`key_class`): ``train.steps`` is where a cosine
+learning-rate schedule reaches 0, so under ``train.lr_schedule=cosine`` it is an optimisation
+setting. Every change a resume accepts is logged as a warning; none is silent.
 """
 
 from __future__ import annotations
@@ -90,6 +94,14 @@ def unclassified(config: dict) -> list[str]:
     return sorted(keys ^ set(KEY_CLASS))
 
 
+def key_class(key: str, before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The class of ``key`` for a resume from the flat config ``before`` to ``after``."""
+    if key == "train.steps" and "cosine" in (before.get("train.lr_schedule"),
+                                             after.get("train.lr_schedule")):
+        return OPTIMISATION  # the step the cosine schedule decays to 0 at
+    return KEY_CLASS[key]
+
+
 @dataclass(frozen=True)
 class Change:
     """One key whose value a resume changes, and its class."""
@@ -97,10 +109,7 @@ class Change:
     key: str
     before: Any
     after: Any
-
-    @property
-    def kind(self) -> str:
-        return KEY_CLASS[self.key]
+    kind: str
 
     def __str__(self) -> str:
         return f"{self.key} ({self.before!r} in the checkpoint, {self.after!r} now)"
@@ -111,5 +120,6 @@ def config_changes(before: dict, after: dict) -> list[Change]:
     :meth:`Config.to_dict` gives them). A key ``before`` lacks, from a config written before the
     key existed, has its default there; a key the schema no longer has is not compared."""
     old = {**flatten(dataclasses.asdict(Config())), **flatten(before)}
-    return [Change(key, old[key], value) for key, value in flatten(after).items()
+    new = flatten(after)
+    return [Change(key, old[key], value, key_class(key, old, new)) for key, value in new.items()
             if old[key] != value]

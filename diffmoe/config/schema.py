@@ -47,6 +47,8 @@ TOKEN_POOLS = ("rank", "global")
 WEIGHTS = ("ema", "raw")  # which weights of a checkpoint to sample with
 # Dashboards a training run feeds besides metrics.jsonl (diffmoe/trackers.py).
 TRACKERS = ("tensorboard", "wandb")
+# The keys that name a file or directory: a leading ~ in them is the home directory.
+PATH_KEYS = ("train.out_dir", "data.path", "data.vae", "data.cache_dir")
 
 
 @dataclass

@@ -42,6 +42,9 @@ class ImageDataset:
     num_classes: int
     name: str
     flip: bool = False  # data.flip: each image or its horizontal mirror, at random
+    # Which images a dataset whose files can change holds (a folder's: FolderListing.contents);
+    # a resume compares it with the checkpoint's. None: fixed by the config (a packaged set).
+    contents: Optional[str] = None
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -314,5 +314,6 @@ def open_folder(cfg: Config, progress: bool = True) -> ImageDataset:
     labels = torch.tensor(listing.labels, dtype=torch.int64)[torch.from_numpy(kept)]
     if listing.captioned:
         return CaptionedDataset(images, labels, len(listing.captions), "folder",
-                                captions=listing.captions)
-    return ImageDataset(images, labels, len(listing.classes), "folder")
+                                contents=listing.contents(), captions=listing.captions)
+    # The classes of the images listed (data.limit takes the first classes' images).
+    return ImageDataset(images, labels, classes, "folder", contents=listing.contents())

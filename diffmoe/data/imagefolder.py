@@ -5,7 +5,9 @@ worker processes. Used by ``data.name: folder`` (folder.py), ``diffmoe cache-lat
 A folder is one of two layouts:
 
 * ``DIR/<class>/<image>``: class-conditional, classes numbered in sorted folder order (the
-  ImageNet layout);
+  ImageNet layout). The classes of a folder are its subfolders that are not hidden (a name
+  starting with ``.``, such as Jupyter's ``.ipynb_checkpoints``); hidden files are no images of
+  it either; a class subfolder without images is an error naming it;
 * ``DIR/metadata.jsonl``, one ``{"file_name": "a.png", "text": "a caption"}`` per line with
   ``file_name`` relative to DIR (the diffusers imagefolder convention): text-to-image. Each
   distinct caption is stored once and the images' labels index them.
@@ -27,6 +29,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..config.schema import quote
 from ..errors import DataError
 from ..fileio import to_json
 
@@ -76,6 +79,22 @@ class FolderListing:
             h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
         return h.hexdigest()
 
+    def contents(self) -> str:
+        """SHA-256 (hex) of which images the listing holds: each file's path relative to the
+        folder, its size and its class or caption; the same wherever the folder lies and
+        whenever its files were copied, so that it tells whether a run's data changed."""
+        names = self.captions or self.classes
+        h = hashlib.sha256()
+        for path, label in zip(self.files, self.labels):
+            h.update(f"{path.relative_to(self.root)}\0{path.stat().st_size}\0{names[label]}\n"
+                     .encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
+
+def is_hidden(path: Path) -> bool:
+    """A name starting with ``.``: no class and no image of a folder."""
+    return path.name.startswith(".")
+
 
 def layout_help(folder: Path) -> str:
     return (f"put each class's images in a subfolder of it ('{folder}/<class>/<image>', the "
@@ -95,17 +114,25 @@ def list_folder(folder: str | Path) -> FolderListing:
 
 
 def _class_listing(folder: Path) -> FolderListing:
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    visible = [p for p in folder.iterdir() if not is_hidden(p)]
+    classes = sorted(p.name for p in visible if p.is_dir())
     if not classes:
-        state = "is empty" if next(folder.iterdir(), None) is None else \
-            f"has no class subfolders and no {METADATA}"
+        state = "is empty" if not visible else f"has no class subfolders and no {METADATA}"
         raise DataError(f"image folder '{folder}' {state}; {layout_help(folder)}")
-    pairs = [(p, label) for label, name in enumerate(classes)
-             for p in sorted((folder / name).iterdir())
-             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    if not pairs:
+    images = {name: [p for p in sorted((folder / name).iterdir())
+                     if p.is_file() and not is_hidden(p) and p.suffix.lower() in IMAGE_SUFFIXES]
+              for name in classes}
+    empty = [name for name in classes if not images[name]]
+    if len(empty) == len(classes):
         raise DataError(f"image folder '{folder}' has no images ({', '.join(IMAGE_SUFFIXES)}) in "
                         f"its class subfolders")
+    if empty:
+        shown = ", ".join(f"'{name}'" for name in empty[:SKIPPED_SHOWN])
+        more = f" and {len(empty) - SKIPPED_SHOWN} more" if len(empty) > SKIPPED_SHOWN else ""
+        raise DataError(f"image folder '{folder}' has class subfolders without images ({shown}"
+                        f"{more}): a class with no images can be neither trained nor sampled; "
+                        f"put images in them or move them out of '{folder}'")
+    pairs = [(p, label) for label, name in enumerate(classes) for p in images[name]]
     return FolderListing(folder, [p for p, _ in pairs], [y for _, y in pairs], classes, [])
 
 
@@ -131,6 +158,10 @@ def _captioned_listing(folder: Path) -> FolderListing:
         if not isinstance(name, str) or not name or not isinstance(text, str) or not text.strip():
             raise DataError(f"{where} needs a non-empty \"file_name\" and \"text\"; write one "
                             f"{form} per line")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise DataError(f"{where} names {quote(name)}, which lies outside '{folder}'; name "
+                            f"each image by its path inside the folder, e.g. \"a.png\" or "
+                            f"\"cats/a.png\"")
         file = folder / name
         if not file.is_file():
             raise DataError(f"{where} names '{name}', which is not a file in '{folder}'; fix the "

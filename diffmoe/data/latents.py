@@ -25,6 +25,7 @@ or its flip, chosen at random per sample; samples are decoded with the same VAE.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -289,6 +290,7 @@ class LatentDataset(CaptionLabels):
     offsets: np.ndarray  # first global index of each shard, plus N
     name: str = "latents"
     text: Optional[TextCondition] = None
+    contents: Optional[str] = None  # which latents it holds (as ImageDataset.contents)
 
     @classmethod
     def open(cls, path: str | Path, limit: int = 0) -> "LatentDataset":
@@ -308,7 +310,8 @@ class LatentDataset(CaptionLabels):
             raise DataError(f"latent cache '{path}' holds no latents; check its skipped.txt")
         counts = [a.shape[0] for a in latents]
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        ds = cls(path, index, latents, torch.from_numpy(np.concatenate(labels)), offsets)
+        ds = cls(path, index, latents, torch.from_numpy(np.concatenate(labels)), offsets,
+                 contents=hashlib.sha256(to_json(index["shards"]).encode()).hexdigest())
         if limit and limit < len(ds):
             ds.labels = ds.labels[:limit]
         return ds

@@ -25,9 +25,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from ..config.schema import quote
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_write, hash_into, package_path
 from ..models.condition import TextCondition
+from ..paths import is_utf8
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +78,16 @@ def effective_max_tokens(path: Path, max_tokens: int) -> int:
 
 
 def check_prompts(prompts: list[str]) -> None:
+    """Every prompt some text, in UTF-8 (a terminal in another encoding hands Python its bytes
+    as lone surrogates, which no tokenizer reads)."""
     for p in prompts:
         if not p or not p.strip():
             raise ConfigError("empty prompt: every --prompt needs some text, e.g. "
                               "--prompt 'a red circle'")
+        if not is_utf8(p):
+            raise ConfigError(f"prompt {quote(p)} is not valid UTF-8 (the terminal sent it in "
+                              f"another encoding); set the terminal to UTF-8 (e.g. LANG=C.UTF-8)"
+                              f" or write the prompt in ASCII")
 
 
 class Encoder(Protocol):

@@ -39,6 +39,7 @@ from ..data.folder import decode_first
 from ..data.imagefolder import folder_channels, folder_modes, list_folder
 from ..errors import DataError
 from ..fileio import atomic_write, sha256_file, to_json
+from ..paths import user_path
 from .inception import FEATURE_DIM, batched, default_extractor, extract_features, inception_id
 from .metrics import FeatureStats
 
@@ -51,9 +52,9 @@ DEFAULT_SPLITS = {"animal_mnist": "all"}
 
 def cache_dir(override: Optional[str | Path] = None) -> Path:
     if override:
-        return Path(override)
+        return Path(user_path(str(override)))
     env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "diffmoe"
+    return Path(user_path(env)) if env else Path.home() / ".cache" / "diffmoe"
 
 
 @dataclass
@@ -211,6 +212,7 @@ def parse_folder_spec(spec: str, default_num: int) -> tuple[Path, int]:
     """``folder:DIR[:N]`` → (DIR, N); a DIR holding ':' is read whole unless it ends in ':N'."""
     rest = spec[len(FOLDER_PREFIX):]
     head, _, tail = rest.rpartition(":")
+    head, rest = user_path(head), user_path(rest)
     root, num = (Path(head), int(tail)) if head and tail.isdigit() else (Path(rest), default_num)
     if not rest:
         raise DataError(f"reference '{spec}' names no folder; write folder:DIR[:N]")
@@ -251,6 +253,6 @@ def load_reference(spec: str, default_num: int, cache: Optional[str | Path] = No
             raise DataError(f"reference '{spec}': a folder reference needs the side to crop its "
                             f"images to")
         return folder_reference(spec, default_num, image_size, cache, batch_size, progress)
-    if spec.endswith(".npz") or Path(spec).is_file():
-        return npz_reference(Path(spec), cache, batch_size, progress)
+    if spec.endswith(".npz") or Path(user_path(spec)).is_file():
+        return npz_reference(Path(user_path(spec)), cache, batch_size, progress)
     return dataset_reference(spec, default_num, cache, batch_size, progress)
