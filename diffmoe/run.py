@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -420,24 +421,27 @@ class RunDirectory:
         if optimisation and not accept_changes:
             raise DiffMoEError(
                 f"--resume: checkpoint '{latest}' was trained with other optimisation settings: "
-                f"{'; '.join(map(str, optimisation[:3]))}{self._schedule_note(changes)}; add "
-                f"--accept-changes to train on with them (each config is kept in "
-                f"{self.path / HISTORY_DIR}), or resume with the run's config.yaml")
+                f"{'; '.join(map(str, optimisation[:3]))}"
+                f"{self._rate_note(reference, changes)}; add --accept-changes to train on with "
+                f"them (each config is kept in {self.path / HISTORY_DIR}), or resume with the "
+                f"run's config.yaml")
         if changes:
             log.warning("resuming from step %d with changed settings: %s%s", o.step,
-                        "; ".join(map(str, changes)), self._schedule_note(changes))
+                        "; ".join(map(str, changes)), self._rate_note(reference, changes))
         o.changes = config_changes(o.trained_under, current)
 
-    def _schedule_note(self, changes: list[Change]) -> str:
-        """What a changed train.steps does to a cosine schedule's learning rate at the step
-        resumed from ("" when it does nothing)."""
-        t, step = self.cfg.train, self.opening.step
-        steps = next((c for c in changes if c.key == "train.steps"), None)
-        if steps is None or steps.kind != OPTIMISATION or t.lr_schedule != "cosine":
+    def _rate_note(self, reference: dict, changes: list[Change]) -> str:
+        """What a moved end of a cosine schedule (train.steps) does to the learning rate of
+        the next step, which the value of train.lr does not show ("" for no such change)."""
+        if not any(c.key == "train.steps" and c.kind == OPTIMISATION for c in changes):
             return ""
-        before = learning_rate(step, replace(t, steps=steps.before))
-        return (f" (with train.lr_schedule=cosine the learning rate of step {step + 1} goes "
-                f"from {before:.3g} to {learning_rate(step, t):.3g})")
+        t, step = self.cfg.train, self.opening.step
+        names = {f.name for f in fields(TrainConfig)}
+        then = TrainConfig(**{k: v for k, v in reference.get("train", {}).items() if k in names})
+        before, after = learning_rate(step, then), learning_rate(step, t)
+        if math.isclose(before, after):
+            return ""
+        return f"; the learning rate of step {step + 1} goes from {before:.3g} to {after:.3g}"
 
     def check_data(self, num_images: int, contents: Optional[str]) -> None:
         """Record the dataset the run trains on (its size, and for a folder or a latent cache

@@ -228,6 +228,54 @@ def without_package(name: str) -> Callable[[Context], None]:
     return setup
 
 
+def copied_run(edit: Callable[[Path], None]) -> Callable[[Context], None]:
+    """Copy <run> to <tmp>/copy and apply ``edit`` to the copy's run directory."""
+    def setup(ctx: Context) -> None:
+        shutil.copytree(ctx.run, ctx.tmp / "copy")
+        edit(ctx.tmp / "copy")
+    return setup
+
+
+def replace_with_directory(name: str) -> Callable[[Path], None]:
+    def edit(run: Path) -> None:
+        (run / name).unlink()
+        (run / name).mkdir()
+    return edit
+
+
+def folder_run(ctx: Context) -> None:
+    """<tmp>/frun: a 2-step run on <tmp>/images, a folder of 5 colour images of one class."""
+    from PIL import Image
+
+    from diffmoe.config import load_config
+    from diffmoe.train import train
+    (ctx.tmp / "images" / "cat").mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (8, 8), (40 * i, 30, 30)).save(ctx.tmp / "images" / "cat" / f"{i}.png")
+    train(load_config(ROOT / CONFIG, [
+        f"train.out_dir={ctx.tmp / 'frun'}", "data.name=folder", f"data.path={ctx.tmp}/images",
+        "model.in_channels=3", "model.num_classes=1", "train.batch_size=4", "train.steps=2",
+        "sample.steps=1", "sample.num=2", "sample.batch_size=2"]))
+
+
+def add_image(ctx: Context) -> None:
+    from PIL import Image
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(ctx.tmp / "images" / "cat" / "new.png")
+
+
+def empty_class(ctx: Context) -> None:
+    image_folder(ctx)
+    (ctx.tmp / "images" / "dog").mkdir()
+
+
+def imported(ctx: Context) -> None:
+    """<tmp>/imp: the tiny digits model in the authors' layout, imported with import-official
+    (weights only: no optimizer or RNG state)."""
+    from diffmoe.official import import_official
+    official_checkpoint(2)(ctx)
+    import_official(ctx.tmp / "theirs.pt", ctx.tmp / "theirs.yaml", ctx.tmp / "imp", [])
+
+
 def no_cuda() -> Optional[str]:
     import torch
     return "a CUDA device is present" if torch.cuda.is_available() else None
@@ -245,6 +293,9 @@ LAYOUT = ("put each class's images in a subfolder of it ('<tmp>/{0}/<class>/<ima
 VALID_MOE_KEYS = ("type, num_experts, capacity, interleave, shared_experts, granularity, "
                   "router_init_std, balance_loss_weight, predictor_loss_weight, threshold_ema, "
                   "dispatch, pool_scope")
+
+COPY_RESUME = ["train", CONFIG, "train.out_dir=<tmp>/copy", "--resume"]
+COPY_NOTE = "`<tmp>/copy` is a copy of `<run>` (at step 2)"
 
 EXPORT_TIME = "(their rectified flow gives the model t in [0, 1], time_scale 1)"
 EXPORT_NOTHING = "their code cannot run such a model, so export-official writes nothing for it"
@@ -901,6 +952,126 @@ CASES = [
          f"objective.time_scale=1000 {EXPORT_TIME}; {EXPORT_NOTHING}",
          setup=copy_run(state_edit(lambda st: set_moe(st, pool_scope="sample"))),
          note="`<tmp>/copy` is `<run>` with `model.moe.pool_scope: sample` in its state.json"),
+    # Resume: every change refused with its reason, or applied with a warning
+    Case("resume-steps-below-reached", "checkpoint",
+         [*COPY_RESUME, "train.steps=1"],
+         'error: --resume: the run is at step 2 (<tmp>/copy/checkpoints/step_00000002) '
+         'and train.steps=1 is below it: a run is never trained backwards; set '
+         'train.steps above 2 to train on, or sample an earlier checkpoint of the run '
+         'with diffmoe sample',
+         setup=copy_run(lambda ckpt: None), note=COPY_NOTE),
+    Case("resume-cosine-end-moved", "checkpoint",
+         [*COPY_RESUME, "train.lr_schedule=cosine", "train.steps=8"],
+         "error: --resume: checkpoint '<tmp>/copy/checkpoints/step_00000002' was trained "
+         'with other optimisation settings: train.steps (2 in the checkpoint, 8 now); '
+         "train.lr_schedule ('constant' in the checkpoint, 'cosine' now); the learning "
+         'rate of step 3 goes from 0.001 to 0.000854; add --accept-changes to train on '
+         'with them (each config is kept in <tmp>/copy/config_history), or resume with '
+         "the run's config.yaml",
+         setup=copy_run(lambda ckpt: None), note=COPY_NOTE),
+    Case("resume-metrics-is-directory", "checkpoint", COPY_RESUME,
+         "error: '<tmp>/copy/metrics.jsonl' is a directory, where the run keeps its "
+         'metrics.jsonl (a file); move it away or set train.out_dir to another directory',
+         setup=copied_run(replace_with_directory("metrics.jsonl")),
+         note="`<tmp>/copy` is a copy of `<run>` whose `metrics.jsonl` is a directory; "
+              "config.yaml and config_history/ stay as they were"),
+    Case("out-dir-log-is-directory", "files", TRAIN,
+         "error: '<tmp>/run/train.log' is a directory, where the run keeps its train.log "
+         '(a file); move it away or set train.out_dir to another directory',
+         setup=lambda ctx: (ctx.tmp / "run" / "train.log").mkdir(parents=True),
+         note="`<tmp>/run/train.log` is a directory"),
+    Case("resume-folder-images-added", "checkpoint",
+         ["train", "<tmp>/frun/config.yaml", "--resume"],
+         "error: checkpoint '<tmp>/frun/checkpoints/step_00000002' was trained with "
+         "different data: data.path '<tmp>/images' held 5 images then and 6 now (images "
+         'added, removed or changed); put back the images the run was trained on, or '
+         'start a new run in another train.out_dir',
+         setup=chain(folder_run, add_image),
+         note="`<tmp>/frun` trained 2 steps on the 5 images of `<tmp>/images`; a sixth was "
+              "added since"),
+    Case("resume-weights-only-import", "checkpoint",
+         ["train", CONFIG, "train.out_dir=<tmp>/imp", "--resume"],
+         "error: --resume: checkpoint '<tmp>/imp/checkpoints/step_00000000' holds no "
+         'optimizer and rng state (a model written by import-official holds weights '
+         'only), so no training continues from it; sample or evaluate it, or start a new '
+         'run in another train.out_dir', setup=imported,
+         note="`<tmp>/imp` was written by `diffmoe import-official` (an export of the authors' "
+              "layout, imported back)"),
+    # Numbers beyond any meaning: one line saying the limit, before anything is allocated
+    Case("seed-beyond-64-bits", "config", TRAIN + [f"train.seed={2 ** 70}"],
+         'error: train.seed=1180591620717411303424 is more than 9223372036854775807, the '
+         'most it may be (a seed is a non-negative 64-bit integer); use a value in '
+         '0..9223372036854775807'),
+    Case("sample-seed-beyond-64-bits", "cli",
+         ["sample", "<run>", "--seed", str(2 ** 70), "--out", "<tmp>/o.png"],
+         'error: sample.seed=1180591620717411303424 is more than 9223372036854775807, '
+         'the most it may be (a seed is a non-negative 64-bit integer); use a value in '
+         '0..9223372036854775807'),
+    Case("seed-negative", "config", TRAIN + ["train.seed=-1"],
+         'error: train.seed=-1 must be >= 0 (a seed is a non-negative 64-bit integer)'),
+    Case("train-steps-absurd", "config", TRAIN + ["train.steps=100000000000"],
+         'error: train.steps=100000000000 is more than 99999999, the most it may be '
+         '(checkpoint names hold 8 digits of step); use a value in 1..99999999'),
+    Case("sample-steps-absurd", "cli",
+         ["sample", "<run>", "--steps", "100000000000", "--out", "<tmp>/o.png"],
+         'error: sample.steps=100000000000 is more than 1000000, the most it may be '
+         '(more than a million steps cannot be integrated); use a value in 1..1000000'),
+    Case("sample-num-absurd", "cli",
+         ["sample", "<run>", "--num", "1000000000000", "--batch-size", "1000000000000", "--out",
+          "<tmp>/o.png"],
+         'error: sample.batch_size=1000000000000 is more than 16777216, the most it may '
+         'be (more than 16777216 images cannot be held in memory); use a value in '
+         '1..16777216'),
+    Case("hidden-size-absurd", "config", TRAIN + ["model.hidden_size=4398046511104"],
+         'error: model.hidden_size=4398046511104 is more than 65536, the most it may be '
+         '(a width beyond 65536 cannot be held in memory); use a value in 1..65536'),
+    Case("workers-absurd", "config", TRAIN + ["data.workers=100000"],
+         'error: data.workers=100000 is more than 1024, the most it may be (more than '
+         '1024 processes is no setting of one machine); use a value in 0..1024'),
+    Case("eval-num-absurd", "cli",
+         ["eval", "<run>", "--num", "1000000000000", "--out", "<tmp>/e.json"],
+         'error: --num 1000000000000 is more than 16777216, the most it may be (more '
+         'than 16777216 images cannot be held in memory); use a value in 1..16777216'),
+    Case("analyze-batch-sizes-absurd", "cli",
+         ["analyze", "<run>", "--batch-sizes", "1", "1000000000000", "--out", "<tmp>/a"],
+         'error: --batch-sizes 1000000000000 is more than 16777216, the most it may be '
+         '(more than 16777216 images cannot be held in memory); use a value in '
+         '1..16777216'),
+    Case("cache-latents-image-size-absurd", "latents",
+         ["cache-latents", "<tmp>/images", "<tmp>/cache", "--vae", "<tmp>/no-vae",
+          "--image-size", "1000000"],
+         'error: --image-size 1000000 is more than 16384, the most it may be (a side '
+         'beyond 16384 pixels or latents cannot be held in memory); use a value in '
+         '1..16384', setup=image_folder),
+    Case("fid-num-absurd", "cli", ["fid", "digits:test", "digits:train", "--num",
+                                   "1000000000000"],
+         'error: --num 1000000000000 is more than 16777216, the most it may be (more '
+         'than 16777216 images cannot be held in memory); use a value in 1..16777216'),
+    # Text that is not UTF-8, files outside the data, a folder's classes
+    Case("t2i-prompt-not-utf8", "text-to-image",
+         ["sample", "<t2i>", "--prompt", "caf\udce9 circle", "--out", "<tmp>/o.png"],
+         "error: prompt 'caf\\udce9 circle' is not valid UTF-8 (the terminal sent it in "
+         'another encoding); set the terminal to UTF-8 (e.g. LANG=C.UTF-8) or write the '
+         'prompt in ASCII',
+         note="`\\udce9` is how Python reads the byte 0xe9 of a Latin-1 terminal"),
+    Case("folder-caption-outside-path", "folder", T2I_FOLDER + ["data.path=<tmp>/cap"],
+         "error: '<tmp>/cap/metadata.jsonl' line 2 names '../other/cat.png', which lies "
+         "outside '<tmp>/cap'; name each image by its path inside the folder, e.g. "
+         '"a.png" or "cats/a.png"',
+         setup=captions(CAPTION, '{"file_name": "../other/cat.png", "text": "a cat"}'),
+         note="line 2 of `<tmp>/cap/metadata.jsonl` names `../other/cat.png`"),
+    Case("folder-caption-absolute-path", "folder", T2I_FOLDER + ["data.path=<tmp>/cap"],
+         "error: '<tmp>/cap/metadata.jsonl' line 2 names '/etc/cat.png', which lies "
+         "outside '<tmp>/cap'; name each image by its path inside the folder, e.g. "
+         '"a.png" or "cats/a.png"',
+         setup=captions(CAPTION, '{"file_name": "/etc/cat.png", "text": "a cat"}'),
+         note="line 2 of `<tmp>/cap/metadata.jsonl` names `/etc/cat.png`"),
+    Case("folder-empty-class", "folder", FOLDER + ["data.path=<tmp>/images"],
+         "error: image folder '<tmp>/images' has class subfolders without images "
+         "('dog'): a class with no images can be neither trained nor sampled; put images "
+         "in them or move them out of '<tmp>/images'",
+         setup=empty_class,
+         note="`<tmp>/images/cat/0.png` is an image, `<tmp>/images/dog/` is empty"),
 ]
 
 
@@ -950,7 +1121,8 @@ def test_bad_input(case, trained, tmp_path, monkeypatch, capsys, caplog):
 
 
 def render_table() -> str:
-    def cell(text: str) -> str:
+    def cell(text: str) -> str:  # a name that is not UTF-8 as Python escapes it: \udcXX
+        text = text.encode("utf-8", "backslashreplace").decode()
         return "`" + text.replace("|", "\\|") + "`"
 
     rows = ["| # | kind | input | message | test |", "|---|---|---|---|---|"]

@@ -24,7 +24,8 @@ class Range:
 
 
 INT64_MAX = 2 ** 63 - 1
-SEED = Range(0, INT64_MAX, "a seed is a non-negative 64-bit integer")
+SEED = Range(0, INT64_MAX, "a seed is a non-negative 64-bit integer",
+             "a seed is a non-negative 64-bit integer")
 # Checkpoints are named step_XXXXXXXX: a step must fit in 8 digits.
 STEP = Range(1, 10 ** 8 - 1, "checkpoint names hold 8 digits of step")
 STEP_OR_0 = Range(0, STEP.high, STEP.why)
