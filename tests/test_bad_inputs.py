@@ -1144,5 +1144,18 @@ def test_docs_table_matches_the_cases():
     assert len(CASES) >= 20
 
 
+def test_named_tests_exist():
+    """Every test the hand-written table of docs/bad-inputs.md names is a test function of the
+    file it names (``::name`` alone: of the file named before it)."""
+    import re
+    text = DOC.read_text()
+    named = re.findall(r"`(tests/\w+\.py)?::(\w+)`", text[text.index(TABLE_END):])
+    current = None
+    for file, name in named:
+        current = file or current
+        assert f"def {name}(" in (ROOT / current).read_text(), (current, name)
+    assert len(named) >= 10
+
+
 if __name__ == "__main__":
     sys.stdout.write(render_table() + "\n")
