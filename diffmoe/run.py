@@ -73,7 +73,6 @@ from .config.resume import (
     config_changes,
 )
 from .config.schedule import learning_rate
-from .config.schema import quote
 from .data import BatchIterator
 from .errors import CheckpointError, DiffMoEError, TrainingError
 from .fileio import atomic_write, atomic_write_text
@@ -86,7 +85,6 @@ from .paths import (
     disk_of,
     file_in_the_way,
     holds_something,
-    is_utf8,
     missing_dirs,
     remove_empty_dirs,
     stamped,
@@ -284,9 +282,6 @@ class RunDirectory:
         return latest
 
     def _check_path(self) -> None:
-        if not is_utf8(self.path):
-            raise DiffMoEError(f"train.out_dir {quote(str(self.path))} is not valid UTF-8; name "
-                               f"the run directory in UTF-8")
         blocker = file_in_the_way(self.path)
         if blocker is not None:
             raise DiffMoEError(f"train.out_dir '{self.path}' cannot be created: '{blocker}' is "

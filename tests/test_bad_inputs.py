@@ -458,8 +458,8 @@ CASES = [
          setup=write("run/train.lock", "my notes\n"),
          note="`<tmp>/run/train.lock` is a file of the user's"),
     Case("out-dir-not-utf8", "files", ["train", CONFIG, 'train.out_dir="<tmp>/\\udcffrun"'],
-         "error: train.out_dir '<tmp>/\\udcffrun' is not valid UTF-8; name the run directory in "
-         "UTF-8", note="`\\udcff` is YAML's escape for the byte 0xff, as Python reads a name "
+         "error: train.out_dir '<tmp>/\\udcffrun' is not valid UTF-8; write it in UTF-8 "
+         "(rename a file or folder whose name is not)", note="`\\udcff` is YAML's escape for the byte 0xff, as Python reads a name "
                        "that is not UTF-8 from the command line"),
     Case("accept-changes-without-resume", "files", TRAIN + ["--accept-changes"],
          "error: --accept-changes accepts new optimisation settings for a run that continues; "
@@ -1054,6 +1054,10 @@ CASES = [
          'another encoding); set the terminal to UTF-8 (e.g. LANG=C.UTF-8) or write the '
          'prompt in ASCII',
          note="`\\udce9` is how Python reads the byte 0xe9 of a Latin-1 terminal"),
+    Case("wandb-project-not-utf8", "config", TRAIN + ["train.wandb_project=caf\udce9"],
+         "error: train.wandb_project 'caf\\udce9' is not valid UTF-8; write it in UTF-8 "
+         "(rename a file or folder whose name is not)",
+         note="`\\udce9`: the byte 0xe9 of a Latin-1 terminal (with W&B on, a traceback before)"),
     Case("folder-caption-outside-path", "folder", T2I_FOLDER + ["data.path=<tmp>/cap"],
          "error: '<tmp>/cap/metadata.jsonl' line 2 names '../other/cat.png', which lies "
          "outside '<tmp>/cap'; name each image by its path inside the folder, e.g. "

@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from ..errors import ConfigError
+from ..paths import is_utf8
 from .ranges import CONFIG_RANGES, check_int
 from .schedule import REFERENCE_STEPS, beta_scale, linear_betas
 from .schema import (
@@ -87,11 +88,27 @@ def _finite(section: object, prefix: str) -> None:
             _require(math.isfinite(value), f"{prefix}{f.name}={value} must be a finite number")
 
 
+def _utf8(section: object, prefix: str) -> None:
+    """Every text field of ``section`` (and of its nested sections, and each item of a list)
+    is valid UTF-8: a name in another encoding reaches Python as lone surrogates, which no log,
+    YAML, JSON or tokenizer can hold."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _utf8(value, f"{prefix}{f.name}.")
+            continue
+        for text in value if isinstance(value, list) else [value]:
+            _require(not isinstance(text, str) or is_utf8(text),
+                     f"{prefix}{f.name} {quote(text)} is not valid UTF-8; write it in UTF-8 "
+                     f"(rename a file or folder whose name is not)")
+
+
 def validate(cfg: Config) -> None:
-    """Every value finite and every integer in its range, every section on its own, then the
-    sections against each other."""
+    """Every value finite, every integer in its range and every text UTF-8, every section on its
+    own, then the sections against each other."""
     _finite(cfg, "")
     _in_range(cfg, "")
+    _utf8(cfg, "")
     validate_model(cfg.model)
     validate_moe(cfg.model)
     validate_data(cfg.data)
