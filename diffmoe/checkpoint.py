@@ -357,7 +357,9 @@ def remove_incomplete(ckpt_root: Path) -> list[Path]:
     if not ckpt_root.is_dir():
         return []
     removed = sorted(p for p in ckpt_root.iterdir()
-                     if p.is_dir() and p.name.startswith((TMP_PREFIX, DELETING_PREFIX)))
+                     if p.is_dir() and p.name.startswith((TMP_PREFIX, DELETING_PREFIX))
+                     and (p.name.startswith(DELETING_PREFIX) or holds_checkpoint_files(p)
+                          or not any(p.iterdir())))
     for path in removed:
         deleting = path.name.startswith(DELETING_PREFIX)
         log.warning("removing %s, left by an interrupted checkpoint %s", path,

@@ -211,19 +211,28 @@ def model_card(p: Pretrained) -> str:
             f"pipe = DiffMoEPipeline.from_pretrained(\"path/to/this/folder\")\n```\n")
 
 
-def _is_our_card(path: Path) -> bool:
-    """Whether the file begins as every card :func:`model_card` writes (so it may be replaced)."""
+def _written_here(path: Path) -> bool:
+    """Whether the file at ``path`` is one :func:`save_pretrained` writes (so it may be
+    replaced): a card beginning as every card does, a config.json of the config's sections,
+    weights whose metadata names the diffmoe version."""
     try:
-        with open(path, "rb") as fh:
-            return path.is_file() and fh.read(len(CARD_START)) == CARD_START
-    except OSError:
+        if path.name == CARD_FILE:
+            with open(path, "rb") as fh:
+                return fh.read(len(CARD_START)) == CARD_START
+        if path.name == CONFIG_FILE:
+            data = json.loads(path.read_text())
+            return isinstance(data, dict) and set(data) == set(Config().to_dict())
+        with safe_open(str(path), framework="pt") as fh:
+            return "diffmoe_version" in (fh.metadata() or {})
+    except (OSError, ValueError, SafetensorError):
         return False
 
 
 def save_pretrained(p: Pretrained, directory: str | Path) -> Path:
     """Write ``p`` as a folder (see the module docstring): the weights first and ``config.json``,
     which marks the folder as loadable, last. Refuses, writing nothing, a path that is a file, a
-    run or a checkpoint directory, or a folder whose README.md is not a card it wrote."""
+    run or a checkpoint directory, or a folder holding a README.md, config.json or
+    model.safetensors it did not write."""
     directory = Path(user_path(str(directory)))
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"'{directory}' is a file; save_pretrained writes a folder, pass a "
@@ -231,10 +240,11 @@ def save_pretrained(p: Pretrained, directory: str | Path) -> Path:
     if (directory / STATE_FILE).exists() or (directory / "checkpoints").exists():
         raise ConfigError(f"'{directory}' is a run or checkpoint directory; save the folder "
                           f"somewhere else")
-    card_path = directory / CARD_FILE
-    if os.path.lexists(card_path) and not _is_our_card(card_path):
-        raise ConfigError(f"'{card_path}' is not a model card save_pretrained wrote, and it "
-                          f"would be replaced; move it away or save the folder somewhere else")
+    for name in (WEIGHTS_FILE, CARD_FILE, CONFIG_FILE):
+        if os.path.lexists(directory / name) and not _written_here(directory / name):
+            raise ConfigError(f"'{directory / name}' is not a file save_pretrained wrote, and it "
+                              f"would be replaced; move it away or save the folder somewhere "
+                              f"else")
     tensors = {k: v.detach().cpu().contiguous() for k, v in p.model.state_dict().items()}
     capacity = {"c_avg_infer": p.c_avg_infer, "note": p.capacity_note}
     meta = {"format": SAFETENSORS_FORMAT, "diffmoe_version": VERSION, "step": str(p.step),

@@ -406,7 +406,11 @@ class RunDirectory:
                 f"train.steps above {o.step} to train on, or sample an earlier checkpoint of "
                 f"the run with diffmoe sample")
         changes = config_changes(reference, current)
-        refused = [c for c in changes if c.kind in REFUSED]
+        # A moved folder or cache (data.path) is the same data if it holds the same images,
+        # which check_data tells once the dataset is open.
+        moved = o.data is not None and o.data.get("contents") is not None
+        refused = [c for c in changes if c.kind in REFUSED
+                   and not (c.key == "data.path" and moved)]
         if refused:
             kinds = [DIFFERENT[kind] for kind in REFUSED if any(c.kind == kind for c in refused)]
             raise CheckpointError(

@@ -55,7 +55,8 @@ def test_training_backwards_is_refused_and_the_same_end_trains_nothing(copy_of):
     with pytest.raises(DiffMoEError, match="is at step 2 .* train.steps=1 is below it"):
         resume(run, "train.steps=1")
     assert snapshot(run) == before
-    assert resume(run).step == 2
+    result = resume(run)
+    assert result.step == 2 and result.last_checkpoint == run / "checkpoints" / "step_00000002"
 
 
 def test_every_accepted_change_is_a_warning(copy_of, caplog):
@@ -130,3 +131,22 @@ def test_a_resume_never_advises_another_architecture(tmp_path):
         check_data_matches_model(cfg, build_dataset("digits", "train", 40), tmp_path / "ckpt")
     assert "model." not in str(resumed.value).split(";", 1)[1]
     assert "resume on data of 1x16x16 images" in str(resumed.value)
+
+
+def test_a_moved_folder_of_the_same_images_resumes_with_a_warning(tmp_path, caplog):
+    run = folder_run(tmp_path)
+    moved = tmp_path / "moved"
+    (tmp_path / "images").rename(moved)
+    with caplog.at_level(logging.WARNING, logger="diffmoe"):
+        assert resume(run, "train.steps=3", f"data.path={moved}").step == 3
+    assert any(f"data.path ('{tmp_path / 'images'}' in the checkpoint, '{moved}' now)"
+               in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    (moved / "dog" / "2.png").unlink()
+    with pytest.raises(DiffMoEError, match="held 6 images then and 5 now"):
+        resume(run, "train.steps=4", f"data.path={moved}")
+
+
+def test_a_digits_run_still_refuses_a_data_change(copy_of):
+    run = copy_of()
+    with pytest.raises(DiffMoEError, match=r"different data: data.limit \(0 in the checkpoint"):
+        resume(run, "train.steps=3", "data.limit=100")

@@ -115,18 +115,20 @@ def test_a_grid_sampled_into_a_checkpoint_and_a_nested_run_survive_a_resume(trai
         checkpoint_name(2), checkpoint_name(3)]
 
 
-def test_save_pretrained_keeps_a_readme_it_did_not_write(train_tiny, tmp_path):
+def test_save_pretrained_keeps_files_it_did_not_write(train_tiny, tmp_path):
     from diffmoe.errors import DiffMoEError
-    from diffmoe.hub import CARD_FILE, load_pretrained
+    from diffmoe.hub import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, load_pretrained
 
     pretrained = load_pretrained(train_tiny())
-    folder = tmp_path / "userdir"
-    folder.mkdir()
-    (folder / CARD_FILE).write_text("my notes\n")
-    with pytest.raises(DiffMoEError, match="is not a model card save_pretrained wrote"):
-        pretrained.save_pretrained(folder)
-    assert sorted(p.name for p in folder.iterdir()) == [CARD_FILE]
-    assert (folder / CARD_FILE).read_text() == "my notes\n"
+    for name, text in ((CARD_FILE, "my notes\n"), (CONFIG_FILE, '{"mine": 1}\n'),
+                       (WEIGHTS_FILE, "not weights\n")):
+        folder = tmp_path / f"userdir-{name}"
+        folder.mkdir()
+        (folder / name).write_text(text)
+        with pytest.raises(DiffMoEError, match=f"{name}' is not a file save_pretrained wrote"):
+            pretrained.save_pretrained(folder)
+        assert sorted(p.name for p in folder.iterdir()) == [name]
+        assert (folder / name).read_text() == text
     # Its own card it replaces: saving twice works.
     other = pretrained.save_pretrained(tmp_path / "ours")
     pretrained.save_pretrained(other)

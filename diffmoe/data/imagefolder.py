@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -158,7 +159,7 @@ def _captioned_listing(folder: Path) -> FolderListing:
         if not isinstance(name, str) or not name or not isinstance(text, str) or not text.strip():
             raise DataError(f"{where} needs a non-empty \"file_name\" and \"text\"; write one "
                             f"{form} per line")
-        if Path(name).is_absolute() or ".." in Path(name).parts:
+        if Path(name).is_absolute() or os.path.normpath(name).split(os.sep)[0] == "..":
             raise DataError(f"{where} names {quote(name)}, which lies outside '{folder}'; name "
                             f"each image by its path inside the folder, e.g. \"a.png\" or "
                             f"\"cats/a.png\"")
