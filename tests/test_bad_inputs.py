@@ -1058,18 +1058,13 @@ CASES = [
          "error: train.wandb_project 'caf\\udce9' is not valid UTF-8; write it in UTF-8 "
          "(rename a file or folder whose name is not)",
          note="`\\udce9`: the byte 0xe9 of a Latin-1 terminal (with W&B on, a traceback before)"),
-    Case("folder-caption-outside-path", "folder", T2I_FOLDER + ["data.path=<tmp>/cap"],
-         "error: '<tmp>/cap/metadata.jsonl' line 2 names '../other/cat.png', which lies "
-         "outside '<tmp>/cap'; name each image by its path inside the folder, e.g. "
-         '"a.png" or "cats/a.png"',
-         setup=captions(CAPTION, '{"file_name": "../other/cat.png", "text": "a cat"}'),
-         note="line 2 of `<tmp>/cap/metadata.jsonl` names `../other/cat.png`"),
-    Case("folder-caption-absolute-path", "folder", T2I_FOLDER + ["data.path=<tmp>/cap"],
-         "error: '<tmp>/cap/metadata.jsonl' line 2 names '/etc/cat.png', which lies "
-         "outside '<tmp>/cap'; name each image by its path inside the folder, e.g. "
-         '"a.png" or "cats/a.png"',
-         setup=captions(CAPTION, '{"file_name": "/etc/cat.png", "text": "a cat"}'),
-         note="line 2 of `<tmp>/cap/metadata.jsonl` names `/etc/cat.png`"),
+    *[Case(f"folder-caption-{kind}", "folder", T2I_FOLDER + ["data.path=<tmp>/cap"],
+           f"error: '<tmp>/cap/metadata.jsonl' line 2 names '{name}', which lies outside "
+           "'<tmp>/cap'; name each image by its path inside the folder, e.g. \"a.png\" or "
+           '"cats/a.png"',
+           setup=captions(CAPTION, f'{{"file_name": "{name}", "text": "a cat"}}'),
+           note=f"line 2 of `<tmp>/cap/metadata.jsonl` names `{name}`")
+      for kind, name in (("outside-path", "../other/cat.png"), ("absolute-path", "/etc/cat.png"))],
     Case("folder-empty-class", "folder", FOLDER + ["data.path=<tmp>/images"],
          "error: image folder '<tmp>/images' has class subfolders without images "
          "('dog'): a class with no images can be neither trained nor sampled; put images "
