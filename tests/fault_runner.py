@@ -92,7 +92,7 @@ def install(faults: dict[str, int]) -> None:
     original_next = train.BatchIterator.next
     original_save_file = checkpoint.save_file
     original_fsync_dir = checkpoint._fsync_dir
-    original_rmtree = checkpoint.shutil.rmtree
+    original_remove_own = checkpoint._remove_own
     original_teardown = distributed.teardown
 
     def next_batch(self):
@@ -133,13 +133,13 @@ def install(faults: dict[str, int]) -> None:
             die()
         return original_fsync_dir(path)
 
-    def rmtree(path, *args, **kwargs):
+    def remove_own(path):
         if os.path.basename(str(path)).startswith(checkpoint.DELETING_PREFIX):
             counts["prune"] += 1
             if faults.get("prune-mid-delete") == counts["prune"]:
                 os.remove(os.path.join(path, "optimizer.safetensors"))
                 die()
-        return original_rmtree(path, *args, **kwargs)
+        return original_remove_own(path)
 
     def teardown(wait_for_others=True, step=None):
         if wait_for_others and faults.get("hang-at-exit") == step:
@@ -152,7 +152,7 @@ def install(faults: dict[str, int]) -> None:
     train.BatchIterator.next = next_batch
     checkpoint.save_file = save_file
     checkpoint._fsync_dir = fsync_dir
-    checkpoint.shutil.rmtree = rmtree
+    checkpoint._remove_own = remove_own
 
 
 if __name__ == "__main__":

@@ -93,7 +93,9 @@ def check_pool(config: str, result: str, overrides: list[str]) -> None:
 def check_train(config: str, result: str, overrides: list[str], resume: bool = False) -> None:
     from diffmoe.train import Trainer
 
-    trainer = Trainer(load_config(config, overrides), resume=resume)
+    # A continuation raises train.steps, which moves the end of the config's cosine schedule:
+    # an optimisation change, accepted as such.
+    trainer = Trainer(load_config(config, overrides), resume=resume, accept_changes=resume)
     trainer.train()
     report, sharded = {}, 0
     for name, module in (("model", trainer.model.module), ("ema", trainer.ema)):
