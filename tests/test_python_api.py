@@ -120,6 +120,7 @@ def test_pipeline_images_equal_diffmoe_sample(run, tmp_path, capsys, mode):
     out = pipe(class_labels=LABELS, num_inference_steps=STEPS, guidance_scale=2.0, mode=mode,
                generator=5)
     size = pipe.config.model.input_size
+    # The same batches, seeds and threads as the command: the same computation, so bitwise.
     for tile, image in zip(_grid_tiles(png, len(LABELS), size), out.images, strict=True):
         assert np.array_equal(tile, np.array(image))
     assert out.capacity.c_avg_infer == summary["c_avg_infer"]
