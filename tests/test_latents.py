@@ -301,3 +301,6 @@ def test_a_pixel_model_refuses_latent_output_and_gives_np(tmp_path):
     arr = pipe(class_labels=[0, 1], num_inference_steps=1, output_type="np").images
     size = cfg.model.input_size
     assert arr.shape == (2, size, size, cfg.model.in_channels) and arr.dtype == np.float32
+    with pytest.raises(ConfigError, match="vae= decodes a latent model"):
+        pipe.save_pretrained(tmp_path / "folder", vae=tmp_path)
+    assert not (tmp_path / "folder").exists()
