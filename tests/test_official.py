@@ -255,6 +255,7 @@ def imported(request, tmp_path, capsys):
 
 # -- import: their forward, their buffers, their conventions ----------------------------------
 
+@pytest.mark.numerics
 def test_imported_model_reproduces_their_eval_outputs_with_their_thresholds(imported):
     _, theirs, run = imported
     model, _, _ = load_model(run)  # ema by default, as their sampler
@@ -270,6 +271,7 @@ def test_imported_model_reproduces_their_eval_outputs_with_their_thresholds(impo
     torch.testing.assert_close(ours.prediction, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.numerics
 def test_imported_model_makes_their_selections_in_train_mode(imported):
     _, theirs, run = imported
     model, _, _ = load_model(run)
@@ -435,6 +437,7 @@ def test_import_never_writes_into_a_directory_that_holds_something(tmp_path, cap
 
 # -- export: the inverse, and what their code cannot express -----------------------------------
 
+@pytest.mark.numerics
 def test_export_writes_their_files_and_imports_back_identically(imported, tmp_path, capsys):
     theirs_model, theirs_ema, run = imported
     shared = any("shared_experts" in k for k in theirs_model)
