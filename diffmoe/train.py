@@ -79,26 +79,35 @@ def check_batch_split(t: TrainConfig, world_size: int) -> None:
                           f"multiple of their product")
 
 
-def check_data_matches_model(cfg: Config, ds: ImageDataset,
-                             checkpoint: Optional[Path] = None) -> None:
-    """The data fits the model. A model resumed from ``checkpoint`` keeps its architecture,
-    so the fix is then other data, never another model."""
+def check_data_matches_model(cfg: Config, ds: ImageDataset, resuming: bool = False) -> None:
+    """The data's shape is the model's. A new model is told to take the data's shape; one whose
+    weights exist (a resumed or imported run) to get data of its own shape instead (never
+    another architecture, which a resume refuses)."""
     m = cfg.model
-    model = f"{m.in_channels}x{m.input_size}x{m.input_size}"
     if ds.image_size != m.input_size or ds.channels != m.in_channels:
         fix = (f"set model.input_size={ds.image_size} model.in_channels={ds.channels}"
-               if checkpoint is None else
-               f"a resume keeps the checkpoint's model ('{checkpoint}'), so resume on data of "
-               f"{model} images (data.name, data.path)")
+               if not resuming else _data_fix(cfg, ds))
         raise ConfigError(
             f"dataset '{ds.name}' has {ds.channels}x{ds.image_size}x{ds.image_size} images but the "
-            f"model expects {model}; {fix}")
+            f"model expects {m.in_channels}x{m.input_size}x{m.input_size}; {fix}")
     if m.condition == "class" and ds.num_classes > m.num_classes:
-        fix = (f"set model.num_classes={ds.num_classes}" if checkpoint is None else
-               f"a resume keeps the checkpoint's model ('{checkpoint}'), so resume on data of "
-               f"at most {m.num_classes} classes (data.name, data.path, data.limit)")
+        fix = (f"set model.num_classes={ds.num_classes}" if not resuming else
+               f"the checkpoint fixes the model, so give it data of at most {m.num_classes} "
+               f"classes")
         raise ConfigError(f"dataset '{ds.name}' has {ds.num_classes} classes but "
                           f"model.num_classes={m.num_classes}; {fix}")
+
+
+def _data_fix(cfg: Config, ds: ImageDataset) -> str:
+    """What data a model with weights needs (its architecture is not to change)."""
+    m = cfg.model
+    if cfg.data.name != "latents":
+        return (f"the checkpoint fixes the model, so give it {m.in_channels}-channel "
+                f"{m.input_size}x{m.input_size} data")
+    down = int(ds.index.get("downsampling", 1))
+    return (f"the checkpoint fixes the model, so give it a latent cache of "
+            f"{m.input_size * down}px images from a VAE with {m.in_channels} latent channels "
+            f"(diffmoe cache-latents --image-size {m.input_size * down})")
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -207,7 +216,7 @@ class Trainer:
         cfg, t, dist = self.cfg, self.cfg.train, self.dist
         resume_from = self.run.open(resume, accept_changes)
         self.dataset = build_training_dataset(cfg)
-        check_data_matches_model(cfg, self.dataset, resume_from)
+        check_data_matches_model(cfg, self.dataset, resuming=resume_from is not None)
         self.run.check_data(len(self.dataset), self.dataset.contents)
         self.loader = BatchIterator(self.dataset, t.batch_size // dist.world_size, t.seed,
                                     dist.rank, dist.world_size, self.device)
@@ -230,7 +239,8 @@ class Trainer:
         self.model.wrap(ddp=dist.enabled and not fsdp, compile=t.compile, device=self.device,
                         bf16_grads=t.ddp_bf16_grads)
         # Latent models' sample grids are decoded with the VAE (by the ranks that sample).
-        self.decoder = (sample_decoder(cfg.to_dict()["data"], self.device)
+        self.decoder = (sample_decoder(cfg.to_dict()["data"], self.device,
+                                       channels=cfg.model.in_channels)
                         if dist.is_main or fsdp else None)
         self.run.begin(self.progress.step)
 

@@ -30,6 +30,7 @@ def main() -> None:
         for key, value in module.state_dict().items():
             ref = value.clone()
             dist.broadcast(ref, src=0)
+            # Every rank applies the same all-reduced gradients: the same computation, bitwise.
             report[f"{name}.{key}"] = bool(torch.equal(ref, value))
     thresholds = [v for k, v in trainer.model.module.state_dict().items()
                   if k.endswith("thresholds_E")]

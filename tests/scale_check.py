@@ -105,6 +105,7 @@ def check_train(config: str, result: str, overrides: list[str], resume: bool = F
                 continue
             ref = value.clone()
             dist.broadcast(ref, src=0)
+            # Every rank applies the same reduced gradients: the same computation, bitwise.
             report[f"{name}.{key}"] = bool(torch.equal(ref, value))
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, report)

@@ -116,6 +116,7 @@ def test_ddp_killed_rank_ends_run_with_message_then_resumes_exactly(reference, t
     assert state["world_size"] == 2 and state["step"] == STEPS and state["skipped_steps"] == 1
     for name in ("model", "ema", "optimizer", "rng"):
         ta, tb = (load_file(str(p / f"{name}.safetensors")) for p in (a, b))
+        # The same computation resumed (same machine, world size and threads): bitwise.
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
     strip = ("images_per_sec", "elapsed_s")
     records = [[{k: v for k, v in json.loads(x).items() if k not in strip}

@@ -391,5 +391,7 @@ def test_eval_across_two_processes_equals_one_process(tiny_run, tmp_path):
     for key in ("fid", "kid", "precision", "recall", "c_avg_infer", "capacity_per_layer",
                 "capacity_per_timestep", "model_calls_per_batch"):
         assert one[key] == two[key], key
+    # Bitwise: each batch is the same computation in either run (same shapes, seeds, threads),
+    # gathered in batch order; only the process that runs it differs.
     with np.load(one_npz) as a, np.load(two_npz) as b:
         assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)

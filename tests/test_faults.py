@@ -89,7 +89,8 @@ def metric_records(run: Path) -> list[dict]:
 
 def assert_identical_runs(ref: Path, run: Path) -> None:
     """Same weights, EMA weights, optimizer state, thresholds, RNG states, data position, step,
-    metric records and sample grids after STEPS steps."""
+    metric records and sample grids after STEPS steps, bitwise: a resumed run is the same
+    computation as the uninterrupted one (same machine, shapes and thread count)."""
     a = ref / "checkpoints" / checkpoint_name(STEPS)
     b = run / "checkpoints" / checkpoint_name(STEPS)
     for name in ("model", "ema", "optimizer", "rng"):

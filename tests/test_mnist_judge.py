@@ -39,7 +39,7 @@ def test_consistency_counts_the_label_asked_for(test_split):
     wrong = class_consistency(judge, images, (labels + 1) % 10)
     assert wrong["class_consistency"] <= 0.02
     # The same images as [-1, 1] floats (how samples come out of the sampler) read the same.
-    floats = images.float().div(127.5).sub(1.0)
+    floats = images.float().div(127.5).sub(1.0)  # the judge's own conversion: the same computation
     assert torch.equal(judge.classify(floats), judge.classify(images))
     blank = torch.zeros(10, 1, 32, 32, dtype=torch.uint8)
     assert class_consistency(judge, blank, torch.arange(10))["class_consistency"] <= 0.2

@@ -62,6 +62,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "model.text.max_tokens": TOKENS,
     "objective.num_timesteps": Range(1, SAMPLING_STEPS.high, SAMPLING_STEPS.why, "DiT: 1000"),
     "data.limit": Range(0, INT64_MAX, COUNT.why, "0 = the whole split"),
+    "data.downsampling": Range(0, SIDE.high, SIDE.why, "0 = the latent cache's"),
     "data.workers": Range(0, PROCESSES.high, PROCESSES.why, "0 = decode in the training process"),
     "train.steps": STEP,
     "train.batch_size": IMAGES,
