@@ -335,9 +335,6 @@ class Trainer:
         interval_start = start_time = time.perf_counter()
         timed_steps, stop_early = 0, False
         last_ckpt: Optional[Path] = self.run.opening.checkpoint  # the one resumed from, if any
-        if self.step >= t.steps and main:
-            log.info("the run is already at step %d, its train.steps: nothing to train (raise "
-                     "train.steps to train on)", self.step)
         last_samples: Optional[Path] = None
         bar = tqdm(total=t.steps, initial=self.step, disable=not main, desc="train",
                    dynamic_ncols=True, mininterval=1.0)

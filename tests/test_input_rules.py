@@ -158,3 +158,9 @@ def test_a_prompt_that_is_not_utf8_from_the_python_api():
     from diffmoe.data.text_encoder import check_prompts
     with pytest.raises(ConfigError, match=r"prompt 'caf\\udce9 circle' is not valid UTF-8"):
         check_prompts(["a red circle", "caf\udce9 circle"])
+
+
+def test_a_folder_of_hidden_entries_only_says_so(tmp_path):
+    image(tmp_path / ".ipynb_checkpoints" / "0.png")
+    with pytest.raises(DataError, match=r"holds only hidden entries \(e.g. '.ipynb_checkpoints'\)"):
+        list_folder(tmp_path)

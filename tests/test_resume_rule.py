@@ -130,7 +130,7 @@ def test_a_resume_never_advises_another_architecture(tmp_path):
     with pytest.raises(ConfigError) as resumed:
         check_data_matches_model(cfg, build_dataset("digits", "train", 40), tmp_path / "ckpt")
     assert "model." not in str(resumed.value).split(";", 1)[1]
-    assert "resume on data of 1x16x16 images" in str(resumed.value)
+    assert "give it 1-channel 16x16 data" in str(resumed.value)
 
 
 def test_a_moved_folder_of_the_same_images_resumes_with_a_warning(tmp_path, caplog):

@@ -118,7 +118,9 @@ def _class_listing(folder: Path) -> FolderListing:
     visible = [p for p in folder.iterdir() if not is_hidden(p)]
     classes = sorted(p.name for p in visible if p.is_dir())
     if not classes:
-        state = "is empty" if not visible else f"has no class subfolders and no {METADATA}"
+        hidden = sorted(p.name for p in folder.iterdir() if is_hidden(p))
+        state = (f"has no class subfolders and no {METADATA}" if visible else
+                 f"holds only hidden entries (e.g. '{hidden[0]}')" if hidden else "is empty")
         raise DataError(f"image folder '{folder}' {state}; {layout_help(folder)}")
     images = {name: [p for p in sorted((folder / name).iterdir())
                      if p.is_file() and not is_hidden(p) and p.suffix.lower() in IMAGE_SUFFIXES]
