@@ -212,28 +212,53 @@ class Trainer:
         check_data_matches_model(cfg, self.dataset)
         self.loader = BatchIterator(self.dataset, t.batch_size // dist.world_size, t.seed,
                                     dist.rank, dist.world_size, self.device)
+        self._build_step_parts()
+        if resume_from is not None:
+            self.run.load(resume_from, self.state)
+        self._wrap()
+        # Latent models' sample grids are decoded with the VAE (by the ranks that sample).
+        self.decoder = (sample_decoder(cfg.to_dict()["data"], self.device)
+                        if dist.is_main or self.model.fsdp else None)
+        self.run.begin(self.progress.step)
+
+    @classmethod
+    def for_one_step(cls, cfg: Config, dist: distributed.DistInfo, device: torch.device,
+                     loader: BatchIterator, mesh=None, ddp: bool = True) -> "Trainer":
+        """What :meth:`train_step` uses and nothing else: the model under the config's engine,
+        the EMA, the optimizer and the objective, fed by ``loader``; no run directory, dataset or
+        decoder. ``diffmoe plan`` runs its steps on fake tensors (:mod:`diffmoe.plan`), where
+        FSDP2 shards over a ``mesh`` made beforehand and there is no DDP wrapper (``ddp``)."""
+        self = cls.__new__(cls)
+        self.cfg, self.device, self.dist, self.loader = cfg, device, dist, loader
+        self.model = None
+        self._build_step_parts(mesh)
+        if ddp:
+            self._wrap()
+        return self
+
+    def _build_step_parts(self, mesh=None) -> None:
+        cfg, t, dist = self.cfg, self.cfg.train, self.dist
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        module = build_model(cfg.model, t.token_pool).to(self.device)
+        module = build_model(cfg.model, t.token_pool)  # on the CPU
+        if self.device.type != "cpu":  # (a module of fake tensors cannot be moved, even there)
+            module = module.to(self.device)
         module.activation_checkpointing = t.activation_checkpointing
         self.ema = make_ema(module)
         fsdp = dist.enabled and t.parallel == "fsdp"
         if fsdp:
-            parallel.shard(module, t.precision, t.fsdp_reduce_dtype)
-            parallel.shard(self.ema, t.precision, t.fsdp_reduce_dtype)
+            parallel.shard(module, t.precision, t.fsdp_reduce_dtype, mesh)
+            parallel.shard(self.ema, t.precision, t.fsdp_reduce_dtype, mesh)
         self.optimizer = build_optimizer(module, t)
         self.objective = build_objective(cfg)
         self.diffmoe_layers = diffmoe_layers(module)
         self.model = parallel.TrainingModel(module, fsdp)
         self.progress = Progress.start(len(MEAN_FIELDS), self.device)
         torch.manual_seed(t.seed + 1 + dist.rank)  # per-rank noise, timesteps, label dropout
-        if resume_from is not None:
-            self.run.load(resume_from, self.state)
-        self.model.wrap(ddp=dist.enabled and not fsdp, compile=t.compile, device=self.device,
-                        bf16_grads=t.ddp_bf16_grads)
-        # Latent models' sample grids are decoded with the VAE (by the ranks that sample).
-        self.decoder = (sample_decoder(cfg.to_dict()["data"], self.device)
-                        if dist.is_main or fsdp else None)
-        self.run.begin(self.progress.step)
+
+    def _wrap(self) -> None:
+        t = self.cfg.train
+        self.model.wrap(ddp=self.dist.enabled and not self.model.fsdp, compile=t.compile,
+                        device=self.device, bf16_grads=t.ddp_bf16_grads)
 
     @property
     def state(self) -> TrainingState:
