@@ -310,11 +310,13 @@ def simulate_training(cfg: Config, gpus: int) -> tuple[dict[str, int], float, in
 
 
 def measure(trainer) -> tuple[dict[str, int], float]:
-    """Two training steps of ``trainer``: the first counted for FLOPs (and creating the
-    optimizer's moments), the second tracked for memory (:func:`step_memory`). The same on
-    fake tensors (the plan) and real ones (its validation)."""
+    """Training steps of ``trainer`` to the steady state: the first counted for FLOPs (and
+    creating the optimizer's moments), the last tracked for memory (:func:`step_memory`). The
+    same on fake tensors (the plan) and real ones (its validation)."""
     trainer.model.net.train()
     flops = counted_step_flops(trainer)
+    if trainer.model.ddp is not None:
+        trainer.train_step()  # DDP rebuilds its gradient buckets in its second forward, once
     return step_memory(trainer), flops
 
 
@@ -466,6 +468,7 @@ def plan(cfg: Config, name: str, gpus: int = 1, *, gpu_memory_gib: Optional[floa
     if not 0 <= headroom < 1:
         raise ConfigError(f"--headroom {headroom}: give the share of the GPU's memory to keep "
                           f"free, between 0 and 1, e.g. {DEFAULT_HEADROOM}")
+    start = time.perf_counter()
     step = plan_step(cfg, name, gpus, gpu=gpu, mfu=mfu)
     step.sampling = simulate_sampling(cfg, capacity)
     if gpu_memory_gib is not None:
@@ -474,6 +477,7 @@ def plan(cfg: Config, name: str, gpus: int = 1, *, gpu_memory_gib: Optional[floa
         step.fits = step.peak_bytes <= usable
         if not step.fits:
             step.suggestion = advise(cfg, name, gpus, usable, gpu=gpu, mfu=mfu)
+    step.simulated_s = time.perf_counter() - start
     return step
 
 
