@@ -154,13 +154,15 @@ class RandomBatches:
     """Stands in for the data: each call gives a per-rank batch of standard-normal inputs and
     random labels, as fake tensors inside a ``FakeTensorMode`` and real ones outside it."""
 
-    def __init__(self, cfg: Config, batch: int):
+    def __init__(self, cfg: Config, batch: int, device: torch.device = torch.device("cpu")):
         m = cfg.model
         self.shape = (batch, m.in_channels, m.input_size, m.input_size)
         self.num_classes = m.num_classes
+        self.device = device
 
     def next(self) -> tuple[Tensor, Tensor]:
-        return torch.randn(self.shape), torch.randint(0, self.num_classes, self.shape[:1])
+        return (torch.randn(self.shape, device=self.device),
+                torch.randint(0, self.num_classes, self.shape[:1], device=self.device))
 
 
 class _PeakTracker:

@@ -31,7 +31,19 @@ def measured(overrides: list[str], info: distributed.DistInfo) -> dict:
     finally:
         trainer.model.release_wrappers()
     return {"overrides": overrides, "memory": memory, "flops": flops,
-            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB}
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB,
+            "rss_at_start_bytes": RSS_AT_START}
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (VmRSS)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * KIB
+    return 0
+
+
+RSS_AT_START = resident_bytes()  # torch and diffmoe imported, nothing built
 
 
 def main() -> None:

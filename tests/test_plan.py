@@ -61,3 +61,82 @@ def test_simulated_peak_matches_a_real_single_process_step(tmp_path):
 @pytest.mark.slow
 def test_simulated_peak_matches_real_ddp_and_fsdp_steps_on_two_ranks(tmp_path):
     check_against_simulation(measured(tmp_path, DISTRIBUTED_CASES, 2), 2)
+
+
+def plan_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli_main(["plan", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plan_reports_a_step_and_a_sampling_step_as_json(capsys):
+    code, out, _ = plan_cli(capsys, "configs/digits_tiny.yaml", "--gpus", "2", "--json",
+                            "train.parallel=fsdp", "--gpu-memory", "1")
+    assert code == 0
+    result = json.loads(out)
+    assert (result["engine"], result["gpus"], result["micro_batch"]) == ("fsdp", 2, 16)
+    assert result["fits"] is True and result["suggestion"] is None
+    assert result["peak_bytes"] == sum(result["peak_by_category"].values()) > 0
+    assert result["flops_per_step"] == 2 * 16 * result["flops_per_image"] > 0
+    assert result["sampling"]["mode"] == "dynamic" and result["sampling"]["flops_per_call"] > 0
+
+
+def test_sampling_flops_grow_with_the_capacity():
+    """The dynamic layer runs its own code on k = S·C/E tokens per expert: twice the capacity,
+    more expert work (and the same attention and predictor)."""
+    cfg = load_config(None, DIFFMOE)
+    one, two = (plan(cfg, "x", capacity=c).sampling["flops_per_call"] for c in (1.0, 2.0))
+    assert one < two < 2 * one
+
+
+def test_plan_names_the_smallest_change_that_fits(capsys):
+    """A limit between the step's peak with activation checkpointing and without: it does not
+    fit as it is, and checkpointing (the first change tried) does."""
+    cfg = load_config(None, DIFFMOE)
+    full = plan(cfg, "x").peak_bytes
+    checkpointed = plan(load_config(None, [*DIFFMOE, "train.activation_checkpointing=true"]),
+                        "x").peak_bytes
+    limit = (full + checkpointed) / 2 / GIB
+    code, out, _ = plan_cli(capsys, "configs/digits_tiny.yaml", *DIFFMOE, "--gpu-memory",
+                            str(limit), "--headroom", "0")
+    assert code == 0
+    assert "fits" in out and ": no" in out
+    assert f"smallest change that fits: train.activation_checkpointing=true (peak " \
+           f"{checkpointed / GIB:.2f} GiB)" in out
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--gpus", "0"], "--gpus 0: give the number of GPUs"),
+    (["--gpus", "3"], "train.batch_size=32 is not divisible by --gpus 3"),
+    (["--mfu", "1.5"], "--mfu 1.5: give a utilisation between 0 and 1"),
+    (["--gpu-memory", "0"], "--gpu-memory 0.0: give the GPU's memory in GiB"),
+    (["--headroom", "1"], "--headroom 1.0: give the share of the GPU's memory to keep free"),
+    (["train.compile=true"], "diffmoe plan cannot simulate a compiled step"),
+])
+def test_plan_refuses_in_one_line(capsys, args, problem):
+    code, out, err = plan_cli(capsys, "configs/digits_tiny.yaml", *args)
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {problem}") and err.count("\n") == 1
+
+
+def test_plan_refuses_a_text_conditioned_config(capsys):
+    code, _, err = plan_cli(capsys, "configs/t2i_shapes_tiny.yaml")
+    assert code == 2
+    assert err.startswith("error: diffmoe plan simulates class-conditional models only")
+
+
+@pytest.mark.slow
+def test_the_shipped_xl_config_fits_eight_80gb_gpus_and_the_papers_settings_do_not(capsys):
+    """The issue's two commands: the shipped DiffMoE-XL-E16 config fits 80 GiB per GPU on 8
+    GPUs; with DDP, fp32 and no activation checkpointing it does not, and the plan says what
+    would."""
+    config = "configs/imagenet/diffmoe-xl-e16-flow.yaml"
+    code, out, _ = plan_cli(capsys, config, "--gpus", "8", "--gpu-memory", "80", "--json")
+    shipped = json.loads(out)
+    assert code == 0 and shipped["fits"] is True and shipped["peak_gib"] < 72
+    code, out, _ = plan_cli(capsys, config, "--gpus", "8", "--gpu-memory", "80", "--json",
+                            "train.parallel=ddp", "train.precision=fp32",
+                            "train.activation_checkpointing=false")
+    paper = json.loads(out)
+    assert code == 0 and paper["fits"] is False and paper["peak_gib"] > 72
+    assert paper["suggestion"]["peak_gib"] < 72 and paper["suggestion"]["overrides"]
