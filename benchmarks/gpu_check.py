@@ -47,7 +47,7 @@ from diffmoe.loss import training_loss  # noqa: E402
 from diffmoe.models import build_model  # noqa: E402
 from diffmoe.models.moe import Routing  # noqa: E402
 from diffmoe.plan import GPU_PEAK_FLOPS  # noqa: E402
-from diffmoe.train import Trainer, build_optimizer  # noqa: E402
+from diffmoe.train import build_optimizer, step_trainer  # noqa: E402
 
 TRAIN_PRESETS = ["Dense-DiT-S", "DiffMoE-S-E16", "Dense-DiT-B", "DiffMoE-B-E16"]
 SAMPLE_PRESETS = {"dynamic": "DiffMoE-S-E16", "static": "DiffMoE-S-E16", "dense": "Dense-DiT-S"}
@@ -160,7 +160,7 @@ def plan_row(preset: str, batch: int, device: torch.device) -> dict:
     cfg = load_config(None, [f"model.preset={preset}", f"train.batch_size={batch}",
                              *PLAN_SETTINGS])
     planned = plan.plan_step(cfg, preset, 1)
-    trainer = Trainer.for_one_step(cfg, DistInfo(), device, plan.RandomBatches(cfg, batch, device))
+    trainer = step_trainer(cfg, DistInfo(), device, plan.RandomBatches(cfg, batch, device))
     trainer.model.net.train()
     trainer.train_step()
     trainer.train_step()

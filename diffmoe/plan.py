@@ -293,7 +293,7 @@ def fake_tensors() -> Iterator[None]:
 def simulate_training(cfg: Config, gpus: int) -> tuple[dict[str, int], float, int]:
     """One rank's peak memory by category and the FLOPs of one training step of ``cfg`` on
     ``gpus`` ranks, on fake tensors, and the parameter count."""
-    from .train import Trainer
+    from .train import step_trainer
 
     cpu = replace(cfg, train=replace(cfg.train, device="cpu"))
     per_rank = cfg.train.batch_size // gpus
@@ -304,7 +304,7 @@ def simulate_training(cfg: Config, gpus: int) -> tuple[dict[str, int], float, in
             # DDP's reducer cannot be built on fake tensors; with its gradients as views into
             # its buckets a DDP rank holds what one process holds at the rank's batch
             # (tests/test_plan.py checks this against a real 2-rank DDP run).
-            trainer = Trainer.for_one_step(cpu, info, torch.device("cpu"),
+            trainer = step_trainer(cpu, info, torch.device("cpu"),
                                            RandomBatches(cpu, per_rank), mesh=mesh, ddp=False)
             memory, flops = measure(trainer)
             params = trainer.model.module.num_params()
@@ -499,8 +499,9 @@ def report(p: StepPlan) -> str:
             lines.append(f"  {key:20s} {p.peak_by_category[key] / GIB:8.2f} GiB")
     lines += [
         f"FLOPs: {t_flops:.1f} GFLOP per image (forward + backward, counted), "
-        f"{p.flops_per_step / 1e12:.1f} TFLOP per step; Eq. 40 (6 x {p.activated_params / 1e6:.0f}M "
-        f"activated parameters x tokens): {p.activated_flops_per_image / 1e9:.1f} GFLOP per image",
+        f"{p.flops_per_step / 1e12:.1f} TFLOP per step; Eq. 40 (6 x "
+        f"{p.activated_params / 1e6:.0f}M activated parameters x tokens): "
+        f"{p.activated_flops_per_image / 1e9:.1f} GFLOP per image",
         f"step time at {p.mfu:.0%} MFU of an {p.gpu} "
         f"({GPU_PEAK_FLOPS[p.gpu][p.precision] / 1e12:.0f} TFLOP/s {p.precision} peak): "
         f"{p.step_time_s:.2f} s",
@@ -512,8 +513,9 @@ def report(p: StepPlan) -> str:
             f"{s['cfg_scale']:g}): peak {s['peak_gib']:.2f} GiB, {s['flops_per_call'] / 1e12:.2f} "
             f"TFLOP per model call (Eq. 40: {s['activated_flops_per_call'] / 1e12:.2f})")
     if p.fits is not None:
-        lines.append(f"fits {p.gpu_memory_gib:g} GiB per GPU ({p.gpu_memory_gib * (1 - p.headroom):g} "
-                     f"GiB for tensors, {p.headroom:.0%} kept free): {'yes' if p.fits else 'no'}")
+        usable = p.gpu_memory_gib * (1 - p.headroom)
+        lines.append(f"fits {p.gpu_memory_gib:g} GiB per GPU ({usable:g} GiB for tensors, "
+                     f"{p.headroom:.0%} kept free): {'yes' if p.fits else 'no'}")
     if p.fits is False:
         s = p.suggestion
         lines.append("nothing tried fits (activation checkpointing, FSDP2, bf16, grad_accum up "

@@ -17,14 +17,14 @@ import torch
 from diffmoe import distributed
 from diffmoe.config import load_config
 from diffmoe.plan import RandomBatches, measure
-from diffmoe.train import Trainer
+from diffmoe.train import step_trainer
 
 KIB = 1024
 
 
 def measured(overrides: list[str], info: distributed.DistInfo) -> dict:
     cfg = load_config(None, overrides)
-    trainer = Trainer.for_one_step(cfg, info, torch.device("cpu"),
+    trainer = step_trainer(cfg, info, torch.device("cpu"),
                                    RandomBatches(cfg, cfg.train.batch_size // info.world_size))
     try:
         memory, flops = measure(trainer)
