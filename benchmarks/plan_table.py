@@ -42,7 +42,7 @@ def main() -> None:
     for name, overrides in SETTINGS.items():
         print(f"  {name}: {' '.join(overrides)}")
     print()
-    print("| model | setting | peak GiB per GPU | fits 80 GiB | TFLOP per step | step s at 40% "
+    print("| model | setting | peak GiB per GPU | fits 80 GiB | TFLOP per step | step ms at 40% "
           "MFU, H100 |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
@@ -52,7 +52,7 @@ def main() -> None:
                 p = plan_row(config, overrides)
                 print(f"| {p['model']} | {name} | {p['peak_gib']:.1f} | "
                       f"{'yes' if p['fits'] else 'no'} | {p['flops_per_step'] / 1e12:.0f} | "
-                      f"{p['step_time_s']:.2f} |", flush=True)
+                      f"{1e3 * p['step_time_s']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ docs/performance.md, "Planning a launch".
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 import types
@@ -41,11 +40,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_f
 from .capacity import activated_params
 from .config import Config
 from .device import autocast
-from .diffusion import build_objective
 from .diffusion.samplers import guided_output
 from .distributed import DistInfo
 from .errors import ConfigError
-from .models import DiT, build_model
+from .models import build_model
 from .models.moe import Routing, diffmoe_layers
 from .models.moe.diffmoe import DiffMoE
 
@@ -144,6 +142,15 @@ def check_plannable(cfg: Config, gpus: int) -> None:
     if t.batch_size % (gpus * t.grad_accum):
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by --gpus {gpus} x "
                           f"train.grad_accum={t.grad_accum}; pick a multiple of their product")
+    if cfg.model.moe.type == "token_choice":
+        raise ConfigError("diffmoe plan cannot simulate token choice (model.moe.type="
+                          "token_choice): how many tokens each expert takes depends on the "
+                          "weights, which fake tensors do not have")
+    if gpus > 1 and t.token_pool == "global" and cfg.model.moe.type == "diffmoe":
+        raise ConfigError("diffmoe plan cannot simulate train.token_pool=global on several GPUs: "
+                          "each rank's share of the pool depends on the weights; plan with "
+                          "train.token_pool=rank (the same weights, gradients and optimizer "
+                          "state, and activations of about the same size)")
     if dist.is_available() and dist.is_initialized():
         raise ConfigError("diffmoe plan simulates its own process group; run it outside torchrun")
 
@@ -167,8 +174,8 @@ class RandomBatches:
 
 class _PeakTracker:
     """The trackers' global peak only: their per-module peak update walks every module on
-    every operation (the simulation's main cost: 8 of 14 s for DiffMoE-B-E16's forward and
-    backward); the plan reads only the step's peak and its categories."""
+    every operation (the simulation's main cost: about 9 of 14 s for DiffMoE-B-E16's forward
+    and backward); the plan reads only the step's peak and its categories."""
 
     def _update_peak_stats(self, peak_state) -> None:  # overrides MemTracker's
         for device, snap in self._curr_mem_snap.items():
@@ -179,6 +186,9 @@ class _PeakTracker:
 
 
 def _tracker(trainer):
+    """PyTorch's memory tracker for ``trainer``'s step: FSDP2's (which knows the sharded and
+    gathered parameters and its collectives' buffers), or the plain one given the model and the
+    optimizer made before it."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -301,11 +311,11 @@ def simulate_training(cfg: Config, gpus: int) -> tuple[dict[str, int], float, in
         # The mesh holds real rank numbers: made before the fake tensors.
         mesh = init_device_mesh("cpu", (gpus,)) if engine(cfg, gpus) == "fsdp" else None
         with fake_tensors():
-            # DDP's reducer cannot be built on fake tensors; with its gradients as views into
-            # its buckets a DDP rank holds what one process holds at the rank's batch
-            # (tests/test_plan.py checks this against a real 2-rank DDP run).
-            trainer = step_trainer(cpu, info, torch.device("cpu"),
-                                           RandomBatches(cpu, per_rank), mesh=mesh, ddp=False)
+            # DDP's reducer cannot be built on fake tensors: a DDP rank runs as one process at
+            # the rank's batch, and step_memory adds DDP's gradient buckets (tests/test_plan.py
+            # checks this against real 2-rank DDP steps).
+            trainer = step_trainer(cpu, info, torch.device("cpu"), RandomBatches(cpu, per_rank),
+                                   mesh=mesh, ddp=False)
             memory, flops = measure(trainer)
             params = trainer.model.module.num_params()
     return memory, flops, params
@@ -329,7 +339,6 @@ def _fixed_dynamic_counts(layers: list[DiffMoE], capacity: float) -> Iterator[No
     """Dynamic routing with k_e = S·C/E tokens for every expert: on fake tensors the counts of
     Eq. 14 (which depend on the weights) cannot be read, so each layer's ``_run_dynamic`` is
     given these instead and runs its own code on them."""
-    originals = []
     for layer in layers:
         original = layer._run_dynamic
 
@@ -339,7 +348,6 @@ def _fixed_dynamic_counts(layers: list[DiffMoE], capacity: float) -> Iterator[No
             fixed.tolist = types.MethodType(lambda t, n=self.num_experts: [k] * n, fixed)
             return _original(x_SD, scores_SE, fixed, logits_SE)
 
-        originals.append(original)
         layer._run_dynamic = types.MethodType(run, layer)
     try:
         yield
@@ -355,7 +363,6 @@ def simulate_sampling(cfg: Config, capacity: float) -> dict:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     s, m = cfg.sample, cfg.model
-    objective = build_objective(cfg)
     with fake_tensors():
         model = build_model(m).eval()
         layers = diffmoe_layers(model)
@@ -371,11 +378,11 @@ def simulate_sampling(cfg: Config, capacity: float) -> dict:
                 autocast(s.precision, torch.device("cpu")):
             guided_output(model, z, model_t, y, s.cfg_scale, routing, guided, 0.5)
         peak = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
-    del objective
     tokens = (m.input_size // m.patch_size) ** 2
     images = s.batch_size * (1 if s.cfg_scale == 1.0 else 2)
     return {"batch_size": s.batch_size, "cfg_scale": s.cfg_scale,
-            "mode": "dynamic" if layers else "dense", "capacity": capacity,
+            "mode": "dynamic" if layers else "dense" if m.moe.type == "dense" else "static",
+            "capacity": capacity,
             "peak_bytes": int(peak), "peak_gib": peak / GIB,
             "flops_per_call": float(counter.get_total_flops()),
             "activated_flops_per_call": FLOPS_PER_PARAM * images * tokens
@@ -443,13 +450,36 @@ def candidate_changes(cfg: Config, gpus: int) -> Iterator[dict]:
 
 def advise(cfg: Config, name: str, gpus: int, limit_bytes: float, **kwargs) -> Optional[dict]:
     """The first of :func:`candidate_changes` whose simulated peak fits ``limit_bytes``:
-    the overrides and the peak with them (None if none fits)."""
-    for changes in candidate_changes(cfg, gpus):
-        log.info("plan: trying %s", " ".join(f"train.{k}={v}" for k, v in changes.items()))
-        step = plan_step(_with(cfg, changes), name, gpus, **kwargs)
-        if step.peak_bytes <= limit_bytes:
+    the overrides and the peak with them (None if none fits). A smaller micro-batch only lowers
+    the peak, so a set of other changes is tried with accumulation only if it fits at the
+    largest ``grad_accum``, and none is tried with accumulation if every change at once does
+    not fit."""
+    peaks: dict[tuple, int] = {}
+
+    def peak(changes: dict) -> int:
+        key = tuple(sorted(changes.items()))
+        if key not in peaks:
+            log.info("plan: trying %s", " ".join(f"train.{k}={v}" for k, v in key))
+            peaks[key] = plan_step(_with(cfg, changes), name, gpus, **kwargs).peak_bytes
+        return peaks[key]
+
+    candidates = list(candidate_changes(cfg, gpus))
+    largest = {}  # the toggles of each set with accumulation -> its largest grad_accum
+    for changes in candidates:
+        if "grad_accum" in changes:
+            toggles = tuple(sorted((k, v) for k, v in changes.items() if k != "grad_accum"))
+            largest[toggles] = max(largest.get(toggles, 0), changes["grad_accum"])
+    every = max(candidates, key=lambda c: (len(c), c.get("grad_accum", 0)), default=None)
+    for changes in candidates:
+        if "grad_accum" in changes:
+            if peak(every) > limit_bytes:
+                return None
+            toggles = tuple(sorted((k, v) for k, v in changes.items() if k != "grad_accum"))
+            if peak({**dict(toggles), "grad_accum": largest[toggles]}) > limit_bytes:
+                continue
+        if peak(changes) <= limit_bytes:
             return {"overrides": {f"train.{k}": v for k, v in changes.items()},
-                    "peak_gib": step.peak_gib}
+                    "peak_gib": peak(changes) / GIB}
     return None
 
 
@@ -483,45 +513,52 @@ def plan(cfg: Config, name: str, gpus: int = 1, *, gpu_memory_gib: Optional[floa
     return step
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.2f} MiB"
+
+
+def _flops(flops: float) -> str:
+    return f"{flops / 1e12:.1f} TFLOP" if flops >= 1e11 else f"{flops / 1e9:.3g} GFLOP"
+
+
 def report(p: StepPlan) -> str:
     """The plan in words, for a terminal."""
-    t_flops = p.flops_per_image / 1e9
     lines = [
-        f"{p.model}: {p.params / 1e9:.3g}B parameters ({p.config})",
+        f"{p.model}: {p.params / 1e6:,.1f}M parameters ({p.config})",
         f"training step: {p.gpus} GPU(s), {p.engine}, {p.precision}, activation checkpointing "
         f"{'on' if p.activation_checkpointing else 'off'}, micro-batch {p.micro_batch} x "
         f"grad_accum {p.grad_accum} per GPU",
-        f"peak memory per GPU: {p.peak_gib:.2f} GiB (simulated on the CPU; see docs/performance.md "
-        f"for what a GPU adds)",
+        f"peak memory per GPU: {_size(p.peak_bytes)} (simulated on the CPU; see "
+        f"docs/performance.md for what a GPU adds)",
     ]
     for key in CATEGORY_ORDER:
         if p.peak_by_category.get(key):
-            lines.append(f"  {key:20s} {p.peak_by_category[key] / GIB:8.2f} GiB")
+            lines.append(f"  {key:20s} {_size(p.peak_by_category[key]):>12s}")
     lines += [
-        f"FLOPs: {t_flops:.1f} GFLOP per image (forward + backward, counted), "
-        f"{p.flops_per_step / 1e12:.1f} TFLOP per step; Eq. 40 (6 x "
-        f"{p.activated_params / 1e6:.0f}M activated parameters x tokens): "
-        f"{p.activated_flops_per_image / 1e9:.1f} GFLOP per image",
+        f"FLOPs: {_flops(p.flops_per_image)} per image (forward + backward, counted), "
+        f"{_flops(p.flops_per_step)} per step; Eq. 40 (6 x {p.activated_params / 1e6:.3g}M "
+        f"activated parameters x tokens): {_flops(p.activated_flops_per_image)} per image",
         f"step time at {p.mfu:.0%} MFU of an {p.gpu} "
         f"({GPU_PEAK_FLOPS[p.gpu][p.precision] / 1e12:.0f} TFLOP/s {p.precision} peak): "
-        f"{p.step_time_s:.2f} s",
+        f"{p.step_time_s * 1e3:.3g} ms",
     ]
     if p.sampling:
         s = p.sampling
         lines.append(
             f"sampling step ({s['mode']}, C = {s['capacity']:g}, batch {s['batch_size']}, cfg "
-            f"{s['cfg_scale']:g}): peak {s['peak_gib']:.2f} GiB, {s['flops_per_call'] / 1e12:.2f} "
-            f"TFLOP per model call (Eq. 40: {s['activated_flops_per_call'] / 1e12:.2f})")
+            f"{s['cfg_scale']:g}): peak {_size(s['peak_bytes'])}, {_flops(s['flops_per_call'])} "
+            f"per model call (Eq. 40: {_flops(s['activated_flops_per_call'])})")
     if p.fits is not None:
         usable = p.gpu_memory_gib * (1 - p.headroom)
         lines.append(f"fits {p.gpu_memory_gib:g} GiB per GPU ({usable:g} GiB for tensors, "
                      f"{p.headroom:.0%} kept free): {'yes' if p.fits else 'no'}")
     if p.fits is False:
         s = p.suggestion
-        lines.append("nothing tried fits (activation checkpointing, FSDP2, bf16, grad_accum up "
-                     f"to {MAX_GRAD_ACCUM})" if s is None else
+        lines.append("nothing fits, not even every change at once (activation checkpointing, "
+                     "FSDP2 on several GPUs, bf16 and the smallest micro-batch with grad_accum)"
+                     if s is None else
                      "smallest change that fits: "
                      + " ".join(f"{k}={str(v).lower()}" for k, v in s["overrides"].items())
-                     + f" (peak {s['peak_gib']:.2f} GiB)")
+                     + f" (peak {_size(s['peak_gib'] * GIB)})")
     lines.append(f"simulated in {p.simulated_s:.0f} s")
     return "\n".join(lines)

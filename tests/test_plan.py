@@ -14,7 +14,7 @@ from jobs import run, torchrun
 
 from diffmoe.cli import main as cli_main
 from diffmoe.config import load_config
-from diffmoe.plan import GIB, plan, simulate_training
+from diffmoe.plan import GIB, plan, plan_step, simulate_training
 
 HERE = Path(__file__).parent
 TIMEOUT_S = 240
@@ -89,20 +89,22 @@ def test_sampling_flops_grow_with_the_capacity():
     assert one < two < 2 * one
 
 
-def test_plan_names_the_smallest_change_that_fits(capsys):
+def test_plan_names_the_smallest_change_that_fits(capsys, tmp_path):
     """A limit between the step's peak with activation checkpointing and without: it does not
     fit as it is, and checkpointing (the first change tried) does."""
     cfg = load_config(None, DIFFMOE)
-    full = plan(cfg, "x").peak_bytes
-    checkpointed = plan(load_config(None, [*DIFFMOE, "train.activation_checkpointing=true"]),
-                        "x").peak_bytes
+    full = plan_step(cfg, "x", 1).peak_bytes
+    checkpointed = plan_step(load_config(None, [*DIFFMOE, "train.activation_checkpointing=true"]),
+                             "x", 1).peak_bytes
+    assert checkpointed < full
     limit = (full + checkpointed) / 2 / GIB
-    code, out, _ = plan_cli(capsys, "configs/digits_tiny.yaml", *DIFFMOE, "--gpu-memory",
-                            str(limit), "--headroom", "0")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(cfg.to_yaml())
+    code, out, _ = plan_cli(capsys, str(config), "--gpu-memory", str(limit), "--headroom", "0")
     assert code == 0
     assert "fits" in out and ": no" in out
     assert f"smallest change that fits: train.activation_checkpointing=true (peak " \
-           f"{checkpointed / GIB:.2f} GiB)" in out
+           f"{checkpointed / 2**20:.2f} MiB)" in out
 
 
 @pytest.mark.parametrize("args, problem", [
@@ -112,6 +114,9 @@ def test_plan_names_the_smallest_change_that_fits(capsys):
     (["--gpu-memory", "0"], "--gpu-memory 0.0: give the GPU's memory in GiB"),
     (["--headroom", "1"], "--headroom 1.0: give the share of the GPU's memory to keep free"),
     (["train.compile=true"], "diffmoe plan cannot simulate a compiled step"),
+    (["model.moe.type=token_choice"], "diffmoe plan cannot simulate token choice"),
+    (["--gpus", "2", "train.token_pool=global"],
+     "diffmoe plan cannot simulate train.token_pool=global on several GPUs"),
 ])
 def test_plan_refuses_in_one_line(capsys, args, problem):
     code, out, err = plan_cli(capsys, "configs/digits_tiny.yaml", *args)
@@ -140,3 +145,19 @@ def test_the_shipped_xl_config_fits_eight_80gb_gpus_and_the_papers_settings_do_n
     paper = json.loads(out)
     assert code == 0 and paper["fits"] is False and paper["peak_gib"] > 72
     assert paper["suggestion"]["peak_gib"] < 72 and paper["suggestion"]["overrides"]
+
+
+IMAGENET_CONFIGS = sorted((HERE.parent / "configs" / "imagenet").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", IMAGENET_CONFIGS, ids=[p.stem for p in IMAGENET_CONFIGS])
+def test_each_imagenet_config_says_how_it_fits(path):
+    """Each shipped config's header names its departures from the paper's recipe (or none) and
+    the plan command behind them; the XL-E16 configs checkpoint activations (docs/imagenet.md,
+    'What each config needs')."""
+    header = path.read_text().split("\nmodel:")[0]
+    assert f"#   diffmoe plan configs/imagenet/{path.name} --gpus 8 --gpu-memory 80" in header
+    departs = load_config(path).train.activation_checkpointing
+    assert departs == ("xl-e16" in path.name)
+    assert ("One departure from that recipe" in header) == departs
+    assert ("nothing departs from the recipe" in header) == (not departs)
