@@ -27,6 +27,7 @@ import contextlib
 import logging
 import time
 import types
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator, Optional
 
@@ -293,7 +294,9 @@ def fake_tensors() -> Iterator[None]:
     had = "__deepcopy__" in vars(FakeTensorMode)
     FakeTensorMode.__deepcopy__ = lambda self, memo: self
     try:
-        with mode:
+        with mode, warnings.catch_warnings():
+            # Tensor.__deepcopy__ asks for the data pointer, which a fake tensor has not.
+            warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
             yield
     finally:
         if not had:
@@ -518,7 +521,7 @@ def _size(nbytes: float) -> str:
 
 
 def _flops(flops: float) -> str:
-    return f"{flops / 1e12:.1f} TFLOP" if flops >= 1e11 else f"{flops / 1e9:.3g} GFLOP"
+    return f"{flops / 1e12:.1f} TFLOP" if flops >= 1e13 else f"{flops / 1e9:.4g} GFLOP"
 
 
 def report(p: StepPlan) -> str:
