@@ -48,6 +48,7 @@ def check_against_simulation(cases: list[dict], ranks: int) -> None:
         real = case["memory"]
         assert memory["total"] == pytest.approx(real["total"], rel=PEAK_TOLERANCE), \
             (case["overrides"], memory, real)
+        assert memory["activations"] == pytest.approx(real["activations"], rel=PEAK_TOLERANCE)
         # The parameter states are the same tensors, so the same bytes.
         for key in ("parameters", "ema", "optimizer"):
             assert memory[key] == real[key], (case["overrides"], key)
