@@ -33,8 +33,8 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch import Tensor
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 TRAINING_PASSES = 3  # Eq. 40's FLOPs: 2 per activated parameter and token forward, 4 backward
 FLOPS_PER_PARAM = 2  # one multiply-add per parameter and token
-ENGINES = ("single", "ddp", "fsdp")
 # Dense peak FLOP/s of each chip (SXM data sheets): bf16 tensor cores, and TF32 for fp32 runs.
 GPU_PEAK_FLOPS = {
     "H100": {"bf16": 989e12, "fp32": 495e12},
