@@ -2,10 +2,10 @@
 
     diffmoe train CONFIG [key=value ...] [--resume [--accept-changes]] [--dry-run]
     diffmoe config --list [SECTION_OR_KEY] [--format text|markdown]
-    diffmoe sample CHECKPOINT [--num N --steps N --sampler NAME --cfg-scale S
+    diffmoe sample CHECKPOINT|FOLDER [--num N --steps N --sampler NAME --cfg-scale S
                                --mode auto|dynamic|static|threshold|predictor --threshold G
                                --batch-size N --seed N --labels balanced|random|3,1,4
-                               --weights ema|raw --out grid.png [--force] [--judge]]
+                               --weights ema|raw --vae DIR --out grid.png [--force] [--judge]]
     diffmoe sample T2I_CHECKPOINT --prompt "a red circle" [--prompt ...] [sampling options]
     diffmoe eval CHECKPOINT [sampling options] [--num N --ref SPEC --save-npz F --out F]
     diffmoe eval T2I_CHECKPOINT [--per-category N --samples-per-prompt N --no-fid]
@@ -15,7 +15,8 @@
     diffmoe cache-latents IMAGE_FOLDER OUT --vae VAE_DIR [--image-size 256 --shard-size N
                           --batch-size N --workers N --device auto|cpu|cuda]
                           (also under torchrun)
-    diffmoe import-official CHECKPOINT [--config THEIR_YAML] OUT [key=value ...] [--trust-pickle]
+    diffmoe import-official CHECKPOINT [--config THEIR_YAML] OUT [key=value ...] [--vae DIR]
+                            [--trust-pickle]
     diffmoe export-official RUN OUT
     diffmoe plan CONFIG [key=value ...] [--gpus N] [--gpu-memory GIB --headroom 0.1]
                  [--gpu H100 --mfu 0.4]
@@ -101,16 +102,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise DiffMoEError(f"--out '{out}' is a directory; pass a file such as "
                            f"{out / 'samples.png'}")
     check_outputs([out, summary_path(out)], args.force)
-    if args.judge:
-        from .checkpoint import open_checkpoint
-        from .evaluation.mnist_judge import check_judgeable, judge_samples
-        from .sample import checkpoint_config
+    from .hub import is_folder, read_config, sample_folder
 
-        check_judgeable(checkpoint_config(open_checkpoint(args.checkpoint)))
+    if args.judge:
+        from .evaluation.mnist_judge import check_judgeable, judge_samples
+
+        check_judgeable(read_config(args.checkpoint))
     if args.prompt is not None or checkpoint_condition(args.checkpoint) == "text":
+        if is_folder(args.checkpoint):
+            raise DiffMoEError(f"'{args.checkpoint}' is a text-to-image folder, which diffmoe "
+                               f"sample does not read yet; sample it in Python: "
+                               f"DiffMoEPipeline.from_pretrained(folder)(prompt=[...])")
         return cmd_sample_text(args, overrides)
-    summary = sample_checkpoint(args.checkpoint, overrides, args.out, args.labels, args.device,
-                                measure=judge_samples if args.judge else None)
+    sample = sample_folder if is_folder(args.checkpoint) else sample_checkpoint
+    summary = sample(args.checkpoint, overrides, args.out, args.labels, args.device,
+                     measure=judge_samples if args.judge else None, vae=args.vae)
     log.info("wrote %s (C_avg_infer %.3f, mode %s)", summary["image"], summary["c_avg_infer"],
              summary["settings"]["mode"])
     shown = {k: summary[k] for k in ("image", "c_avg_infer", "activated_params")}
@@ -144,7 +150,8 @@ def cmd_sample_text(args: argparse.Namespace, overrides: dict) -> int:
 
     check_condition_args(checkpoint_condition(args.checkpoint), args.prompt, args.labels,
                          "sample")
-    summary = sample_prompts(args.checkpoint, overrides, args.out, args.prompt, args.device)
+    summary = sample_prompts(args.checkpoint, overrides, args.out, args.prompt, args.device,
+                             args.vae)
     log.info("wrote %s (%d prompts, C_avg_infer %.3f, mode %s)", summary["image"],
              len(args.prompt), summary["c_avg_infer"], summary["settings"]["mode"])
     emit({k: summary[k] for k in ("image", "c_avg_infer", "activated_params")})
@@ -407,7 +414,7 @@ def cmd_import_official(args: argparse.Namespace) -> int:
     from .official import import_official
 
     path = import_official(args.checkpoint, args.config, args.out, args.overrides,
-                           trust_pickle=args.trust_pickle)
+                           trust_pickle=args.trust_pickle, vae=args.vae)
     emit({"checkpoint": str(path)})
     return 0
 
@@ -496,9 +503,13 @@ def add_import_official_command(sub) -> None:
                         "EXP/*.yaml for EXP/checkpoints/NNNNNNN.pt, as their sampler finds it)")
     i.add_argument("out", help="directory for the converted run (OUT/checkpoints/step_00000000)")
     i.add_argument("overrides", nargs="*", help="dotted overrides of our config, e.g. "
-                                                "data.name=latents data.path=DIR")
+                                                "data.path=DIR (a latent cache to fine-tune on)")
     i.add_argument("--trust-pickle", dest="trust_pickle", action="store_true",
                    help="load a checkpoint holding Python objects (only for files you trust)")
+    i.add_argument("--vae", default=None, metavar="DIR",
+                   help="a local diffusers AutoencoderKL folder (their runs: sd-vae-ft-mse) that "
+                        "decodes the imported model's samples (default: their basic.vae_path "
+                        "if it is a local folder; else sampling asks for --vae)")
     i.set_defaults(func=cmd_import_official)
 
 
@@ -542,7 +553,8 @@ def add_config_command(sub) -> None:
 
 
 def add_sample_command(sub) -> None:
-    s = sub.add_parser("sample", help="generate a PNG grid from a checkpoint or run directory",
+    s = sub.add_parser("sample", help="generate a PNG grid from a checkpoint, a run directory or "
+                                      "a folder written by save_pretrained",
                        description="Options left out take their values from the sample section "
                                    "of the checkpoint's config.")
     add_sampling_args(s, with_num=True)
@@ -551,6 +563,10 @@ def add_sample_command(sub) -> None:
                         "(one grid row each)")
     s.add_argument("--out", default="samples.png", help="output PNG (a JSON summary goes beside)")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.add_argument("--vae", default=None, metavar="DIR",
+                   help="latent models: the diffusers AutoencoderKL folder that decodes the "
+                        "samples (default: a folder's vae/, else the VAE its config or latent "
+                        "cache names)")
     s.add_argument("--judge", action="store_true",
                    help="MNIST-shaped class-conditional models: also report the share of "
                         "samples the packaged MNIST classifier reads as their label (class "

@@ -6,6 +6,12 @@
                             metadata holds the format ("pt"), the diffmoe version, the training
                             step, which weights they are and the capacity the card reports
         README.md           a short model card: the config, C_avg_infer, the training steps
+        vae/                a latent model's VAE, a diffusers AutoencoderKL folder (unless
+                            saved with include_vae=False: config.json then names it)
+
+A latent model's config.json records its latent space (``data.scale_factor``, ``shift_factor``,
+``downsampling``) and not where its training cache was (``data.path`` is empty), so the folder
+samples images anywhere: with its ``vae/``, or the VAE passed as ``vae=``.
 
 This is the layout of huggingface_hub's ``ModelHubMixin`` (``save_pretrained`` /
 ``from_pretrained``, ``config.json`` + ``model.safetensors``, a model card with YAML front
@@ -23,26 +29,46 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import shutil
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import STATE_FILE, open_checkpoint, state_dict_mismatch
+from .device import resolve_device, use_tf32
+from .diffusion import build_objective
 from .config import WEIGHTS, Config, config_from_dict
+from .data.latents import (
+    VAE_CLASS,
+    LatentSpace,
+    as_vae,
+    check_vae_fits,
+    finished_index,
+    latent_space,
+    vae_downsampling,
+    vae_reference,
+)
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write, atomic_write_text
 from .models import DiT, build_model
 from .run import METRICS_FILE
-from .sample import checkpoint_config, model_from_checkpoint
+from .sample import (
+    SampledModel,
+    checkpoint_config,
+    model_from_checkpoint,
+    sample_grid,
+    sampling_settings,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
+VAE_DIR = "vae"  # a latent model's AutoencoderKL inside the folder, as in diffusers pipelines
 SAFETENSORS_FORMAT = "pt"  # the "format" metadata entry transformers and diffusers write
 CAPACITY_LOGGED = "logged in training (C dynamic inference would use on the last logged batch)"
 FOLDER_KINDS = "a folder written by save_pretrained, a run directory or a checkpoint directory"
@@ -59,6 +85,8 @@ class Pretrained:
     source: the folder or checkpoint directory that was read.
     c_avg_infer: the capacity the model card reports (Eq. 15), None when not measured, and
     capacity_note: how it was measured.
+    vae: what decodes a latent model's samples: the folder's ``vae/``, or what was passed to
+    load it (a folder path or an AutoencoderKL); None: its config's ``data.vae`` or its cache's.
     """
 
     model: DiT = dataclasses.field(repr=False)
@@ -68,10 +96,12 @@ class Pretrained:
     source: Path
     c_avg_infer: Optional[float] = None
     capacity_note: str = ""
+    vae: Any = dataclasses.field(default=None, repr=False)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, include_vae: bool = True, vae: Any = None
+                        ) -> Path:
         """Write the folder (see the module docstring); returns its path."""
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, include_vae, vae)
 
 
 def unknown_fields(cls: type, data: dict, prefix: str = "") -> list[str]:
@@ -133,8 +163,9 @@ def _load_folder(folder: Path, weights: str, device: torch.device | str) -> Pret
                           f"weights='{held}', or the run directory it was saved from")
     model.load_state_dict(tensors)
     capacity = json.loads(meta.get("capacity") or "{}")
+    vae = folder / VAE_DIR if (folder / VAE_DIR).is_dir() else None
     return Pretrained(model.to(device).eval(), cfg, int(meta.get("step", 0)), held, folder,
-                      capacity.get("c_avg_infer"), capacity.get("note", ""))
+                      capacity.get("c_avg_infer"), capacity.get("note", ""), vae)
 
 
 def _logged_capacity(checkpoint: Path) -> Optional[float]:
@@ -156,18 +187,20 @@ def _missing(path: Path) -> CheckpointError:
     return CheckpointError(f"'{path}' does not exist; pass {FOLDER_KINDS}{hint}")
 
 
-def load_pretrained(path: str | Path, weights: str = "ema", device: torch.device | str = "cpu"
-                    ) -> Pretrained:
+def load_pretrained(path: str | Path, weights: str = "ema", device: torch.device | str = "cpu",
+                    vae: Any = None) -> Pretrained:
     """The model of a folder written by :func:`save_pretrained`, of a run directory (its newest
     intact checkpoint) or of a checkpoint directory, with its ``ema`` or ``raw`` weights (a
-    folder holds the one set it was saved with), in eval mode on ``device``."""
+    folder holds the one set it was saved with), in eval mode on ``device``. ``vae`` (a folder
+    or an AutoencoderKL) decodes a latent model's samples instead of the one it names."""
     path = Path(path)
     if weights not in WEIGHTS:
         raise ConfigError(f"weights '{weights}' must be one of {list(WEIGHTS)}")
     if not path.exists():
         raise _missing(path)
     if (path / CONFIG_FILE).is_file():
-        return _load_folder(path, weights, device)
+        p = _load_folder(path, weights, device)
+        return p if vae is None else dataclasses.replace(p, vae=vae)
     if not ((path / STATE_FILE).is_file() or (path / "checkpoints").is_dir()):
         found = f" (it has {WEIGHTS_FILE} but no {CONFIG_FILE})" if (
             path / WEIGHTS_FILE).is_file() else ""
@@ -176,7 +209,34 @@ def load_pretrained(path: str | Path, weights: str = "ema", device: torch.device
     model = model_from_checkpoint(ckpt, weights, device)
     logged = _logged_capacity(ckpt.path)
     return Pretrained(model, checkpoint_config(ckpt), int(ckpt.state["step"]), weights,
-                      ckpt.path, logged, CAPACITY_LOGGED if logged is not None else "")
+                      ckpt.path, logged, CAPACITY_LOGGED if logged is not None else "", vae)
+
+
+def is_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`save_pretrained` (not a run or checkpoint)."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_config(path: str | Path) -> Config:
+    """The config of a folder, or of a run's newest checkpoint or a checkpoint directory."""
+    return _read_config(Path(path)) if is_folder(path) else checkpoint_config(
+        open_checkpoint(path))
+
+
+def sample_folder(path: str | Path, overrides: dict, out: str | Path,
+                  labels: Optional[str] = None, device: str | torch.device = "auto",
+                  measure: Any = None, vae: Any = None) -> dict:
+    """``diffmoe sample FOLDER``: :func:`diffmoe.sample.sample_checkpoint` for a folder written by
+    :func:`save_pretrained`, its settings checked before its weights are read; a latent model
+    decodes with ``vae`` if given, else the folder's ``vae/``, else the VAE its config names."""
+    folder, device = Path(path), resolve_device(device, "--device")
+    cfg = _read_config(folder)
+    s = sampling_settings(cfg, overrides)
+    use_tf32(device, s.tf32)
+    p = _load_folder(folder, s.weights, device)
+    source = SampledModel(p.model, build_objective(cfg), cfg, folder, p.step,
+                          vae if vae is not None else p.vae)
+    return sample_grid(source, s, out, labels, device, measure)
 
 
 def load_model(path: str | Path, weights: str = "ema", device: torch.device | str = "cpu"
@@ -200,6 +260,12 @@ def model_card(p: Pretrained) -> str:
             ("condition", condition), ("objective", p.config.objective.type),
             ("parameters", f"{p.model.num_params():,}"), ("training steps", str(p.step)),
             ("weights", p.weights), ("C_avg_infer (Eq. 15)", capacity)]
+    d = p.config.data
+    if d.name == "latents":
+        vae = f"`{VAE_DIR}/`" if not d.vae else f"not included (`{d.vae}`)"
+        rows.insert(3, ("latent space", f"VAE latents scaled by {d.scale_factor:g} (shift "
+                                        f"{d.shift_factor:g}), {d.downsampling}x downsampling; "
+                                        f"VAE {vae}"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return (f"---\nlibrary_name: diffmoe\ntags:\n- diffmoe\n- diffusion\n- mixture-of-experts\n"
             f"---\n\n# DiffMoE model\n\nA diffusion transformer trained with diffmoe "
@@ -208,10 +274,77 @@ def model_card(p: Pretrained) -> str:
             f"pipe = DiffMoEPipeline.from_pretrained(\"path/to/this/folder\")\n```\n")
 
 
-def save_pretrained(p: Pretrained, directory: str | Path) -> Path:
+def _vae_name(source: Any) -> str:
+    """What a folder records of a VAE it does not hold: its path, or the name it was loaded by."""
+    if isinstance(source, (str, Path)):
+        return str(Path(source).resolve())
+    return str(getattr(source.config, "_name_or_path", "") or "")
+
+
+def _latent_record(p: Pretrained, include_vae: bool, vae: Any) -> tuple[dict, Any]:
+    """The data section a latent model's folder records: its latent space and, with
+    ``include_vae=False``, its VAE's path; not its cache. And the AutoencoderKL to write as
+    ``vae/`` (None with ``include_vae=False``): ``vae``, else the model's own."""
+    data = dataclasses.asdict(p.config.data)
+    source = vae if vae is not None else p.vae if p.vae is not None else vae_reference(data)
+    missing = isinstance(source, (str, Path)) and not str(source)
+    known = LatentSpace.of_config(data) is not None or finished_index(data["path"]) is not None
+    if missing and (include_vae or not known):
+        raise ConfigError(f"this latent model's VAE is not known (no data.vae, no latent cache at "
+                          f"'{data['path']}'); pass save_pretrained(..., vae=DIR), the diffusers "
+                          f"AutoencoderKL folder it was trained with")
+    model = None if missing or (known and not include_vae) else as_vae(source)
+    space = latent_space(data, model)
+    if model is not None:
+        check_vae_fits(model, space, p.config.model.in_channels, f"'{source}'"
+                       if isinstance(source, (str, Path)) else "passed")
+        space = dataclasses.replace(space, downsampling=vae_downsampling(model))
+    data.update(path="", vae="" if include_vae or missing else _vae_name(source),
+                scale_factor=space.scale, shift_factor=space.shift,
+                downsampling=space.downsampling)
+    return data, model if include_vae else None
+
+
+def _check_vae_target(directory: Path, include_vae: bool) -> None:
+    """Refuse to leave or overwrite a ``vae/`` that is not this save's to write."""
+    target = directory / VAE_DIR
+    if not target.exists():
+        return
+    if not include_vae:
+        raise ConfigError(f"'{target}' holds the VAE of an earlier save, which loading the "
+                          f"folder would use; delete it, or save with include_vae=True or to "
+                          f"a new folder")
+    try:
+        kind = json.loads((target / CONFIG_FILE).read_text()).get("_class_name")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        kind = None
+    if kind != VAE_CLASS:
+        raise ConfigError(f"'{target}' exists and is not the {VAE_CLASS} folder of an earlier "
+                          f"save, and save_pretrained writes the VAE there; move it or save to a "
+                          f"new folder")
+
+
+def _write_vae(vae: Any, directory: Path) -> None:
+    """``vae`` as a diffusers folder at ``directory/vae``, written beside it and then swapped in,
+    so that a failed write leaves the earlier one."""
+    target, fresh, old = (directory / VAE_DIR, directory / f".{VAE_DIR}.tmp",
+                          directory / f".{VAE_DIR}.old")
+    for leftover in (fresh, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    vae.save_pretrained(str(fresh), safe_serialization=True)
+    if target.exists():
+        target.rename(old)
+    fresh.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained(p: Pretrained, directory: str | Path, include_vae: bool = True,
+                    vae: Any = None) -> Path:
     """Write ``p`` as a folder (see the module docstring): the weights first and ``config.json``,
-    which marks the folder as loadable, last. Refuses, writing nothing, a path that is a file, a
-    run or a checkpoint directory."""
+    which marks the folder as loadable, last. A latent model's folder records its latent space
+    and holds its VAE (``vae``, a folder or an AutoencoderKL, else its own) as ``vae/``, or with
+    ``include_vae=False`` names it only. Refuses, writing nothing, a path that is a file, a run
+    or a checkpoint directory, and a VAE that is not to be had or does not fit the model."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"'{directory}' is a file; save_pretrained writes a folder, pass a "
@@ -219,13 +352,22 @@ def save_pretrained(p: Pretrained, directory: str | Path) -> Path:
     if (directory / STATE_FILE).exists() or (directory / "checkpoints").exists():
         raise ConfigError(f"'{directory}' is a run or checkpoint directory; save the folder "
                           f"somewhere else")
+    config, vae_model = p.config.to_dict(), None
+    if p.config.data.name == "latents":
+        _check_vae_target(directory, include_vae)
+        config["data"], vae_model = _latent_record(p, include_vae, vae)
+    elif vae is not None:
+        raise ConfigError(f"vae= decodes a latent model, and this model works in pixels "
+                          f"(data.name={p.config.data.name}); drop vae=")
     tensors = {k: v.detach().cpu().contiguous() for k, v in p.model.state_dict().items()}
     capacity = {"c_avg_infer": p.c_avg_infer, "note": p.capacity_note}
     meta = {"format": SAFETENSORS_FORMAT, "diffmoe_version": VERSION, "step": str(p.step),
             "weights": p.weights, "capacity": json.dumps(capacity)}
-    config_text = json.dumps(p.config.to_dict(), indent=2) + "\n"
-    card = model_card(p)
+    config_text = json.dumps(config, indent=2) + "\n"
+    card = model_card(dataclasses.replace(p, config=config_from_dict(config)))
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), meta))
+    if vae_model is not None:
+        _write_vae(vae_model, directory)
     atomic_write_text(directory / CARD_FILE, card)
     atomic_write_text(directory / CONFIG_FILE, config_text)
     return directory

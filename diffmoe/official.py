@@ -20,6 +20,11 @@ experiment folder their sampler reads. What their code does, and therefore what 
   t ∈ [0, 1] as drawn: our flow objective with ``time_scale`` 1. Without it, DiT's DDPM
   (:data:`THEIR_DDPM`, integer timesteps, learned σ), whose guidance touches only the first
   three channels (``sample.guidance_channels``).
+* Their data is ImageNet encoded by a Stable Diffusion VAE (``basic.vae_path``, default
+  ``stabilityai/sd-vae-ft-mse``), latents scaled by 0.18215 and 8 pixels per latent (their
+  ``train.py`` and sampler hard-code both): imported as ``data.name: latents`` with that latent
+  space recorded (:data:`THEIR_LATENT_SPACE`) and no cache, so sampling needs only the VAE
+  (``--vae DIR``, or their ``vae_path`` when it is a local folder).
 * Each MoE layer keeps the buffers ``expert_threshold`` (τ) and ``ema_decay`` (α of the threshold
   EMA, ``model.moe.threshold_ema``; read from ``model``, the weights that trained with it). With
   ``n_shared_experts > 0`` a layer has one shared MLP 8·D wide. Their capacity-predictor loss is
@@ -55,6 +60,7 @@ theirs                                         ours
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -67,6 +73,7 @@ from torch import Tensor
 
 from .checkpoint import open_checkpoint, save_checkpoint, state_dict_mismatch
 from .config import Config, ModelConfig, config_from_dict, deep_merge, overrides_to_dict
+from .data.latents import LatentSpace, as_vae, check_vae_fits, finished_index
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write, atomic_write_text
 from .models import DiT, build_model
@@ -103,6 +110,10 @@ FLOW_TIME_SCALE = 1.0  # their rectified flow calls the model with t in [0, 1] u
 THEIR_DDPM = {"type": "ddpm", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
               "vb_weight": 1.0}
 DDPM_GUIDED_CHANNELS = 3  # their DDPM sampler's forward_with_cfg guides channels :3
+# Their latents: vae.encode(x) * 0.18215 in train.py, vae.decode(z / 0.18215) and
+# latent_size = image_size // 8 in sample_ddp_feature.py (SD's VAE), no shift.
+THEIR_LATENT_SPACE = {"scale_factor": 0.18215, "shift_factor": 0.0, "downsampling": 8}
+THEIR_VAE = "stabilityai/sd-vae-ft-mse"  # their YAML's basic.vae_path and their sampler's --vae
 CHECKPOINTS_DIR = "checkpoints"
 YAML_PATTERN = "*.yaml"  # how their sampler finds the YAML beside checkpoints/
 EXPORT_YAML = "config.yaml"
@@ -306,10 +317,26 @@ def threshold_ema(weights: dict[str, Tensor], where: str) -> Optional[float]:
     return values[0] if values else None
 
 
+def _data_section(data: dict, vae: Optional[str | Path]) -> dict:
+    """``data`` for their latents: their latent space, no cache, and the VAE: ``vae``, else
+    their ``basic.vae_path`` when it is a local folder (a Hub name is not fetched)."""
+    basic = data.get("basic")
+    named = (basic.get("vae_path") if isinstance(basic, dict) else None) or THEIR_VAE
+    if vae is None and (Path(str(named)) / "config.json").is_file():
+        vae = named
+    if vae is None:
+        log.info("their run decodes with the VAE '%s'; to sample images pass a local copy of "
+                 "it: --vae DIR here, or diffmoe sample --vae DIR", named)
+    return {"name": "latents", "path": "", "vae": str(Path(vae).resolve()) if vae else "",
+            **THEIR_LATENT_SPACE}
+
+
 def config_from_official(data: dict, where: Path, alpha: Optional[float] = None,
-                         overrides: Optional[list[str]] = None) -> Config:
+                         overrides: Optional[list[str]] = None,
+                         vae: Optional[str | Path] = None) -> Config:
     """Our Config for their YAML ``data`` (read by :func:`load_their_yaml` from ``where``), with
-    the threshold EMA ``alpha`` of their weights; ``key=value`` overrides apply last."""
+    the threshold EMA ``alpha`` of their weights and their latent data decoded by ``vae`` (see
+    :func:`_data_section`); ``key=value`` overrides apply last."""
     params, target = data["model"]["params"], data["model"]["target"]
     model: dict[str, Any] = {ours: params.get(theirs, default)
                              for theirs, (ours, default) in THEIR_MODEL_PARAMS.items()}
@@ -319,7 +346,8 @@ def config_from_official(data: dict, where: Path, alpha: Optional[float] = None,
     _check_importable(params, typed, where)
     if target == THEIR_DIFFMOE:
         model["moe"].update(_moe_derived(params, typed, alpha, where))
-    cfg = {"model": model, **_objective_sections(data, typed.in_channels, where)}
+    cfg = {"model": model, "data": _data_section(data, vae),
+           **_objective_sections(data, typed.in_channels, where)}
     if overrides:
         cfg = deep_merge(cfg, overrides_to_dict(overrides))
     return config_from_dict(cfg)
@@ -463,10 +491,21 @@ def _new_output(out: Path) -> None:
     check_outputs([out / CONFIG_FILE], force=False, option="OUT")
 
 
+def _check_vae(cfg: Config) -> None:
+    """The VAE an import names loads and fits the model (latent channels, downsampling)."""
+    d = cfg.data
+    if d.name == "latents" and d.vae:
+        space = LatentSpace.of_config(dataclasses.asdict(d))
+        if space is not None:
+            check_vae_fits(as_vae(d.vae), space, cfg.model.in_channels, f"'{d.vae}'")
+
+
 def import_official(checkpoint: str | Path, yaml_path: Optional[str | Path], out: str | Path,
-                    overrides: Optional[list[str]] = None, trust_pickle: bool = False) -> Path:
+                    overrides: Optional[list[str]] = None, trust_pickle: bool = False,
+                    vae: Optional[str | Path] = None) -> Path:
     """The ``diffmoe import-official`` command (``yaml_path`` None: the YAML of their experiment
-    folder); returns the written checkpoint. Everything is checked before anything is written."""
+    folder; ``vae``: the local AutoencoderKL folder that decodes its samples); returns the written
+    checkpoint. Everything is checked before anything is written."""
     out = Path(out)
     _new_output(out)
     checkpoint = _their_checkpoint(checkpoint)
@@ -474,7 +513,8 @@ def import_official(checkpoint: str | Path, yaml_path: Optional[str | Path], out
     data = load_their_yaml(yaml_path)
     entries = read_official(checkpoint, trust_pickle)
     alpha = threshold_ema(entries["model"], f"'{checkpoint}' (model)")
-    cfg = config_from_official(data, yaml_path, alpha, overrides)
+    cfg = config_from_official(data, yaml_path, alpha, overrides, vae)
+    _check_vae(cfg)
     model = build_model(cfg.model)
     files = {name: from_official(sd, model, f"'{checkpoint}' ({name})")
              for name, sd in entries.items()}
@@ -522,6 +562,7 @@ def export_problems(cfg: Config) -> list[str]:
             != THEIR_SHARED_WIDTH * m.hidden_size):
         problems.append(f"model.moe.shared_experts={moe.shared_experts} (their shared expert is "
                         f"one MLP {THEIR_SHARED_WIDTH}·D wide)")
+    problems += _latent_problems(cfg)
     if o.type == "flow" and o.time_scale != FLOW_TIME_SCALE:
         problems.append(f"objective.time_scale={o.time_scale:g} (their rectified flow gives the "
                         f"model t in [0, 1], time_scale 1)")
@@ -532,6 +573,26 @@ def export_problems(cfg: Config) -> list[str]:
             problems.append(f"{', '.join(differ)} (their DDPM is DiT's: 1000 timesteps, betas "
                             f"1e-4..0.02, learned sigma)")
     return problems
+
+
+def _latent_problems(cfg: Config) -> list[str]:
+    """Why ``cfg``'s data is not their latents (empty: it is)."""
+    d = cfg.data
+    if d.name != "latents":
+        return [f"data.name={d.name} (their code trains and samples SD-VAE latents; a "
+                f"pixel-space model is not theirs)"]
+    data = dataclasses.asdict(d)
+    index = finished_index(d.path)
+    space = LatentSpace.of_config(data) or (LatentSpace.of_index(index) if index else None)
+    if space is None:
+        return [f"data.scale_factor is not recorded and the latent cache '{d.path}' is gone, so "
+                f"the latent scale their sampler would assume (0.18215) cannot be checked"]
+    theirs = LatentSpace(*THEIR_LATENT_SPACE.values())
+    if (space.scale, space.shift) != (theirs.scale, theirs.shift) or (
+            space.downsampling not in (0, theirs.downsampling)):
+        return [f"latents scaled by {space.scale:g}, shift {space.shift:g}, downsampling "
+                f"{space.downsampling} (their code hard-codes {theirs.scale:g}, no shift, 8)"]
+    return []
 
 
 def official_yaml(cfg: Config, exp_name: str) -> dict:
@@ -549,8 +610,10 @@ def official_yaml(cfg: Config, exp_name: str) -> dict:
                                    for theirs, ours in MOE_CONFIG_KEYS.items()}}
         blocks = their_moe_blocks(m.depth, moe.interleave)
         params["CapacityPred_loss_weight"] = _weight(moe.predictor_loss_weight / blocks)
-    return {"basic": {"exp_name": exp_name, "rf": cfg.objective.type == "flow", "rf_ori": False},
-            "model": {"ckpt": None, "target": target, "params": params}}
+    basic = {"exp_name": exp_name, "rf": cfg.objective.type == "flow", "rf_ori": False,
+             "image_size": m.input_size * THEIR_LATENT_SPACE["downsampling"],
+             "vae_path": cfg.data.vae or THEIR_VAE}
+    return {"basic": basic, "model": {"ckpt": None, "target": target, "params": params}}
 
 
 def export_official(run: str | Path, out: str | Path) -> Path:

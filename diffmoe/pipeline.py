@@ -11,15 +11,17 @@ the same checkpoint, seed and settings. In particular ``mode=None`` is the confi
 ``sample.mode``, whose ``auto`` is the paper's dynamic routing (Eq. 14) for a DiffMoE model.
 Sampling is :func:`diffmoe.sample.generate`; prompts are encoded by
 :func:`diffmoe.t2i.sample.encode_prompts`, latent samples decoded by the VAE of
-:func:`diffmoe.data.sample_decoder`, capacity measured by :class:`diffmoe.capacity.CapacityMeter`.
+:func:`diffmoe.data.sample_decoder` (unless ``output_type="latent"``), capacity measured by
+:class:`diffmoe.capacity.CapacityMeter`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -35,7 +37,9 @@ from .models import DiT
 from .sample import Condition, generate, resolve_routing, sampling_settings
 from .t2i.sample import encode_prompts
 
-OUTPUT_TYPES = ("pil", "pt")  # PIL images, or an (N, C, H, W) float tensor in [0, 1]
+# PIL images; an (N, H, W, C) float array or an (N, C, H, W) float tensor in [0, 1]; or, for a
+# latent model, its samples themselves (N, C, h, w), undecoded, in the model's latent scale.
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 @dataclass
@@ -59,11 +63,13 @@ class CapacityReport:
 
 @dataclass
 class PipelineOutput:
-    """images: PIL images (``output_type="pil"``) or an (N, C, H, W) tensor in [0, 1] (``"pt"``),
-    in the order of the labels or prompts; capacity: what the MoE layers spent; settings: the
-    sampling settings used, as ``diffmoe sample`` records them."""
+    """images: PIL images (``output_type="pil"``), an (N, H, W, C) float32 array in [0, 1]
+    (``"np"``), an (N, C, H, W) tensor in [0, 1] (``"pt"``), or a latent model's undecoded
+    samples, (N, C, h, w) in its latent scale (``"latent"``); in the order of the labels or
+    prompts. capacity: what the MoE layers spent; settings: the sampling settings used, as
+    ``diffmoe sample`` records them."""
 
-    images: Union[list[Image.Image], Tensor]
+    images: Union[list[Image.Image], np.ndarray, Tensor]
     capacity: CapacityReport
     settings: SampleConfig
 
@@ -75,6 +81,17 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     if pixels.shape[1] == 1:
         return [Image.fromarray(p[0].numpy()) for p in pixels]
     return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
+
+
+def convert_output(images: Tensor, output_type: str) -> Union[list[Image.Image], np.ndarray,
+                                                               Tensor]:
+    """Samples (images in [-1, 1], or latents) as ``output_type`` asks (:data:`OUTPUT_TYPES`)."""
+    if output_type == "latent":
+        return images
+    if output_type == "pil":
+        return to_pil(images)
+    unit = images.clamp(-1, 1).add(1).div(2)  # (N, C, H, W) in [0, 1]
+    return unit.permute(0, 2, 3, 1).numpy() if output_type == "np" else unit
 
 
 @dataclass
@@ -91,11 +108,14 @@ class DiffMoEPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, weights: str = "ema",
-                        device: str | torch.device = "auto") -> "DiffMoEPipeline":
+                        device: str | torch.device = "auto", vae: Any = None
+                        ) -> "DiffMoEPipeline":
         """Load a folder written by :meth:`save_pretrained`, a run directory (its newest intact
         checkpoint) or a checkpoint directory, with its ``ema`` (default) or ``raw`` weights, on
-        ``device`` (``auto``: CUDA when there is one, as the CLI's ``--device``)."""
-        return cls(load_pretrained(path, weights, resolve_device(device, "device")))
+        ``device`` (``auto``: CUDA when there is one, as the CLI's ``--device``). ``vae`` (a
+        diffusers AutoencoderKL or its folder) decodes a latent model's samples instead of the
+        folder's ``vae/`` or the VAE its config names."""
+        return cls(load_pretrained(path, weights, resolve_device(device, "device"), vae))
 
     @property
     def model(self) -> DiT:
@@ -130,8 +150,12 @@ class DiffMoEPipeline:
         ``sampler`` and ``batch_size`` (DiffMoE's token pool) default to the model's ``sample``
         settings; ``generator``: a seed (the CLI's ``--seed``, default the settings' seed) or a
         torch.Generator on the model's device. Every argument is checked before sampling."""
+        latent = self.config.data.name == "latents"
         if output_type not in OUTPUT_TYPES:
             raise ConfigError(f"output_type '{output_type}' is not one of {list(OUTPUT_TYPES)}")
+        if output_type == "latent" and not latent:
+            raise ConfigError(f"output_type='latent' is for latent models, and this one works in "
+                              f"pixels (data.name={self.config.data.name}); use 'pt' or 'np'")
         chosen = {"steps": num_inference_steps, "cfg_scale": guidance_scale, "mode": mode,
                   "threshold": threshold, "sampler": sampler, "batch_size": batch_size,
                   "seed": generator if isinstance(generator, int) else None}
@@ -139,7 +163,7 @@ class DiffMoEPipeline:
         routing = resolve_routing(self.model, s)
         condition = self.condition(class_labels, prompt, num_images_per_prompt)
         noise = self._generator(generator)
-        decoder = self.decoder()
+        decoder = self.decoder() if output_type != "latent" else None
         use_tf32(self.device, s.tf32)
         images, meter = generate(self.model, self.objective, condition, s, progress=progress,
                                  generator=noise)
@@ -150,8 +174,7 @@ class DiffMoEPipeline:
                                    activated_params(self.model, cap["c_avg_infer"]),
                                    self.model.num_params(), routing.mode)
         self.last_settings = s
-        out = to_pil(images) if output_type == "pil" else images.clamp(-1, 1).add(1).div(2)
-        return PipelineOutput(out, self.last, s)
+        return PipelineOutput(convert_output(images, output_type), self.last, s)
 
     @property
     def objective(self) -> Objective:
@@ -215,16 +238,19 @@ class DiffMoEPipeline:
     def decoder(self) -> Optional[Callable[[Tensor], Tensor]]:
         """The VAE decoder of a latent model (loaded once), None for a pixel-space model."""
         if not self._decoder_loaded:
-            self._decoder = sample_decoder(asdict(self.config.data), self.device)
+            self._decoder = sample_decoder(asdict(self.config.data), self.device,
+                                           self.pretrained.vae, self.config.model.in_channels)
             self._decoder_loaded = True
         return self._decoder
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the model as a Hub-style folder (:func:`diffmoe.hub.save_pretrained`); the card
-        reports the capacity of the latest call, if there was one."""
+    def save_pretrained(self, directory: str | Path, include_vae: bool = True, vae: Any = None
+                        ) -> Path:
+        """Write the model as a Hub-style folder (:func:`diffmoe.hub.save_pretrained`): a latent
+        model's with its VAE as ``vae/`` (``vae``, else its own), or with ``include_vae=False``
+        its VAE named only; the card reports the capacity of the latest call, if any."""
         p, s = self.pretrained, self.last_settings
         if self.last is not None and s is not None:
             note = (f"mode {self.last.mode}, {s.sampler} {s.steps} steps, guidance "
                     f"{s.cfg_scale:g}, sampling batch {s.batch_size}")
             p = replace(p, c_avg_infer=self.last.c_avg_infer, capacity_note=note)
-        return p.save_pretrained(directory)
+        return p.save_pretrained(directory, include_vae, vae)

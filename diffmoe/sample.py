@@ -7,9 +7,9 @@ in one pool (paper §4): ``batch_size`` is a real setting, recorded with the res
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -279,20 +279,45 @@ def parse_labels(spec: Optional[str], num: int, num_classes: int, seed: int) -> 
 
 def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
                       labels: Optional[str] = None, device: str | torch.device = "auto",
-                      measure: Optional[Callable[[Tensor, Tensor], dict]] = None) -> dict:
+                      measure: Optional[Callable[[Tensor, Tensor], dict]] = None,
+                      vae: Any = None) -> dict:
     """The ``diffmoe sample`` command: a PNG grid at ``out`` and a JSON summary beside it
     (:func:`summary_path`; the caller has checked both may be written). Settings are the
     checkpoint's ``sample`` config updated with ``overrides``. ``measure(images, labels)``, if
     given, reads the samples (in [-1, 1]) and returns entries for the summary (``diffmoe sample
-    --judge``: the MNIST judge's class consistency)."""
-    out, device = Path(out), resolve_device(device, "--device")
+    --judge``: the MNIST judge's class consistency). ``vae`` (a folder) decodes a latent model's
+    samples instead of the VAE its config names."""
+    device = resolve_device(device, "--device")
     ckpt, s, model, objective = load_for_sampling(path, overrides, device)
-    state, ckpt_path, cfg = ckpt.state, ckpt.path, model.cfg
+    source = SampledModel(model, objective, config_from_dict(ckpt.state["config"]), ckpt.path,
+                          ckpt.state["step"], vae)
+    return sample_grid(source, s, out, labels, device, measure)
+
+
+@dataclass
+class SampledModel:
+    """What a grid is drawn from: the model, its objective and config, where it was read from
+    (a checkpoint or a folder) and its training steps, and the VAE that overrides its own."""
+
+    model: DiT
+    objective: Objective
+    config: Config
+    path: Path
+    step: int
+    vae: Any = None
+
+
+def sample_grid(source: SampledModel, s: SampleConfig, out: str | Path,
+                labels: Optional[str], device: torch.device,
+                measure: Optional[Callable[[Tensor, Tensor], dict]] = None) -> dict:
+    """The grid and summary of :func:`sample_checkpoint`, from a loaded model with resolved
+    settings ``s``; a latent model's VAE is found (or its absence reported) before sampling."""
+    out, model, cfg = Path(out), source.model, source.model.cfg
     routing = resolve_routing(model, s)
     y = parse_labels(labels, s.num, cfg.num_classes, s.seed)
-    images, meter = generate(model, objective, y, s)
-    decoder = sample_decoder(state["config"].get("data", {}), device)
-    if decoder is not None:  # a latent model: decode with the cache's VAE
+    decoder = sample_decoder(asdict(source.config.data), device, source.vae, cfg.in_channels)
+    images, meter = generate(model, source.objective, y, s)
+    if decoder is not None:  # a latent model: decode with its VAE
         images = decoder(images)
     nrow = (GRID_COLUMNS if cfg.num_classes >= GRID_COLUMNS and s.num % GRID_COLUMNS == 0
             else None)
@@ -301,7 +326,7 @@ def sample_checkpoint(path: str | Path, overrides: dict, out: str | Path,
     for warning in capacity_warnings(model, routing, s.batch_size, cap["c_avg_infer"]):
         log.warning("%s", warning)
     summary = {
-        "checkpoint": str(ckpt_path), "step": state["step"], "image": str(out),
+        "checkpoint": str(source.path), "step": source.step, "image": str(out),
         "settings": recorded_settings(s, routing.mode), "labels": y.tolist(),
         "c_avg_infer": cap["c_avg_infer"], "capacity_per_layer": cap["per_layer"],
         "activated_params": activated_params(model, cap["c_avg_infer"]),

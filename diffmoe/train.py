@@ -85,17 +85,32 @@ def check_batch_split(t: TrainConfig, world_size: int) -> None:
                           f"multiple of their product")
 
 
-def check_data_matches_model(cfg: Config, ds: ImageDataset) -> None:
+def check_data_matches_model(cfg: Config, ds: ImageDataset, resuming: bool = False) -> None:
+    """The data's shape is the model's. A new model is told to take the data's shape; one whose
+    weights exist (a resumed or imported run) to get data of its own shape instead."""
     m = cfg.model
     if ds.image_size != m.input_size or ds.channels != m.in_channels:
+        fix = (f"set model.input_size={ds.image_size} model.in_channels={ds.channels}"
+               if not resuming else _data_fix(cfg, ds))
         raise ConfigError(
             f"dataset '{ds.name}' has {ds.channels}x{ds.image_size}x{ds.image_size} images but the "
-            f"model expects {m.in_channels}x{m.input_size}x{m.input_size}; set "
-            f"model.input_size={ds.image_size} model.in_channels={ds.channels}")
+            f"model expects {m.in_channels}x{m.input_size}x{m.input_size}; {fix}")
     if m.condition == "class" and ds.num_classes > m.num_classes:
         raise ConfigError(f"dataset '{ds.name}' has {ds.num_classes} classes but "
                           f"model.num_classes={m.num_classes}; set "
                           f"model.num_classes={ds.num_classes}")
+
+
+def _data_fix(cfg: Config, ds: ImageDataset) -> str:
+    """What data a model with weights needs (its architecture is not to change)."""
+    m = cfg.model
+    if cfg.data.name != "latents":
+        return (f"the checkpoint fixes the model, so give it {m.in_channels}-channel "
+                f"{m.input_size}x{m.input_size} data")
+    down = int(ds.index.get("downsampling", 1))
+    return (f"the checkpoint fixes the model, so give it a latent cache of "
+            f"{m.input_size * down}px images from a VAE with {m.in_channels} latent channels "
+            f"(diffmoe cache-latents --image-size {m.input_size * down})")
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -215,12 +230,13 @@ class Trainer:
         cfg, t, dist = self.cfg, self.cfg.train, self.dist
         resume_from = self.run.open(resume, accept_changes)
         self.dataset = build_training_dataset(cfg)
-        check_data_matches_model(cfg, self.dataset)
+        check_data_matches_model(cfg, self.dataset, resuming=resume_from is not None)
         self.loader = BatchIterator(self.dataset, t.batch_size // dist.world_size, t.seed,
                                     dist.rank, dist.world_size, self.device)
         self._build_step_parts(resume_from=resume_from)
         # Latent models' sample grids are decoded with the VAE (by the ranks that sample).
-        self.decoder = (sample_decoder(cfg.to_dict()["data"], self.device)
+        self.decoder = (sample_decoder(cfg.to_dict()["data"], self.device,
+                                       channels=cfg.model.in_channels)
                         if dist.is_main or self.model.fsdp else None)
         self.run.begin(self.progress.step)
 

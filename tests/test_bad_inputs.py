@@ -247,6 +247,8 @@ VALID_MOE_KEYS = ("type, num_experts, capacity, interleave, shared_experts, gran
                   "dispatch, pool_scope")
 
 EXPORT_TIME = "(their rectified flow gives the model t in [0, 1], time_scale 1)"
+EXPORT_PIXELS = ("data.name=digits (their code trains and samples SD-VAE latents; a pixel-space "
+                 "model is not theirs)")
 EXPORT_NOTHING = "their code cannot run such a model, so export-official writes nothing for it"
 
 CASES = [
@@ -779,21 +781,21 @@ CASES = [
          setup=chain(image_folder, write("mine/notes.txt", "mine")),
          note="`<tmp>/mine/notes.txt` exists"),
     Case("official-export-time-scale", "checkpoint", ["export-official", "<run>", "<tmp>/exp"],
-         f"error: '{CKPT}' cannot be written for the authors' code: objective.time_scale=1000 "
-         f"{EXPORT_TIME}; {EXPORT_NOTHING}"),
+         f"error: '{CKPT}' cannot be written for the authors' code: {EXPORT_PIXELS}; "
+         f"objective.time_scale=1000 {EXPORT_TIME}; {EXPORT_NOTHING}"),
     Case("official-export-token-choice", "checkpoint",
          ["export-official", "<tmp>/copy", "<tmp>/exp"],
          "error: '<tmp>/copy/checkpoints/step_00000002' cannot be written for the authors' "
          "code: model.moe.type=token_choice (their models.models_DiffMoE.DiT routes by "
-         "DiffMoE's rule; only diffmoe and dense runs can be exported); objective.time_scale="
-         f"1000 {EXPORT_TIME}; {EXPORT_NOTHING}",
+         f"DiffMoE's rule; only diffmoe and dense runs can be exported); {EXPORT_PIXELS}; "
+         f"objective.time_scale=1000 {EXPORT_TIME}; {EXPORT_NOTHING}",
          setup=copy_run(state_edit(lambda st: set_moe(st, type="token_choice"))),
          note="`<tmp>/copy` is `<run>` with `model.moe.type: token_choice` in its state.json"),
     Case("official-export-fine-grained", "checkpoint",
          ["export-official", "<tmp>/copy", "<tmp>/exp"],
          "error: '<tmp>/copy/checkpoints/step_00000002' cannot be written for the authors' "
          "code: model.moe.granularity=2 (fine-grained experts; theirs are all mlp_ratio·D "
-         f"wide); objective.time_scale=1000 {EXPORT_TIME}; {EXPORT_NOTHING}",
+         f"wide); {EXPORT_PIXELS}; objective.time_scale=1000 {EXPORT_TIME}; {EXPORT_NOTHING}",
          setup=copy_run(state_edit(lambda st: set_moe(st, granularity=2))),
          note="`<tmp>/copy` is `<run>` with `model.moe.granularity: 2` in its state.json"),
     # Text-to-image
@@ -898,9 +900,19 @@ CASES = [
          ["export-official", "<tmp>/copy", "<tmp>/exp"],
          "error: '<tmp>/copy/checkpoints/step_00000002' cannot be written for the authors' "
          "code: model.moe.pool_scope=sample (their experts choose from the batch-level pool); "
-         f"objective.time_scale=1000 {EXPORT_TIME}; {EXPORT_NOTHING}",
+         f"{EXPORT_PIXELS}; objective.time_scale=1000 {EXPORT_TIME}; {EXPORT_NOTHING}",
          setup=copy_run(state_edit(lambda st: set_moe(st, pool_scope="sample"))),
          note="`<tmp>/copy` is `<run>` with `model.moe.pool_scope: sample` in its state.json"),
+    # A latent model's config that records its latent space (save_pretrained, import-official)
+    Case("latents-only-recorded", "latents",
+         TRAIN + ["data.name=latents", "data.scale_factor=0.18215"],
+         "error: data.name=latents trains on a latent cache, and data.path is empty (this config "
+         "records only the latent space, enough to sample); set data.path to a directory "
+         "written by diffmoe cache-latents"),
+    Case("latents-shift-without-scale", "latents",
+         TRAIN + ["data.name=latents", "data.path=<tmp>", "data.shift_factor=0.1"],
+         "error: data.shift_factor=0.1 is set without data.scale_factor; set both, or neither "
+         "to take the latent cache's"),
 ]
 
 

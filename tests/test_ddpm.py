@@ -24,6 +24,10 @@ from diffmoe.models import build_model
 from diffmoe.models.dit import DiTOutput
 from diffmoe.models.moe import Routing
 
+# The DDPM process and samplers against closed forms in float64 (make test reruns these on another
+# code path).
+pytestmark = pytest.mark.numerics
+
 SMALL_BETAS = np.linspace(1e-3, 0.3, 10)
 
 

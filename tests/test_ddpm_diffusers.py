@@ -4,12 +4,16 @@ same ancestral steps with learned variance, and the same deterministic DDIM traj
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch.testing import assert_close
 
 from diffmoe.diffusion import GaussianDiffusion
 from diffmoe.diffusion.samplers import ddim, ddpm_ancestral
+
+# Our DDPM against diffusers' scheduler (make test reruns these on another code path).
+pytestmark = pytest.mark.numerics
 
 BETAS = np.linspace(1e-3, 0.3, 20)
 

@@ -15,6 +15,10 @@ from diffmoe.loss import training_loss
 from diffmoe.models import build_model
 from diffmoe.models.moe import Routing, diffmoe_layers
 
+# Samplers against closed forms, and images alone against in a batch (make test reruns these on
+# another code path).
+pytestmark = pytest.mark.numerics
+
 
 def test_path_endpoints_and_target():
     x, eps = torch.randn(4, 3), torch.randn(4, 3)

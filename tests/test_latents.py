@@ -6,16 +6,25 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_vae import save_tiny_vae
 
+from diffmoe import DiffMoEPipeline
 from diffmoe.cli import main
+from diffmoe.config import load_config
+from diffmoe.errors import ConfigError, DataError
+from diffmoe.hub import Pretrained, load_pretrained
+from diffmoe.models import build_model
 from diffmoe.data.imagefolder import center_crop, load_image
 from diffmoe.data.latents import LatentDataset, encode_batch, load_vae
 
+ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 16
 CLASSES = ("ant", "bee", "cat")
 PER_CLASS = 3
@@ -23,16 +32,7 @@ PER_CLASS = 3
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                        layers_per_block=1, norm_num_groups=4, sample_size=IMAGE_SIZE)
-    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(path)
-    return path
+    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae", image_size=IMAGE_SIZE)
 
 
 @pytest.fixture
@@ -194,3 +194,113 @@ def test_captioned_folder_caches_latents_for_a_text_model(vae_dir, tmp_path):
                  "--out", str(tmp_path / "s.png")]) == 0
     grid = Image.open(tmp_path / "s.png")
     assert grid.mode == "RGB" and grid.size[1] >= 2 * IMAGE_SIZE  # decoded: pixels, not latents
+
+
+# -- a latent model that travels: its folder holds what decoding needs -----------------------
+
+def _train_on_cache(images, vae_dir, tmp_path):
+    out, run = tmp_path / "cache", tmp_path / "run"
+    assert cache(images, out, vae_dir) == 0
+    assert main(["train", "configs/digits_tiny.yaml", f"train.out_dir={run}", "data.name=latents",
+                 f"data.path={out}", "model.in_channels=4", f"model.input_size={IMAGE_SIZE // 2}",
+                 "train.batch_size=4", "train.steps=2", "train.ckpt_every=2",
+                 "train.sample_every=2", "sample.steps=1", "sample.num=3",
+                 "sample.batch_size=3"]) == 0
+    return out, run
+
+
+def test_a_saved_latent_folder_samples_images_without_its_cache_or_images(
+        images, vae_dir, tmp_path, monkeypatch):
+    cache_dir, run = _train_on_cache(images, vae_dir, tmp_path)
+    folder = load_pretrained(run).save_pretrained(tmp_path / "saved")
+    named = load_pretrained(run).save_pretrained(tmp_path / "named", include_vae=False)
+    text = (folder / "config.json").read_text()
+    data = json.loads(text)["data"]
+    assert data["path"] == "" and data["vae"] == "" and str(cache_dir) not in text
+    assert data["scale_factor"] == pytest.approx(0.18215) and data["shift_factor"] == 0
+    assert data["downsampling"] == 2  # the tiny VAE's two levels
+    assert json.loads((folder / "vae" / "config.json").read_text())["_class_name"] == \
+        "AutoencoderKL"
+    assert "latent space" in (folder / "README.md").read_text()
+    assert not (named / "vae").exists()
+    assert json.loads((named / "config.json").read_text())["data"]["vae"] == \
+        str(vae_dir.resolve())
+    # Another machine: no cache, no images, no run; the folder read from elsewhere.
+    for gone in (cache_dir, images, run):
+        shutil.rmtree(gone)
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.move(str(folder), moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    pipe = DiffMoEPipeline.from_pretrained("model", device="cpu")
+    pil = pipe(class_labels=[0, 2], num_inference_steps=1, generator=3).images
+    assert [(im.mode, im.size) for im in pil] == [("RGB", (IMAGE_SIZE, IMAGE_SIZE))] * 2
+    pt = pipe(class_labels=[0, 2], num_inference_steps=1, generator=3, output_type="pt").images
+    assert pt.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and 0 <= pt.min() and pt.max() <= 1
+    arr = pipe(class_labels=[0, 2], num_inference_steps=1, generator=3, output_type="np").images
+    assert isinstance(arr, np.ndarray) and arr.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+    latents = pipe(class_labels=[0, 2], num_inference_steps=1, generator=3,
+                   output_type="latent").images
+    assert latents.shape == (2, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+    # The images are those latents, unscaled by the recorded factor and decoded by vae/.
+    vae = load_vae(moved / "vae")
+    with torch.no_grad():
+        decoded = vae.decode(latents / 0.18215).sample.clamp(-1, 1).add(1).div(2)
+    torch.testing.assert_close(pt, decoded, rtol=0, atol=1e-5)
+    # The command samples the folder too, decoded.
+    assert main(["sample", "model", "--num", "2", "--steps", "1", "--batch-size", "2",
+                 "--out", "grid.png"]) == 0
+    grid = Image.open("grid.png")
+    assert grid.mode == "RGB" and grid.size[1] >= 2 * IMAGE_SIZE  # decoded, upscaled x2
+    # A folder that names its VAE only: that VAE, or another one passed, decodes.
+    named_pipe = DiffMoEPipeline.from_pretrained(named, device="cpu")
+    assert named_pipe(class_labels=[1], num_inference_steps=1).images[0].mode == "RGB"
+    other = DiffMoEPipeline.from_pretrained(named, device="cpu", vae=load_vae(vae_dir))
+    assert other(class_labels=[1], num_inference_steps=1, output_type="pt").images.shape[1] == 3
+
+
+def _latent_pretrained(tmp_path, **data) -> Pretrained:
+    """An untrained latent model whose config records its latent space and names no cache."""
+    cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", [
+        "data.name=latents", "model.in_channels=4", f"model.input_size={IMAGE_SIZE // 2}",
+        "data.scale_factor=0.18215", "data.downsampling=2",
+        *(f"data.{k}={v}" for k, v in data.items())])
+    return Pretrained(build_model(cfg.model).eval(), cfg, 0, "ema", tmp_path)
+
+
+def test_a_latent_model_without_a_vae_says_what_to_pass_and_still_gives_latents(
+        tmp_path, vae_dir):
+    pipe = DiffMoEPipeline(_latent_pretrained(tmp_path))
+    with pytest.raises(DataError, match="names no VAE.*--vae DIR.*output_type='latent'"):
+        pipe(class_labels=[0], num_inference_steps=1)
+    assert pipe.last is None  # refused before sampling
+    assert pipe(class_labels=[0], num_inference_steps=1, output_type="latent").images.shape == (
+        1, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+    with pytest.raises(ConfigError, match="VAE is not known.*vae=DIR"):
+        pipe.save_pretrained(tmp_path / "folder")
+    assert not (tmp_path / "folder").exists()
+    # A VAE of other latents is refused before sampling, one line.
+    other = save_tiny_vae(tmp_path / "vae8", latent_channels=8)
+    with pytest.raises(DataError, match="8 latent channels but the model 4"):
+        DiffMoEPipeline(_latent_pretrained(tmp_path, vae=other))(class_labels=[0])
+    deeper = save_tiny_vae(tmp_path / "vae3", levels=3)
+    with pytest.raises(DataError, match="downsamples by 4 but the model's latents .* by 2"):
+        DiffMoEPipeline(_latent_pretrained(tmp_path, vae=deeper))(class_labels=[0])
+    # Saving with a VAE passed writes it as vae/; with include_vae=False over that vae/ is
+    # refused, since loading would still use it.
+    folder = pipe.save_pretrained(tmp_path / "folder", vae=vae_dir)
+    assert (folder / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="holds the VAE of an earlier save"):
+        pipe.save_pretrained(folder, include_vae=False, vae=vae_dir)
+
+
+def test_a_pixel_model_refuses_latent_output_and_gives_np(tmp_path):
+    cfg = load_config(ROOT / "configs" / "digits_tiny.yaml")
+    pipe = DiffMoEPipeline(Pretrained(build_model(cfg.model).eval(), cfg, 0, "ema", tmp_path))
+    with pytest.raises(ConfigError, match="output_type='latent' is for latent models"):
+        pipe(class_labels=[0], num_inference_steps=1, output_type="latent")
+    arr = pipe(class_labels=[0, 1], num_inference_steps=1, output_type="np").images
+    size = cfg.model.input_size
+    assert arr.shape == (2, size, size, cfg.model.in_channels) and arr.dtype == np.float32
+    with pytest.raises(ConfigError, match="vae= decodes a latent model"):
+        pipe.save_pretrained(tmp_path / "folder", vae=tmp_path)
+    assert not (tmp_path / "folder").exists()

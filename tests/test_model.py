@@ -15,6 +15,10 @@ from diffmoe.models import build_model
 from diffmoe.models.dit import sincos_pos_embed_2d
 from diffmoe.models.moe import DenseFFN, DiffMoE, Routing
 
+# Model outputs against references in other shapes and dtypes (make test reruns them on another
+# code path).
+pytestmark = pytest.mark.numerics
+
 
 def tiny(**kw) -> ModelConfig:
     moe = kw.pop("moe", MoEConfig(type="diffmoe", num_experts=4))

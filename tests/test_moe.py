@@ -37,6 +37,10 @@ from diffmoe.models.moe.diffmoe import (
 )
 from diffmoe.models.moe.token_choice import load_balance_loss
 
+# Fast paths against plain references, samples alone against in a batch, fp32 against float64:
+# different computations that agree to a tolerance (make test reruns them on another code path).
+pytestmark = pytest.mark.numerics
+
 D, HIDDEN = 16, 32
 
 

@@ -14,21 +14,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
+from diffmoe import DiffMoEPipeline
 from diffmoe.checkpoint import save_checkpoint
 from diffmoe.cli import main
 from diffmoe.config import config_from_dict
+from diffmoe.errors import ConfigError
 from diffmoe.models import build_model
 from diffmoe.models.dit import TimestepEmbedder, sincos_pos_embed_2d
 from diffmoe.models.moe import Routing
 from diffmoe.sample import load_model
+from diffmoe.train import check_data_matches_model
+from tiny_vae import save_tiny_vae
 
 ARCH = dict(depth=4, hidden_size=32, num_heads=2, patch_size=2, input_size=8, num_classes=10)
 MOE_BLOCKS = (1, 3)  # their interleave: MoE in the odd blocks
@@ -44,6 +50,10 @@ EXP = "exps/0003-000_DiffMoE_T_E4_Flow"
 YAML_NAME = "config_2025-02-08T10-14-26.yaml"
 STEP = 100
 CKPT = f"{EXP}/checkpoints/{STEP:07d}.pt"
+THEIR_DOWNSAMPLING = 8  # SD's VAE, as their sampler assumes (latent_size = image_size // 8)
+IMAGE_SIZE = ARCH["input_size"] * THEIR_DOWNSAMPLING
+THEIR_LATENTS = {"name": "latents", "path": "", "scale_factor": 0.18215, "shift_factor": 0.0,
+                 "downsampling": THEIR_DOWNSAMPLING}
 
 
 def their_yaml(rf=True, n_shared=0, **params) -> dict:
@@ -226,6 +236,13 @@ def timesteps(monkeypatch):
     return seen
 
 
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A tiny random AutoencoderKL shaped as their SD VAE: 4 latent channels, 8x downsampling."""
+    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "sd-vae-tiny", levels=4,
+                         image_size=IMAGE_SIZE)
+
+
 @pytest.fixture(params=[0, 1], ids=["no-shared", "shared"])
 def imported(request, tmp_path, capsys):
     """Their experiment folder, imported without --config; (their model, their ema, our run)."""
@@ -238,6 +255,7 @@ def imported(request, tmp_path, capsys):
 
 # -- import: their forward, their buffers, their conventions ----------------------------------
 
+@pytest.mark.numerics
 def test_imported_model_reproduces_their_eval_outputs_with_their_thresholds(imported):
     _, theirs, run = imported
     model, _, _ = load_model(run)  # ema by default, as their sampler
@@ -253,6 +271,7 @@ def test_imported_model_reproduces_their_eval_outputs_with_their_thresholds(impo
     torch.testing.assert_close(ours.prediction, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.numerics
 def test_imported_model_makes_their_selections_in_train_mode(imported):
     _, theirs, run = imported
     model, _, _ = load_model(run)
@@ -295,11 +314,11 @@ def test_import_reads_moe_config_alpha_and_flow_time_from_their_files(imported):
 
 
 def test_flow_import_feeds_t_in_the_unit_interval_when_sampling(imported, timesteps, capsys,
-                                                               tmp_path):
+                                                               tmp_path, vae_dir):
     _, _, run = imported
     steps = 4
     rc, _, errors = run_cli(["sample", run, "--num", "2", "--batch-size", "2", "--steps", steps,
-                             "--out", tmp_path / "grid.png"], capsys)
+                             "--vae", vae_dir, "--out", tmp_path / "grid.png"], capsys)
     assert rc == 0 and not errors, errors
     t = torch.cat(timesteps)
     # Euler from t = 0 (noise) in steps of 1/4, as their RectifiedFlow.sample.
@@ -308,7 +327,7 @@ def test_flow_import_feeds_t_in_the_unit_interval_when_sampling(imported, timest
 
 
 def test_ddpm_import_feeds_integer_timesteps_and_guides_three_channels(tmp_path, capsys,
-                                                                      timesteps):
+                                                                      timesteps, vae_dir):
     their_experiment(tmp_path, rf=False)
     rc, _, errors = run_cli(["import-official", tmp_path / CKPT, tmp_path / "out"], capsys)
     assert rc == 0 and not errors, errors
@@ -317,7 +336,7 @@ def test_ddpm_import_feeds_integer_timesteps_and_guides_three_channels(tmp_path,
     assert cfg.objective.type == "ddpm" and cfg.objective.num_timesteps == 1000
     assert cfg.model.learn_sigma and cfg.sample.guidance_channels == 3
     rc, _, errors = run_cli(["sample", tmp_path / "out", "--num", "2", "--batch-size", "2",
-                             "--steps", "5", "--cfg-scale", "1.5", "--out",
+                             "--steps", "5", "--cfg-scale", "1.5", "--vae", vae_dir, "--out",
                              tmp_path / "grid.png"], capsys)
     assert rc == 0 and not errors, errors
     t = torch.cat(timesteps)
@@ -325,11 +344,11 @@ def test_ddpm_import_feeds_integer_timesteps_and_guides_three_channels(tmp_path,
 
 
 def test_eval_on_an_imported_flow_run_needs_no_override(timesteps, capsys, tmp_path):
-    # One channel, so that its samples are images the Inception takes (a latent model's need
-    # their VAE: data.name=latents with data.path).
+    # One latent channel, a VAE of one latent channel given at import: eval decodes with it.
     their_experiment(tmp_path, yaml_data=their_yaml(in_channels=1), channels=1)
     run = tmp_path / "out"
-    assert run_cli(["import-official", tmp_path / CKPT, run], capsys)[0] == 0
+    vae = save_tiny_vae(tmp_path / "vae1", latent_channels=1, levels=4, image_size=IMAGE_SIZE)
+    assert run_cli(["import-official", tmp_path / CKPT, run, "--vae", vae], capsys)[0] == 0
     rc, out, errors = run_cli(["eval", run, "--num", "4", "--batch-size", "4", "--steps", "2",
                                "--ref", "digits:test:5", "--out", tmp_path / "eval.json",
                                "--no-progress"], capsys)
@@ -418,6 +437,7 @@ def test_import_never_writes_into_a_directory_that_holds_something(tmp_path, cap
 
 # -- export: the inverse, and what their code cannot express -----------------------------------
 
+@pytest.mark.numerics
 def test_export_writes_their_files_and_imports_back_identically(imported, tmp_path, capsys):
     theirs_model, theirs_ema, run = imported
     shared = any("shared_experts" in k for k in theirs_model)
@@ -454,10 +474,12 @@ def test_export_writes_their_files_and_imports_back_identically(imported, tmp_pa
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def our_run(root, **moe):
-    """A run directory (one checkpoint, untrained weights) of a tiny model of ours."""
+def our_run(root, data=THEIR_LATENTS, **moe):
+    """A run directory (one checkpoint, untrained weights) of a tiny model of ours, on latents of
+    their latent space unless ``data`` says otherwise."""
     cfg = config_from_dict({"model": dict(ARCH, in_channels=CHANNELS, moe={
-        "type": "diffmoe", "num_experts": EXPERTS, **moe}), "objective": {"time_scale": 1.0}})
+        "type": "diffmoe", "num_experts": EXPERTS, **moe}), "objective": {"time_scale": 1.0},
+        "data": data})
     sd = build_model(cfg.model).state_dict()
     save_checkpoint(root / "checkpoints", 7, {"model": sd, "ema": sd},
                     {"config": cfg.to_dict(), "world_size": 1})
@@ -472,7 +494,11 @@ def our_run(root, **moe):
      "mlp_ratio·D wide)"),
     (dict(shared_experts=1), "model.moe.shared_experts=1 (their shared expert is one MLP 8·D "
      "wide)"),
-], ids=["token-choice", "fine-grained", "narrow-shared"])
+    (dict(data={}), "data.name=mnist (their code trains and samples SD-VAE latents; a "
+     "pixel-space model is not theirs)"),
+    (dict(data=dict(THEIR_LATENTS, scale_factor=0.13025)), "latents scaled by 0.13025, shift 0, "
+     "downsampling 8 (their code hard-codes 0.18215, no shift, 8)"),
+], ids=["token-choice", "fine-grained", "narrow-shared", "pixels", "other-scale"])
 def test_export_refuses_what_their_code_cannot_express(tmp_path, capsys, moe, fragment):
     run = our_run(tmp_path / "run", **moe)
     rc, _, errors = run_cli(["export-official", run, tmp_path / "exp"], capsys)
@@ -512,3 +538,73 @@ def test_a_dense_run_exports_as_their_dit_and_imports_back(tmp_path, capsys):
     # A dense model's other moe settings set nothing: the rest of the model config round-trips.
     assert ({k: v for k, v in state["config"]["model"].items() if k != "moe"}
             == {k: v for k, v in first["model"].items() if k != "moe"})
+    assert state["config"]["data"] == first["data"]
+
+
+# -- their checkpoints are latent models: decoded by their VAE --------------------------------
+
+def test_an_import_records_their_latent_space_and_samples_images_with_the_vae(
+        tmp_path, capsys, vae_dir):
+    their_experiment(tmp_path)
+    run = tmp_path / "out"
+    rc, _, errors = run_cli(["import-official", tmp_path / CKPT, run, "--vae", vae_dir], capsys)
+    assert rc == 0 and not errors, errors
+    _, state, _ = load_model(run)
+    assert state["config"]["data"] == dict(THEIR_LATENTS, vae=str(vae_dir.resolve()),
+                                           **{k: v for k, v in state["config"]["data"].items()
+                                              if k not in THEIR_LATENTS and k != "vae"})
+    assert state["config"]["model"]["in_channels"] == CHANNELS
+    assert state["config"]["model"]["input_size"] == ARCH["input_size"]
+    rc, _, errors = run_cli(["sample", run, "--num", "2", "--batch-size", "2", "--steps", "2",
+                             "--out", tmp_path / "grid.png"], capsys)
+    assert rc == 0 and not errors, errors
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.mode == "RGB" and grid.size[1] >= 2 * IMAGE_SIZE  # decoded, upscaled x2
+    images = DiffMoEPipeline.from_pretrained(run, device="cpu")(
+        class_labels=[3], num_inference_steps=2).images
+    assert [(im.mode, im.size) for im in images] == [("RGB", (IMAGE_SIZE, IMAGE_SIZE))]
+    # Export keeps the VAE in their basic.vae_path and the latent size in basic.image_size, so
+    # importing the export gives the same config.
+    rc, out, errors = run_cli(["export-official", run, tmp_path / "exp"], capsys)
+    assert rc == 0 and not errors, errors
+    basic = yaml.safe_load((tmp_path / "exp" / "config.yaml").read_text())["basic"]
+    assert basic["vae_path"] == str(vae_dir.resolve()) and basic["image_size"] == IMAGE_SIZE
+    rc, _, errors = run_cli(["import-official", json.loads(out)["checkpoint"],
+                             tmp_path / "again"], capsys)
+    assert rc == 0 and not errors, errors
+    assert load_model(tmp_path / "again")[1]["config"] == state["config"]
+
+
+def test_sampling_an_import_without_a_vae_says_what_to_pass_and_writes_nothing(
+        imported, tmp_path, capsys):
+    _, _, run = imported
+    rc, _, errors = run_cli(["sample", run, "--num", "2", "--batch-size", "2", "--steps", "1",
+                             "--out", tmp_path / "grid.png"], capsys)
+    assert rc == 2 and len(errors) == 1 and "names no VAE" in errors[0], errors
+    assert "--vae DIR" in errors[0] and "model." not in errors[0]
+    assert not (tmp_path / "grid.png").exists() and not (tmp_path / "grid.json").exists()
+
+
+def test_a_vae_that_does_not_fit_their_model_is_refused_at_import(tmp_path, capsys):
+    their_experiment(tmp_path)
+    shallow = save_tiny_vae(tmp_path / "shallow", levels=2)
+    rc, _, errors = run_cli(["import-official", tmp_path / CKPT, tmp_path / "out", "--vae",
+                             shallow], capsys)
+    assert rc == 2 and len(errors) == 1, errors
+    assert "downsamples by 2 but the model's latents come from a VAE that downsamples by 8" in \
+        errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_advice_for_a_model_with_weights_never_changes_its_architecture(tmp_path):
+    cfg = config_from_dict({"model": dict(ARCH, in_channels=CHANNELS),
+                            "data": dict(THEIR_LATENTS, path=str(tmp_path))})
+    cache = SimpleNamespace(name="latents", image_size=4, channels=CHANNELS,
+                            index={"downsampling": THEIR_DOWNSAMPLING})
+    with pytest.raises(ConfigError) as fresh:
+        check_data_matches_model(cfg, cache)
+    assert "set model.input_size=4" in str(fresh.value)  # a new model may take the data's shape
+    with pytest.raises(ConfigError) as resumed:
+        check_data_matches_model(cfg, cache, resuming=True)
+    assert "model." not in str(resumed.value).split(";")[-1]
+    assert f"--image-size {IMAGE_SIZE}" in str(resumed.value)

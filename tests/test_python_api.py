@@ -195,7 +195,8 @@ def test_a_missing_path_names_what_to_pass(tmp_path):
     (dict(prompt=["a red circle"]), "class-conditional and takes no prompt"),
     (dict(class_labels=[0], mode="fast"), "sample.mode"),
     (dict(class_labels=[0], sampler="ddim"), "not available for objective.type=flow"),
-    (dict(class_labels=[0], output_type="np"), "output_type 'np' is not one of"),
+    (dict(class_labels=[0], output_type="numpy"), "output_type 'numpy' is not one of"),
+    (dict(class_labels=[0], output_type="latent"), "output_type='latent' is for latent models"),
     (dict(class_labels=[0], generator="seed"), "generator must be a seed"),
     (dict(class_labels=[0], num_images_per_prompt=0), "must be a positive integer"),
 ])

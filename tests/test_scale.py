@@ -36,6 +36,7 @@ def torchrun(*args: str) -> Job:
     return jobs.torchrun([str(HERE / "scale_check.py"), *args], TIMEOUT_S)
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_cross_rank_pool_matches_one_process_on_the_global_batch(tmp_path):
     proc = torchrun("pool", str(ROOT / "configs" / "digits_tiny.yaml"), str(tmp_path / "r.json"))
@@ -108,6 +109,7 @@ def test_bf16_training_under_ddp_and_fsdp2_keeps_ranks_in_sync(tmp_path, paralle
     assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
 
 
+@pytest.mark.numerics
 def test_activation_checkpointing_keeps_gradients_and_moves_thresholds_once():
     cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", ["model.class_dropout=0"])
     torch.manual_seed(0)

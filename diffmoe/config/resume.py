@@ -42,7 +42,8 @@ _TABLE: dict[str, dict[str, str]] = {
                      "beta_start beta_end vb_weight",
     },
     DATA: {
-        "data": "name split limit path flip",
+        # The latent normalisation the weights work in (and the VAE's downsampling it implies).
+        "data": "name split limit path flip scale_factor shift_factor downsampling",
         "train": "seed",  # the data order (and the initial weights)
     },
     OPTIMISATION: {

@@ -160,6 +160,15 @@ class DataConfig:
     # latents: the diffusers AutoencoderKL directory that decodes samples; empty = the one the
     # cache was encoded with (recorded in its index.json).
     vae: str = ""
+    # latents: the normalisation the model works in, z' = (z - shift_factor) * scale_factor of
+    # the VAE's latents z; 0 = the cache's (its index.json). save_pretrained and import-official
+    # record it, so that a model samples without its cache.
+    scale_factor: float = 0.0
+    # latents: the shift of that normalisation (used only with data.scale_factor set).
+    shift_factor: float = 0.0
+    # latents: image pixels per latent along each side (the VAE's downsampling, 8 for SD's);
+    # 0 = the cache's.
+    downsampling: int = 0
     # Where cached caption embeddings and converted image folders are kept (keyed by what they
     # were made from).
     cache_dir: str = "runs/cache"

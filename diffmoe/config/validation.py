@@ -158,8 +158,18 @@ def validate_moe(m: ModelConfig) -> None:
 def validate_data(d: DataConfig) -> None:
     _choice("data.name", d.name, DATASETS)
     _require(d.limit >= 0, "data.limit must be >= 0 (0 = the whole split)")
-    _require(d.name != "latents" or bool(d.path),
-             "data.name=latents needs data.path, the directory written by diffmoe cache-latents")
+    _require(d.name != "latents" or bool(d.path) or d.scale_factor > 0,
+             "data.name=latents needs data.path, the directory written by diffmoe cache-latents "
+             "(or, for a model that only samples, data.scale_factor: its latent normalisation)")
+    _require(d.scale_factor >= 0 and d.downsampling >= 0,
+             f"data.scale_factor={d.scale_factor} and data.downsampling={d.downsampling} must be "
+             f">= 0 (0 = the latent cache's)")
+    _require(d.shift_factor == 0 or d.scale_factor > 0,
+             f"data.shift_factor={d.shift_factor} is set without data.scale_factor; set both, or "
+             f"neither to take the latent cache's")
+    _require(d.name == "latents" or (d.scale_factor == 0 and d.downsampling == 0),
+             f"data.scale_factor and data.downsampling describe latents, but data.name="
+             f"{d.name}; drop them or set data.name=latents")
     _require(d.name != "folder" or bool(d.path),
              "data.name=folder needs data.path, a directory of images in class subfolders or "
              "with a metadata.jsonl of captions")

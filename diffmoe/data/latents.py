@@ -91,6 +91,17 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu"):
     return vae.to(device).eval().requires_grad_(False)
 
 
+def as_vae(vae, device: torch.device | str = "cpu"):
+    """An AutoencoderKL from ``vae``: a local directory (:func:`load_vae`) or a loaded model,
+    taken as it is."""
+    if isinstance(vae, (str, Path)):
+        return load_vae(vae, device)
+    if type(vae).__name__ != VAE_CLASS or not hasattr(vae, "decode"):
+        raise DataError(f"vae must be a diffusers {VAE_CLASS} or the path of its folder, got "
+                        f"{type(vae).__name__}")
+    return vae
+
+
 def vae_factors(vae) -> tuple[float, float]:
     """(scale, shift) of the latent normalisation z' = (z − shift) · scale, from the VAE's
     config (SD's 0.18215 and no shift when it names none)."""
@@ -347,17 +358,102 @@ class LatentDataset(CaptionLabels):
         return (z - shift) * scale, condition
 
 
-def latent_decoder(vae_dir: str | Path, index: dict, device: torch.device | str,
-                   batch_size: int = 16) -> Callable[[Tensor], Tensor]:
-    """A function from normalised latents to images in [-1, 1] (on the CPU) with the VAE."""
-    vae = load_vae(vae_dir, device)
-    scale, shift = index["scale_factor"], index["shift_factor"]
+# -- decoding a latent model's samples ---------------------------------------------------------
+
+NO_VAE = ("pass the diffusers AutoencoderKL folder it was trained with (e.g. sd-vae-ft-mse): "
+          "--vae DIR to diffmoe sample, vae=DIR or an AutoencoderKL in Python; or ask for the "
+          "latents themselves (output_type='latent')")
+
+
+@dataclass(frozen=True)
+class LatentSpace:
+    """How a latent model's samples z' become images: z = z' / scale + shift, decoded by a VAE
+    that turns each latent into ``downsampling`` × ``downsampling`` pixels (0: not known)."""
+
+    scale: float
+    shift: float
+    downsampling: int
+
+    @classmethod
+    def of_config(cls, data: dict) -> Optional["LatentSpace"]:
+        """The space a config's data section records (save_pretrained, import-official), or
+        None when it leaves it to the cache (``data.scale_factor`` 0)."""
+        if not data.get("scale_factor"):
+            return None
+        return cls(float(data["scale_factor"]), float(data.get("shift_factor") or 0.0),
+                   int(data.get("downsampling") or 0))
+
+    @classmethod
+    def of_index(cls, index: dict) -> "LatentSpace":
+        return cls(float(index["scale_factor"]), float(index["shift_factor"]),
+                   int(index.get("downsampling", 0)))
+
+    @classmethod
+    def of_vae(cls, vae) -> "LatentSpace":
+        return cls(*vae_factors(vae), vae_downsampling(vae))
+
+
+def finished_index(path: str) -> Optional[dict]:
+    """The index of the latent cache at ``path``, None when there is none (no path, or a cache
+    that was moved, deleted or never finished)."""
+    if not path or not (Path(path) / "index.json").is_file():
+        return None
+    return read_index(path)
+
+
+def latent_space(data: dict, vae=None) -> LatentSpace:
+    """The latent space of a model trained with the data section ``data``: the one its config
+    records, else its cache's, else (a cache gone, nothing recorded) the VAE's own config."""
+    recorded = LatentSpace.of_config(data)
+    if recorded is not None:
+        return recorded
+    index = finished_index(data.get("path", ""))
+    if index is not None:
+        return LatentSpace.of_index(index)
+    if vae is None:
+        raise DataError(f"this latent model's cache '{data.get('path')}' is gone and its config "
+                        f"records no data.scale_factor, so its latents cannot be decoded; "
+                        f"{NO_VAE}")
+    log.info("latent cache '%s' not found: decoding with the scale factors of the VAE's "
+             "config, as the cache took them", data.get("path"))
+    return LatentSpace.of_vae(vae)
+
+
+def vae_reference(data: dict) -> str:
+    """The VAE a latent model's config names: ``data.vae``, else its cache's; "" if neither."""
+    if data.get("vae"):
+        return str(data["vae"])
+    index = finished_index(data.get("path", ""))
+    return str(index.get("vae", "")) if index is not None else ""
+
+
+def check_vae_fits(vae, space: LatentSpace, channels: Optional[int], where: str) -> None:
+    """Refuse a VAE whose latents are not the model's: other channels or downsampling."""
+    latent = int(getattr(vae.config, "latent_channels", 0))
+    if channels is not None and latent != channels:
+        raise DataError(f"the VAE {where} has {latent} latent channels but the model "
+                        f"{channels}; {NO_VAE}")
+    down = vae_downsampling(vae)
+    if space.downsampling and down != space.downsampling:
+        raise DataError(f"the VAE {where} downsamples by {down} but the model's latents come "
+                        f"from a VAE that downsamples by {space.downsampling}; {NO_VAE}")
+    scale, shift = vae_factors(vae)
+    if (scale, shift) != (space.scale, space.shift):
+        log.warning("the VAE %s names scale %g, shift %g in its config; the model was trained "
+                    "with scale %g, shift %g, which decoding uses", where, scale, shift,
+                    space.scale, space.shift)
+
+
+def latent_decoder(vae, space: LatentSpace, batch_size: int = 16) -> Callable[[Tensor], Tensor]:
+    """A function from the model's latents to images in [-1, 1] (on the CPU), decoded with
+    ``vae`` (an AutoencoderKL) on the device it is on."""
+    device = next(vae.parameters()).device
 
     @torch.no_grad()
     def decode(z: Tensor) -> Tensor:
         out = []
         for chunk in z.split(batch_size):
-            chunk = chunk.to(device, torch.float32) / scale + shift
+            chunk = chunk.to(device, torch.float32) / space.scale + space.shift
             out.append(vae.decode(chunk).sample.clamp(-1, 1).float().cpu())
         return torch.cat(out)
 

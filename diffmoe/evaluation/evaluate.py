@@ -91,7 +91,8 @@ class Evaluator:
                               "pass --ref with an ADM reference batch (e.g. "
                               "VIRTUAL_imagenet256_labeled.npz)")
         return cls(ckpt.path, ckpt.state["step"], model, objective, s, options, data_spec,
-                   data=data, decoder=sample_decoder(data, device))
+                   data=data, decoder=sample_decoder(data, device,
+                                                     channels=model.cfg.in_channels))
 
     def load_reference(self) -> Reference:
         if self.reference is None:

@@ -15,13 +15,12 @@ import logging
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from ..capacity import activated_params
-from ..checkpoint import open_checkpoint
 from ..config import ModelConfig
 from ..data import sample_decoder, to_model_range, to_uint8
 from ..data.shapes import CATEGORY_NAMES, SHAPES, eval_prompts, parse_caption, render
@@ -30,6 +29,7 @@ from ..device import resolve_device
 from ..errors import ConfigError
 from ..evaluation.metrics import min_set_size
 from ..fileio import write_json
+from ..hub import read_config
 from ..images import save_grid
 from ..models.condition import TextCondition
 from ..sample import (
@@ -49,10 +49,8 @@ CHANCE_ROW = "chance (renders of other prompts)"  # its row in the tables
 
 
 def checkpoint_condition(path: str | Path) -> str:
-    """``class`` or ``text``: what the checkpoint's model is conditioned on."""
-    ckpt = open_checkpoint(path)
-    model = ckpt.state.get("config", {}).get("model", {})
-    return model.get("condition", "class") if isinstance(model, dict) else "class"
+    """``class`` or ``text``: what the model of a checkpoint, run or folder is conditioned on."""
+    return read_config(path).model.condition
 
 
 def check_condition_args(condition: str, prompts: Optional[list[str]], labels: Optional[str],
@@ -85,7 +83,7 @@ def encode_prompts(cfg: ModelConfig, prompts: list[str], device: str | torch.dev
 
 
 def sample_prompts(path: str | Path, overrides: dict, out: str | Path, prompts: list[str],
-                   device: str | torch.device = "auto") -> dict:
+                   device: str | torch.device = "auto", vae: Any = None) -> dict:
     """``diffmoe sample RUN --prompt P ...``: one grid row per prompt, ``sample.num`` images
     split evenly over the prompts (at least one each), and a JSON summary beside the PNG
     (``sample.summary_path``; the caller has checked both may be written)."""
@@ -97,8 +95,9 @@ def sample_prompts(path: str | Path, overrides: dict, out: str | Path, prompts: 
     cond = encode_prompts(model.cfg, prompts, device)
     index = torch.arange(len(prompts)).repeat_interleave(per_prompt)
     routing = resolve_routing(model, s)
+    decoder = sample_decoder(ckpt.state["config"].get("data", {}), device, vae,
+                             model.cfg.in_channels)
     images, meter = generate(model, objective, cond[index], s)
-    decoder = sample_decoder(ckpt.state["config"].get("data", {}), device)
     if decoder is not None:  # trained on a latent cache: decode with its VAE
         images = decoder(images)
     save_grid(images, out, nrow=per_prompt, upscale=2)
