@@ -234,10 +234,9 @@ class Trainer:
         self.loader = BatchIterator(self.dataset, t.batch_size // dist.world_size, t.seed,
                                     dist.rank, dist.world_size, self.device)
         self._build_step_parts(resume_from=resume_from)
-        # Latent models' sample grids are decoded with the VAE (by the ranks that sample).
-        self.decoder = (sample_decoder(cfg.to_dict()["data"], self.device,
+        self.decoder = (sample_decoder(cfg.to_dict()["data"], self.device,  # latent grids' VAE
                                        channels=cfg.model.in_channels)
-                        if dist.is_main or self.model.fsdp else None)
+                        if dist.is_main or self.model.fsdp else None)  # the ranks that sample
         self.run.begin(self.progress.step)
 
     def _build_step_parts(self, mesh=None, ddp: bool = True, resume_from=None) -> None:
@@ -246,8 +245,7 @@ class Trainer:
         module = on_device(build_model(cfg.model, t.token_pool), self.device)
         module.activation_checkpointing = t.activation_checkpointing
         self.ema = make_ema(module)
-        fsdp = dist.enabled and t.parallel == "fsdp"
-        if fsdp:
+        if fsdp := dist.enabled and t.parallel == "fsdp":
             parallel.shard(module, t.precision, t.fsdp_reduce_dtype, mesh)
             parallel.shard(self.ema, t.precision, t.fsdp_reduce_dtype, mesh)
         self.optimizer = build_optimizer(module, t)
