@@ -7,7 +7,12 @@ at most a few minutes, written as one table and one JSON.
    peak);
 3. sampling images/s in dynamic, static and dense, with the host synchronisations of one step
    (CUDA's sync debug mode counts them);
-4. the MoE layer's kernels on the device (``moe_layer.py``: grouped GEMM against padded bmm).
+4. the MoE layer's kernels on the device (``moe_layer.py``: grouped GEMM against padded bmm);
+5. ``diffmoe plan`` against the GPU (issue 30): the peak memory the plan simulates on the CPU for
+   one training step of DiffMoE-B-E16 and DiffMoE-L-E16 (32 latents of 32x32x4, bf16, activation
+   checkpointing, one GPU: the trainer shards nothing on one rank, so this is the single-process
+   engine), against the same step on the GPU: the plan's tracker on the real tensors,
+   ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved``.
 
     benchmarks/gpu_check                  # on the GPU machine; results under $OUT
     python benchmarks/gpu_check.py --cpu-smoke --out DIR   # the same code, tiny, on a CPU
@@ -34,19 +39,22 @@ sys.path.insert(0, str(HERE.parent))
 from common import machine, table  # noqa: E402
 from flops import model_config, training_flops_per_image  # noqa: E402
 
+from diffmoe import plan  # noqa: E402
+from diffmoe.config import load_config  # noqa: E402
 from diffmoe.diffusion import FlowMatching, sample  # noqa: E402
+from diffmoe.distributed import DistInfo  # noqa: E402
 from diffmoe.loss import training_loss  # noqa: E402
 from diffmoe.models import build_model  # noqa: E402
 from diffmoe.models.moe import Routing  # noqa: E402
-from diffmoe.train import build_optimizer  # noqa: E402
+from diffmoe.plan import GPU_PEAK_FLOPS  # noqa: E402
+from diffmoe.train import build_optimizer, step_trainer  # noqa: E402
 
 TRAIN_PRESETS = ["Dense-DiT-S", "DiffMoE-S-E16", "Dense-DiT-B", "DiffMoE-B-E16"]
 SAMPLE_PRESETS = {"dynamic": "DiffMoE-S-E16", "static": "DiffMoE-S-E16", "dense": "Dense-DiT-S"}
 SMOKE_PRESET = {"Dense": "Dense-DiT-Tiny", "DiffMoE": "DiffMoE-Tiny-E4"}
-# Dense peak tensor FLOP/s by device name (NVIDIA's data sheets, SXM parts, no sparsity).
-PEAK_FLOPS = {"H200": {"bf16": 989e12, "tf32": 495e12},
-              "H100": {"bf16": 989e12, "tf32": 495e12},
-              "A100": {"bf16": 312e12, "tf32": 156e12}}
+PLAN_PRESETS = ["DiffMoE-B-E16", "DiffMoE-L-E16"]
+PLAN_SETTINGS = ["model.input_size=32", "model.in_channels=4", "model.learn_sigma=false",
+                 "train.precision=bf16", "train.activation_checkpointing=true", "train.seed=0"]
 TRAIN_BATCH, SMOKE_BATCH = 32, 2
 WARMUP, STEPS = 3, 10
 SMOKE_WARMUP, SMOKE_STEPS = 1, 2
@@ -58,8 +66,8 @@ def peak_flops(precision: str) -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    key = "bf16" if precision == "bf16" else "tf32"
-    return next((peaks[key] for chip, peaks in PEAK_FLOPS.items() if chip in name), None)
+    return next((peaks[precision] for chip, peaks in GPU_PEAK_FLOPS.items() if chip in name),
+                None)
 
 
 def synchronize(device: torch.device) -> None:
@@ -146,6 +154,34 @@ def sampling_row(mode: str, preset: str, batch: int, steps: int, device: torch.d
             "host_syncs_per_step": syncs}
 
 
+def plan_row(preset: str, batch: int, device: torch.device) -> dict:
+    """The plan's simulated peak of one training step against the same step on ``device``
+    (after two warm-up steps, so that the optimizer's moments exist, as in the plan)."""
+    cfg = load_config(None, [f"model.preset={preset}", f"train.batch_size={batch}",
+                             *PLAN_SETTINGS])
+    planned = plan.plan_step(cfg, preset, 1)
+    trainer = step_trainer(cfg, DistInfo(), device, plan.RandomBatches(cfg, batch, device))
+    trainer.model.net.train()
+    trainer.train_step()
+    trainer.train_step()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    tracked = plan.step_memory(trainer)["total"]
+    synchronize(device)
+    allocated = reserved = None
+    if device.type == "cuda":
+        allocated = torch.cuda.max_memory_allocated(device)
+        reserved = torch.cuda.max_memory_reserved(device)
+    gib = 2**30
+    return {"model": preset, "batch": batch, "plan_GiB": planned.peak_gib,
+            "tracked_on_device_GiB": tracked / gib,
+            "max_allocated_GiB": allocated / gib if allocated else None,
+            "max_reserved_GiB": reserved / gib if reserved else None,
+            "allocated_over_plan": allocated / planned.peak_bytes if allocated else None,
+            "plan_s": planned.simulated_s}
+
+
 def run_cuda_tests(out: Path) -> dict:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests"],
                           cwd=HERE.parent, capture_output=True, text=True)
@@ -195,11 +231,15 @@ def main() -> int:
                                        2 if smoke else SAMPLE_STEPS, device)
                           for mode, p in sample_presets.items()]
     result["moe_layer"] = None if smoke else run_moe_layer(device, out)
+    result["plan"] = [plan_row(p, batch, device)
+                      for p in ([SMOKE_PRESET["DiffMoE"]] if smoke else PLAN_PRESETS)]
     text = "\n\n".join([
         table(result["training"], ["model", "precision", "batch", "images_per_s", "peak_GiB",
                                    "train_GFLOP_per_image", "MFU"]),
         table(result["sampling"], ["mode", "model", "batch", "images_per_s",
-                                   "host_syncs_per_step"])])
+                                   "host_syncs_per_step"]),
+        table(result["plan"], ["model", "batch", "plan_GiB", "tracked_on_device_GiB",
+                               "max_allocated_GiB", "max_reserved_GiB", "allocated_over_plan"])])
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
     (out / "gpu_check.txt").write_text(text + "\n")
     print(text)

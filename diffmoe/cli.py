@@ -18,6 +18,9 @@
     diffmoe import-official CHECKPOINT [--config THEIR_YAML] OUT [key=value ...] [--vae DIR]
                             [--trust-pickle]
     diffmoe export-official RUN OUT
+    diffmoe plan CONFIG [key=value ...] [--gpus N] [--gpu-memory GIB --headroom 0.1]
+                 [--gpu H100 --mfu 0.4]
+                 [--capacity C] [--json]
 
 Problems with the input are reported as one ``error:`` line (exit status 2), not a traceback.
 """
@@ -418,6 +421,53 @@ def cmd_export_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import plan, report
+
+    cfg = load_config(args.config, args.overrides)
+    result = plan(cfg, args.config, args.gpus, gpu_memory_gib=args.gpu_memory,
+                  headroom=args.headroom, gpu=args.gpu, mfu=args.mfu, capacity=args.capacity)
+    if args.json:
+        emit(result.to_dict())
+    else:
+        sys.stdout.write(report(result) + "\n")
+    return 0
+
+
+def add_plan_command(sub) -> None:
+    from .plan import DEFAULT_GPU, DEFAULT_HEADROOM, DEFAULT_MFU, GPU_PEAK_FLOPS
+
+    p = sub.add_parser(
+        "plan", help="simulate one training step of a config at its real size on the CPU: "
+                     "peak memory per GPU, FLOPs, step time, and what fits",
+        description="Builds the config's model on fake tensors (no memory), runs one training "
+                    "step and one dynamic sampling step of it as diffmoe train / sample would, "
+                    "under the config's engine on --gpus ranks, and reports per GPU: peak memory "
+                    "by category, FLOPs, and the step time at a given MFU. With --gpu-memory, "
+                    "says whether it fits, and if not the smallest change that does "
+                    "(docs/performance.md, 'Planning a launch').")
+    p.add_argument("config", help="YAML config, e.g. configs/imagenet/diffmoe-xl-e16-flow.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.precision=bf16")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs (ranks) the global train.batch_size is split over (default 1)")
+    p.add_argument("--gpu-memory", dest="gpu_memory", type=float, default=None, metavar="GIB",
+                   help="memory per GPU in GiB, e.g. 80: say whether the step fits, and what "
+                        "would")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+                   help=f"share of --gpu-memory kept free of tensors for what the CPU "
+                        f"simulation does not see: CUDA context, cuBLAS workspaces, NCCL, "
+                        f"allocator fragmentation (default {DEFAULT_HEADROOM})")
+    p.add_argument("--gpu", default=DEFAULT_GPU, choices=list(GPU_PEAK_FLOPS),
+                   help=f"the chip whose peak FLOP/s the step time uses (default {DEFAULT_GPU})")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                   help=f"model-FLOPs utilisation assumed for the step time (an input, not a "
+                        f"claim; default {DEFAULT_MFU})")
+    p.add_argument("--capacity", type=float, default=1.0,
+                   help="C_avg of the simulated dynamic sampling step (default 1)")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON line")
+    p.set_defaults(func=cmd_plan)
+
+
 def add_cache_latents_command(sub) -> None:
     c = sub.add_parser("cache-latents", help="encode an image folder to a sharded VAE latent "
                                              "cache (resumable; torchrun-parallel)")
@@ -599,7 +649,7 @@ def add_fid_command(sub) -> None:
 
 COMMANDS = (add_train_command, add_config_command, add_sample_command, add_eval_command,
             add_sweep_command, add_analyze_command, add_fid_command, add_cache_latents_command,
-            add_import_official_command, add_export_official_command)
+            add_import_official_command, add_export_official_command, add_plan_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -626,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after the train options, so collect leftovers here.
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("train", "import-official") and all(
+    if args.command in ("train", "import-official", "plan") and all(
             "=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:

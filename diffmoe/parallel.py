@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -35,17 +36,19 @@ FULL_EVERYWHERE = StateDictOptions(full_state_dict=True)  # every rank passes th
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def shard(model: nn.Module, precision: str = "fp32", reduce_dtype: str = "fp32") -> nn.Module:
+def shard(model: nn.Module, precision: str = "fp32", reduce_dtype: str = "fp32",
+          mesh: Optional[DeviceMesh] = None) -> nn.Module:
     """FSDP2: one unit per DiT block, then the root (embedders, final layer). With ``precision``
     bf16 the parameters are gathered for the forward and backward in bf16 and the gradients
-    reduced in ``reduce_dtype``; the sharded parameters and the optimizer stay fp32."""
+    reduced in ``reduce_dtype``; the sharded parameters and the optimizer stay fp32. ``mesh``:
+    the ranks to shard over (default: every rank of the process group)."""
     policy = MixedPrecisionPolicy()
     if precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                       reduce_dtype=DTYPES[reduce_dtype])
     for block in model.blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 

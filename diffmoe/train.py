@@ -72,6 +72,12 @@ def training_device(t: TrainConfig) -> torch.device:
     return device
 
 
+def on_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` (built on the CPU) on ``device``; left as it is on the CPU, where it may be a
+    module of fake tensors (``diffmoe plan``), which cannot be moved even there."""
+    return module if device.type == "cpu" else module.to(device)
+
+
 def check_batch_split(t: TrainConfig, world_size: int) -> None:
     if t.batch_size % (world_size * t.grad_accum):
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the "
@@ -220,14 +226,21 @@ class Trainer:
         self.run.check_data(len(self.dataset), self.dataset.contents)
         self.loader = BatchIterator(self.dataset, t.batch_size // dist.world_size, t.seed,
                                     dist.rank, dist.world_size, self.device)
+        self._build_step_parts(resume_from=resume_from)
+        self.decoder = (sample_decoder(cfg.to_dict()["data"], self.device,  # latent grids' VAE
+                                       channels=cfg.model.in_channels)
+                        if dist.is_main or self.model.fsdp else None)  # the ranks that sample
+        self.run.begin(self.progress.step)
+
+    def _build_step_parts(self, mesh=None, ddp: bool = True, resume_from=None) -> None:
+        cfg, t, dist = self.cfg, self.cfg.train, self.dist
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        module = build_model(cfg.model, t.token_pool).to(self.device)
+        module = on_device(build_model(cfg.model, t.token_pool), self.device)
         module.activation_checkpointing = t.activation_checkpointing
         self.ema = make_ema(module)
-        fsdp = dist.enabled and t.parallel == "fsdp"
-        if fsdp:
-            parallel.shard(module, t.precision, t.fsdp_reduce_dtype)
-            parallel.shard(self.ema, t.precision, t.fsdp_reduce_dtype)
+        if fsdp := dist.enabled and t.parallel == "fsdp":
+            parallel.shard(module, t.precision, t.fsdp_reduce_dtype, mesh)
+            parallel.shard(self.ema, t.precision, t.fsdp_reduce_dtype, mesh)
         self.optimizer = build_optimizer(module, t)
         self.objective = build_objective(cfg)
         self.diffmoe_layers = diffmoe_layers(module)
@@ -236,13 +249,8 @@ class Trainer:
         torch.manual_seed(t.seed + 1 + dist.rank)  # per-rank noise, timesteps, label dropout
         if resume_from is not None:
             self.run.load(resume_from, self.state)
-        self.model.wrap(ddp=dist.enabled and not fsdp, compile=t.compile, device=self.device,
-                        bf16_grads=t.ddp_bf16_grads)
-        # Latent models' sample grids are decoded with the VAE (by the ranks that sample).
-        self.decoder = (sample_decoder(cfg.to_dict()["data"], self.device,
-                                       channels=cfg.model.in_channels)
-                        if dist.is_main or fsdp else None)
-        self.run.begin(self.progress.step)
+        self.model.wrap(ddp=ddp and dist.enabled and not fsdp, compile=t.compile,
+                        device=self.device, bf16_grads=t.ddp_bf16_grads)
 
     @property
     def state(self) -> TrainingState:
@@ -390,6 +398,19 @@ class Trainer:
                 path = self.run.save_samples(images, self.step, nrow)
         distributed.barrier()
         return path
+
+
+def step_trainer(cfg: Config, dist: distributed.DistInfo, device: torch.device,
+                 loader: BatchIterator, mesh=None, ddp: bool = True) -> Trainer:
+    """What :meth:`Trainer.train_step` uses and nothing else: the model under the config's
+    engine, the EMA, the optimizer and the objective, fed by ``loader`` (anything with the
+    ``next()`` of a :class:`BatchIterator`); no run directory, dataset or decoder. ``diffmoe
+    plan`` runs its steps on fake tensors (:mod:`diffmoe.plan`), where FSDP2 shards over a
+    ``mesh`` made beforehand (default: every rank) and there is no DDP wrapper (``ddp``)."""
+    trainer = Trainer.__new__(Trainer)  # without Trainer.__init__'s run directory and data
+    trainer.cfg, trainer.device, trainer.dist, trainer.loader = cfg, device, dist, loader
+    trainer._build_step_parts(mesh, ddp=ddp)
+    return trainer
 
 
 def train(cfg: Config, resume: bool = False, accept_changes: bool = False) -> TrainResult:

@@ -76,4 +76,7 @@ def test_gpu_check_runs_every_part_on_a_cpu(tmp_path):
     assert all(r["images_per_s"] > 0 and r["train_GFLOP_per_image"] > 0
                for r in result["training"])
     assert [r["mode"] for r in result["sampling"]] == ["dynamic", "static", "dense"]
+    (plan,) = result["plan"]  # the plan's peak against the tracker on the device's real step
+    assert plan["model"] == "DiffMoE-Tiny-E4"
+    assert plan["plan_GiB"] == pytest.approx(plan["tracked_on_device_GiB"], rel=0.1)
     assert (tmp_path / "gpu_check.txt").read_text().startswith("model")

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffmoe"
 # and the layers below it.
 LAYERS = (
     ("cli", "__main__"),
-    ("pipeline", "train", "t2i", "official", "evaluation"),
+    ("pipeline", "train", "plan", "t2i", "official", "evaluation"),
     ("sample", "loss", "capacity", "parallel", "ema", "checkpoint", "images", "run", "hub",
      "layers", "trackers"),
     ("data", "diffusion"),
