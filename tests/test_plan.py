@@ -109,7 +109,7 @@ def test_plan_names_the_smallest_change_that_fits(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args, problem", [
-    (["--gpus", "0"], "--gpus 0: give the number of GPUs"),
+    (["--gpus", "0"], "--gpus 0 must be a positive integer (the GPUs (ranks) to plan for)"),
     (["--gpus", "3"], "train.batch_size=32 is not divisible by --gpus 3"),
     (["--mfu", "1.5"], "--mfu 1.5: give a utilisation between 0 and 1"),
     (["--gpu-memory", "0"], "--gpu-memory 0.0: give the GPU's memory in GiB"),

@@ -95,6 +95,8 @@ OPTION_RANGES: dict[str, tuple[str, Range]] = {
     "samples_per_prompt": ("--samples-per-prompt", IMAGES),
     "num_per_batch_size": ("--num-per-batch-size", IMAGES),
     "batch_sizes": ("--batch-sizes", IMAGES),
+    "gpus": ("--gpus", Range(1, 2 ** 16, "more than 65536 ranks is no job of one launch",
+                             "the GPUs (ranks) to plan for")),
 }
 # Integer options named alike in several commands, checked per command (command -> dest -> ...).
 COMMAND_OPTION_RANGES: dict[str, dict[str, tuple[str, Range]]] = {
