@@ -1,8 +1,9 @@
 """Sharded checkpoints under torchrun (2 and 3 gloo ranks on the CPU): every rank writes its own
 shards, a rank killed in the middle of a save leaves the previous checkpoint usable, and a run
 resumes at another world size and under another engine holding exactly the checkpoint's tensors.
-Commands that read weights (sample, export-official, save_pretrained) read a sharded checkpoint
-in one process, without a process group."""
+Commands that read weights (sample, save_pretrained; export-official and eval through the same
+``LoadedCheckpoint.tensors``) read a sharded checkpoint in one process, without a process
+group."""
 
 from __future__ import annotations
 
@@ -207,10 +208,6 @@ def test_weights_are_read_from_a_sharded_checkpoint_without_a_process_group(kill
         "blocks.1.mlp.thresholds_E"], ema["blocks.1.mlp.thresholds_E"])
     assert cli(["sample", str(killed), "--out", str(tmp_path / "grid.png")]) == 0
     assert (tmp_path / "grid.png").is_file()
-    assert cli(["export-official", str(killed), str(tmp_path / "official")]) == 0
-    exported = torch.load(next((tmp_path / "official" / "checkpoints").glob("*.pt")),
-                          weights_only=True)
-    assert set(exported) >= {"model", "ema"}
 
 
 def write_sharded(root: Path, step: int) -> Path:
