@@ -11,6 +11,7 @@ what stops a run (SIGTERM, a lost rank, a non-finite loss) is put in words by
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from . import distributed, faults, parallel
 from .capacity import expert_capacities
-from .config import Config, TrainConfig
+from .config import Config, SampleConfig, TrainConfig
 from .config.schedule import learning_rate
 from .data import BatchIterator, ImageDataset, build_training_dataset, sample_decoder
 from .device import autocast, resolve_device, use_deterministic, use_tf32
@@ -152,6 +153,14 @@ def grid_conditions(cfg: Config, dataset: ImageDataset, device: torch.device,
     if cfg.model.condition == "text":
         return dataset.conditions(torch.arange(num) % len(dataset))
     return torch.tensor(classes, device=device)[torch.arange(num, device=device) % len(classes)]
+
+
+def grid_settings(cfg: Config, fsdp: bool) -> SampleConfig:
+    """The sample grids' settings: ``sample`` of the config, in bf16 when FSDP2 gathers the EMA's
+    parameters in bf16 (``train.precision=bf16``), whose forward then needs bf16 autocast."""
+    if fsdp and cfg.train.precision == "bf16":
+        return dataclasses.replace(cfg.sample, precision="bf16")
+    return cfg.sample
 
 
 def interval_record(p: Progress, t: TrainConfig, interval_start: float, timed_steps: int,
@@ -392,8 +401,8 @@ class Trainer:
         if self.dist.is_main or self.model.fsdp:
             conditions = grid_conditions(self.cfg, self.dataset, self.device,
                                          self.run.grid_classes)
-            images, _ = generate(self.ema, self.objective, conditions, self.cfg.sample,
-                                 progress=False)
+            images, _ = generate(self.ema, self.objective, conditions,
+                                 grid_settings(self.cfg, self.model.fsdp), progress=False)
             if self.decoder is not None:
                 images = self.decoder(images)
             if self.dist.is_main:
