@@ -10,12 +10,20 @@ local lerp of shards. Under torchrun checkpoints are sharded (:func:`sharded_par
 global shapes, so a run resumes under another engine or world size. Full (unsharded) state dicts
 load checkpoints of one file (a single process's, or those written before sharding) into a
 sharded model.
+
+The model is built on the ``meta`` device (:func:`build_on_meta`: shapes, no storage), sharded,
+then filled (:func:`materialize`): each rank allocates only what it holds (its FSDP2 shards; under
+DDP and in one process the whole model, directly on the training device) and takes its values
+from the model's initialisation plan (:mod:`diffmoe.models.init`), one whole tensor at a time on
+the CPU, so that the weights are bit for bit those of the model built whole on the CPU from the
+same seed, and no rank ever holds the whole model in host memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+import itertools
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -29,14 +37,107 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .checkpoint import SHARDED_PARTS, LoadedCheckpoint, load_state_dict_checked
+from .models.init import tensor_of
 
 FULL_EVERYWHERE = StateDictOptions(full_state_dict=True)  # every rank passes the full tensors
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+Draw = Callable[[], Any]  # one random draw of a constructor, made again on the CPU generator
+
+
+class _RandomDraws(TorchDispatchMode):
+    """Records the random ops run under it: on the ``meta`` device they draw nothing, and each
+    record makes its draw again, on a CPU tensor of the same shape (what the op consumes of the
+    generator depends on the op and the shape only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: list[Draw] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.draws.append(_cpu_draw(func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _cpu_draw(func, args: tuple, kwargs: dict) -> Draw:
+    first, rest = args[0], args[1:]
+    if kwargs.get("generator") is not None or any(
+            isinstance(a, torch.Tensor) for a in (*rest, *kwargs.values())):
+        raise RuntimeError(f"{func} draws with a generator or from tensors of its own, which a "
+                           f"model built on the meta device cannot draw again")
+    if isinstance(first, torch.Tensor):  # in place: uniform_, normal_, ...
+        shape, dtype = tuple(first.shape), first.dtype
+        return lambda: func(torch.empty(shape, dtype=dtype), *rest, **kwargs)
+    return lambda: func(*args, **dict(kwargs, device=torch.device("cpu")))  # a factory: randn
+
+
+def build_on_meta(build: Callable[[], nn.Module]) -> tuple[nn.Module, list[Draw]]:
+    """``build()`` on the ``meta`` device (no storage), with the random draws its constructors
+    would have made, for :func:`materialize` to make again. ``build`` must not initialise the
+    weights itself (``build_model(..., initialize=False)``): that is the plan's work."""
+    recorder = _RandomDraws()
+    with torch.device("meta"), recorder:
+        module = build()
+    return module, recorder.draws
+
+
+@torch.no_grad()
+def materialize(module: nn.Module, draws: list[Draw], device: torch.device) -> None:
+    """Give ``module`` (from :func:`build_on_meta`, sharded or not) storage on ``device``, only
+    for what this rank holds, and its initial values: the constructors' ``draws`` made again on
+    the CPU generator as it stands, then ``module.init_plan()`` run on one whole tensor at a time
+    on the CPU, this rank keeping its shard. Seeded as before building, the values are bit for
+    bit those of the module built whole on the CPU."""
+    plan = module.init_plan()
+    planned = {name for name, _ in plan}
+    unset = [name for name, _ in itertools.chain(module.named_parameters(),
+                                                 module.named_buffers()) if name not in planned]
+    if unset:
+        raise RuntimeError(f"{type(module).__name__}.init_plan leaves {unset[:3]} without a value")
+    module.to_empty(device=device)
+    for draw in draws:
+        draw()
+    for name, init in plan:
+        target = tensor_of(module, name)
+        whole = torch.empty(target.shape, dtype=target.dtype)
+        init(whole)
+        _keep_own_part(target, whole)
+
+
+def _keep_own_part(target: torch.Tensor, whole: torch.Tensor) -> None:
+    """Write what this rank holds of the tensor ``whole`` into ``target`` (its shard of a
+    DTensor; else all of it)."""
+    if isinstance(target, DTensor):
+        mine = distribute_tensor(whole.to(target.device), target.device_mesh, target.placements,
+                                 src_data_rank=None)
+        _local(target).copy_(mine.to_local())
+    else:
+        target.copy_(whole)
+
+
+@torch.no_grad()
+def materialize_as(dst: nn.Module, src: nn.Module, device: torch.device) -> None:
+    """Give ``dst`` (from :func:`build_on_meta`, of ``src``'s structure and sharding: the EMA of
+    the model) storage on ``device`` and the values of ``src``, each rank copying what it
+    holds."""
+    dst.to_empty(device=device)
+    for a, b in zip(itertools.chain(dst.parameters(), dst.buffers()),
+                    itertools.chain(src.parameters(), src.buffers())):
+        _local(a).copy_(_local(b))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def shard(model: nn.Module, precision: str = "fp32", reduce_dtype: str = "fp32",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch._guards import detect_fake_mode
 from tqdm import tqdm
 
 from . import distributed, faults, parallel
@@ -76,10 +77,28 @@ def training_device(t: TrainConfig) -> torch.device:
     return device
 
 
-def on_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``module`` (built on the CPU) on ``device``; left as it is on the CPU, where it may be a
-    module of fake tensors (``diffmoe plan``), which cannot be moved even there."""
-    return module if device.type == "cpu" else module.to(device)
+def build_models(cfg: Config, device: torch.device, fsdp: bool, mesh=None
+                 ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model to train and its EMA on ``device``, sharded with FSDP2 over ``mesh`` if
+    ``fsdp``: built on the meta device, sharded, then filled, so that each rank allocates only
+    its part, with the weights of the model built whole from ``train.seed`` (identical on every
+    rank; :func:`parallel.materialize`)."""
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    if simulated := detect_fake_mode() is not None:  # diffmoe plan: fake tensors, no storage
+        module = build_model(cfg.model, t.token_pool)
+    else:
+        module, draws = parallel.build_on_meta(
+            lambda: build_model(cfg.model, t.token_pool, initialize=False))
+    module.activation_checkpointing = t.activation_checkpointing
+    ema = make_ema(module)
+    if fsdp:
+        parallel.shard(module, t.precision, t.fsdp_reduce_dtype, mesh)
+        parallel.shard(ema, t.precision, t.fsdp_reduce_dtype, mesh)
+    if not simulated:
+        parallel.materialize(module, draws, device)
+        parallel.materialize_as(ema, module, device)
+    return module, ema
 
 
 def check_batch_split(t: TrainConfig, world_size: int) -> None:
@@ -246,13 +265,8 @@ class Trainer:
 
     def _build_step_parts(self, mesh=None, ddp: bool = True, resume_from=None) -> None:
         cfg, t, dist = self.cfg, self.cfg.train, self.dist
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        module = on_device(build_model(cfg.model, t.token_pool), self.device)
-        module.activation_checkpointing = t.activation_checkpointing
-        self.ema = make_ema(module)
-        if fsdp := dist.enabled and t.parallel == "fsdp":
-            parallel.shard(module, t.precision, t.fsdp_reduce_dtype, mesh)
-            parallel.shard(self.ema, t.precision, t.fsdp_reduce_dtype, mesh)
+        fsdp = dist.enabled and t.parallel == "fsdp"
+        module, self.ema = build_models(cfg, self.device, fsdp, mesh)
         self.optimizer = build_optimizer(module, t)
         self.objective = build_objective(cfg)
         self.diffmoe_layers = diffmoe_layers(module)

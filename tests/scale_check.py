@@ -18,9 +18,14 @@ the thresholds under FSDP, whose weights are shards) equal rank 0's.
 under DDP with autocast, from the same weights: the inputs the timestep embedder and the first
 block saw under FSDP2 (dtype and values), and both losses, averaged over ranks.
 
-``loaded``: resume a run under this world size and engine without training a step, then report
-whether the state each rank holds, gathered whole, equals the whole tensors of the checkpoint it
-resumed from (weights, EMA and AdamW state), and the shape of each rank's local weights.
+``init``: the model and EMA as the trainer builds them under FSDP2 (on the meta device, each rank
+filling its shards), gathered whole, against the model built whole on the CPU from the same seed,
+for several configs (``config`` is a comma-separated list of ``path[+override...]``).
+
+``loaded``: resume a run under this world size and engine, report whether the state each rank
+holds before any step, gathered whole, equals the whole tensors of the checkpoint it resumed from
+(weights, EMA and AdamW state) and the shape of each rank's local weights, then train on to
+``train.steps``.
 """
 
 from __future__ import annotations
@@ -234,6 +239,32 @@ def check_precision(config: str, result: str, overrides: list[str]) -> None:
             json.dump({"seen": seen, "losses": losses, "t": list(PRECISION_T)}, fh)
 
 
+def check_init(configs: str, result: str, overrides: list[str]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from diffmoe.train import step_trainer
+
+    info = distributed.DistInfo(dist.get_rank(), dist.get_world_size())
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    report = {}
+    for spec in configs.split(","):
+        path, *extra = spec.split("+")
+        cfg = load_config(path, overrides + extra + ["train.parallel=fsdp"])
+        trainer = step_trainer(cfg, info, torch.device("cpu"), loader=None)
+        held = {name: get_model_state_dict(m, options=whole)
+                for name, m in (("model", trainer.model.module), ("ema", trainer.ema))}
+        sharded = all(hasattr(p, "to_local") for p in trainer.model.module.parameters())
+        if dist.get_rank() == 0:
+            torch.manual_seed(cfg.train.seed)
+            ref = build_model(cfg.model, cfg.train.token_pool).state_dict()
+            report[spec] = sharded and all(
+                held[name].keys() == ref.keys()
+                and all(torch.equal(held[name][k], ref[k]) for k in ref) for name in held)
+    if dist.get_rank() == 0:
+        with open(result, "w") as fh:
+            json.dump(report, fh)
+
+
 def check_loaded(config: str, result: str, overrides: list[str]) -> None:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -269,6 +300,9 @@ def check_loaded(config: str, result: str, overrides: list[str]) -> None:
         report["optimizer"] = sorted(saved) == sorted(flat) and all(
             torch.equal(saved[k], flat[k].reshape(saved[k].shape)) for k in saved)
         report["optimizer_entries"] = len(saved)
+    trainer.train()
+    if dist.get_rank() == 0:
+        report["final_step"] = trainer.step
         with open(result, "w") as fh:
             json.dump(report, fh)
     trainer.close()
@@ -283,8 +317,8 @@ def main() -> None:
             check_train(config, result, overrides, resume=True)
         else:
             {"pool": check_pool, "recompute": check_recompute, "train": check_train,
-             "loaded": check_loaded, "precision": check_precision}[what](config, result,
-                                                                           overrides)
+             "loaded": check_loaded, "precision": check_precision,
+             "init": check_init}[what](config, result, overrides)
         finished = True
     finally:
         distributed.teardown(wait_for_others=finished)

@@ -130,6 +130,28 @@ def test_fsdp2_bf16_keeps_the_timestep_and_the_residual_stream_in_fp32(tmp_path)
     assert fsdp == pytest.approx(ddp, rel=BF16_STEP_REL)
 
 
+# Uneven shards on 3 ranks (a 10 + 1 class table, 32-row projections), expert choice with shared
+# and fine-grained experts, and a text model with cross-attention and the final convolution.
+INIT_CONFIGS = ",".join([
+    str(ROOT / "configs" / "digits_tiny.yaml"),
+    "+".join([str(ROOT / "configs" / "digits_tiny.yaml"), "model.moe.type=expert_choice",
+              "model.moe.shared_experts=1", "model.moe.granularity=2"]),
+    "+".join([str(ROOT / "configs" / "t2i_shapes_diffmoe.yaml"), "model.final_conv=true"]),
+])
+
+
+@pytest.mark.slow
+def test_fsdp2_ranks_fill_only_their_shards_with_the_weights_of_the_model_built_whole(tmp_path):
+    """Built on the meta device and sharded over 3 ranks, each filling its shards from the
+    initialisation plan: gathered, the model and its EMA are the model built whole on the CPU
+    from the same seed, bit for bit (the same draws, in the same order, on the same CPU)."""
+    proc = jobs.torchrun([str(HERE / "scale_check.py"), "init", INIT_CONFIGS,
+                          str(tmp_path / "r.json")], TIMEOUT_S, nproc=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report) == 3 and all(report.values()), report
+
+
 @pytest.mark.numerics
 def test_activation_checkpointing_keeps_gradients_and_moves_thresholds_once():
     cfg = load_config(ROOT / "configs" / "digits_tiny.yaml", ["model.class_dropout=0"])
