@@ -1,10 +1,11 @@
 """Where the work runs and in which precision: the device a name stands for, TF32 for fp32
-matmuls on CUDA, and bf16 autocast."""
+matmuls on CUDA, deterministic kernels, and bf16 autocast."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import torch
 
@@ -38,6 +39,43 @@ def use_tf32(device: torch.device, enabled: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
     log.debug("TF32 for fp32 matmuls and convolutions: %s", "on" if enabled else "off")
+
+
+# cuBLAS is deterministic only with one of these workspace settings, read from the environment
+# when cuBLAS is first used (NVIDIA's cuBLAS guide, "Results reproducibility"; torch checks for
+# the same two under torch.use_deterministic_algorithms).
+CUBLAS_CONFIG_VAR = "CUBLAS_WORKSPACE_CONFIG"
+DETERMINISTIC_CUBLAS_CONFIGS = (":4096:8", ":16:8")
+
+
+def use_deterministic(device: torch.device, option: str = "train.deterministic") -> None:
+    """Deterministic kernels only (``torch.use_deterministic_algorithms(True)``; an op without
+    one raises), process-wide as torch's switch is. On CUDA cuBLAS also needs
+    ``CUBLAS_WORKSPACE_CONFIG`` before its first use: set here to the first of
+    :data:`DETERMINISTIC_CUBLAS_CONFIGS` when unset and CUDA not yet initialised; a
+    :class:`ConfigError` naming ``option`` when it is set to another value, or unset once CUDA is
+    initialised (cuBLAS may then already have read it)."""
+    if device.type == "cuda":
+        _deterministic_cublas(os.environ, torch.cuda.is_initialized(), option)
+    torch.use_deterministic_algorithms(True)
+    log.info("deterministic algorithms: on (%s)", option)
+
+
+def _deterministic_cublas(environ, cuda_initialised: bool, option: str) -> None:
+    value = environ.get(CUBLAS_CONFIG_VAR)
+    wanted = DETERMINISTIC_CUBLAS_CONFIGS[0]
+    if value in DETERMINISTIC_CUBLAS_CONFIGS:
+        return
+    if value is not None:
+        raise ConfigError(f"{option}=true needs {CUBLAS_CONFIG_VAR}={wanted} (or "
+                          f"{DETERMINISTIC_CUBLAS_CONFIGS[1]}), but the environment sets it to "
+                          f"{value!r}; unset it or set it to {wanted}")
+    if cuda_initialised:
+        raise ConfigError(f"{option}=true needs {CUBLAS_CONFIG_VAR}={wanted} before cuBLAS is "
+                          f"first used, and CUDA is already initialised in this process; set "
+                          f"{CUBLAS_CONFIG_VAR}={wanted} in the environment before starting it")
+    environ[CUBLAS_CONFIG_VAR] = wanted
+    log.info("%s=%s set for %s", CUBLAS_CONFIG_VAR, wanted, option)
 
 
 def autocast(precision: str, device: torch.device):

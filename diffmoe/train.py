@@ -27,7 +27,7 @@ from .capacity import expert_capacities
 from .config import Config, SampleConfig, TrainConfig
 from .config.schedule import learning_rate
 from .data import BatchIterator, ImageDataset, build_training_dataset, sample_decoder
-from .device import autocast, resolve_device, use_tf32
+from .device import autocast, resolve_device, use_deterministic, use_tf32
 from .diffusion import build_objective
 from .ema import ema_decay, make_ema, update_ema
 from .errors import ConfigError
@@ -62,13 +62,16 @@ MEAN_FIELDS = ["loss", "diffusion_loss", "aux_loss", "predictor_bce", "threshold
 
 
 def training_device(t: TrainConfig) -> torch.device:
-    """``train.device`` resolved, with its settings applied: TF32 on CUDA (``train.tf32``) and
-    the CPU threads (``train.num_threads``); ``train.ddp_bf16_grads`` refused off CUDA."""
+    """``train.device`` resolved, with its settings applied: TF32 on CUDA (``train.tf32``),
+    deterministic kernels (``train.deterministic``) and the CPU threads (``train.num_threads``);
+    ``train.ddp_bf16_grads`` refused off CUDA."""
     device = resolve_device(t.device)
     if t.ddp_bf16_grads and device.type != "cuda":
         raise ConfigError("train.ddp_bf16_grads=true needs CUDA (torch's bf16 all-reduce hook "
                           "runs on NCCL only); unset it to train on this device")
     use_tf32(device, t.tf32)
+    if t.deterministic:
+        use_deterministic(device)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     return device

@@ -5,6 +5,11 @@ rank r runs half of one fixed global batch with ``token_pool=global`` and averag
 across ranks (as DDP does); rank 0 also runs the whole batch through an identical model with a
 per-process pool and no collective. Outputs, gradients and thresholds must agree.
 
+``recompute``: activation checkpointing with ``token_pool=global``. The same model and batch
+with and without checkpointing: each rank's gradients, and the collectives issued by the forward
+and by the backward (counted by a dispatch mode that sees every eager ``c10d`` op), alone, under
+DDP and under torch.compile.
+
 ``train`` (or ``resume``, continuing a run): a few training steps of a config (DDP or FSDP2 per
 the overrides), then a report of whether every rank's replicated tensors (all weights under DDP;
 the thresholds under FSDP, whose weights are shards) equal rank 0's.
@@ -25,11 +30,15 @@ holds before any step, gathered whole, equals the whole tensors of the checkpoin
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
+from collections import Counter
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffmoe import distributed
 from diffmoe.config import load_config
@@ -58,19 +67,27 @@ def loss_of(model, x, t, y, average_over_ranks=True):
     return out.prediction.pow(2).mean() + out.predictor_loss, out.prediction
 
 
-def check_pool(config: str, result: str, overrides: list[str]) -> None:
+def global_pool_model(config: str, overrides: list[str]):
+    """The config, a training model of it with ``token_pool=global`` (the same on every rank,
+    its weights moved off the all-zero adaLN start so that outputs depend on routing), the fixed
+    batch and this rank's part of it."""
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = load_config(config, overrides + ["model.class_dropout=0"])
     torch.manual_seed(0)
     model = build_model(cfg.model, token_pool="global").train()
-    with torch.no_grad():  # leave adaLN-Zero's all-zero start, so that outputs depend on routing
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=PERTURB_STD)
+    part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    return cfg, model, fixed_batch(cfg), part
+
+
+def check_pool(config: str, result: str, overrides: list[str]) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg, model, (x, t, y), part = global_pool_model(config, overrides)
     single, per_rank = (build_model(cfg.model).train() for _ in range(2))  # per-rank pools
     for copy_ in (single, per_rank):  # per_rank, the control, must NOT match the single process
         copy_.load_state_dict(model.state_dict())
-    x, t, y = fixed_batch(cfg)
-    part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     _, control = loss_of(per_rank, x[part], t[part], y[part], average_over_ranks=False)
     controls = [torch.empty_like(control) for _ in range(world)]
     dist.all_gather(controls, control.detach())
@@ -101,6 +118,55 @@ def check_pool(config: str, result: str, overrides: list[str]) -> None:
         }
         with open(result, "w") as fh:
             json.dump(report, fh)
+
+
+class Collectives(TorchDispatchMode):
+    """Counts the collectives issued while it is active: every op of the ``c10d`` namespace
+    (eager ``torch.distributed`` calls, DDP's reducer included, dispatch them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def compiled(model):
+    """``model`` under torch.compile with the AOT-autograd backend that runs the traced graphs
+    eagerly (the graph capture of inductor, without its code generation)."""
+    torch._dynamo.reset()
+    return torch.compile(model, backend="aot_eager")
+
+
+def check_recompute(config: str, result: str, overrides: list[str]) -> None:
+    _, plain, (x, t, y), part = global_pool_model(config, overrides)
+    report = {"moe_layers": len(plain.moe_layers())}
+    grads = {}
+    for name in ("plain", "checkpointed", "ddp", "compiled"):
+        model = copy.deepcopy(plain)
+        model.activation_checkpointing = name != "plain"
+        net = {"ddp": DistributedDataParallel, "compiled": compiled}.get(name, lambda m: m)(model)
+        with Collectives() as forward:
+            out = net(x[part], t[part], y[part])
+            loss = out.prediction.pow(2).mean() + out.predictor_loss
+        with Collectives() as backward:
+            loss.backward()
+        report[name] = {"forward": dict(forward.ops), "backward": dict(backward.ops)}
+        grads[name] = [p.grad for p in model.parameters()]
+    report["grads_missing"] = sum(g is None for g in grads["plain"])
+    report["grad_max"] = max(float(g.abs().max()) for g in grads["plain"] if g is not None)
+    for name in ("checkpointed", "compiled"):
+        pairs = list(zip(grads["plain"], grads[name]))
+        report[f"{name}_grads_equal"] = all(torch.equal(a, b) for a, b in pairs)
+        report[f"{name}_grad_max_diff"] = max(float((a - b).abs().max()) for a, b in pairs)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, report)
+    if dist.get_rank() == 0:
+        with open(result, "w") as fh:
+            json.dump(gathered, fh)
 
 
 def check_train(config: str, result: str, overrides: list[str], resume: bool = False) -> None:
@@ -250,7 +316,7 @@ def main() -> None:
         if what == "resume":
             check_train(config, result, overrides, resume=True)
         else:
-            {"pool": check_pool, "train": check_train,
+            {"pool": check_pool, "recompute": check_recompute, "train": check_train,
              "loaded": check_loaded, "precision": check_precision,
              "init": check_init}[what](config, result, overrides)
         finished = True

@@ -66,9 +66,11 @@ _TABLE: dict[str, dict[str, str]] = {
         # The decoder of the sample grids; where caption embeddings and folder caches live;
         # how a folder is read (the same pixels either way).
         "data": "vae cache_dir in_memory_mb workers",
+        # deterministic, like num_threads and compile, changes which kernels run: the rounding.
         "train": "out_dir steps log_every sample_every ckpt_every keep_checkpoints "
                  "nonfinite_loss max_skipped_steps dist_timeout_s max_minutes device compile "
-                 "num_threads parallel activation_checkpointing trackers wandb_project",
+                 "num_threads parallel activation_checkpointing trackers wandb_project "
+                 "deterministic",
         "sample": "sampler steps cfg_scale mode threshold batch_size num seed weights ddim_eta "
                   "ode_rtol ode_atol sde_noise guidance_channels precision tf32 compile",
     },

@@ -228,6 +228,10 @@ class TrainConfig:
     # fp32 (the paper's; on CUDA its matmuls use TF32 unless tf32 is false) or bf16 autocast.
     precision: str = "fp32"
     tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions
+    # Deterministic kernels only (torch.use_deterministic_algorithms, process-wide; on CUDA also
+    # CUBLAS_WORKSPACE_CONFIG=:4096:8, set before cuBLAS is first used): what bit-for-bit resume
+    # needs on CUDA, at some speed (docs/reliability.md). false leaves torch's setting as it is.
+    deterministic: bool = False
     compile: bool = False  # torch.compile the training forward
     num_threads: int = 0  # torch intra-op threads, 0 = torch's default
     # Under torchrun: ddp (replicated weights) or fsdp (FSDP2 fully_shard: weights, gradients and

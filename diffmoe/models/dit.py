@@ -25,7 +25,17 @@ from torch import Tensor
 from ..config import ModelConfig
 from .condition import EMBED_INIT_STD, Condition, build_condition_embedder
 from .init import InitPlan, apply_plan, prefixed
-from .moe import STATIC, DenseFFN, FFNOutput, MoELayer, Routing, build_ffn, diffmoe_layers
+from .moe import (
+    STATIC,
+    DenseFFN,
+    FFNOutput,
+    MoELayer,
+    Routing,
+    build_ffn,
+    checkpoint_keeping_choices,
+    diffmoe_layers,
+    gathers_pool,
+)
 
 TIMESTEP_FREQ_DIM = 256  # sinusoidal features fed to the timestep MLP (DiT)
 TIMESTEP_MAX_PERIOD = 10000
@@ -305,7 +315,11 @@ class DiT(nn.Module):
         moe_outputs: list[FFNOutput] = []
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            if checkpointed:
+            if checkpointed and gathers_pool(block):
+                # The recompute reuses the forward's global-pool choice: no collective in the
+                # backward.
+                h, ffn_out = checkpoint_keeping_choices(block, h, c, routing, *context)
+            elif checkpointed:
                 h, ffn_out = torch.utils.checkpoint.checkpoint(block, h, c, routing, *context,
                                                                use_reentrant=False)
             else:

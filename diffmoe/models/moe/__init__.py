@@ -21,7 +21,9 @@ from .diffmoe import (
     CapacityPredictor,
     DiffMoE,
     apply_threshold_updates,
+    checkpoint_keeping_choices,
     diffmoe_layers,
+    gathers_pool,
 )
 from .expert_choice import ExpertChoiceMoE
 from .token_choice import TokenChoiceMoE
@@ -44,5 +46,5 @@ def build_ffn(moe: MoEConfig, dim: int, hidden: int, token_pool: str = "rank") -
 
 __all__ = ["STATIC", "CapacityPredictor", "DenseFFN", "DiffMoE", "ExpertBank",
            "ExpertChoiceMoE", "FFNOutput", "FeedForward", "MoELayer", "Routing",
-           "TokenChoiceMoE", "apply_threshold_updates", "build_ffn", "diffmoe_layers",
-           "expert_capacity"]
+           "TokenChoiceMoE", "apply_threshold_updates", "build_ffn", "checkpoint_keeping_choices",
+           "diffmoe_layers", "expert_capacity", "gathers_pool"]

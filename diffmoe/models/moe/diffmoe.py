@@ -10,8 +10,8 @@ its BCE loss trains only the predictor. Thresholds (Eq. 17): τ_e ← α·τ_e +
 k-th largest sigmoid(prediction) of expert e. A training forward only records q_e (in its
 :class:`FFNOutput`); the trainer applies Eq. 17 to every layer with :func:`apply_threshold_updates`
 once per micro-batch it keeps, averaged over ranks in one collective. The forward has no side
-effect, so activation checkpointing's recomputation and torch.compile need no special case, and a
-micro-batch skipped for a non-finite loss leaves τ as it was.
+effect, so torch.compile needs no special case, activation checkpointing's recomputation computes
+the forward's values, and a micro-batch skipped for a non-finite loss leaves τ as it was.
 
 Inference (Eq. 14, 16): expert e processes k_e = #{s : p[s, e] > τ_e} tokens (or > γ for a
 constant threshold), and the router decides which: expert e takes its top-k_e tokens by score.
@@ -34,18 +34,23 @@ chosen tokens it holds.
 The gathered scores only decide *which* tokens are chosen (top-k indices carry no gradient); the
 weights of Eq. 7 are the local scores, so a plain all-gather gives the same gradients as an
 autograd one. The threshold targets q_e are taken over the global pool, so every rank records the
-same targets.
+same targets. Under activation checkpointing the recompute in the backward must not gather again
+(a collective there interleaves with DDP's gradient all-reduces, in an order that can differ
+between ranks): the forward of each checkpointed block keeps its choice, which its recompute
+reuses (:func:`checkpoint_keeping_choices`).
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from ...config import POOL_SCOPES, TOKEN_POOLS
@@ -193,6 +198,12 @@ class DiffMoE(MoELayer):
         out.predictor_loss = predictor_loss(logits_SE, out.mask_SE)
         return out
 
+    @property
+    def gathers_pool(self) -> bool:
+        """Whether training gathers the pool across ranks (``pool="global"`` under a process
+        group of more than one rank)."""
+        return self.pool == "global" and _world()[1] > 1
+
     def _inference_thresholds(self, routing: Routing) -> Tensor:
         """τ (dynamic, Eq. 14, and predictor) or one constant γ for every expert (threshold,
         Eq. 16)."""
@@ -255,10 +266,8 @@ class DiffMoE(MoELayer):
         """The training rule over the pool (this rank's, or all ranks' with ``pool="global"``,
         or each sample's with the per-sample scope), and the threshold targets q_e over the same
         pool (for the per-sample scope: the pool's k-th largest, k the selection's size)."""
-        if self.pool == "global":
-            rank, world = _world()
-            if world > 1:
-                return self._global_pool_selection(scores_SE, logits_SE, rank, world)
+        if self.gathers_pool:
+            return self._global_pool_selection(scores_SE, logits_SE, *_world())
         selection = self._equal_selection(scores_SE, batch)
         with torch.no_grad():
             targets_E = threshold_targets(logits_SE, int(selection.tokens.shape[1]))
@@ -268,26 +277,130 @@ class DiffMoE(MoELayer):
                                world: int) -> tuple[Selection, Tensor]:
         """Training rule over the pool of all ranks (G = world·S tokens, equal S per rank):
         expert e takes its top k = G·C/E tokens of the gathered scores; this rank runs the
-        chosen tokens it holds (unequal counts per expert) weighted by their local scores."""
+        chosen tokens it holds (unequal counts per expert) weighted by their local scores.
+        Inside a checkpointed call (:class:`RecomputeChoices`) the recompute reuses the
+        forward's choice instead of gathering again."""
+        kept = _ACTIVE_CHOICES.get()
+        if kept is not None and kept.replaying:
+            choice = kept.take(self, scores_SE.shape[0])
+        else:
+            choice = self._global_pool_choice(scores_SE, logits_SE, rank, world)
+            if kept is not None:
+                kept.keep(self, choice)
+        rows = choice.tokens_T.shape[0]
+        expert_T = row_experts(choice.counts_E, self.num_experts, rows)
+        selection = Selection(choice.tokens_T, scores_SE[choice.tokens_T, expert_T],
+                              choice.counts_E, equal=False, host_counts=choice.host_counts)
+        return selection, choice.targets_E
+
+    def _global_pool_choice(self, scores_SE: Tensor, logits_SE: Tensor, rank: int,
+                            world: int) -> "GlobalChoice":
+        """Which of this rank's tokens each expert takes from the gathered pool, and the
+        threshold targets over that pool: two all-gathers and one host synchronisation."""
         S = scores_SE.shape[0]
         with torch.no_grad():
             scores_GE = all_gather_rows(scores_SE.detach())
             logits_GE = all_gather_rows(logits_SE.detach())
-        G = scores_GE.shape[0]
-        k = expert_capacity(G, self.capacity, self.base_experts)
-        idx_Ek = scores_GE.t().topk(k, dim=1).indices - rank * S
-        mine_Ek = (idx_Ek >= 0) & (idx_Ek < S)
-        counts_E = mine_Ek.sum(1)
-        counts = counts_E.tolist()  # this layer's one host synchronisation
-        rows = sum(counts)
-        # Row-major: grouped by expert.
-        tok_T = idx_Ek.reshape(-1)[torch.nonzero_static(mine_Ek.reshape(-1), size=rows)[:, 0]]
-        expert_T = row_experts(counts_E, self.num_experts, rows)
-        with torch.no_grad():
-            targets_E = threshold_targets(logits_GE, k)
-        selection = Selection(tok_T, scores_SE[tok_T, expert_T], counts_E, equal=False,
-                              host_counts=counts)
-        return selection, targets_E
+            G = scores_GE.shape[0]
+            k = expert_capacity(G, self.capacity, self.base_experts)
+            idx_Ek = scores_GE.t().topk(k, dim=1).indices - rank * S
+            mine_Ek = (idx_Ek >= 0) & (idx_Ek < S)
+            counts_E = mine_Ek.sum(1)
+            counts = counts_E.tolist()  # this layer's one host synchronisation
+            # Row-major: grouped by expert.
+            tok_T = idx_Ek.reshape(-1)[torch.nonzero_static(mine_Ek.reshape(-1),
+                                                            size=sum(counts))[:, 0]]
+            return GlobalChoice(tok_T, counts_E, counts, threshold_targets(logits_GE, k), S)
+
+
+@dataclass
+class GlobalChoice:
+    """What the global pool decided for one rank in one forward (none of it differentiable):
+    its chosen tokens grouped by expert (``counts_E``, and the same counts on the host) and the
+    threshold targets over the whole pool. ``pool``: the rank's token count it was taken for."""
+
+    tokens_T: Tensor
+    counts_E: Tensor
+    host_counts: list[int]
+    targets_E: Tensor
+    pool: int
+
+
+# The RecomputeChoices of the checkpointed call running now (its forward or its recompute).
+_ACTIVE_CHOICES: ContextVar[Optional["RecomputeChoices"]] = ContextVar("diffmoe_recompute_choices",
+                                                                       default=None)
+
+
+class RecomputeChoices:
+    """The global-pool choices of one call under activation checkpointing, for
+    ``torch.utils.checkpoint``'s ``context_fn`` (:meth:`contexts`).
+
+    The forward of the checkpointed call keeps each DiffMoE layer's :class:`GlobalChoice`; its
+    recompute in the backward takes them back in the same order instead of gathering again. So
+    the backward issues no collective of its own (one issued there would interleave with DDP's
+    gradient all-reduces, in an order that can differ between ranks: a hang), and needs no host
+    synchronisation either; the recompute runs the forward's selection, so it computes exactly
+    the forward's values. Nothing outlives the call's autograd graph: the object belongs to that
+    one call, and the model's state is not touched. Until the backward it holds each layer's
+    chosen token indices (8 bytes a routed row, against the D-wide rows checkpointing frees)."""
+
+    def __init__(self) -> None:
+        self.kept: list[tuple[DiffMoE, GlobalChoice]] = []
+        self.replaying = False
+        self.cursor = 0
+
+    def contexts(self) -> tuple["_ChoicePhase", "_ChoicePhase"]:
+        """(forward context, recompute context), as ``context_fn`` returns them."""
+        return _ChoicePhase(self, replay=False), _ChoicePhase(self, replay=True)
+
+    def keep(self, layer: DiffMoE, choice: GlobalChoice) -> None:
+        self.kept.append((layer, choice))
+
+    def take(self, layer: DiffMoE, pool: int) -> GlobalChoice:
+        """The next kept choice, which must be this layer's for a pool of the same size."""
+        if self.cursor >= len(self.kept):
+            raise RuntimeError(f"the recompute of a checkpointed call ran {self.cursor + 1} "
+                               f"global-pool DiffMoE layers; its forward ran {len(self.kept)}")
+        kept_layer, choice = self.kept[self.cursor]
+        if kept_layer is not layer or choice.pool != pool:
+            raise RuntimeError(f"the recompute of a checkpointed call does not run the DiffMoE "
+                               f"layers of its forward in order on pools of the same size "
+                               f"(global-pool layer {self.cursor}: a pool of {pool} tokens, the "
+                               f"forward's had {choice.pool})")
+        self.cursor += 1
+        return choice
+
+
+class _ChoicePhase:
+    """Makes a :class:`RecomputeChoices` the active one, keeping (forward) or replaying
+    (recompute: from the first kept choice, at each of possibly several backwards)."""
+
+    def __init__(self, choices: RecomputeChoices, replay: bool):
+        self.choices, self.replay = choices, replay
+        self.tokens: list[Token] = []
+
+    def __enter__(self) -> None:
+        self.choices.replaying, self.choices.cursor = self.replay, 0
+        self.tokens.append(_ACTIVE_CHOICES.set(self.choices))
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE_CHOICES.reset(self.tokens.pop())
+
+
+def gathers_pool(module: nn.Module) -> bool:
+    """Whether a DiffMoE layer of ``module`` gathers its training pool across ranks."""
+    return any(m.gathers_pool for m in diffmoe_layers(module))
+
+
+# torch.compile runs this eagerly: its checkpoint refuses a context_fn that is not a dispatch
+# mode, and the layer's host synchronisation (the counts) breaks the graph there anyway.
+@torch.compiler.disable
+def checkpoint_keeping_choices(module: nn.Module, *args: Any) -> Any:
+    """``module(*args)`` under non-reentrant activation checkpointing whose recompute reuses the
+    forward's global-pool choices (a fresh :class:`RecomputeChoices` for this call), so the
+    backward issues no collective of the layer's."""
+    return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False,
+                                             context_fn=lambda: RecomputeChoices().contexts())
 
 
 def apply_threshold_updates(layers: Sequence["DiffMoE"], targets: Sequence[Tensor],
