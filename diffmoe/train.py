@@ -223,7 +223,7 @@ class Trainer:
         resume_from = self.run.open(resume, accept_changes)
         self.dataset = build_training_dataset(cfg)
         check_data_matches_model(cfg, self.dataset, resuming=resume_from is not None)
-        self.run.check_data(len(self.dataset), self.dataset.contents)
+        self.run.check_data(len(self.dataset), self.dataset.contents, self.dataset.class_names)
         self.loader = BatchIterator(self.dataset, t.batch_size // dist.world_size, t.seed,
                                     dist.rank, dist.world_size, self.device)
         self._build_step_parts(resume_from=resume_from)

@@ -46,6 +46,9 @@ class ImageDataset:
     # Which images a dataset whose files can change holds (a folder's: FolderListing.contents);
     # a resume compares it with the checkpoint's. None: fixed by the config (a packaged set).
     contents: Optional[str] = None
+    # The name of each class (label i is class_names[i]); empty when the data names none. A
+    # run records them, so that a pipeline knows them (DiffMoEPipeline.id2label).
+    class_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -71,6 +74,9 @@ class ImageDataset:
               ) -> tuple[Tensor, Tensor]:
         """Images of ``idx`` in [-1, 1] (:meth:`pixels`) and their labels."""
         return self.pixels(idx, generator), self.labels[idx]
+
+
+DIGIT_NAMES = tuple(str(digit) for digit in range(10))  # MNIST's and digits' classes
 
 
 def to_model_range(images_uint8: Tensor) -> Tensor:
@@ -110,7 +116,8 @@ def load_mnist(split: str = "train") -> ImageDataset:
     images = torch.from_numpy(np.round(x * 256).clip(0, 255).astype(np.uint8))
     images = images.view(-1, 1, MNIST_SIDE, MNIST_SIDE)
     images = torch.nn.functional.pad(images, (MNIST_PAD,) * 4)
-    return ImageDataset(images, torch.from_numpy(np.asarray(y, dtype=np.int64)), 10, "mnist")
+    return ImageDataset(images, torch.from_numpy(np.asarray(y, dtype=np.int64)), 10, "mnist",
+                        class_names=DIGIT_NAMES)
 
 
 def load_digits(split: str = "train") -> ImageDataset:
@@ -124,7 +131,8 @@ def load_digits(split: str = "train") -> ImageDataset:
     x = np.round(d.images / DIGITS_MAX * 255).astype(np.uint8)
     sl = slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None)
     images = torch.from_numpy(x[sl]).unsqueeze(1).contiguous()
-    return ImageDataset(images, torch.from_numpy(d.target[sl].astype(np.int64)), 10, "digits")
+    return ImageDataset(images, torch.from_numpy(d.target[sl].astype(np.int64)), 10, "digits",
+                        class_names=DIGIT_NAMES)
 
 
 def _package_file(package: str, relative: str, distribution: str) -> Path:
@@ -160,7 +168,7 @@ def build_dataset(name: str, split: str = "train", limit: int = 0) -> ImageDatas
     ds = LOADERS[name](split)
     if limit:
         ds = ImageDataset(ds.images[:limit], ds.labels[:limit], ds.num_classes, ds.name,
-                          ds.flip)
+                          ds.flip, class_names=ds.class_names)
     if len(ds) == 0:
         raise DataError(f"dataset '{name}' split '{split}' is empty; check data.name/data.split")
     bad = (ds.labels < 0) | (ds.labels >= ds.num_classes)

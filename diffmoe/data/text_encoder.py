@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from ..config import ModelConfig
 from ..config.schema import quote
 from ..errors import ConfigError, DataError
 from ..extras import DATA_EXTRA
@@ -195,3 +196,17 @@ def cached_embeddings(encoder: Encoder, captions: list[str], cache_dir: str | Pa
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     log.info("encoded %d captions into %s", len(captions), path)
     return TextCondition(cond.tokens.half().float(), cond.mask, cond.pooled, cond.null)
+
+
+def encode_prompts(cfg: ModelConfig, prompts: list[str], device: str | torch.device = "cpu"
+                   ) -> TextCondition:
+    """The prompts encoded by the text encoder a model of ``cfg`` was trained with, checked
+    against its ``model.text.dim``, on ``device``."""
+    check_prompts(prompts)
+    encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens)
+    cond = encoder.encode(prompts)
+    if cond.tokens.shape[-1] != cfg.text.dim:
+        raise ConfigError(f"text encoder '{cfg.text.encoder}' gives {cond.tokens.shape[-1]}-d "
+                          f"states but the checkpoint's model.text.dim is {cfg.text.dim}; use "
+                          f"the encoder it was trained with")
+    return cond.to(device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,18 +19,13 @@ import torch
 from .. import distributed
 from ..capacity import CapacityMeter, activated_params
 from ..config import SampleConfig, validate_sample
-from ..data import decoded_size, sample_decoder, to_uint8
+from ..data import decoded_size, to_uint8
 from ..device import resolve_device
 from ..diffusion import Objective
 from ..errors import ConfigError
 from ..models import DiT
-from ..sample import (
-    generate_batches,
-    load_for_sampling,
-    parse_labels,
-    recorded_settings,
-    resolve_routing,
-)
+from ..pipeline import DiffMoEPipeline
+from ..sample import option_name, parse_labels, recorded_settings, resolve_routing
 from .inception import FEATURE_DIM, default_extractor
 from .metrics import FeatureStats, check_set_sizes, compare
 from .npz import NpzSampleWriter
@@ -72,6 +67,7 @@ class Evaluator:
     reference: Optional[Reference] = field(default=None)
     data: dict = field(default_factory=dict)  # the checkpoint's data config
     decoder: Optional[Callable] = None  # latents → images for a latent model
+    pipeline: Optional[DiffMoEPipeline] = None  # what the images are drawn through
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict, options: EvalOptions) -> "Evaluator":
@@ -79,10 +75,9 @@ class Evaluator:
             raise ConfigError(f"--num {options.num}: FID needs at least 2 samples")
         device = resolve_device(options.device, "--device")
         options = replace(options, device=device.type)
-        ckpt, s, model, objective = load_for_sampling(path, dict(overrides, num=options.num),
-                                                      device)
-        config = ckpt.state.get("config", {})
-        data = config.get("data", {})
+        pipe, s = DiffMoEPipeline.for_settings(path, dict(overrides, num=options.num), device,
+                                               name=option_name)
+        data = asdict(pipe.config.data)
         data_spec = f"{data.get('name', 'mnist')}:{data.get('split', 'train')}"
         if data.get("name") == "folder":
             data_spec = f"folder:{data['path']}"
@@ -90,9 +85,8 @@ class Evaluator:
             raise ConfigError("a model trained on a latent cache has no packaged reference set; "
                               "pass --ref with an ADM reference batch (e.g. "
                               "VIRTUAL_imagenet256_labeled.npz)")
-        return cls(ckpt.path, ckpt.state["step"], model, objective, s, options, data_spec,
-                   data=data, decoder=sample_decoder(data, device,
-                                                     channels=model.cfg.in_channels))
+        return cls(pipe.pretrained.source, pipe.pretrained.step, pipe.model, pipe.objective, s,
+                   options, data_spec, data=data, decoder=pipe.decoder(), pipeline=pipe)
 
     def load_reference(self) -> Reference:
         if self.reference is None:
@@ -163,9 +157,8 @@ class Evaluator:
         share = _BatchMeter()
         feats, sampling_s, feature_s = [], 0.0, 0.0
         try:
-            batches = generate_batches(self.model, self.objective, labels, s,
-                                       progress=self.options.progress, meter=share,
-                                       batches=range(rank, num_batches, world))
+            batches = self.pipeline.batches(labels, s, progress=self.options.progress,
+                                            meter=share, batches=range(rank, num_batches, world))
             for first in range(0, num_batches, world):
                 part, seconds = self._batch_part(batches, share, first + rank < num_batches,
                                                  save_npz is not None)
