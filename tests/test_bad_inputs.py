@@ -548,7 +548,7 @@ CASES = [
          "['euler', 'heun', 'dopri5', 'sde'] (or auto)"),
     Case("dynamic-on-dense-checkpoint", "cli",
          ["sample", "<dense>", "--mode", "dynamic", "--out", "<tmp>/o.png"],
-         "error: sample.mode=dynamic needs a capacity predictor, but this model's FFN is "
+         "error: --mode dynamic needs a capacity predictor, but this model's FFN is "
          "'dense'; use --mode static"),
     Case("threshold-without-threshold-mode", "cli",
          ["sample", "<run>", "--threshold", "0.3", "--out", "<tmp>/o.png"],

@@ -104,7 +104,7 @@ class Evaluator:
         process's sampling batch, DiffMoE's token pool, and ``settings.processes`` records how
         many there were."""
         s = settings if settings is not None else self.sample
-        routing = resolve_routing(self.model, s)
+        routing = resolve_routing(self.model, s, option_name)
         rank, processes = distributed.process_share()
         reference = self.load_reference() if rank == 0 else None
         if reference is not None:
