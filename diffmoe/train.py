@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from tqdm import tqdm
 
 from . import distributed, faults, parallel
 from .capacity import expert_capacities
-from .config import Config, TrainConfig
+from .config import Config, TrainConfig, config_with
 from .config.schedule import learning_rate
 from .data import BatchIterator, ImageDataset, build_training_dataset, sample_decoder
 from .device import autocast, resolve_device, use_tf32
@@ -428,3 +430,26 @@ def train(cfg: Config, resume: bool = False, accept_changes: bool = False) -> Tr
             trainer.close()
         distributed.teardown(wait_for_others=finished, step=step)
 
+
+def train_from(config: Config | str | Path | dict, resume: bool = False,
+               accept_changes: bool = False, **overrides: Any) -> TrainResult:
+    """:func:`train` from a notebook: ``config`` a :class:`~diffmoe.config.Config`, a YAML path
+    or a dict, updated with ``overrides`` as dotted keys or sections
+    (:func:`~diffmoe.config.config_with`)::
+
+        result = diffmoe.train("configs/digits_tiny.yaml", **{"train.out_dir": "runs/nb"})
+        result = diffmoe.train(cfg, train={"steps": 100}, resume=True)
+    """
+    return train(config_with(config, overrides), resume, accept_changes)
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`train_from`: importing ``diffmoe.train`` binds the
+    package's ``train`` attribute to the module, so ``diffmoe.train(...)`` calls the module."""
+
+    def __call__(self, config: Config | str | Path | dict, resume: bool = False,
+                 accept_changes: bool = False, **overrides: Any) -> TrainResult:
+        return train_from(config, resume, accept_changes, **overrides)
+
+
+sys.modules[__name__].__class__ = _CallableModule
