@@ -37,10 +37,10 @@ from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import CheckpointError
-from .fileio import fsync_file, sha256_file
+from .fileio import fsync_file, save_safetensors, sha256_file
 from .paths import stamped, user_path
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def _write_checkpoint(tmp: Path, step: int, files: dict[str, dict[str, torch.Ten
     for name, tensors in files.items():
         path = tmp / f"{name}.safetensors"
         try:
-            save_file(_contiguous(tensors), str(path))
+            save_safetensors(_contiguous(tensors), path)
         except SafetensorError as exc:
             raise _as_os_error(exc, path) from exc
         fsync_file(path)

@@ -382,8 +382,8 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-batch", dest="feature_batch", type=int, default=50,
                    help="images per Inception forward")
     p.add_argument("--cache-dir", dest="cache_dir", type=user_path, default=None,
-                   help="where reference statistics are cached (default $DIFFMOE_CACHE_DIR or "
-                        "~/.cache/diffmoe)")
+                   help="where reference statistics are cached (default $DIFFMOE_CACHE_DIR, else "
+                        "for eval the run's cache/, else ~/.cache/diffmoe)")
     p.add_argument("--no-progress", dest="no_progress", action="store_true",
                    help="no progress bars")
 

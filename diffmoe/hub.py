@@ -1,7 +1,8 @@
 """A trained model as a Hub-style folder that others can share and load::
 
     <folder>/
-        config.json         the full config the model was trained with (Config.to_dict())
+        config.json         the full config the model was trained with (Config.to_dict()),
+                            without the training machine's paths (without_machine_paths)
         model.safetensors   its weights (EMA by default), the DiffMoE thresholds included; the
                             metadata holds the format ("pt"), the diffmoe version, the training
                             step, which weights they are, the capacity the card reports and
@@ -39,7 +40,6 @@ from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .checkpoint import (
     STATE_FILE,
@@ -60,7 +60,7 @@ from .data.latents import (
     vae_reference,
 )
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_write, atomic_write_text, save_safetensors
 from .models import DiT, build_model
 from .paths import user_path
 from .run import METRICS_FILE
@@ -325,6 +325,21 @@ def _latent_record(p: Pretrained, include_vae: bool, vae: Any) -> tuple[dict, An
     return data, model if include_vae else None
 
 
+def without_machine_paths(cfg: Config) -> dict:
+    """The config as a folder records it, with nothing of the machine it was trained on: the
+    run's ``train.out_dir`` and an absolute ``data.cache_dir`` become their defaults, and a
+    folder dataset's ``data.path`` its folder's name (which says what it was trained on). A
+    latent model's ``data`` is recorded by :func:`_latent_record`; a ``data.vae`` the folder
+    does not hold stays, since loading needs it."""
+    config, defaults = cfg.to_dict(), Config()
+    config["train"]["out_dir"] = defaults.train.out_dir
+    if Path(config["data"]["cache_dir"]).is_absolute():
+        config["data"]["cache_dir"] = defaults.data.cache_dir
+    if config["data"]["name"] == "folder":
+        config["data"]["path"] = Path(config["data"]["path"]).name
+    return config
+
+
 def _check_vae_target(directory: Path, include_vae: bool) -> None:
     """Refuse to leave or overwrite a ``vae/`` that is not this save's to write."""
     target = directory / VAE_DIR
@@ -395,7 +410,7 @@ def save_pretrained(p: Pretrained, directory: str | Path, include_vae: bool = Tr
             raise ConfigError(f"'{directory / name}' is not a file save_pretrained wrote, and it "
                               f"would be replaced; move it away or save the folder somewhere "
                               f"else")
-    config, vae_model = p.config.to_dict(), None
+    config, vae_model = without_machine_paths(p.config), None
     if p.config.data.name == "latents":
         _check_vae_target(directory, include_vae)
         config["data"], vae_model = _latent_record(p, include_vae, vae)
@@ -409,7 +424,7 @@ def save_pretrained(p: Pretrained, directory: str | Path, include_vae: bool = Tr
             "id2label": json.dumps({str(k): v for k, v in p.id2label.items()})}
     config_text = json.dumps(config, indent=2) + "\n"
     card = model_card(dataclasses.replace(p, config=config_from_dict(config)))
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), meta))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_safetensors(tensors, tmp, meta))
     if vae_model is not None:
         _write_vae(vae_model, directory)
     atomic_write_text(directory / CARD_FILE, card)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -91,7 +92,14 @@ def test_save_then_load_gives_the_same_images_bitwise(run, tmp_path):
     ema = load_file(str(pipe.pretrained.source / "ema.safetensors"))
     assert saved.keys() == ema.keys() and any(k.endswith("thresholds_E") for k in saved)
     assert all(torch.equal(saved[k], ema[k]) for k in saved)
-    assert json.loads((folder / CONFIG_FILE).read_text()) == pipe.config.to_dict()
+    # The config as trained, less the machine's paths (the run directory); readable by all.
+    recorded = json.loads((folder / CONFIG_FILE).read_text())
+    trained = pipe.config.to_dict()
+    assert trained["train"].pop("out_dir") == str(pipe.pretrained.source.parent.parent)
+    assert recorded["train"].pop("out_dir") == "runs/default" and recorded == trained
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {0o666 & ~umask}
     card = (folder / "README.md").read_text()
     assert f"| training steps | {pipe.pretrained.step} |" in card
     assert f"{first.capacity.c_avg_infer:.4f}, mode dynamic" in card
@@ -387,3 +395,10 @@ def test_train_from_python_takes_a_path_and_overrides(tmp_path):
 def test_dir_shows_the_public_names_only():
     assert dir(diffmoe) == diffmoe.__all__
     assert not {"Any", "TYPE_CHECKING", "importlib"} & set(dir(diffmoe))
+
+
+def test_checkpoint_weights_are_readable_as_the_rest_of_the_run(run):
+    """Weights are written with the mode every other file gets (umask applied), not 0600."""
+    checkpoint = load_pretrained(run).source
+    modes = {p.name: p.stat().st_mode & 0o777 for p in checkpoint.iterdir()}
+    assert set(modes.values()) == {modes["state.json"]}, modes

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
@@ -29,7 +29,7 @@ from ..config import ModelConfig
 from ..config.schema import quote
 from ..errors import ConfigError, DataError
 from ..extras import DATA_EXTRA
-from ..fileio import atomic_write, hash_into, package_path
+from ..fileio import atomic_write, hash_into, package_path, save_safetensors
 from ..models.condition import TextCondition
 from ..paths import is_utf8
 
@@ -193,7 +193,7 @@ def cached_embeddings(encoder: Encoder, captions: list[str], cache_dir: str | Pa
     cond = encoder.encode(captions)
     tensors = {"tokens": cond.tokens.half().contiguous(), "mask": cond.mask.to(torch.uint8),
                "pooled": cond.pooled.contiguous()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path, lambda tmp: save_safetensors(tensors, tmp))
     log.info("encoded %d captions into %s", len(captions), path)
     return TextCondition(cond.tokens.half().float(), cond.mask, cond.pooled, cond.null)
 

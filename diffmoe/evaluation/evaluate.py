@@ -29,7 +29,7 @@ from ..sample import option_name, parse_labels, recorded_settings, resolve_routi
 from .inception import FEATURE_DIM, default_extractor
 from .metrics import FeatureStats, check_set_sizes, compare
 from .npz import NpzSampleWriter
-from .reference import Reference, load_reference
+from .reference import Reference, load_reference, run_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ class Evaluator:
     def load_reference(self) -> Reference:
         if self.reference is None:
             spec = self.options.reference or self.data_spec
-            self.reference = load_reference(spec, self.options.num, self.options.cache_dir,
+            cache = self.options.cache_dir or run_cache_dir(self.checkpoint)
+            self.reference = load_reference(spec, self.options.num, cache,
                                             self.options.feature_batch, self.options.progress,
                                             decoded_size(self.data, self.model.cfg.input_size))
         return self.reference

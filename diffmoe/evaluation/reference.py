@@ -17,8 +17,9 @@ Features of a dataset reference are cached as ``<cache>/fid/<dataset>-<split>-n<
 id>.npz`` (mean, covariance and features), of a folder by a hash of its path and its files' names,
 sizes and modification times (``folder-<hash>-n<N>-s<side>-<inception id>.npz``), and of an
 ``arr_0`` file by the file's hash, so a reference is pushed through the Inception once. The
-cache directory is ``$DIFFMOE_CACHE_DIR`` or ``~/.cache/diffmoe``; cache files are written
-atomically.
+cache directory is ``--cache-dir``, else ``$DIFFMOE_CACHE_DIR``, else for ``diffmoe eval`` of a
+run's checkpoint the run's ``cache/`` (:func:`run_cache_dir`), else ``~/.cache/diffmoe``; where a
+reference is computed, the log says where it will be cached. Cache files are written atomically.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def cache_dir(override: Optional[str | Path] = None) -> Path:
         return Path(user_path(str(override)))
     env = os.environ.get(CACHE_ENV)
     return Path(user_path(env)) if env else Path.home() / ".cache" / "diffmoe"
+
+
+def run_cache_dir(checkpoint: Path) -> Optional[Path]:
+    """Where ``diffmoe eval`` of ``checkpoint`` caches reference statistics when neither
+    ``--cache-dir`` nor ``$DIFFMOE_CACHE_DIR`` says: the ``cache/`` of the run the checkpoint
+    belongs to (None for a checkpoint outside a run, or with the variable set)."""
+    if os.environ.get(CACHE_ENV) or checkpoint.parent.name != "checkpoints":
+        return None
+    return checkpoint.parent.parent / "cache"
 
 
 @dataclass
@@ -161,6 +171,8 @@ def _cached_or_computed(path: Path, source: str, images_nchw: Callable[[], torch
         if stats is not None:
             log.info("reference %s from cache %s", source, path)
             return Reference(stats, source, str(path), cached=True)
+    log.info("reference %s: computing its Inception features, to be cached at %s (choose the "
+             "place with --cache-dir or $%s)", source, path, CACHE_ENV)
     stats = features_of_images(images_nchw(), batch_size, progress, f"reference {source}",
                                precision)
     save_stats(stats, path, {"format": CACHE_FORMAT, "source": source,
