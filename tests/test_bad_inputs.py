@@ -945,7 +945,7 @@ CASES = [
          "choose within each sample, so there is no pool to gather across ranks); drop it"),
     Case("predictor-mode-on-dense-checkpoint", "cli",
          ["sample", "<dense>", "--mode", "predictor", "--out", "<tmp>/o.png"],
-         "error: sample.mode=predictor needs a capacity predictor, but this model's FFN is "
+         "error: --mode predictor needs a capacity predictor, but this model's FFN is "
          "'dense'; use --mode static"),
     Case("official-export-sample-scope", "checkpoint",
          ["export-official", "<tmp>/copy", "<tmp>/exp"],
