@@ -23,6 +23,24 @@ which then no longer counts as a checkpoint.
 ``state.json`` lists each file's size and hash, so a truncated or damaged checkpoint is detected
 and reported, never loaded silently: resume checks every hash before choosing a checkpoint, and
 :meth:`LoadedCheckpoint.tensors` checks the hash of each file it loads.
+
+Under torchrun a checkpoint is **sharded** (``"layout": "sharded"`` in ``state.json``): model,
+EMA and optimizer state are ``torch.distributed.checkpoint`` (DCP) directories instead of
+safetensors files, and every rank writes its own shards into them (``__<rank>_<n>.distcp``; rank
+0 adds DCP's ``.metadata``)::
+
+    <run>/checkpoints/step_00001000/
+        model/  ema/  optimizer/   .metadata + __0_0.distcp, __1_0.distcp, ... (tensors by name)
+        rng.safetensors            every rank's RNG states (small; rank 0 writes it)
+        state.json                 as above; its manifest lists every file of the three directories
+
+No rank gathers the model. Each rank hashes the files it wrote and sends rank 0 their sizes and
+hashes; rank 0 writes ``state.json`` last and renames the directory into place, so the same
+rules hold: complete or absent, checked on load, pruned by its own files. DCP stores each tensor
+by name with its global shape, so a sharded checkpoint resumes at any world size and under any
+engine (FSDP2, DDP, one process), and :meth:`LoadedCheckpoint.tensors` reads whole tensors from
+it in one process without a process group (``diffmoe sample``, ``eval``, ``export-official``,
+``save_pretrained``). A single process writes the safetensors layout.
 """
 
 from __future__ import annotations
@@ -31,14 +49,19 @@ import json
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from . import distributed
 from .errors import CheckpointError
 from .fileio import fsync_file, save_safetensors, sha256_file
 from .paths import stamped, user_path
@@ -54,6 +77,11 @@ TMP_PREFIX = ".tmp-"  # a checkpoint being written
 DELETING_PREFIX = ".deleting-"  # a checkpoint being pruned
 DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint moved aside; never deleted
 KEYS_SHOWN = 3  # keys (or files) named in a message
+SHARDED = "sharded"  # state.json "layout" of a checkpoint every rank wrote part of (DCP)
+DCP_METADATA = ".metadata"  # the file DCP's rank 0 writes into each directory
+DCP_SHARDS = "__*_*.distcp"  # the files DCP's ranks write (rank r: __r_<n>.distcp)
+SHARDED_PARTS = ("model", "ema", "optimizer")  # the DCP directories of a sharded checkpoint
+DCP_ONE_PROCESS = "torch.distributed is disabled"  # DCP's warning when reading in one process
 
 
 def checkpoint_name(step: int) -> str:
@@ -103,21 +131,80 @@ def save_checkpoint(ckpt_root: Path, step: int, files: dict[str, dict[str, torch
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / checkpoint_name(step)
-    if final.is_dir() and not holds_checkpoint_files(final):
-        return _write_beside_others(final, step, files, state)
-    if final.exists():
-        try:
-            verify_checkpoint(final)
-            log.info("checkpoint %s already exists; not overwriting it", final)
-            return final
-        except CheckpointError as exc:
-            aside = stamped(ckpt_root / f"{DAMAGED_PREFIX}{final.name}")
-            os.rename(final, aside)
-            log.warning("moved damaged checkpoint %s aside to %s (%s)", final, aside, exc)
-    tmp = _written_aside(ckpt_root, step, files, state)
+    if _kept(final):
+        return final
+    return _put_in_place(_written_aside(ckpt_root, step, files, state), final)
+
+
+def _kept(final: Path) -> bool:
+    """Whether ``final`` is an intact checkpoint, which is never replaced. A damaged one is
+    moved aside (see :func:`save_checkpoint`)."""
+    if not final.exists() or (final.is_dir() and not holds_checkpoint_files(final)):
+        return False
+    try:
+        verify_checkpoint(final)
+        log.info("checkpoint %s already exists; not overwriting it", final)
+        return True
+    except CheckpointError as exc:
+        aside = stamped(final.parent / f"{DAMAGED_PREFIX}{final.name}")
+        os.rename(final, aside)
+        log.warning("moved damaged checkpoint %s aside to %s (%s)", final, aside, exc)
+        return False
+
+
+def _put_in_place(tmp: Path, final: Path) -> Path:
+    """The complete checkpoint ``tmp`` renamed to ``final``, or moved into it where ``final``
+    is a directory of files the run did not write."""
+    if final.is_dir():
+        return _move_in_beside_others(tmp, final)
     os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
+    _fsync_dir(final.parent)
     return final
+
+
+def save_sharded_checkpoint(ckpt_root: Path, step: int, parts: dict[str, dict[str, Any]],
+                            files: dict[str, dict[str, torch.Tensor]],
+                            state: dict[str, Any]) -> Optional[Path]:
+    """Collective: the sharded checkpoint of ``step`` (see the module's docstring). Every rank
+    writes its shards of each of ``parts`` (name → a state dict of tensors and DTensors, as
+    ``torch.distributed.checkpoint.state_dict`` returns it) into ``<name>/``; rank 0 writes
+    ``files`` (small full tensors) and ``state`` and puts the checkpoint in place. Returns its
+    path on rank 0, None elsewhere."""
+    rank = distributed.process_share()[0]
+    ckpt_root, tmp = Path(ckpt_root), None
+    final = ckpt_root / checkpoint_name(step)
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if not _kept(final):
+            tmp = ckpt_root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+            if tmp.exists():
+                _remove_own(tmp)
+            tmp.mkdir()
+    tmp = distributed.broadcast_object(tmp)
+    if tmp is None:
+        return final if rank == 0 else None
+    for name, tensors in parts.items():
+        dcp.save({name: tensors}, storage_writer=FileSystemWriter(tmp / name, sync_files=True))
+    mine = {f"{name}/{p.name}": _file_record(p)
+            for name in parts for p in sorted((tmp / name).glob(f"__{rank}_*.distcp"))}
+    written = distributed.gather_to_main(mine)
+    if rank != 0:
+        distributed.barrier()
+        return None
+    manifest = {k: v for records in written for k, v in records.items()}
+    for name in parts:
+        manifest[f"{name}/{DCP_METADATA}"] = _file_record(tmp / name / DCP_METADATA)
+        _fsync_dir(tmp / name)
+    _write_checkpoint(tmp, step, files, dict(state, layout=SHARDED, parts=list(parts)),
+                      manifest)
+    path = _put_in_place(tmp, final)
+    distributed.barrier()
+    return path
+
+
+def _file_record(path: Path) -> dict:
+    """A file's entry in a checkpoint's manifest."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _written_aside(ckpt_root: Path, step: int, files: dict[str, dict[str, torch.Tensor]],
@@ -135,12 +222,10 @@ def _written_aside(ckpt_root: Path, step: int, files: dict[str, dict[str, torch.
     return tmp
 
 
-def _write_beside_others(final: Path, step: int, files: dict[str, dict[str, torch.Tensor]],
-                         state: dict[str, Any]) -> Path:
-    """The checkpoint of ``step`` into ``final``, a directory of that name that holds only files
-    the run did not write (kept where they are): each file moved in, ``state.json`` last, so
-    that it is a checkpoint only once complete."""
-    tmp = _written_aside(final.parent, step, files, state)
+def _move_in_beside_others(tmp: Path, final: Path) -> Path:
+    """The complete checkpoint ``tmp`` moved into ``final``, a directory of that name that holds
+    only files the run did not write (kept where they are): each entry moved in,
+    ``state.json`` last, so that it is a checkpoint only once complete."""
     names = sorted(p.name for p in tmp.iterdir())
     for name in sorted(names, key=lambda n: n == STATE_FILE):
         os.rename(tmp / name, final / name)
@@ -152,9 +237,10 @@ def _write_beside_others(final: Path, step: int, files: dict[str, dict[str, torc
 
 
 def _write_checkpoint(tmp: Path, step: int, files: dict[str, dict[str, torch.Tensor]],
-                      state: dict[str, Any]) -> None:
-    """Every file of one checkpoint into the directory ``tmp``, each fsynced, state.json last."""
-    manifest = {}
+                      state: dict[str, Any], manifest: Optional[dict] = None) -> None:
+    """Every file of one checkpoint into the directory ``tmp``, each fsynced, state.json last,
+    its manifest listing them (and ``manifest``: files already written there)."""
+    manifest = dict(manifest or {})
     for name, tensors in files.items():
         path = tmp / f"{name}.safetensors"
         try:
@@ -162,7 +248,7 @@ def _write_checkpoint(tmp: Path, step: int, files: dict[str, dict[str, torch.Ten
         except SafetensorError as exc:
             raise _as_os_error(exc, path) from exc
         fsync_file(path)
-        manifest[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        manifest[path.name] = _file_record(path)
     full_state = dict(state, format_version=FORMAT_VERSION, step=step, files=manifest)
     with open(tmp / STATE_FILE, "w") as fh:
         json.dump(full_state, fh, indent=1)
@@ -258,6 +344,14 @@ def resolve_checkpoint(path: str | Path, check_hashes: bool = False) -> Path:
                           f"runs/mnist_diffmoe or runs/mnist_diffmoe/checkpoints/step_00001000")
 
 
+def parts_held(state: dict) -> set[str]:
+    """The parts (``model``, ``ema``, ...) a checkpoint's ``state.json`` lists: safetensors
+    files, or the DCP directories of a sharded one."""
+    files = {name.removesuffix(".safetensors") for name in state.get("files", {})
+             if name.endswith(".safetensors")}
+    return files | set(state.get("parts", ()) if state.get("layout") == SHARDED else ())
+
+
 @dataclass
 class LoadedCheckpoint:
     path: Path
@@ -265,21 +359,78 @@ class LoadedCheckpoint:
     # True when every file's hash was already checked (resume does so to choose a checkpoint).
     verified: bool = False
 
+    @property
+    def sharded(self) -> bool:
+        """Whether every rank wrote part of it (DCP directories, see the module's docstring)."""
+        return self.state.get("layout") == SHARDED
+
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """The tensors of ``<name>.safetensors``, after checking the file against the size and
-        SHA-256 that ``state.json`` recorded for it."""
+        """The whole tensors of ``name`` (``model``, ``ema``, ``optimizer``, ``rng``), after
+        checking its files against the sizes and SHA-256s that ``state.json`` recorded. From a
+        sharded checkpoint every shard is read in this process, without a process group (the
+        optimizer's tensors then keyed ``state.<parameter name>.<key>``)."""
+        if self.sharded and name in self.state.get("parts", ()):
+            return self._whole_tensors(name)
         fpath = self.path / f"{name}.safetensors"
-        info = self.state.get("files", {}).get(fpath.name)
-        if info is None:
-            raise CheckpointError(f"checkpoint '{self.path}' has no {fpath.name} in its "
-                                  f"{STATE_FILE}; use an earlier checkpoint of the run")
-        if not self.verified:
-            _check_file(self.path, fpath.name, info, check_hash=True)
+        self._check(fpath.name)
         try:
             return load_file(str(fpath))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint '{self.path}' is corrupt ({fpath.name}: {exc}); use "
                                   f"an earlier checkpoint of the run") from None
+
+    def _check(self, *names: str) -> None:
+        files = self.state.get("files", {})
+        for name in names:
+            if name not in files:
+                raise CheckpointError(f"checkpoint '{self.path}' has no {name} in its "
+                                      f"{STATE_FILE}; use an earlier checkpoint of the run")
+            if not self.verified:
+                _check_file(self.path, name, files[name], check_hash=True)
+
+    def _check_part(self, name: str) -> None:
+        """Check the files of the DCP directory ``name`` (all that the manifest lists there)."""
+        self._check(f"{name}/{DCP_METADATA}",
+                    *[f for f in self.state.get("files", {}) if f.startswith(f"{name}/")])
+
+    def shapes(self, name: str) -> dict[str, torch.Tensor]:
+        """Tensors of the meta device with the shapes and dtypes the sharded part ``name``
+        holds, keyed as :meth:`tensors` keys them (what a load is checked against)."""
+        self._check(f"{name}/{DCP_METADATA}")
+        try:
+            metadata = FileSystemReader(str(self.path / name)).read_metadata()
+        except Exception as exc:  # DCP unpickles its metadata: any error is a damaged file
+            raise CheckpointError(f"checkpoint '{self.path}' is corrupt ({name}/{DCP_METADATA}: "
+                                  f"{exc}); use an earlier checkpoint of the run") from None
+        prefix = f"{name}."
+        return {key.removeprefix(prefix): torch.empty(md.size, dtype=md.properties.dtype,
+                                                      device="meta")
+                for key, md in metadata.state_dict_metadata.items()
+                if isinstance(md, TensorStorageMetadata) and key.startswith(prefix)}
+
+    def read_into(self, name: str, tensors: dict[str, Any], partial: bool = False,
+                  whole: bool = False) -> None:
+        """Fill ``tensors`` (a state dict of tensors and DTensors, keyed as the part was saved)
+        in place from the sharded part ``name``: each rank reads the pieces its shards need, in
+        a collective under torchrun (``whole``: this process alone, whatever the process group).
+        ``partial``: keys the checkpoint lacks are left as they are."""
+        self._check_part(name)
+        reader = FileSystemReader(str(self.path / name))
+        try:
+            with warnings.catch_warnings():  # DCP warns of every load without a process group
+                warnings.filterwarnings("ignore", DCP_ONE_PROCESS, UserWarning)
+                dcp.load({name: tensors}, storage_reader=reader,
+                         planner=DefaultLoadPlanner(allow_partial_load=partial),
+                         no_dist=whole or distributed.process_share()[1] == 1)
+        except Exception as exc:  # DCP wraps every rank's failure in its own error type
+            raise CheckpointError(f"checkpoint '{self.path}' could not be read ({name}: "
+                                  f"{str(exc).strip().splitlines()[-1]}); use an earlier "
+                                  f"checkpoint of the run") from None
+
+    def _whole_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        tensors = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in self.shapes(name).items()}
+        self.read_into(name, tensors, whole=True)
+        return tensors
 
 
 def open_checkpoint(path: str | Path, check_hashes: bool = False) -> LoadedCheckpoint:
@@ -294,26 +445,46 @@ def open_checkpoint(path: str | Path, check_hashes: bool = False) -> LoadedCheck
 def own_files(path: Path) -> list[Path]:
     """The files of the checkpoint directory ``path`` that the checkpoint wrote: state.json and
     the files its manifest lists; with no readable state.json (a write cut short), the
-    ``*.safetensors`` files, which is all a checkpoint writes before it."""
+    ``*.safetensors`` files and the DCP files of its directories, which is all a checkpoint
+    writes before it."""
     try:
         names = set(json.loads((path / STATE_FILE).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        names = {p.name for p in path.glob("*.safetensors")}
+        names = {str(p.relative_to(path)) for p in _written_files(path)}
     return [path / name for name in sorted(names | {STATE_FILE})
             if (path / name).is_file() and not (path / name).is_symlink()]
 
 
+def _written_files(path: Path) -> list[Path]:
+    """What a checkpoint writes before its state.json: safetensors files, and DCP's files in
+    its directories."""
+    return [*path.glob("*.safetensors"), *path.glob(f"*/{DCP_SHARDS}"),
+            *path.glob(f"*/{DCP_METADATA}")]
+
+
 def holds_checkpoint_files(path: Path) -> bool:
     """Whether the directory holds a checkpoint (complete or not), not only others' files."""
-    return (path / STATE_FILE).exists() or any(path.glob("*.safetensors"))
+    return (path / STATE_FILE).exists() or bool(_written_files(path))
+
+
+def _foreign(path: Path) -> list[str]:
+    """The names in the checkpoint directory ``path`` that hold something it did not write."""
+    own = set(own_files(path))
+    return sorted(p.name for p in path.iterdir() if p not in own and not (
+        p.is_dir() and not p.is_symlink() and any(p.iterdir())
+        and all(q in own for q in p.iterdir())))
 
 
 def _remove_own(path: Path) -> list[str]:
     """Remove the files the checkpoint in ``path`` wrote (state.json first, so that what is
-    left is never taken for an intact checkpoint), then the directory if that left it empty.
+    left is never taken for an intact checkpoint), then the directories that left empty.
     Returns the names of what else it holds (kept)."""
     for file in sorted(own_files(path), key=lambda p: p.name != STATE_FILE):
         file.unlink()
+    for name in SHARDED_PARTS:  # a part's directory, emptied or made by a write cut short
+        folder = path / name
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
     others = sorted(p.name for p in path.iterdir())
     if not others:
         path.rmdir()
@@ -340,7 +511,7 @@ def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
     """Remove all but the newest ``keep`` checkpoints (each renamed away first, then its own
     files removed)."""
     for old in list_checkpoints(ckpt_root)[:-keep]:
-        if len(own_files(old)) < len(list(old.iterdir())):
+        if _foreign(old):
             # Others' files (a sample grid, a run training there): the directory stays put.
             _remove_checkpoint(old, old)
             continue

@@ -327,6 +327,15 @@ def gather_objects(obj) -> list:
     return [obj]
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself without a process group."""
+    if _in_group():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def gather_to_main(obj) -> Optional[list]:
     """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the others. Without a
     process group: ``[obj]``."""

@@ -41,7 +41,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -57,9 +57,11 @@ from .checkpoint import (
     load_state_dict_checked,
     optimizer_from_tensors,
     optimizer_to_tensors,
+    parts_held,
     prune_checkpoints,
     remove_incomplete,
     save_checkpoint,
+    save_sharded_checkpoint,
     verify_checkpoint,
 )
 from .config import Config, TrainConfig, load_yaml
@@ -390,7 +392,7 @@ class RunDirectory:
         o.checkpoint, o.step = latest, int(state["step"])
         o.trained_under = state.get("config", {})
         o.data = state.get("data")
-        missing = [name for name in RESUMED_FILES if f"{name}.safetensors" not in state["files"]]
+        missing = [name for name in RESUMED_FILES if name not in parts_held(state)]
         if missing:
             raise CheckpointError(
                 f"--resume: checkpoint '{latest}' holds no {words(missing)} state (a model "
@@ -555,37 +557,39 @@ class RunDirectory:
         return str(latest) if latest is not None else "none (no checkpoint written yet)"
 
     def save(self, s: TrainingState) -> Optional[Path]:
-        """Checkpoint ``s`` at its step (collective: every rank takes part, rank 0 writes)."""
+        """Checkpoint ``s`` at its step. Under torchrun it is collective and sharded: every rank
+        writes its own part (:func:`save_sharded_checkpoint`); a single process writes one
+        safetensors file per part."""
         rng_all = distributed.gather_objects(rng_state(self.device))
         sums_all = distributed.gather_objects(s.progress.interval_sums.tolist())
-        module = s.model.module
-        if s.model.fsdp:  # collectives: every rank takes part, rank 0 receives the full tensors
-            weights = {"model": parallel.full_model_state(module),
-                       "ema": parallel.full_model_state(s.ema)}
-            opt_full = parallel.full_optimizer_state(module, s.optimizer)
+        rng = {f"rank{r}.{k}": v for r, st in enumerate(rng_all) for k, v in st.items()}
+        state = {"config": self.cfg.to_dict(), "loader": s.loader.state_dict(),
+                 "world_size": self.dist.world_size, "skipped_steps": s.progress.skipped_steps,
+                 "data": self.data,
+                 "interval": {"sums": sums_all, "good": int(s.progress.interval_good)}}
+        step, module = s.progress.step, s.model.module
+        if self.dist.enabled:
+            parts = parallel.sharded_parts(module, s.ema, s.optimizer)
+            path = self._write_checkpoint(lambda: save_sharded_checkpoint(
+                self.ckpt_root, step, parts, {"rng": rng}, state), step)
         else:
-            weights = {"model": module.state_dict(), "ema": s.ema.state_dict()}
-            opt_full = s.optimizer.state_dict() if self.dist.is_main else {}
-        path = None
+            opt_tensors, state["optimizer"] = optimizer_to_tensors(s.optimizer.state_dict())
+            files = {"model": module.state_dict(), "ema": s.ema.state_dict(),
+                     "optimizer": opt_tensors, "rng": rng}
+            path = self._write_checkpoint(
+                lambda: save_checkpoint(self.ckpt_root, step, files, state), step)
         if self.dist.is_main:
-            opt_tensors, opt_meta = optimizer_to_tensors(opt_full)
-            rng = {f"rank{r}.{k}": v for r, st in enumerate(rng_all) for k, v in st.items()}
-            state = {"config": self.cfg.to_dict(), "loader": s.loader.state_dict(),
-                     "optimizer": opt_meta, "world_size": self.dist.world_size,
-                     "skipped_steps": s.progress.skipped_steps, "data": self.data,
-                     "interval": {"sums": sums_all, "good": int(s.progress.interval_good)}}
-            path = self._write_checkpoint(s.progress.step,
-                                          {**weights, "optimizer": opt_tensors, "rng": rng}, state)
             prune_checkpoints(self.ckpt_root, self.cfg.train.keep_checkpoints)
             log.info("saved checkpoint %s", path)
         distributed.barrier()
         return path
 
-    def _write_checkpoint(self, step: int, files: dict, state: dict) -> Path:
-        """:func:`save_checkpoint`; a full disk stops the run with one line naming the disk
-        (the checkpoints already written are untouched)."""
+    def _write_checkpoint(self, write: Callable[[], Optional[Path]], step: int
+                          ) -> Optional[Path]:
+        """``write()`` the checkpoint of ``step``; a full disk stops the run with one line naming
+        the disk (the checkpoints already written are untouched)."""
         try:
-            return save_checkpoint(self.ckpt_root, step, files, state)
+            return write()
         except OSError as exc:
             if exc.errno not in DISK_FULL:
                 raise
@@ -597,17 +601,23 @@ class RunDirectory:
 
     def load(self, path: Path, s: TrainingState) -> None:
         """Restore ``s`` from the checkpoint ``path`` (chosen by :meth:`open`, which checked
-        every hash and the config), with the optimizer's hyper-parameters from this config."""
+        every hash and the config), with the optimizer's hyper-parameters from this config. A
+        sharded checkpoint loads at any world size and under any engine; one of safetensors
+        files (a single process's, or written before sharding) is loaded whole on every rank."""
         ckpt = LoadedCheckpoint(path, verify_checkpoint(path, check_hashes=False), verified=True)
         fsdp, module = s.model.fsdp, s.model.module
-        for name, target in (("model", module), ("ema", s.ema)):
-            load_state_dict_checked(target, ckpt.tensors(name), f"'{path}' ({name})",
-                                    parallel.load_full_model_state(target) if fsdp else None)
-        opt_state = optimizer_from_tensors(ckpt.tensors("optimizer"), ckpt.state["optimizer"])
-        if fsdp:
-            parallel.load_full_optimizer_state(module, s.optimizer, opt_state)
+        if ckpt.sharded:
+            parallel.load_sharded(ckpt, module, s.ema, s.optimizer)
         else:
-            s.optimizer.load_state_dict(opt_state)
+            for name, target in (("model", module), ("ema", s.ema)):
+                load_state_dict_checked(target, ckpt.tensors(name), f"'{path}' ({name})",
+                                        parallel.load_full_model_state(target) if fsdp else None)
+            opt_state = optimizer_from_tensors(ckpt.tensors("optimizer"),
+                                               ckpt.state["optimizer"])
+            if fsdp:
+                parallel.load_full_optimizer_state(module, s.optimizer, opt_state)
+            else:
+                s.optimizer.load_state_dict(opt_state)
         for group in s.optimizer.param_groups:
             group.update(optimizer_settings(self.cfg.train))
         self._load_progress(ckpt, s)

@@ -11,6 +11,7 @@ what stops a run (SIGTERM, a lost rank, a non-finite loss) is put in words by
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -20,11 +21,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch._guards import detect_fake_mode
 from tqdm import tqdm
 
 from . import distributed, faults, parallel
 from .capacity import expert_capacities
-from .config import Config, TrainConfig, config_with
+from .config import Config, SampleConfig, TrainConfig, config_with
 from .config.schedule import learning_rate
 from .data import BatchIterator, ImageDataset, build_training_dataset, sample_decoder
 from .device import autocast, resolve_device, use_tf32
@@ -74,10 +76,28 @@ def training_device(t: TrainConfig) -> torch.device:
     return device
 
 
-def on_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``module`` (built on the CPU) on ``device``; left as it is on the CPU, where it may be a
-    module of fake tensors (``diffmoe plan``), which cannot be moved even there."""
-    return module if device.type == "cpu" else module.to(device)
+def build_models(cfg: Config, device: torch.device, fsdp: bool, mesh=None
+                 ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model to train and its EMA on ``device``, sharded with FSDP2 over ``mesh`` if
+    ``fsdp``: built on the meta device, sharded, then filled, so that each rank allocates only
+    its part, with the weights of the model built whole from ``train.seed`` (identical on every
+    rank; :func:`parallel.materialize`)."""
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    if simulated := detect_fake_mode() is not None:  # diffmoe plan: fake tensors, no storage
+        module = build_model(cfg.model, t.token_pool)
+    else:
+        module, draws = parallel.build_on_meta(
+            lambda: build_model(cfg.model, t.token_pool, initialize=False))
+    module.activation_checkpointing = t.activation_checkpointing
+    ema = make_ema(module)
+    if fsdp:
+        parallel.shard(module, t.precision, t.fsdp_reduce_dtype, mesh)
+        parallel.shard(ema, t.precision, t.fsdp_reduce_dtype, mesh)
+    if not simulated:
+        parallel.materialize(module, draws, device)
+        parallel.materialize_as(ema, module, device)
+    return module, ema
 
 
 def check_batch_split(t: TrainConfig, world_size: int) -> None:
@@ -151,6 +171,14 @@ def grid_conditions(cfg: Config, dataset: ImageDataset, device: torch.device,
     if cfg.model.condition == "text":
         return dataset.conditions(torch.arange(num) % len(dataset))
     return torch.tensor(classes, device=device)[torch.arange(num, device=device) % len(classes)]
+
+
+def grid_settings(cfg: Config, fsdp: bool) -> SampleConfig:
+    """The sample grids' settings: ``sample`` of the config, in bf16 when FSDP2 gathers the EMA's
+    parameters in bf16 (``train.precision=bf16``), whose forward then needs bf16 autocast."""
+    if fsdp and cfg.train.precision == "bf16":
+        return dataclasses.replace(cfg.sample, precision="bf16")
+    return cfg.sample
 
 
 def interval_record(p: Progress, t: TrainConfig, interval_start: float, timed_steps: int,
@@ -236,13 +264,8 @@ class Trainer:
 
     def _build_step_parts(self, mesh=None, ddp: bool = True, resume_from=None) -> None:
         cfg, t, dist = self.cfg, self.cfg.train, self.dist
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        module = on_device(build_model(cfg.model, t.token_pool), self.device)
-        module.activation_checkpointing = t.activation_checkpointing
-        self.ema = make_ema(module)
-        if fsdp := dist.enabled and t.parallel == "fsdp":
-            parallel.shard(module, t.precision, t.fsdp_reduce_dtype, mesh)
-            parallel.shard(self.ema, t.precision, t.fsdp_reduce_dtype, mesh)
+        fsdp = dist.enabled and t.parallel == "fsdp"
+        module, self.ema = build_models(cfg, self.device, fsdp, mesh)
         self.optimizer = build_optimizer(module, t)
         self.objective = build_objective(cfg)
         self.diffmoe_layers = diffmoe_layers(module)
@@ -391,8 +414,8 @@ class Trainer:
         if self.dist.is_main or self.model.fsdp:
             conditions = grid_conditions(self.cfg, self.dataset, self.device,
                                          self.run.grid_classes)
-            images, _ = generate(self.ema, self.objective, conditions, self.cfg.sample,
-                                 progress=False)
+            images, _ = generate(self.ema, self.objective, conditions,
+                                 grid_settings(self.cfg, self.model.fsdp), progress=False)
             if self.decoder is not None:
                 images = self.decoder(images)
             if self.dist.is_main:

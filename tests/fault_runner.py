@@ -17,6 +17,8 @@ a fault fires only on its rank):
 * ``save-after-rename:N``  SIGKILL right after that rename, before the parent directory's fsync.
 * ``prune-mid-delete:N``   SIGKILL during the N-th deletion of an old checkpoint, part of its
   files gone.
+* ``save-mid-shards:N``    SIGKILL while the N-th sharded checkpoint (torchrun) is written: after
+  this rank's model shards, as its EMA shards are to be written.
 
 Steps count from 1 like the trainer's (step K is the K-th optimizer step of the run, whatever
 process runs it); checkpoints and deletions count per process.
@@ -35,6 +37,7 @@ import os
 import signal
 import sys
 import time
+import types
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -86,7 +89,7 @@ train_step = [0]  # the step being trained, read from the loader's position (exa
 
 
 def install(faults: dict[str, int]) -> None:
-    counts = {"save": 0, "fsync_dir": 0, "prune": 0}
+    counts = {"save": 0, "fsync_dir": 0, "prune": 0, "sharded": 0}
 
     original_update_ema = train.update_ema
     original_next = train.BatchIterator.next
@@ -94,6 +97,7 @@ def install(faults: dict[str, int]) -> None:
     original_fsync_dir = checkpoint._fsync_dir
     original_remove_own = checkpoint._remove_own
     original_teardown = distributed.teardown
+    original_dcp = checkpoint.dcp
 
     def next_batch(self):
         x, y = original_next(self)
@@ -141,6 +145,13 @@ def install(faults: dict[str, int]) -> None:
                 die()
         return original_remove_own(path)
 
+    def dcp_save(state_dict, **kwargs):
+        if "model" in state_dict:
+            counts["sharded"] += 1
+        if faults.get("save-mid-shards") == counts["sharded"] and "ema" in state_dict:
+            die()
+        return original_dcp.save(state_dict, **kwargs)
+
     def teardown(wait_for_others=True, step=None):
         if wait_for_others and faults.get("hang-at-exit") == step:
             stamp()
@@ -153,6 +164,7 @@ def install(faults: dict[str, int]) -> None:
     checkpoint.save_file = save_file
     checkpoint._fsync_dir = fsync_dir
     checkpoint._remove_own = remove_own
+    checkpoint.dcp = types.SimpleNamespace(save=dcp_save, load=original_dcp.load)
 
 
 if __name__ == "__main__":

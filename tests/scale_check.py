@@ -8,6 +8,18 @@ per-process pool and no collective. Outputs, gradients and thresholds must agree
 ``train`` (or ``resume``, continuing a run): a few training steps of a config (DDP or FSDP2 per
 the overrides), then a report of whether every rank's replicated tensors (all weights under DDP;
 the thresholds under FSDP, whose weights are shards) equal rank 0's.
+
+``precision``: one bf16 training forward of the same batch under FSDP2 (bf16 parameters) and
+under DDP with autocast, from the same weights: the inputs the timestep embedder and the first
+block saw under FSDP2 (dtype and values), and both losses, averaged over ranks.
+
+``init``: the model and EMA as the trainer builds them under FSDP2 (on the meta device, each rank
+filling its shards), gathered whole, against the model built whole on the CPU from the same seed,
+for several configs (``config`` is a comma-separated list of ``path[+override...]``).
+
+``loaded``: resume a run under this world size and engine without training a step, then report
+whether the state each rank holds, gathered whole, equals the whole tensors of the checkpoint it
+resumed from (weights, EMA and AdamW state), and the shape of each rank's local weights.
 """
 
 from __future__ import annotations
@@ -116,6 +128,116 @@ def check_train(config: str, result: str, overrides: list[str], resume: bool = F
     trainer.close()
 
 
+PRECISION_T = (777.0, 999.0)  # timesteps bf16 cannot hold (its steps are 4 above 512)
+
+
+def check_precision(config: str, result: str, overrides: list[str]) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from diffmoe import parallel
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = load_config(config, overrides + ["model.class_dropout=0"])
+    torch.manual_seed(0)
+    fsdp = build_model(cfg.model).train()
+    with torch.no_grad():  # leave adaLN-Zero's all-zero start, so that the loss has a size
+        for p in fsdp.parameters():
+            p.add_(torch.randn_like(p), alpha=PERTURB_STD)
+    ddp = build_model(cfg.model).train()
+    ddp.load_state_dict(fsdp.state_dict())
+    parallel.shard(fsdp, "bf16")
+    ddp = DistributedDataParallel(ddp, broadcast_buffers=False)
+    seen = {}
+
+    def capture(name):
+        def hook(module, args):
+            seen[name] = {"dtype": str(args[0].dtype), "values": args[0].flatten()[:4].tolist()}
+        return hook
+
+    fsdp.t_embedder.register_forward_pre_hook(capture("t_embedder"))
+    fsdp.blocks[0].register_forward_pre_hook(capture("block0"))
+    x, _, y = fixed_batch(cfg)
+    t = torch.tensor(PRECISION_T).repeat(GLOBAL_BATCH // len(PRECISION_T))
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    losses = {}
+    for name, net in (("fsdp", fsdp), ("ddp", ddp)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x[part], t[part], y[part])
+            loss = (out.prediction.float() - target[part]).pow(2).mean()
+        loss.backward()
+        losses[name] = float(distributed.all_mean(loss.detach().double()))
+    if rank == 0:
+        with open(result, "w") as fh:
+            json.dump({"seen": seen, "losses": losses, "t": list(PRECISION_T)}, fh)
+
+
+def check_init(configs: str, result: str, overrides: list[str]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from diffmoe.train import step_trainer
+
+    info = distributed.DistInfo(dist.get_rank(), dist.get_world_size())
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    report = {}
+    for spec in configs.split(","):
+        path, *extra = spec.split("+")
+        cfg = load_config(path, overrides + extra + ["train.parallel=fsdp"])
+        trainer = step_trainer(cfg, info, torch.device("cpu"), loader=None)
+        held = {name: get_model_state_dict(m, options=whole)
+                for name, m in (("model", trainer.model.module), ("ema", trainer.ema))}
+        sharded = all(hasattr(p, "to_local") for p in trainer.model.module.parameters())
+        if dist.get_rank() == 0:
+            torch.manual_seed(cfg.train.seed)
+            ref = build_model(cfg.model, cfg.train.token_pool).state_dict()
+            report[spec] = sharded and all(
+                held[name].keys() == ref.keys()
+                and all(torch.equal(held[name][k], ref[k]) for k in ref) for name in held)
+    if dist.get_rank() == 0:
+        with open(result, "w") as fh:
+            json.dump(report, fh)
+
+
+def check_loaded(config: str, result: str, overrides: list[str]) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    from diffmoe.checkpoint import open_checkpoint
+    from diffmoe.train import Trainer
+
+    trainer = Trainer(load_config(config, overrides), resume=True, accept_changes=True)
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    module = trainer.model.module
+    held = {"model": get_model_state_dict(module, options=whole),
+            "ema": get_model_state_dict(trainer.ema, options=whole),
+            "optimizer": get_optimizer_state_dict(module, trainer.optimizer, options=whole)}
+    local = {k: list(v.to_local().shape) for k, v in module.state_dict().items()
+             if hasattr(v, "to_local")}
+    if dist.get_rank() == 0:
+        ckpt = open_checkpoint(trainer.run.opening.checkpoint)
+        report = {"step": trainer.step, "local_shapes": local, "fsdp": trainer.model.fsdp}
+        for name in ("model", "ema"):
+            saved = ckpt.tensors(name)
+            report[name] = sorted(saved) == sorted(held[name]) and all(
+                torch.equal(saved[k], held[name][k]) for k in saved)
+        saved = ckpt.tensors("optimizer")
+        if not ckpt.sharded:  # a checkpoint of one file keys AdamW's state by parameter index
+            names = [n for n, _ in module.named_parameters()]
+            saved = {f"state.{names[int(i)]}.{k}": v for key, v in saved.items()
+                     for _, i, k in [key.split(".", 2)]}
+        flat = {f"state.{p}.{k}": v for p, st in held["optimizer"]["state"].items()
+                for k, v in st.items()}
+        report["optimizer"] = sorted(saved) == sorted(flat) and all(
+            torch.equal(saved[k], flat[k].reshape(saved[k].shape)) for k in saved)
+        report["optimizer_entries"] = len(saved)
+        with open(result, "w") as fh:
+            json.dump(report, fh)
+    trainer.close()
+
+
 def main() -> None:
     what, config, result, *overrides = sys.argv[1:]
     dist.init_process_group("gloo")
@@ -124,7 +246,9 @@ def main() -> None:
         if what == "resume":
             check_train(config, result, overrides, resume=True)
         else:
-            {"pool": check_pool, "train": check_train}[what](config, result, overrides)
+            {"pool": check_pool, "train": check_train,
+             "loaded": check_loaded, "precision": check_precision,
+             "init": check_init}[what](config, result, overrides)
         finished = True
     finally:
         distributed.teardown(wait_for_others=finished)

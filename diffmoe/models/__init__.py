@@ -7,10 +7,10 @@ from .condition import TextCondition
 from .dit import DiT, DiTOutput
 
 
-def build_model(cfg: ModelConfig, token_pool: str = "rank") -> DiT:
-    """The DiT of ``cfg``, conditioned as ``cfg.condition`` says; ``token_pool`` as for
-    :class:`DiT`."""
-    return DiT(cfg, token_pool)
+def build_model(cfg: ModelConfig, token_pool: str = "rank", initialize: bool = True) -> DiT:
+    """The DiT of ``cfg``, conditioned as ``cfg.condition`` says; ``token_pool`` and
+    ``initialize`` as for :class:`DiT`."""
+    return DiT(cfg, token_pool, initialize)
 
 
 __all__ = ["DiT", "DiTOutput", "TextCondition", "build_model"]

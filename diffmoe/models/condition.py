@@ -13,6 +13,7 @@ owns the two operations classifier-free guidance needs: the null condition of a 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import ModelConfig
+from .init import InitPlan
 
 EMBED_INIT_STD = 0.02  # label table, null caption and timestep MLP init (DiT)
 
@@ -109,8 +111,8 @@ class LabelEmbedder(nn.Module):
         self.dropout = dropout
         self.table = nn.Embedding(num_classes + 1, dim)
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.table.weight, std=EMBED_INIT_STD)
+    def init_plan(self) -> InitPlan:
+        return [("table.weight", functools.partial(nn.init.normal_, std=EMBED_INIT_STD))]
 
     def forward(self, y: Tensor) -> Embedded:
         if self.training and self.dropout > 0:
@@ -144,9 +146,10 @@ class TextEmbedder(nn.Module):
         self.null_token = nn.Parameter(torch.zeros(dim))
         self.null_pooled = nn.Parameter(torch.zeros(dim))
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.null_token, std=EMBED_INIT_STD)
-        nn.init.normal_(self.null_pooled, std=EMBED_INIT_STD)
+    def init_plan(self) -> InitPlan:
+        """The learned null caption (its projections are the model's Linears)."""
+        normal = functools.partial(nn.init.normal_, std=EMBED_INIT_STD)
+        return [("null_token", normal), ("null_pooled", normal)]
 
     def forward(self, cond: TextCondition) -> Embedded:
         if not isinstance(cond, TextCondition):

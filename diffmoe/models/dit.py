@@ -10,6 +10,7 @@ D width, L caption tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from .condition import EMBED_INIT_STD, Condition, build_condition_embedder
+from .init import InitPlan, apply_plan, prefixed
 from .moe import STATIC, DenseFFN, FFNOutput, MoELayer, Routing, build_ffn, diffmoe_layers
 
 TIMESTEP_FREQ_DIM = 256  # sinusoidal features fed to the timestep MLP (DiT)
@@ -181,9 +183,10 @@ class DiT(nn.Module):
     """The DiT of a ``model`` config: its condition embedder (``y_embedder``, labels or
     captions) and, for a condition the blocks attend to, a cross-attention in every block."""
 
-    def __init__(self, cfg: ModelConfig, token_pool: str = "rank"):
+    def __init__(self, cfg: ModelConfig, token_pool: str = "rank", initialize: bool = True):
         """``token_pool``: the DiffMoE layers' training pool under torchrun ("rank", or "global"
-        for the pool of every rank's micro-batch)."""
+        for the pool of every rank's micro-batch). ``initialize``: run :meth:`initialize_weights`
+        (off for a model built on the ``meta`` device, filled later from :meth:`init_plan`)."""
         super().__init__()
         self.cfg = cfg
         D, p = cfg.hidden_size, cfg.patch_size
@@ -209,48 +212,56 @@ class DiT(nn.Module):
         # Recompute each block in the backward pass instead of keeping its activations (set by
         # the trainer from train.activation_checkpointing; training with gradients only).
         self.activation_checkpointing = False
-        self.initialize_weights()
+        if initialize:
+            self.initialize_weights()
 
     def is_moe_block(self, i: int) -> bool:
         """With ``interleave`` MoE replaces the FFN of blocks 1, 3, 5, ... (the public code)."""
         return (i % 2 == 1) if self.cfg.moe.interleave else True
 
-    def initialize_weights(self) -> None:
-        """DiT's initialisation. Every Linear: Xavier-uniform, zero bias. The patch embedding is a
+    def init_plan(self) -> InitPlan:
+        """DiT's initialisation, tensor by tensor in the order it draws random numbers
+        (:mod:`.init`). Every Linear: Xavier-uniform, zero bias. MoE layers: their own init
+        (router N(0, 0.006²), experts Xavier per expert, thresholds 0). The patch embedding is a
         Linear in disguise. adaLN-Zero: each block's modulation projection and the final layer are
         zero, so every block starts as the identity and the model's first output is 0; so is each
         cross-attention's output projection, so a block with it starts as the block without it.
-        MoE layers keep their own init (router N(0, 0.006²), experts Xavier per expert). The
-        optional final convolution starts as the identity kernel."""
-
-        def _basic(m: nn.Module) -> None:
+        The optional final convolution starts as the identity kernel. Last, what the constructor
+        set without drawing (the cross-attention's LayerNorm, the positions), so that the plan
+        gives every tensor its value."""
+        modules = list(self.named_modules())
+        plan: InitPlan = []
+        for name, m in modules:  # Module.apply's order: the Linears are leaves
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                plan.append((f"{name}.weight", nn.init.xavier_uniform_))
                 if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(_basic)
-        for m in self.modules():
+                    plan.append((f"{name}.bias", nn.init.zeros_))
+        for name, m in modules:
             if isinstance(m, MoELayer):
-                m.router.reset_parameters()
-                m.experts.reset_parameters()
-        w = self.x_embedder.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        self.y_embedder.reset_parameters()
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=EMBED_INIT_STD)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=EMBED_INIT_STD)
-        zeroed = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
-        for block in self.blocks:
-            zeroed.append(block.adaLN_modulation[-1])
+                plan += prefixed(name, m.init_plan())
+        plan += [("x_embedder.weight", lambda w: nn.init.xavier_uniform_(w.view(w.shape[0], -1))),
+                 ("x_embedder.bias", nn.init.zeros_)]
+        plan += prefixed("y_embedder", self.y_embedder.init_plan())
+        normal = functools.partial(nn.init.normal_, std=EMBED_INIT_STD)
+        plan += [("t_embedder.mlp.0.weight", normal), ("t_embedder.mlp.2.weight", normal)]
+        zeroed = ["final_layer.adaLN_modulation.1", "final_layer.linear"]
+        for i, block in enumerate(self.blocks):
+            zeroed.append(f"blocks.{i}.adaLN_modulation.1")
             if block.cross_attn is not None:
-                zeroed.append(block.cross_attn.proj)
-        for lin in zeroed:
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+                zeroed.append(f"blocks.{i}.cross_attn.proj")
+        plan += [(f"{lin}.{p}", nn.init.zeros_) for lin in zeroed for p in ("weight", "bias")]
         if self.final_conv is not None:
-            nn.init.dirac_(self.final_conv.weight)
-            nn.init.zeros_(self.final_conv.bias)
+            plan += [("final_conv.weight", nn.init.dirac_), ("final_conv.bias", nn.init.zeros_)]
+        for name, m in modules:
+            if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                plan += [(f"{name}.weight", nn.init.ones_), (f"{name}.bias", nn.init.zeros_)]
+        positions = torch.from_numpy(sincos_pos_embed_2d(self.cfg.hidden_size, self.grid))
+        plan.append(("pos_embed", lambda b: b.copy_(positions.unsqueeze(0))))
+        return plan
+
+    def initialize_weights(self) -> None:
+        """:meth:`init_plan` on this model's tensors."""
+        apply_plan(self, self.init_plan())
 
     def patchify(self, x: Tensor) -> Tensor:
         return self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, s, D)

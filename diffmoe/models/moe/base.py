@@ -12,6 +12,7 @@ flow, so eager and compiled code choose alike; each choice is logged once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...config import DISPATCH_KERNELS, ROUTING_MODES
+from ..init import InitPlan, apply_plan, prefixed
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +217,15 @@ class ExpertBank(nn.Module):
         self.b2_ED = nn.Parameter(torch.zeros(num_experts, dim))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        # Xavier-uniform per expert, as DiT initialises every nn.Linear.
+    def init_plan(self) -> InitPlan:
+        """Xavier-uniform per expert, as DiT initialises every nn.Linear; zero biases."""
         bound = math.sqrt(6.0 / (self.dim + self.hidden))
-        nn.init.uniform_(self.w1_EDF, -bound, bound)
-        nn.init.uniform_(self.w2_EFD, -bound, bound)
-        nn.init.zeros_(self.b1_EF)
-        nn.init.zeros_(self.b2_ED)
+        xavier = functools.partial(nn.init.uniform_, a=-bound, b=bound)
+        return [("w1_EDF", xavier), ("w2_EFD", xavier), ("b1_EF", nn.init.zeros_),
+                ("b2_ED", nn.init.zeros_)]
+
+    def reset_parameters(self) -> None:
+        apply_plan(self, self.init_plan())
 
     def expert_params(self) -> int:
         """Parameters of one expert."""
@@ -296,8 +300,11 @@ class Router(nn.Module):
         self.weight_ED = nn.Parameter(torch.empty(num_experts, dim))
         self.reset_parameters()
 
+    def init_plan(self) -> InitPlan:
+        return [("weight_ED", functools.partial(nn.init.normal_, std=self.init_std))]
+
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight_ED, std=self.init_std)
+        apply_plan(self, self.init_plan())
 
     def forward(self, x_SD: Tensor) -> Tensor:
         dtype = torch.promote_types(x_SD.dtype, torch.float32)
@@ -360,6 +367,12 @@ class MoELayer(nn.Module):
         self.experts = ExpertBank(self.num_experts, dim, self.expert_hidden, dispatch)
         self.shared = (FeedForward(dim, shared_experts * self.expert_hidden)
                        if shared_experts > 0 else None)
+
+    def init_plan(self) -> InitPlan:
+        """The router's and the experts' own initialisation (their Linears, the shared experts'
+        and a predictor's, are the model's: DiT's Xavier-uniform)."""
+        return prefixed("router", self.router.init_plan()) + prefixed(
+            "experts", self.experts.init_plan())
 
     def forward(self, x_BsD: Tensor, routing: Routing = STATIC) -> FFNOutput:
         B, s, D = x_BsD.shape

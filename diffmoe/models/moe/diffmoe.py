@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...config import POOL_SCOPES, TOKEN_POOLS
+from ..init import InitPlan
 from .base import FFNOutput, MoELayer, Routing, expert_capacity, row_experts
 from .expert_choice import per_sample_topk
 
@@ -161,6 +162,10 @@ class DiffMoE(MoELayer):
         self.register_buffer("thresholds_E", torch.zeros(self.num_experts))
         self.pool = pool  # training pool scope under torchrun (see the module docstring)
         self.scope = scope  # the batch-level pool, or each sample (see the module docstring)
+
+    def init_plan(self) -> InitPlan:
+        """The router and experts, then τ = 0 (Eq. 17's starting point)."""
+        return super().init_plan() + [("thresholds_E", nn.init.zeros_)]
 
     def route_and_compute(self, x_SD: Tensor, batch: int, routing: Routing) -> FFNOutput:
         """Training: the training rule, its predictor loss and threshold targets. Inference: the
