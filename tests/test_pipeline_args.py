@@ -1,6 +1,7 @@
 """The pipeline's arguments as diffusers' DiTPipeline takes them (issue 33), each against the
 images ``diffmoe sample`` draws or the pipeline's own default call; its errors name the Python
-argument; capacity warnings reach Python; loading a class model imports no transformers."""
+argument; capacity warnings reach Python; loading a class model imports no transformers. The
+``cuda`` test is for benchmarks/gpu_check (skipped without a CUDA device)."""
 
 from __future__ import annotations
 
@@ -180,3 +181,24 @@ def test_loading_a_class_model_imports_no_transformers_or_torchmetrics(run):
     out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.mark.cuda
+def test_on_cuda_generators_and_bf16_as_on_the_cpu(run):
+    """On a CUDA device (benchmarks/gpu_check runs this): one CUDA generator per image makes an
+    image the same alone as in its batch, a CPU generator is refused in one line, and bf16
+    weights sample close to fp32."""
+    pipe = DiffMoEPipeline.from_pretrained(run, device="cuda")
+
+    def gens(*seeds):
+        return [torch.Generator(device="cuda").manual_seed(s) for s in seeds]
+
+    batch = _call(pipe, output_type="pt", generator=gens(1, 2, 3, 4), mode="dynamic").images
+    alone = _call(pipe, class_labels=[1], output_type="pt", generator=gens(2),
+                  mode="dynamic").images
+    torch.testing.assert_close(batch[1:2], alone, atol=5e-3, rtol=0)  # TF32 matmuls
+    with pytest.raises(DiffMoEError, match="generator is on cpu but the model on cuda"):
+        _call(pipe, generator=torch.Generator())
+    half = DiffMoEPipeline.from_pretrained(run, device="cuda", torch_dtype=torch.bfloat16)
+    torch.testing.assert_close(_call(half, output_type="pt").images,
+                               _call(pipe, output_type="pt").images, atol=0.05, rtol=0)
