@@ -57,13 +57,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from . import distributed
 from .errors import CheckpointError
-from .fileio import fsync_file, save_safetensors, sha256_file
+from .fileio import fsync_file, new_file_mode, sha256_file
 from .paths import stamped, user_path
 
 log = logging.getLogger(__name__)
@@ -244,9 +244,10 @@ def _write_checkpoint(tmp: Path, step: int, files: dict[str, dict[str, torch.Ten
     for name, tensors in files.items():
         path = tmp / f"{name}.safetensors"
         try:
-            save_safetensors(_contiguous(tensors), path)
+            save_file(_contiguous(tensors), str(path))
         except SafetensorError as exc:
             raise _as_os_error(exc, path) from exc
+        os.chmod(path, new_file_mode())  # save_file makes it 0600; the rest of the run is not
         fsync_file(path)
         manifest[path.name] = _file_record(path)
     full_state = dict(state, format_version=FORMAT_VERSION, step=step, files=manifest)

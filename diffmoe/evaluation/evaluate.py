@@ -27,9 +27,9 @@ from ..models import DiT
 from ..pipeline import DiffMoEPipeline
 from ..sample import option_name, parse_labels, recorded_settings, resolve_routing
 from .inception import FEATURE_DIM, default_extractor
-from .metrics import FeatureStats, check_set_sizes, compare
+from .metrics import FeatureStats, check_generated_size, check_set_sizes, compare
 from .npz import NpzSampleWriter
-from .reference import Reference, load_reference, run_cache_dir
+from .reference import Reference, is_file_reference, load_reference, run_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class Evaluator:
         data_spec = f"{data.get('name', 'mnist')}:{data.get('split', 'train')}"
         if data.get("name") == "folder":
             data_spec = f"folder:{data['path']}"
+        if not is_file_reference(options.reference or data_spec):  # before a reference is made
+            check_generated_size(options.num, with_features=True)
         if data.get("name") == "latents" and not options.reference:
             raise ConfigError("a model trained on a latent cache has no packaged reference set; "
                               "pass --ref with an ADM reference batch (e.g. "

@@ -255,6 +255,13 @@ def folder_reference(spec: str, default_num: int, image_size: int,
     return _cached_or_computed(path, source, images, batch_size, progress)
 
 
+def is_file_reference(spec: str) -> bool:
+    """Whether ``spec`` names an .npz file (whose features are known only once it is read), not
+    a dataset or a folder (which always have features)."""
+    return not spec.startswith(FOLDER_PREFIX) and (
+        spec.endswith(".npz") or Path(user_path(spec)).is_file())
+
+
 def load_reference(spec: str, default_num: int, cache: Optional[str | Path] = None,
                    batch_size: int = 50, progress: bool = True,
                    image_size: Optional[int] = None) -> Reference:
@@ -265,6 +272,6 @@ def load_reference(spec: str, default_num: int, cache: Optional[str | Path] = No
             raise DataError(f"reference '{spec}': a folder reference needs the side to crop its "
                             f"images to")
         return folder_reference(spec, default_num, image_size, cache, batch_size, progress)
-    if spec.endswith(".npz") or Path(user_path(spec)).is_file():
+    if is_file_reference(spec):
         return npz_reference(Path(user_path(spec)), cache, batch_size, progress)
     return dataset_reference(spec, default_num, cache, batch_size, progress)
