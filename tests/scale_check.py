@@ -17,9 +17,10 @@ block saw under FSDP2 (dtype and values), and both losses, averaged over ranks.
 filling its shards), gathered whole, against the model built whole on the CPU from the same seed,
 for several configs (``config`` is a comma-separated list of ``path[+override...]``).
 
-``loaded``: resume a run under this world size and engine without training a step, then report
-whether the state each rank holds, gathered whole, equals the whole tensors of the checkpoint it
-resumed from (weights, EMA and AdamW state), and the shape of each rank's local weights.
+``loaded``: resume a run under this world size and engine, report whether the state each rank
+holds before any step, gathered whole, equals the whole tensors of the checkpoint it resumed from
+(weights, EMA and AdamW state) and the shape of each rank's local weights, then train on to
+``train.steps``.
 """
 
 from __future__ import annotations
@@ -233,6 +234,9 @@ def check_loaded(config: str, result: str, overrides: list[str]) -> None:
         report["optimizer"] = sorted(saved) == sorted(flat) and all(
             torch.equal(saved[k], flat[k].reshape(saved[k].shape)) for k in saved)
         report["optimizer_entries"] = len(saved)
+    trainer.train()
+    if dist.get_rank() == 0:
+        report["final_step"] = trainer.step
         with open(result, "w") as fh:
             json.dump(report, fh)
     trainer.close()

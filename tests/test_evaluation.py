@@ -415,3 +415,51 @@ def test_eval_caches_its_reference_in_the_run_and_says_so(tiny_run, tmp_path, mo
     assert not (tmp_path / "home").exists()
     assert any("to be cached at" in r.getMessage() and str(cache_file) in r.getMessage()
                for r in caplog.records)
+
+
+def test_features_run_where_the_model_samples_and_only_rank_0_shows_progress(tiny_run,
+                                                                            monkeypatch):
+    """The Inception runs on the sampling device (the model's) in the feature precision the
+    sampling settings give, a rank other than 0 draws no progress bar, and what a rank hands to
+    the gather is features and capacity records, no images (without --save-npz)."""
+    from diffmoe.evaluation import evaluate
+    from diffmoe.evaluation.evaluate import EvalOptions, Evaluator
+
+    evaluator = Evaluator.load(tiny_run, {"batch_size": 2}, EvalOptions(num=4, device="cpu"))
+    seen = {"progress": [], "extractors": [], "parts": []}
+    generate, extractor = evaluate.generate_batches, evaluate.default_extractor
+
+    def spy_generate(*args, **kwargs):
+        seen["progress"].append(kwargs["progress"])
+        return generate(*args, **kwargs)
+
+    def spy_extractor(precision, device):
+        seen["extractors"].append((precision, torch.device(device)))
+        return extractor(precision, device)
+
+    def spy_gather(part):
+        seen["parts"].append(part)
+        return [part]
+
+    monkeypatch.setattr(evaluate, "generate_batches", spy_generate)
+    monkeypatch.setattr(evaluate, "default_extractor", spy_extractor)
+    monkeypatch.setattr(evaluate.distributed, "gather_to_main", spy_gather)
+    labels = torch.arange(4) % 10
+    for rank in (0, 1):
+        monkeypatch.setattr(evaluate.distributed, "process_share", lambda r=rank: (r, 2))
+        feats, _, _ = evaluator._features(labels, evaluator.sample, CapacityMeter(), None,
+                                          "fp32")
+        assert feats.shape == (2, FEATURE_DIM)  # this rank's one batch of 2
+    assert seen["progress"] == [True, False]
+    assert seen["extractors"] == [("fp32", evaluator.device)] * 2
+    sent = [p for p in seen["parts"] if p is not None]
+    assert len(sent) == 2 and all(p["pixels"] is None and p["labels"] is None for p in sent)
+
+
+def test_features_follow_the_sampling_precision_on_a_gpu_only():
+    from diffmoe.evaluation.inception import feature_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert feature_precision("bf16", cuda) == "bf16" and feature_precision("fp32", cuda) == "fp32"
+    # The CPU keeps fp32 features, comparable with every earlier result.
+    assert feature_precision("bf16", cpu) == "fp32"

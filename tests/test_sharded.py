@@ -24,6 +24,9 @@ from diffmoe.checkpoint import (
     checkpoint_name,
     list_checkpoints,
     open_checkpoint,
+    prune_checkpoints,
+    remove_incomplete,
+    save_sharded_checkpoint,
 )
 from diffmoe.cli import main as cli
 from diffmoe.config import load_config
@@ -42,22 +45,21 @@ PARTS = ("model", "ema", "optimizer")
 # parameter in two, and the few replicated tensors (thresholds, step counts) go to one file.
 SHARE_OF_ONE_RANK = 0.75
 
-pytestmark = pytest.mark.slow
 
 
 def settings(run: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in {**RUN, "train.out_dir": run, **extra}.items()]
 
 
-def train(run: Path, nproc: int = 2, faults: str = "", *extra: str, **config) -> jobs.Job:
-    args = [str(HERE / "fault_runner.py"), "train", str(CONFIG), *settings(run, **config),
-            *extra]
-    return jobs.torchrun(args, TIMEOUT_S, job_env(DIFFMOE_FAULTS=faults), nproc=nproc)
+def train(run: Path, faults: str = "", **config) -> jobs.Job:
+    """``diffmoe train`` of ``run`` on 2 ranks, with ``faults`` (tests/fault_runner.py)."""
+    args = [str(HERE / "fault_runner.py"), "train", str(CONFIG), *settings(run, **config)]
+    return jobs.torchrun(args, TIMEOUT_S, job_env(DIFFMOE_FAULTS=faults))
 
 
 def check_loaded(run: Path, nproc: int, report: Path, **config) -> dict:
     """tests/scale_check.py ``loaded``: resume ``run`` on ``nproc`` ranks, compare what every
-    rank holds with the checkpoint."""
+    rank holds with the checkpoint, then train on to ``train.steps``."""
     proc = jobs.torchrun([str(HERE / "scale_check.py"), "loaded", str(CONFIG), str(report),
                           *settings(run, **config)], TIMEOUT_S, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -90,6 +92,7 @@ def killed(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_save_leaves_the_previous_sharded_checkpoint(killed):
     root = killed / "checkpoints"
     assert [p.name for p in list_checkpoints(root)] == [checkpoint_name(2)]
@@ -107,6 +110,7 @@ def test_a_rank_killed_mid_save_leaves_the_previous_sharded_checkpoint(killed):
         assert all(b < SHARE_OF_ONE_RANK * whole for b in held.values()), (part, held, whole)
 
 
+@pytest.mark.slow
 def test_one_process_resumes_the_sharded_checkpoint_as_an_uninterrupted_run_would(
         killed, tmp_path):
     from diffmoe.train import Trainer
@@ -153,6 +157,7 @@ def test_one_process_resumes_the_sharded_checkpoint_as_an_uninterrupted_run_woul
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel, nproc", [("fsdp", 3), ("ddp", 2)],
                          ids=["fsdp2-on-3-ranks", "ddp-on-2-ranks"])
 def test_other_world_sizes_and_engines_resume_holding_the_checkpoint(killed, tmp_path,
@@ -166,14 +171,14 @@ def test_other_world_sizes_and_engines_resume_holding_the_checkpoint(killed, tmp
     if parallel == "fsdp":  # each of 3 ranks holds a third of the rows (FSDP2 pads the last)
         d = load_config(CONFIG).model.hidden_size
         assert report["local_shapes"]["blocks.0.attn.qkv.weight"][0] == d
-    proc = train(run, nproc, "", "--resume", **{"train.parallel": parallel})  # on to step 4
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report["final_step"] == STEPS
     last = open_checkpoint(run)
     assert last.state["step"] == STEPS and last.state["world_size"] == nproc and last.sharded
     shards = sorted(p.name for p in (last.path / "model").glob("__*.distcp"))
     assert len(shards) == nproc, shards
 
 
+@pytest.mark.slow
 def test_a_single_process_checkpoint_resumes_under_fsdp2(tmp_path):
     """Checkpoints of one file (a single process's, and every one written before sharding) load
     into a sharded model, each rank taking its shards of the whole tensors."""
@@ -186,10 +191,11 @@ def test_a_single_process_checkpoint_resumes_under_fsdp2(tmp_path):
     finally:
         trainer.close()
     assert not open_checkpoint(run).sharded
-    report = check_loaded(run, 2, tmp_path / "loaded.json")
+    report = check_loaded(run, 2, tmp_path / "loaded.json", **{"train.steps": 2})
     assert report["fsdp"] and report["model"] and report["ema"] and report["optimizer"], report
 
 
+@pytest.mark.slow
 def test_weights_are_read_from_a_sharded_checkpoint_without_a_process_group(killed, tmp_path):
     assert not torch.distributed.is_initialized()
     ema = open_checkpoint(killed).tensors("ema")
@@ -205,3 +211,36 @@ def test_weights_are_read_from_a_sharded_checkpoint_without_a_process_group(kill
     exported = torch.load(next((tmp_path / "official" / "checkpoints").glob("*.pt")),
                           weights_only=True)
     assert set(exported) >= {"model", "ema"}
+
+
+def write_sharded(root: Path, step: int) -> Path:
+    """A sharded checkpoint written by this process alone (a world of one)."""
+    tensors = {"w": torch.arange(6.0).reshape(2, 3)}
+    return save_sharded_checkpoint(root, step, {"model": tensors, "ema": tensors,
+                                                "optimizer": {"state": {}}}, {}, {})
+
+
+def test_sharded_checkpoints_are_pruned_by_their_own_files_only(tmp_path):
+    root = tmp_path / "checkpoints"
+    first = write_sharded(root, 1)
+    (first / "model" / "notes.txt").write_text("mine")  # a file the checkpoint did not write
+    for step in (2, 3):
+        write_sharded(root, step)
+    prune_checkpoints(root, keep=1)
+    assert [p.name for p in list_checkpoints(root)] == [checkpoint_name(3)]
+    assert not (root / checkpoint_name(2)).exists()
+    # The other one's own files went; the note, and the folders holding it, stayed.
+    assert sorted(p.relative_to(first).as_posix() for p in first.rglob("*")) == [
+        "model", "model/notes.txt"]
+    assert torch.equal(open_checkpoint(root / checkpoint_name(3)).tensors("ema")["w"],
+                       torch.arange(6.0).reshape(2, 3))
+
+
+def test_a_partial_sharded_write_is_removed_on_resume(tmp_path):
+    root = tmp_path / "checkpoints"
+    done = write_sharded(root, 1)
+    partial = root / f"{TMP_PREFIX}{checkpoint_name(2)}-123"
+    shutil.copytree(done / "model", partial / "model")  # the shards of a write cut short
+    (partial / "ema").mkdir()
+    assert remove_incomplete(root) == [partial] and not partial.exists()
+    assert [p.name for p in list_checkpoints(root)] == [checkpoint_name(1)]

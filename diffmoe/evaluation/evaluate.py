@@ -1,7 +1,9 @@
 """``diffmoe eval`` and ``diffmoe sweep-thresholds``: sample quality per unit of compute.
 
-Samples are generated batch by batch and pushed through the Inception at once, so only their
-features are kept. Every result records C_avg_infer (Eq. 15) with its per-layer and per-timestep
+Samples are generated batch by batch and pushed through the Inception at once, on the sampling
+device (in bf16 on a GPU sampling in bf16: :func:`.inception.feature_precision`), so only their
+features are kept; under torchrun only features (and capacity records) travel to rank 0, and
+only rank 0 shows progress. Every result records C_avg_infer (Eq. 15) with its per-layer and per-timestep
 breakdown, the activated parameters (Eq. 40), the sampling throughput and the resolved settings.
 """
 
@@ -26,7 +28,7 @@ from ..errors import ConfigError
 from ..models import DiT
 from ..pipeline import DiffMoEPipeline
 from ..sample import option_name, parse_labels, recorded_settings, resolve_routing
-from .inception import FEATURE_DIM, default_extractor
+from .inception import FEATURE_DIM, default_extractor, feature_precision
 from .metrics import FeatureStats, check_generated_size, check_set_sizes, compare
 from .npz import NpzSampleWriter
 from .reference import Reference, is_file_reference, load_reference, run_cache_dir
@@ -64,7 +66,7 @@ class Evaluator:
     sample: SampleConfig
     options: EvalOptions
     data_spec: str
-    reference: Optional[Reference] = field(default=None)
+    references: dict[str, Reference] = field(default_factory=dict)  # by feature precision
     data: dict = field(default_factory=dict)  # the checkpoint's data config
     decoder: Optional[Callable] = None  # latents → images for a latent model
     pipeline: Optional[DiffMoEPipeline] = None  # what the images are drawn through
@@ -90,14 +92,21 @@ class Evaluator:
         return cls(pipe.pretrained.source, pipe.pretrained.step, pipe.model, pipe.objective, s,
                    options, data_spec, data=data, decoder=pipe.decoder(), pipeline=pipe)
 
-    def load_reference(self) -> Reference:
-        if self.reference is None:
+    @property
+    def device(self) -> torch.device:
+        """Where the model samples, and the Inception runs."""
+        return next(self.model.parameters()).device
+
+    def load_reference(self, precision: str = "fp32") -> Reference:
+        """The reference's features in ``precision`` (that of the generated ones)."""
+        if precision not in self.references:
             spec = self.options.reference or self.data_spec
             cache = self.options.cache_dir or run_cache_dir(self.checkpoint)
-            self.reference = load_reference(spec, self.options.num, cache,
-                                            self.options.feature_batch, self.options.progress,
-                                            decoded_size(self.data, self.model.cfg.input_size))
-        return self.reference
+            self.references[precision] = load_reference(
+                spec, self.options.num, cache, self.options.feature_batch,
+                self.options.progress, decoded_size(self.data, self.model.cfg.input_size),
+                precision, self.device)
+        return self.references[precision]
 
     def run(self, settings: Optional[SampleConfig] = None,
             save_npz: Optional[str] = None) -> Optional[dict]:
@@ -109,12 +118,13 @@ class Evaluator:
         s = settings if settings is not None else self.sample
         routing = resolve_routing(self.model, s, option_name)
         rank, processes = distributed.process_share()
-        reference = self.load_reference() if rank == 0 else None
+        precision = feature_precision(s.precision, self.device)
+        reference = self.load_reference(precision) if rank == 0 else None
         if reference is not None:
             check_set_sizes(reference.stats, s.num)
         labels = parse_labels(self.options.labels, s.num, self.model.cfg.num_classes, s.seed)
         meter = CapacityMeter()
-        feats, timing, npz_path = self._features(labels, s, meter, save_npz)
+        feats, timing, npz_path = self._features(labels, s, meter, save_npz, precision)
         if rank != 0:
             return None
         generated = FeatureStats.from_features(feats)
@@ -139,7 +149,7 @@ class Evaluator:
             **timing,
             "settings": dict(recorded_settings(s, routing.mode), labels=self.options.labels,
                              device=self.options.device, feature_dim=FEATURE_DIM,
-                             processes=processes),
+                             feature_precision=precision, processes=processes),
             "reference": {"source": reference.source, "num": reference.stats.num,
                           "cache_file": reference.cache_file, "from_cache": reference.cached},
             "samples_npz": npz_path,
@@ -147,24 +157,27 @@ class Evaluator:
         }
 
     def _features(self, labels: torch.Tensor, s: SampleConfig, meter: CapacityMeter,
-                  save_npz: Optional[str]) -> tuple[torch.Tensor, dict, Optional[str]]:
+                  save_npz: Optional[str], precision: str
+                  ) -> tuple[torch.Tensor, dict, Optional[str]]:
         """Sample batch by batch (decoding latents), keeping only the Inception features and,
         with ``save_npz``, the images in an ADM-style .npz. Under torchrun each process samples
         every N-th batch (its sampling batch is the DiffMoE pool), and after each round rank 0
         gathers the round's features, images and capacity records in batch order, so the result
         is the same for any number of processes. Returns the features, the seconds spent
-        sampling and extracting features, and the .npz path (rank 0; elsewhere empty)."""
+        sampling and extracting features, and the .npz path (rank 0; elsewhere empty). The
+        Inception runs on the sampling device in ``precision``; only rank 0 shows progress."""
         rank, world = distributed.process_share()
         writer = self._npz_writer(save_npz, s.num) if save_npz and rank == 0 else None
         num_batches = -(-labels.shape[0] // s.batch_size)
         share = _BatchMeter()
         feats, sampling_s, feature_s = [], 0.0, 0.0
         try:
-            batches = self.pipeline.batches(labels, s, progress=self.options.progress,
+            batches = self.pipeline.batches(labels, s, progress=self.options.progress and rank == 0,
                                             meter=share, batches=range(rank, num_batches, world))
+            extractor = default_extractor(precision, self.device)
             for first in range(0, num_batches, world):
-                part, seconds = self._batch_part(batches, share, first + rank < num_batches,
-                                                 save_npz is not None)
+                part, seconds = self._batch_part(batches, share, extractor,
+                                                 first + rank < num_batches, save_npz is not None)
                 sampling_s += seconds[0]
                 feature_s += seconds[1]
                 for item in distributed.gather_to_main(part) or []:
@@ -181,8 +194,8 @@ class Evaluator:
         timing = {"sampling_seconds": sampling_s, "feature_seconds": feature_s}
         return (torch.cat(feats) if feats else torch.empty(0, FEATURE_DIM)), timing, npz_path
 
-    def _batch_part(self, batches, share: "_BatchMeter", has_batch: bool, keep_pixels: bool
-                    ) -> tuple[Optional[dict], tuple[float, float]]:
+    def _batch_part(self, batches, share: "_BatchMeter", extractor, has_batch: bool,
+                    keep_pixels: bool) -> tuple[Optional[dict], tuple[float, float]]:
         """This process's next batch: its features, capacity records and (for an .npz) its
         pixels and labels; None when it has no batch in this round."""
         if not has_batch:
@@ -194,7 +207,6 @@ class Evaluator:
             images = self.decoder(images)
         sampled = time.perf_counter()
         pixels = to_uint8(images)
-        extractor = default_extractor()
         features = torch.cat([extractor(chunk).cpu()
                               for chunk in pixels.split(self.options.feature_batch)])
         share.current.end_batch()  # its records on the host, to travel to rank 0
@@ -252,7 +264,7 @@ def sweep(evaluator: Evaluator, thresholds: list[float], budget: float = 1.0,
             "best": best, "rows": rows,
             "settings": dict(recorded_settings(evaluator.sample, evaluator.sample.mode),
                              labels=evaluator.options.labels),
-            "reference": evaluator.reference.source if evaluator.reference else None}
+            "reference": next((r.source for r in evaluator.references.values()), None)}
 
 
 def sweep_table(result: dict) -> str:

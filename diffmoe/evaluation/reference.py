@@ -134,8 +134,10 @@ def parse_dataset_spec(spec: str, default_num: int) -> tuple[str, str, int]:
 
 
 def features_of_images(images_u8: torch.Tensor, batch_size: int, progress: bool,
-                       desc: str, precision: str = "fp32") -> FeatureStats:
-    feats = extract_features(batched(images_u8, batch_size), default_extractor(precision),
+                       desc: str, precision: str = "fp32",
+                       device: torch.device | str = "cpu") -> FeatureStats:
+    feats = extract_features(batched(images_u8, batch_size),
+                             default_extractor(precision, device),
                              total=images_u8.shape[0], desc=desc, progress=progress)
     return FeatureStats.from_features(feats)
 
@@ -147,9 +149,10 @@ def _precision_tag(precision: str) -> str:
 
 def dataset_reference(spec: str, default_num: int, cache: Optional[str | Path] = None,
                       batch_size: int = 50, progress: bool = True,
-                      precision: str = "fp32") -> Reference:
+                      precision: str = "fp32", device: torch.device | str = "cpu") -> Reference:
     """``precision``: the Inception's (:data:`inception.FEATURE_PRECISIONS`), part of the cache
-    name; compare generated features of the same precision only."""
+    name; compare generated features of the same precision only. ``device``: where the
+    Inception runs."""
     name, split, num = parse_dataset_spec(spec, default_num)
     ds = build_dataset(name, split)
     if num > len(ds):
@@ -159,11 +162,12 @@ def dataset_reference(spec: str, default_num: int, cache: Optional[str | Path] =
     tag = _precision_tag(precision)
     path = cache_dir(cache) / "fid" / f"{name}-{split}-n{num}-{inception_id()}{tag}.npz"
     return _cached_or_computed(path, source + tag, lambda: ds.images[:num], batch_size,
-                               progress, precision)
+                               progress, precision, device)
 
 
 def _cached_or_computed(path: Path, source: str, images_nchw: Callable[[], torch.Tensor],
-                        batch_size: int, progress: bool, precision: str = "fp32") -> Reference:
+                        batch_size: int, progress: bool, precision: str = "fp32",
+                        device: torch.device | str = "cpu") -> Reference:
     """The reference's features from the cache file if it is readable, else computed from
     ``images_nchw()`` (uint8) and cached."""
     if path.is_file():
@@ -174,7 +178,7 @@ def _cached_or_computed(path: Path, source: str, images_nchw: Callable[[], torch
     log.info("reference %s: computing its Inception features, to be cached at %s (choose the "
              "place with --cache-dir or $%s)", source, path, CACHE_ENV)
     stats = features_of_images(images_nchw(), batch_size, progress, f"reference {source}",
-                               precision)
+                               precision, device)
     save_stats(stats, path, {"format": CACHE_FORMAT, "source": source,
                              "inception": inception_id(), "precision": precision})
     log.info("reference %s cached at %s", source, path)
@@ -188,7 +192,10 @@ def _check_shape(path: Path, key: str, array: np.ndarray, expected: tuple) -> No
 
 
 def npz_reference(path: Path, cache: Optional[str | Path] = None, batch_size: int = 50,
-                  progress: bool = True) -> Reference:
+                  progress: bool = True, precision: str = "fp32",
+                  device: torch.device | str = "cpu") -> Reference:
+    """An ADM-style reference batch: its statistics as they are, or the features of its images
+    (``precision`` and ``device`` as for :func:`dataset_reference`)."""
     if path.is_dir():
         raise DataError(f"reference file {path} is a directory; pass an .npz file (or "
                         f"DATASET[:SPLIT][:N])")
@@ -210,11 +217,12 @@ def npz_reference(path: Path, cache: Optional[str | Path] = None, batch_size: in
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
         raise DataError(f"reference file {path}: 'arr_0' must be uint8 images (N, H, W, 1 or 3) "
                         f"as the ADM evaluator writes them; got {images.dtype} {images.shape}")
-    source = f"images {path} ({images.shape[0]})"
-    cache_file = cache_dir(cache) / "fid" / f"npz-{_file_hash(path)}-{inception_id()}.npz"
+    tag = _precision_tag(precision)
+    source = f"images {path} ({images.shape[0]}){tag}"
+    cache_file = cache_dir(cache) / "fid" / f"npz-{_file_hash(path)}-{inception_id()}{tag}.npz"
     return _cached_or_computed(cache_file, source,
                                lambda: torch.from_numpy(images).permute(0, 3, 1, 2),
-                               batch_size, progress)
+                               batch_size, progress, precision, device)
 
 
 FOLDER_PREFIX = "folder:"
@@ -235,7 +243,8 @@ def parse_folder_spec(spec: str, default_num: int) -> tuple[Path, int]:
 
 def folder_reference(spec: str, default_num: int, image_size: int,
                      cache: Optional[str | Path] = None, batch_size: int = 50,
-                     progress: bool = True) -> Reference:
+                     progress: bool = True, precision: str = "fp32",
+                     device: torch.device | str = "cpu") -> Reference:
     root, num = parse_folder_spec(spec, default_num)
     listing = list_folder(root)
     if num > len(listing):
@@ -244,15 +253,17 @@ def folder_reference(spec: str, default_num: int, image_size: int,
                         f"smaller --num)")
     spread = [i * len(listing) // num for i in range(num)]
     order = spread + sorted(set(range(len(listing))) - set(spread))  # the rest stand in
-    source = f"folder {root}:{num} at {image_size}x{image_size}"
+    tag = _precision_tag(precision)
+    source = f"folder {root}:{num} at {image_size}x{image_size}{tag}"
     key = listing.fingerprint(size=image_size)[:16]
-    path = cache_dir(cache) / "fid" / f"folder-{key}-n{num}-s{image_size}-{inception_id()}.npz"
+    path = (cache_dir(cache) / "fid"
+            / f"folder-{key}-n{num}-s{image_size}-{inception_id()}{tag}.npz")
 
     def images() -> torch.Tensor:
         channels = folder_channels(folder_modes(listing.subset(spread)))
         return decode_first(listing, order, num, image_size, channels, progress)
 
-    return _cached_or_computed(path, source, images, batch_size, progress)
+    return _cached_or_computed(path, source, images, batch_size, progress, precision, device)
 
 
 def is_file_reference(spec: str) -> bool:
@@ -264,14 +275,17 @@ def is_file_reference(spec: str) -> bool:
 
 def load_reference(spec: str, default_num: int, cache: Optional[str | Path] = None,
                    batch_size: int = 50, progress: bool = True,
-                   image_size: Optional[int] = None) -> Reference:
+                   image_size: Optional[int] = None, precision: str = "fp32",
+                   device: torch.device | str = "cpu") -> Reference:
     """The reference ``spec`` names; ``image_size`` is the side a folder's images are cropped
-    to (that of the generated images)."""
+    to (that of the generated images); the Inception runs on ``device`` in ``precision``."""
     if spec.startswith(FOLDER_PREFIX):
         if image_size is None:
             raise DataError(f"reference '{spec}': a folder reference needs the side to crop its "
                             f"images to")
-        return folder_reference(spec, default_num, image_size, cache, batch_size, progress)
+        return folder_reference(spec, default_num, image_size, cache, batch_size, progress,
+                                precision, device)
     if is_file_reference(spec):
-        return npz_reference(Path(user_path(spec)), cache, batch_size, progress)
-    return dataset_reference(spec, default_num, cache, batch_size, progress)
+        return npz_reference(Path(user_path(spec)), cache, batch_size, progress, precision,
+                             device)
+    return dataset_reference(spec, default_num, cache, batch_size, progress, precision, device)
