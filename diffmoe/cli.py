@@ -92,7 +92,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .sample import sample_checkpoint, summary_path
+    from .sample import summary_path
 
     overrides = sample_overrides(args, with_num=True)
     out = Path(args.out)
@@ -103,7 +103,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise DiffMoEError(f"--out '{out}' is a directory; pass a file such as "
                            f"{out / 'samples.png'}")
     check_outputs([out, summary_path(out)], args.force)
-    from .hub import is_folder, read_config, sample_folder
+    from .hub import is_folder, read_config
 
     if args.judge:
         from .evaluation.mnist_judge import check_judgeable, judge_samples
@@ -115,9 +115,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                f"sample does not read yet; sample it in Python: "
                                f"DiffMoEPipeline.from_pretrained(folder)(prompt=[...])")
         return cmd_sample_text(args, overrides)
-    sample = sample_folder if is_folder(args.checkpoint) else sample_checkpoint
-    summary = sample(args.checkpoint, overrides, args.out, args.labels, args.device,
-                     measure=judge_samples if args.judge else None, vae=args.vae)
+    from .pipeline import sample_grid
+
+    summary = sample_grid(args.checkpoint, overrides, args.out, args.labels, args.device,
+                          measure=judge_samples if args.judge else None, vae=args.vae)
     log.info("wrote %s (C_avg_infer %.3f, mode %s)", summary["image"], summary["c_avg_infer"],
              summary["settings"]["mode"])
     shown = {k: summary[k] for k in ("image", "c_avg_infer", "activated_params")}
@@ -381,8 +382,8 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-batch", dest="feature_batch", type=int, default=50,
                    help="images per Inception forward")
     p.add_argument("--cache-dir", dest="cache_dir", type=user_path, default=None,
-                   help="where reference statistics are cached (default $DIFFMOE_CACHE_DIR or "
-                        "~/.cache/diffmoe)")
+                   help="where reference statistics are cached (default $DIFFMOE_CACHE_DIR, else "
+                        "for eval the run's cache/, else ~/.cache/diffmoe)")
     p.add_argument("--no-progress", dest="no_progress", action="store_true",
                    help="no progress bars")
 

@@ -26,3 +26,9 @@ class DataError(DiffMoEError):
 class TrainingError(DiffMoEError):
     """Training stopped: a non-finite loss, a rank that died or hung, or a termination signal. The
     message names the step and the checkpoint to resume from."""
+
+
+class CapacityWarning(UserWarning):
+    """Sampling settings that work but are probably not what was meant (a DiffMoE token pool of
+    one image, a threshold under which no expert or every expert takes every token); the
+    pipeline reports them with ``warnings.warn``, the CLI as log warnings."""

@@ -51,6 +51,24 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool 
     return path
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: Optional[dict] = None) -> Path:
+    """``safetensors.torch.save_file``, the file then given the mode every other file gets
+    (:func:`new_file_mode`): save_file creates it readable by its owner alone (0600), which on
+    a shared filesystem hides weights beside a readable config."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata)
+    os.chmod(path, new_file_mode())
+    return Path(path)
+
+
 def atomic_write_text(path: str | Path, text: str, durable: bool = False) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text), durable)
 

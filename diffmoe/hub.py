@@ -1,10 +1,12 @@
 """A trained model as a Hub-style folder that others can share and load::
 
     <folder>/
-        config.json         the full config the model was trained with (Config.to_dict())
+        config.json         the full config the model was trained with (Config.to_dict()),
+                            without the training machine's paths (without_machine_paths)
         model.safetensors   its weights (EMA by default), the DiffMoE thresholds included; the
                             metadata holds the format ("pt"), the diffmoe version, the training
-                            step, which weights they are and the capacity the card reports
+                            step, which weights they are, the capacity the card reports and
+                            the class names (``id2label``), if the training data named them
         README.md           a short model card: the config, C_avg_infer, the training steps
         vae/                a latent model's VAE, a diffusers AutoencoderKL folder (unless
                             saved with include_vae=False: config.json then names it)
@@ -38,11 +40,14 @@ from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .checkpoint import STATE_FILE, open_checkpoint, state_dict_mismatch
-from .device import resolve_device, use_tf32
-from .diffusion import build_objective
+from .checkpoint import (
+    STATE_FILE,
+    LoadedCheckpoint,
+    load_state_dict_checked,
+    open_checkpoint,
+    state_dict_mismatch,
+)
 from .config import WEIGHTS, Config, config_from_dict
 from .data.latents import (
     VAE_CLASS,
@@ -55,17 +60,10 @@ from .data.latents import (
     vae_reference,
 )
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_write, atomic_write_text, save_safetensors
 from .models import DiT, build_model
 from .paths import user_path
 from .run import METRICS_FILE
-from .sample import (
-    SampledModel,
-    checkpoint_config,
-    model_from_checkpoint,
-    sample_grid,
-    sampling_settings,
-)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -90,6 +88,8 @@ class Pretrained:
     capacity_note: how it was measured.
     vae: what decodes a latent model's samples: the folder's ``vae/``, or what was passed to
     load it (a folder path or an AutoencoderKL); None: its config's ``data.vae`` or its cache's.
+    id2label: the name of each class, as the training data named them (a folder's class
+    subfolders, MNIST's digits), empty when it named none.
     """
 
     model: DiT = dataclasses.field(repr=False)
@@ -100,6 +100,7 @@ class Pretrained:
     c_avg_infer: Optional[float] = None
     capacity_note: str = ""
     vae: Any = dataclasses.field(default=None, repr=False)
+    id2label: dict[int, str] = dataclasses.field(default_factory=dict, repr=False)
 
     def save_pretrained(self, directory: str | Path, include_vae: bool = True, vae: Any = None
                         ) -> Path:
@@ -167,8 +168,38 @@ def _load_folder(folder: Path, weights: str, device: torch.device | str) -> Pret
     model.load_state_dict(tensors)
     capacity = json.loads(meta.get("capacity") or "{}")
     vae = folder / VAE_DIR if (folder / VAE_DIR).is_dir() else None
+    names = json.loads(meta.get("id2label") or "{}")
     return Pretrained(model.to(device).eval(), cfg, int(meta.get("step", 0)), held, folder,
-                      capacity.get("c_avg_infer"), capacity.get("note", ""), vae)
+                      capacity.get("c_avg_infer"), capacity.get("note", ""), vae,
+                      {int(k): v for k, v in names.items()})
+
+
+def checkpoint_config(ckpt: LoadedCheckpoint) -> Config:
+    """The config a checkpoint was trained with (validated)."""
+    try:
+        return config_from_dict(ckpt.state["config"])
+    except (KeyError, TypeError):
+        raise CheckpointError(f"checkpoint '{ckpt.path}' has no usable config in state.json; it "
+                              f"is damaged") from None
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``tensors`` that hold a NaN or an infinity."""
+    return [name for name, t in tensors.items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _checkpoint_model(ckpt: LoadedCheckpoint, weights: str, device: torch.device | str) -> DiT:
+    """The model a checkpoint was trained with, with its ``ema`` or ``raw`` weights."""
+    model = build_model(checkpoint_config(ckpt).model)
+    tensors = ckpt.tensors("ema" if weights == "ema" else "model")
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise CheckpointError(f"checkpoint '{ckpt.path}' holds NaN or inf in {len(bad)} of its "
+                              f"{weights} tensors (first: {bad[0]}); use an earlier checkpoint "
+                              f"of the run")
+    load_state_dict_checked(model, tensors, f"'{ckpt.path}'")
+    return model.to(device).eval()
 
 
 def _logged_capacity(checkpoint: Path) -> Optional[float]:
@@ -209,10 +240,12 @@ def load_pretrained(path: str | Path, weights: str = "ema", device: torch.device
             path / WEIGHTS_FILE).is_file() else ""
         raise CheckpointError(f"'{path}' is not {FOLDER_KINDS}{found}; pass one of those")
     ckpt = open_checkpoint(path)
-    model = model_from_checkpoint(ckpt, weights, device)
+    model = _checkpoint_model(ckpt, weights, device)
     logged = _logged_capacity(ckpt.path)
+    names = (ckpt.state.get("data") or {}).get("class_names") or []
     return Pretrained(model, checkpoint_config(ckpt), int(ckpt.state["step"]), weights,
-                      ckpt.path, logged, CAPACITY_LOGGED if logged is not None else "", vae)
+                      ckpt.path, logged, CAPACITY_LOGGED if logged is not None else "", vae,
+                      dict(enumerate(names)))
 
 
 def is_folder(path: str | Path) -> bool:
@@ -224,22 +257,6 @@ def read_config(path: str | Path) -> Config:
     """The config of a folder, or of a run's newest checkpoint or a checkpoint directory."""
     return _read_config(Path(path)) if is_folder(path) else checkpoint_config(
         open_checkpoint(path))
-
-
-def sample_folder(path: str | Path, overrides: dict, out: str | Path,
-                  labels: Optional[str] = None, device: str | torch.device = "auto",
-                  measure: Any = None, vae: Any = None) -> dict:
-    """``diffmoe sample FOLDER``: :func:`diffmoe.sample.sample_checkpoint` for a folder written by
-    :func:`save_pretrained`, its settings checked before its weights are read; a latent model
-    decodes with ``vae`` if given, else the folder's ``vae/``, else the VAE its config names."""
-    folder, device = Path(path), resolve_device(device, "--device")
-    cfg = _read_config(folder)
-    s = sampling_settings(cfg, overrides)
-    use_tf32(device, s.tf32)
-    p = _load_folder(folder, s.weights, device)
-    source = SampledModel(p.model, build_objective(cfg), cfg, folder, p.step,
-                          vae if vae is not None else p.vae)
-    return sample_grid(source, s, out, labels, device, measure)
 
 
 def load_model(path: str | Path, weights: str = "ema", device: torch.device | str = "cpu"
@@ -306,6 +323,21 @@ def _latent_record(p: Pretrained, include_vae: bool, vae: Any) -> tuple[dict, An
                 scale_factor=space.scale, shift_factor=space.shift,
                 downsampling=space.downsampling)
     return data, model if include_vae else None
+
+
+def without_machine_paths(cfg: Config) -> dict:
+    """The config as a folder records it, with nothing of the machine it was trained on: the
+    run's ``train.out_dir`` and an absolute ``data.cache_dir`` become their defaults, and a
+    folder dataset's ``data.path`` its folder's name (which says what it was trained on). A
+    latent model's ``data`` is recorded by :func:`_latent_record`; a ``data.vae`` the folder
+    does not hold stays, since loading needs it."""
+    config, defaults = cfg.to_dict(), Config()
+    config["train"]["out_dir"] = defaults.train.out_dir
+    if Path(config["data"]["cache_dir"]).is_absolute():
+        config["data"]["cache_dir"] = defaults.data.cache_dir
+    if config["data"]["name"] == "folder":
+        config["data"]["path"] = Path(config["data"]["path"]).name
+    return config
 
 
 def _check_vae_target(directory: Path, include_vae: bool) -> None:
@@ -378,7 +410,7 @@ def save_pretrained(p: Pretrained, directory: str | Path, include_vae: bool = Tr
             raise ConfigError(f"'{directory / name}' is not a file save_pretrained wrote, and it "
                               f"would be replaced; move it away or save the folder somewhere "
                               f"else")
-    config, vae_model = p.config.to_dict(), None
+    config, vae_model = without_machine_paths(p.config), None
     if p.config.data.name == "latents":
         _check_vae_target(directory, include_vae)
         config["data"], vae_model = _latent_record(p, include_vae, vae)
@@ -388,10 +420,11 @@ def save_pretrained(p: Pretrained, directory: str | Path, include_vae: bool = Tr
     tensors = {k: v.detach().cpu().contiguous() for k, v in p.model.state_dict().items()}
     capacity = {"c_avg_infer": p.c_avg_infer, "note": p.capacity_note}
     meta = {"format": SAFETENSORS_FORMAT, "diffmoe_version": VERSION, "step": str(p.step),
-            "weights": p.weights, "capacity": json.dumps(capacity)}
+            "weights": p.weights, "capacity": json.dumps(capacity),
+            "id2label": json.dumps({str(k): v for k, v in p.id2label.items()})}
     config_text = json.dumps(config, indent=2) + "\n"
     card = model_card(dataclasses.replace(p, config=config_from_dict(config)))
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), meta))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_safetensors(tensors, tmp, meta))
     if vae_model is not None:
         _write_vae(vae_model, directory)
     atomic_write_text(directory / CARD_FILE, card)

@@ -76,11 +76,11 @@ from .config import Config, ModelConfig, config_from_dict, deep_merge, overrides
 from .data.latents import LatentSpace, as_vae, check_vae_fits, finished_index
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write, atomic_write_text
+from .hub import nonfinite_tensors
 from .models import DiT, build_model
 from .models.dit import sincos_pos_embed_2d
 from .paths import check_outputs, file_in_the_way
 from .run import CONFIG_FILE
-from .sample import nonfinite_tensors
 
 log = logging.getLogger(__name__)
 

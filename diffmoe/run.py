@@ -41,7 +41,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -444,13 +444,17 @@ class RunDirectory:
             return ""
         return f"; the learning rate of step {step + 1} goes from {before:.3g} to {after:.3g}"
 
-    def check_data(self, num_images: int, contents: Optional[str]) -> None:
-        """Record the dataset the run trains on (its size, and for a folder or a latent cache
-        which files it holds) and refuse a resume whose dataset is not the one the checkpoint
-        recorded: its data order and its steps belong to those images. Before :meth:`begin`."""
+    def check_data(self, num_images: int, contents: Optional[str],
+                   class_names: Sequence[str] = ()) -> None:
+        """Record the dataset the run trains on (its size, for a folder or a latent cache which
+        files it holds, and the names of its classes, for a pipeline's ``id2label``) and refuse
+        a resume whose dataset is not the one the checkpoint recorded: its data order and its
+        steps belong to those images. Before :meth:`begin`."""
         self.data = {"images": num_images, "contents": contents}
         then = self.opening.data
-        if then is None or then == self.data:
+        same = then is None or {key: then.get(key) for key in self.data} == self.data
+        self.data["class_names"] = list(class_names)
+        if same:
             return
         d = self.cfg.data
         where = f"data.path '{d.path}'" if d.path else f"data.name={d.name}"

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch._guards import detect_fake_mode
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from . import distributed, faults, parallel
 from .capacity import expert_capacities
-from .config import Config, SampleConfig, TrainConfig
+from .config import Config, SampleConfig, TrainConfig, config_with
 from .config.schedule import learning_rate
 from .data import BatchIterator, ImageDataset, build_training_dataset, sample_decoder
 from .device import autocast, resolve_device, use_deterministic, use_tf32
@@ -254,7 +256,7 @@ class Trainer:
         resume_from = self.run.open(resume, accept_changes)
         self.dataset = build_training_dataset(cfg)
         check_data_matches_model(cfg, self.dataset, resuming=resume_from is not None)
-        self.run.check_data(len(self.dataset), self.dataset.contents)
+        self.run.check_data(len(self.dataset), self.dataset.contents, self.dataset.class_names)
         self.loader = BatchIterator(self.dataset, t.batch_size // dist.world_size, t.seed,
                                     dist.rank, dist.world_size, self.device)
         self._build_step_parts(resume_from=resume_from)
@@ -454,3 +456,26 @@ def train(cfg: Config, resume: bool = False, accept_changes: bool = False) -> Tr
             trainer.close()
         distributed.teardown(wait_for_others=finished, step=step)
 
+
+def train_from(config: Config | str | Path | dict, resume: bool = False,
+               accept_changes: bool = False, **overrides: Any) -> TrainResult:
+    """:func:`train` from a notebook: ``config`` a :class:`~diffmoe.config.Config`, a YAML path
+    or a dict, updated with ``overrides`` as dotted keys or sections
+    (:func:`~diffmoe.config.config_with`)::
+
+        result = diffmoe.train("configs/digits_tiny.yaml", **{"train.out_dir": "runs/nb"})
+        result = diffmoe.train(cfg, train={"steps": 100}, resume=True)
+    """
+    return train(config_with(config, overrides), resume, accept_changes)
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`train_from`: importing ``diffmoe.train`` binds the
+    package's ``train`` attribute to the module, so ``diffmoe.train(...)`` calls the module."""
+
+    def __call__(self, config: Config | str | Path | dict, resume: bool = False,
+                 accept_changes: bool = False, **overrides: Any) -> TrainResult:
+        return train_from(config, resume, accept_changes, **overrides)
+
+
+sys.modules[__name__].__class__ = _CallableModule

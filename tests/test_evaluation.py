@@ -4,6 +4,8 @@ and the eval / sweep-thresholds / analyze / fid commands on a tiny checkpoint.""
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from test_cli import error_line, run_cli
 from torch.testing import assert_close
 
 from diffmoe.capacity import CapacityMeter, sample_capacities
+from diffmoe.cli import main
 from diffmoe.config import ModelConfig, MoEConfig
 from diffmoe.data import build_dataset
 from diffmoe.diffusion import FlowMatching
@@ -395,6 +398,23 @@ def test_eval_across_two_processes_equals_one_process(tiny_run, tmp_path):
     # gathered in batch order; only the process that runs it differs.
     with np.load(one_npz) as a, np.load(two_npz) as b:
         assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+def test_eval_caches_its_reference_in_the_run_and_says_so(tiny_run, tmp_path, monkeypatch,
+                                                          caplog):
+    """Without --cache-dir or $DIFFMOE_CACHE_DIR, diffmoe eval keeps the reference it computes
+    under the run (not in the home directory) and logs where before computing it."""
+    monkeypatch.delenv("DIFFMOE_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    caplog.set_level(logging.INFO, logger="diffmoe")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_run), "--num", "4", "--steps", "1", "--batch-size", "4",
+                 "--ref", "digits:test:4", "--out", str(out), "--no-progress"]) == 0
+    cache_file = Path(json.loads(out.read_text())["reference"]["cache_file"])
+    assert cache_file.parent == tiny_run / "cache" / "fid" and cache_file.is_file()
+    assert not (tmp_path / "home").exists()
+    assert any("to be cached at" in r.getMessage() and str(cache_file) in r.getMessage()
+               for r in caplog.records)
 
 
 def test_features_run_where_the_model_samples_and_only_rank_0_shows_progress(tiny_run,

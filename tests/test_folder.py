@@ -16,10 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+from diffmoe import DiffMoEPipeline
 from diffmoe.cli import main
 from diffmoe.config import load_config
 from diffmoe.data import ImageDataset, build_training_dataset
 from diffmoe.data.imagefolder import center_crop, folder_channels, folder_modes, list_folder
+from diffmoe.errors import DiffMoEError
 from diffmoe.evaluation.reference import load_reference, parse_folder_spec
 
 SIDE = 8
@@ -79,6 +81,14 @@ def test_class_folder_trains_samples_and_gives_an_fid(tmp_path, caplog, capsys):
     assert main(["sample", str(run), "--num", "2", "--steps", "1", "--batch-size", "2",
                  "--out", str(tmp_path / "s.png")]) == 0
     capsys.readouterr()
+    # The run recorded its class names: the pipeline maps names to labels, also after a save.
+    pipe = DiffMoEPipeline.from_pretrained(run, device="cpu")
+    assert pipe.id2label == {0: "class0", 1: "class1"} and pipe.get_label_ids(["class1"]) == [1]
+    saved = DiffMoEPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "folder"))
+    assert saved.id2label == pipe.id2label
+    with pytest.raises(DiffMoEError, match="'dogs' is not a class of this model; its classes "
+                                           "are \\['class0', 'class1'\\]"):
+        pipe.get_label_ids("dogs")
     out = tmp_path / "eval.json"
     args = ["eval", str(run), "--num", "4", "--steps", "1", "--batch-size", "4", "--ref",
             f"folder:{images}:4", "--cache-dir", str(tmp_path / "fid"), "--out", str(out),

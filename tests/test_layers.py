@@ -18,7 +18,7 @@ LAYERS = (
      "layers", "trackers"),
     ("data", "diffusion"),
     ("models",),
-    ("config", "errors", "paths", "distributed", "faults", "fileio", "device"),
+    ("config", "errors", "extras", "paths", "distributed", "faults", "fileio", "device"),
 )
 LAYER_OF = {package: i for i, layer in enumerate(LAYERS) for package in layer}
 

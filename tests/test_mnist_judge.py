@@ -66,7 +66,7 @@ def test_sample_judge_reports_the_consistency_of_the_grid(train_tiny, tmp_path, 
     carry the judge's reading of exactly the images drawn, for their labels."""
     import json
 
-    from diffmoe import sample as sample_module
+    from diffmoe import pipeline as sample_module  # diffmoe sample draws through it
     from diffmoe.cli import main
 
     run = train_tiny("data.name=mnist", "data.split=test", "data.limit=64", "model.input_size=32",

@@ -23,18 +23,18 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_vae import save_tiny_vae
 
 from diffmoe import DiffMoEPipeline
-from diffmoe.checkpoint import save_checkpoint
+from diffmoe.checkpoint import open_checkpoint, save_checkpoint
 from diffmoe.cli import main
 from diffmoe.config import config_from_dict
 from diffmoe.errors import ConfigError
+from diffmoe.hub import load_pretrained
 from diffmoe.models import build_model
 from diffmoe.models.dit import TimestepEmbedder, sincos_pos_embed_2d
 from diffmoe.models.moe import Routing
-from diffmoe.sample import load_model
 from diffmoe.train import check_data_matches_model
-from tiny_vae import save_tiny_vae
 
 ARCH = dict(depth=4, hidden_size=32, num_heads=2, patch_size=2, input_size=8, num_classes=10)
 MOE_BLOCKS = (1, 3)  # their interleave: MoE in the odd blocks
@@ -258,7 +258,7 @@ def imported(request, tmp_path, capsys):
 @pytest.mark.numerics
 def test_imported_model_reproduces_their_eval_outputs_with_their_thresholds(imported):
     _, theirs, run = imported
-    model, _, _ = load_model(run)  # ema by default, as their sampler
+    model = load_pretrained(run).model  # ema by default, as their sampler
     assert model.cfg.moe.type == "diffmoe" and model.moe_blocks == list(MOE_BLOCKS)
     x, t, y = batch()
     with torch.no_grad():
@@ -274,7 +274,7 @@ def test_imported_model_reproduces_their_eval_outputs_with_their_thresholds(impo
 @pytest.mark.numerics
 def test_imported_model_makes_their_selections_in_train_mode(imported):
     _, theirs, run = imported
-    model, _, _ = load_model(run)
+    model = load_pretrained(run).model
     model.y_embedder.dropout = 0.0  # label dropout draws at random in train mode (theirs too)
     x, t, y = batch()
     with torch.no_grad():
@@ -287,8 +287,8 @@ def test_imported_model_makes_their_selections_in_train_mode(imported):
 
 def test_import_takes_ema_for_sampling_and_keeps_their_model_as_raw(imported):
     theirs_model, theirs_ema, run = imported
-    ema, state, _ = load_model(run)
-    raw, _, _ = load_model(run, weights="raw")
+    ema = load_pretrained(run).model
+    raw = load_pretrained(run, weights="raw").model
     for ours, theirs in ((ema, theirs_ema), (raw, theirs_model)):
         for i in MOE_BLOCKS:
             assert torch.equal(ours.blocks[i].mlp.thresholds_E,
@@ -296,13 +296,13 @@ def test_import_takes_ema_for_sampling_and_keeps_their_model_as_raw(imported):
         torch.testing.assert_close(ours.y_embedder.table.weight,
                                    theirs["y_embedder.embedding_table.weight"])
     assert not torch.equal(ema.y_embedder.table.weight, raw.y_embedder.table.weight)
+    state = open_checkpoint(run).state
     assert state["imported_config"].endswith(YAML_NAME)  # found beside the checkpoint
 
 
 def test_import_reads_moe_config_alpha_and_flow_time_from_their_files(imported):
     _, _, run = imported
-    _, state, _ = load_model(run)
-    cfg = config_from_dict(state["config"])
+    cfg = load_pretrained(run).config
     moe = cfg.model.moe
     assert (moe.num_experts, moe.capacity, moe.interleave) == (EXPERTS, CAPACITY, True)
     assert moe.threshold_ema == ALPHA  # 0.9, not the float32 0.8999999762
@@ -331,8 +331,7 @@ def test_ddpm_import_feeds_integer_timesteps_and_guides_three_channels(tmp_path,
     their_experiment(tmp_path, rf=False)
     rc, _, errors = run_cli(["import-official", tmp_path / CKPT, tmp_path / "out"], capsys)
     assert rc == 0 and not errors, errors
-    _, state, _ = load_model(tmp_path / "out")
-    cfg = config_from_dict(state["config"])
+    cfg = load_pretrained(tmp_path / "out").config
     assert cfg.objective.type == "ddpm" and cfg.objective.num_timesteps == 1000
     assert cfg.model.learn_sigma and cfg.sample.guidance_channels == 3
     rc, _, errors = run_cli(["sample", tmp_path / "out", "--num", "2", "--batch-size", "2",
@@ -364,7 +363,7 @@ def test_import_accepts_a_bare_state_dict_with_their_yaml(tmp_path, capsys):
     rc, _, errors = run_cli(["import-official", tmp_path / "bare.pt", "--config",
                              tmp_path / "theirs.yaml", tmp_path / "out"], capsys)
     assert rc == 0 and not errors, errors
-    model, _, _ = load_model(tmp_path / "out")
+    model = load_pretrained(tmp_path / "out").model
     assert not model.cfg.learn_sigma
     assert torch.equal(model.blocks[1].mlp.thresholds_E, theirs["blocks.1.mlp.expert_threshold"])
 
@@ -532,7 +531,8 @@ def test_a_dense_run_exports_as_their_dit_and_imports_back(tmp_path, capsys):
     rc, _, errors = run_cli(["import-official", json.loads(out)["checkpoint"],
                              tmp_path / "back"], capsys)
     assert rc == 0 and not errors, errors
-    model, state, _ = load_model(tmp_path / "back")
+    back = load_pretrained(tmp_path / "back")
+    model, state = back.model, {"config": back.config.to_dict()}
     first = json.loads((run / "checkpoints/step_00000007/state.json").read_text())["config"]
     assert model.cfg.moe.type == "dense" and state["config"]["objective"] == first["objective"]
     # A dense model's other moe settings set nothing: the rest of the model config round-trips.
@@ -549,7 +549,7 @@ def test_an_import_records_their_latent_space_and_samples_images_with_the_vae(
     run = tmp_path / "out"
     rc, _, errors = run_cli(["import-official", tmp_path / CKPT, run, "--vae", vae_dir], capsys)
     assert rc == 0 and not errors, errors
-    _, state, _ = load_model(run)
+    state = {"config": load_pretrained(run).config.to_dict()}
     assert state["config"]["data"] == dict(THEIR_LATENTS, vae=str(vae_dir.resolve()),
                                            **{k: v for k, v in state["config"]["data"].items()
                                               if k not in THEIR_LATENTS and k != "vae"})
@@ -572,7 +572,7 @@ def test_an_import_records_their_latent_space_and_samples_images_with_the_vae(
     rc, _, errors = run_cli(["import-official", json.loads(out)["checkpoint"],
                              tmp_path / "again"], capsys)
     assert rc == 0 and not errors, errors
-    assert load_model(tmp_path / "again")[1]["config"] == state["config"]
+    assert load_pretrained(tmp_path / "again").config.to_dict() == state["config"]
 
 
 def test_sampling_an_import_without_a_vae_says_what_to_pass_and_writes_nothing(

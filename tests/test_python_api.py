@@ -6,12 +6,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -24,7 +26,7 @@ from diffmoe.errors import DiffMoEError
 from diffmoe.hub import CONFIG_FILE, WEIGHTS_FILE, Pretrained, load_pretrained
 from diffmoe.images import GRID_PAD
 from diffmoe.models import build_model
-from diffmoe.models.moe import diffmoe_layers
+from diffmoe.models.moe import apply_threshold_updates, diffmoe_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = [0, 1, 2, 3]
@@ -90,7 +92,14 @@ def test_save_then_load_gives_the_same_images_bitwise(run, tmp_path):
     ema = load_file(str(pipe.pretrained.source / "ema.safetensors"))
     assert saved.keys() == ema.keys() and any(k.endswith("thresholds_E") for k in saved)
     assert all(torch.equal(saved[k], ema[k]) for k in saved)
-    assert json.loads((folder / CONFIG_FILE).read_text()) == pipe.config.to_dict()
+    # The config as trained, less the machine's paths (the run directory); readable by all.
+    recorded = json.loads((folder / CONFIG_FILE).read_text())
+    trained = pipe.config.to_dict()
+    assert trained["train"].pop("out_dir") == str(pipe.pretrained.source.parent.parent)
+    assert recorded["train"].pop("out_dir") == "runs/default" and recorded == trained
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {0o666 & ~umask}
     card = (folder / "README.md").read_text()
     assert f"| training steps | {pipe.pretrained.step} |" in card
     assert f"{first.capacity.c_avg_infer:.4f}, mode dynamic" in card
@@ -190,10 +199,10 @@ def test_a_missing_path_names_what_to_pass(tmp_path):
     (dict(class_labels=[10]), "class label 10 is outside 0..9"),
     (dict(class_labels=[-1]), "class label -1 is outside 0..9"),
     (dict(class_labels=[0.5]), "must be one or more integers"),
-    (dict(class_labels=[]), "must be one or more integers"),
+    (dict(class_labels=[]), "must be one or more integers in 0..9, got none"),
     (dict(), "say what to draw with class_labels"),
     (dict(prompt=["a red circle"]), "class-conditional and takes no prompt"),
-    (dict(class_labels=[0], mode="fast"), "sample.mode"),
+    (dict(class_labels=[0], mode="fast"), "mode='fast' is not one of"),
     (dict(class_labels=[0], sampler="ddim"), "not available for objective.type=flow"),
     (dict(class_labels=[0], output_type="numpy"), "output_type 'numpy' is not one of"),
     (dict(class_labels=[0], output_type="latent"), "output_type='latent' is for latent models"),
@@ -284,3 +293,112 @@ def test_top_level_exports_resolve():
         assert getattr(diffmoe, name) is not None
     with pytest.raises(AttributeError):
         diffmoe.not_a_name  # noqa: B018
+
+
+def test_timm_block_example_trains_and_samples_dynamically():
+    """examples/timm_block.py: DiffMoEMlp as the mlp_layer of a timm-style Block in an
+    nn.Sequential, trained with moe_losses/update_thresholds, sampled under routing()."""
+    result = _example("timm_block").main(["--steps", "5"])
+    assert math.isfinite(result["loss"]) and result["loss"] > result["task_loss"]
+    assert result["output_shape"] == [8, 16, 32]
+    assert all(t > 0 for layer in result["thresholds"] for t in layer)  # Eq. 17 moved them
+    rule = 8 * 16 // 4  # the training rule's S·C/E tokens per expert, what static routing takes
+    assert result["static_tokens_per_expert"] == [[rule] * 4] * 2
+    assert result["dynamic_tokens_per_expert"] != result["static_tokens_per_expert"]
+
+
+def _mlp_stack(**options) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(diffmoe.DiffMoEMlp(16, 64, num_experts=4, **options),
+                         diffmoe.DiffMoEMlp(16, 64, num_experts=4, **options))
+
+
+def test_drop_in_mlp_is_the_layer_returning_a_tensor():
+    torch.manual_seed(0)
+    layer = DiffMoELayer(16, 64, num_experts=4)
+    torch.manual_seed(0)
+    mlp = diffmoe.DiffMoEMlp(in_features=16, hidden_features=64, act_layer=nn.GELU,
+                             num_experts=4)
+    x = torch.randn(2, 8, 16)
+    assert torch.equal(mlp(x), layer(x).output)  # the same computation
+    assert torch.equal(mlp.last.predictor_loss, layer.last.predictor_loss)
+
+
+def test_moe_losses_weigh_and_average_the_layers_as_training_does():
+    model = _mlp_stack(predictor_loss_weight=0.5)
+    model(torch.randn(2, 8, 16))
+    layers = [m.last for m in model]
+    expected = 0.5 * torch.stack([o.predictor_loss for o in layers]).mean()
+    total = diffmoe.moe_losses(model)
+    torch.testing.assert_close(total, expected)
+    total.backward()  # the predictor learns from it
+    assert all(m.layer.predictor.parameters().__next__().grad is not None for m in model)
+
+
+def test_update_thresholds_applies_eq17_once_per_training_forward():
+    model = _mlp_stack()
+    model(torch.randn(2, 8, 16))
+    targets = [m.last.threshold_targets.clone() for m in model]
+    reference = _mlp_stack()
+    apply_threshold_updates(diffmoe_layers(reference), targets)
+    diffmoe.update_thresholds(model)
+    for ours, theirs in zip(diffmoe_layers(model), diffmoe_layers(reference)):
+        assert torch.equal(ours.thresholds_E, theirs.thresholds_E)
+    with pytest.raises(DiffMoEError, match="2 of 2 DiffMoE layers have no threshold targets"):
+        diffmoe.update_thresholds(model)  # the targets were used
+
+
+def test_routing_sets_every_layer_and_restores_it():
+    model = _mlp_stack().eval()
+    x = torch.randn(2, 8, 16)
+    with diffmoe.routing(model, "threshold", threshold=1.0):
+        model(x)
+        assert [m.last.details.counts_E.sum().item() for m in model] == [0, 0]  # γ = 1: none
+    assert all(m.routing is None for m in model)
+    with diffmoe.routing(model, "static"):
+        model(x)
+        assert [m.last.details.counts_E.tolist() for m in model] == [[4, 4, 4, 4]] * 2
+    with pytest.raises(DiffMoEError, match="routing mode 'fast' is not one of"):
+        with diffmoe.routing(model, "fast"):
+            pass
+    with pytest.raises(DiffMoEError, match="needs DiffMoE's capacity predictor"):
+        with diffmoe.routing(TokenChoiceLayer(16, 64, num_experts=2), "dynamic"):
+            pass
+    with pytest.raises(DiffMoEError, match="found no DiffMoELayer"):
+        diffmoe.moe_losses(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(act_layer=nn.ReLU), "does not take act_layer=ReLU"),
+    (dict(drop=0.1), "does not take drop=0.1"),
+    (dict(bias=False), "does not take bias=False"),
+    (dict(out_features=8), "out_features=8 differs from in_features=16"),
+])
+def test_drop_in_mlp_refuses_what_its_experts_cannot_do(options, expected):
+    with pytest.raises(DiffMoEError, match=expected):
+        diffmoe.DiffMoEMlp(16, 64, num_experts=2, **options)
+
+
+def test_train_from_python_takes_a_path_and_overrides(tmp_path):
+    import diffmoe.train  # noqa: F401  (the submodule import keeps diffmoe.train callable)
+
+    result = diffmoe.train(ROOT / "configs" / "digits_tiny.yaml",
+                           **{"train.out_dir": str(tmp_path / "run"), "train.steps": 2,
+                              "train.ckpt_every": 2, "train.sample_every": 2},
+                           sample={"steps": 1, "num": 4, "batch_size": 4})
+    assert result.step == 2
+    assert load_pretrained(result.run_dir).config.sample.steps == 1
+    with pytest.raises(DiffMoEError, match="config must be a Config, a YAML path or a dict"):
+        diffmoe.train(3)
+
+
+def test_dir_shows_the_public_names_only():
+    assert dir(diffmoe) == diffmoe.__all__
+    assert not {"Any", "TYPE_CHECKING", "importlib"} & set(dir(diffmoe))
+
+
+def test_checkpoint_weights_are_readable_as_the_rest_of_the_run(run):
+    """Weights are written with the mode every other file gets (umask applied), not 0600."""
+    checkpoint = load_pretrained(run).source
+    modes = {p.name: p.stat().st_mode & 0o777 for p in checkpoint.iterdir()}
+    assert set(modes.values()) == {modes["state.json"]}, modes

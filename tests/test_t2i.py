@@ -398,8 +398,7 @@ def test_emoji_dataset_has_named_images_on_white():
 
 
 def test_tiny_text_to_image_run_trains_and_samples(tmp_path):
-    from diffmoe.checkpoint import open_checkpoint
-    from diffmoe.sample import model_from_checkpoint
+    from diffmoe.hub import load_model
     from diffmoe.train import train
     cfg = load_config(ROOT / "configs" / "t2i_shapes_tiny.yaml",
                       [f"train.out_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'c'}",
@@ -407,7 +406,7 @@ def test_tiny_text_to_image_run_trains_and_samples(tmp_path):
     result = train(cfg)
     assert result.step == 2 and result.last_samples.is_file()
     assert len(list((tmp_path / "c").glob("text-*.safetensors"))) == 1
-    model = model_from_checkpoint(open_checkpoint(result.run_dir))
+    model = load_model(result.run_dir)
     assert isinstance(model.y_embedder, TextEmbedder)
 
     # The CLI on the run: a prompt grid, then the judge's evaluation.

@@ -14,7 +14,7 @@ from diffmoe.checkpoint import list_checkpoints
 from diffmoe.cli import main
 from diffmoe.config import load_config
 from diffmoe.errors import CheckpointError, DiffMoEError
-from diffmoe.sample import load_model
+from diffmoe.hub import load_pretrained
 from diffmoe.train import train
 
 
@@ -118,8 +118,8 @@ def test_sample_cli_writes_grid_and_capacity(tiny_config_path, tiny_overrides, t
         if mode == "static":
             assert summary["c_avg_infer"] == pytest.approx(1.0)
         assert summary["activated_params"] > 0
-    model, state, path = load_model(run)
-    assert state["step"] == 6 and path.name == "step_00000006"
+    loaded = load_pretrained(run)
+    assert loaded.step == 6 and loaded.source.name == "step_00000006"
 
 
 def test_checkpoints_are_pruned(tiny_config_path, tiny_overrides):
@@ -173,7 +173,7 @@ def test_checkpoint_written_before_the_redesign_resumes_to_the_old_codes_step(tm
     assert len(new) == len(old)
     for got, expected in zip(new, old):
         assert got == pytest.approx(expected, rel=CROSS_CPU_RTOL, abs=CROSS_CPU_ATOL)
-    model, _, _ = load_model(run / "checkpoints" / "step_00000004")
+    model = load_pretrained(run / "checkpoints" / "step_00000004").model
     assert model.cfg.hidden_size == 16
 
 

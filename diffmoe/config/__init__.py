@@ -15,6 +15,7 @@ Unknown keys and wrongly typed values are rejected with a message naming the key
 
 from .loading import (
     config_from_dict,
+    config_with,
     deep_merge,
     load_config,
     load_yaml,
@@ -79,7 +80,7 @@ __all__ = [
     "SAMPLERS", "SAMPLERS_BY_OBJECTIVE", "SIZES", "TEXT_DATASETS", "TIME_SAMPLINGS",
     "TOKEN_POOLS", "TRACKERS", "WEIGHTS", "Config", "DataConfig", "ModelConfig", "MoEConfig",
     "ObjectiveConfig", "SampleConfig", "TextConfig", "TrainConfig", "config_from_dict",
-    "deep_merge", "load_config", "load_yaml",
+    "config_with", "deep_merge", "load_config", "load_yaml",
     "overrides_to_dict", "parse_override", "preset", "preset_names", "validate", "validate_data",
     "validate_folder", "validate_inference_mode", "validate_model", "validate_moe",
     "validate_objective", "validate_sample", "validate_sampling", "validate_text", "validate_train",

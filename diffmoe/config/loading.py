@@ -246,6 +246,30 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def config_with(config: Config | str | Path | dict, overrides: dict[str, Any]) -> Config:
+    """A config from Python: ``config`` (a :class:`Config`, a YAML path or a mapping of
+    sections) updated with ``overrides``, whose keys are dotted (``{"train.steps": 50}``) or
+    sections (``train={"steps": 50}``); checked as a YAML file is."""
+    if isinstance(config, Config):
+        data = config.to_dict()
+    elif isinstance(config, dict):
+        data = config
+    elif isinstance(config, (str, Path)):
+        data = load_yaml(config)
+    else:
+        raise ConfigError(f"config must be a Config, a YAML path or a dict, got "
+                          f"{type(config).__name__}")
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        *sections, last = key.split(".")
+        target = nested
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[last] = deep_merge(target.get(last, {}), value) if isinstance(value, dict) \
+            else value
+    return config_from_dict(deep_merge(data, nested))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     data = load_yaml(path) if path is not None else {}
     if overrides:

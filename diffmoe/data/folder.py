@@ -316,4 +316,5 @@ def open_folder(cfg: Config, progress: bool = True) -> ImageDataset:
         return CaptionedDataset(images, labels, len(listing.captions), "folder",
                                 contents=listing.contents(), captions=listing.captions)
     # The classes of the images listed (data.limit takes the first classes' images).
-    return ImageDataset(images, labels, classes, "folder", contents=listing.contents())
+    return ImageDataset(images, labels, classes, "folder", contents=listing.contents(),
+                        class_names=tuple(listing.classes[:classes]))

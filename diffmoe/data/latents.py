@@ -302,6 +302,7 @@ class LatentDataset(CaptionLabels):
     name: str = "latents"
     text: Optional[TextCondition] = None
     contents: Optional[str] = None  # which latents it holds (as ImageDataset.contents)
+    class_names: tuple[str, ...] = ()  # as ImageDataset.class_names; a cache records none
 
     @classmethod
     def open(cls, path: str | Path, limit: int = 0) -> "LatentDataset":

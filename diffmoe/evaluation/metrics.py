@@ -143,6 +143,14 @@ def check_set_sizes(reference: FeatureStats, num_generated: int, option: str = "
     if reference.num is not None and reference.num < need:
         raise DataError(f"the reference set has {reference.num} images and {metrics} at least "
                         f"{need} per set; use a larger reference")
+    check_generated_size(num_generated, reference.features is not None, option)
+
+
+def check_generated_size(num_generated: int, with_features: bool, option: str = "--num") -> None:
+    """The generated set's part of :func:`check_set_sizes`, for when the reference is known to
+    have features before it is read (a dataset or a folder), so nothing is computed first."""
+    need = min_set_size(with_features)
+    metrics = "FID, KID and precision/recall need" if need > MIN_FID_SET else "FID needs"
     if num_generated < need:
         raise DataError(f"{option} {num_generated}: {metrics} at least {need} images per set; "
                         f"use {option} {need} or more")

@@ -27,13 +27,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
 from ..config import Config
 from ..data import build_dataset, to_model_range
 from ..errors import ConfigError, DataError
+from ..fileio import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,8 @@ def held_out_accuracy(judge: MnistJudge) -> float:
 
 def save_judge(judge: MnistJudge, path: str | Path, meta: dict) -> Path:
     """The weights as safetensors, ``meta`` (the recipe, the test accuracy) as JSON metadata."""
-    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(path),
-              metadata={"judge": json.dumps(meta)})
+    save_safetensors({k: v.contiguous() for k, v in judge.state_dict().items()}, path,
+                     metadata={"judge": json.dumps(meta)})
     return Path(path)
 
 

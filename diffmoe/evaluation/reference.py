@@ -17,8 +17,9 @@ Features of a dataset reference are cached as ``<cache>/fid/<dataset>-<split>-n<
 id>.npz`` (mean, covariance and features), of a folder by a hash of its path and its files' names,
 sizes and modification times (``folder-<hash>-n<N>-s<side>-<inception id>.npz``), and of an
 ``arr_0`` file by the file's hash, so a reference is pushed through the Inception once. The
-cache directory is ``$DIFFMOE_CACHE_DIR`` or ``~/.cache/diffmoe``; cache files are written
-atomically.
+cache directory is ``--cache-dir``, else ``$DIFFMOE_CACHE_DIR``, else for ``diffmoe eval`` of a
+run's checkpoint the run's ``cache/`` (:func:`run_cache_dir`), else ``~/.cache/diffmoe``; where a
+reference is computed, the log says where it will be cached. Cache files are written atomically.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def cache_dir(override: Optional[str | Path] = None) -> Path:
         return Path(user_path(str(override)))
     env = os.environ.get(CACHE_ENV)
     return Path(user_path(env)) if env else Path.home() / ".cache" / "diffmoe"
+
+
+def run_cache_dir(checkpoint: Path) -> Optional[Path]:
+    """Where ``diffmoe eval`` of ``checkpoint`` caches reference statistics when neither
+    ``--cache-dir`` nor ``$DIFFMOE_CACHE_DIR`` says: the ``cache/`` of the run the checkpoint
+    belongs to (None for a checkpoint outside a run, or with the variable set)."""
+    if os.environ.get(CACHE_ENV) or checkpoint.parent.name != "checkpoints":
+        return None
+    return checkpoint.parent.parent / "cache"
 
 
 @dataclass
@@ -165,6 +175,8 @@ def _cached_or_computed(path: Path, source: str, images_nchw: Callable[[], torch
         if stats is not None:
             log.info("reference %s from cache %s", source, path)
             return Reference(stats, source, str(path), cached=True)
+    log.info("reference %s: computing its Inception features, to be cached at %s (choose the "
+             "place with --cache-dir or $%s)", source, path, CACHE_ENV)
     stats = features_of_images(images_nchw(), batch_size, progress, f"reference {source}",
                                precision, device)
     save_stats(stats, path, {"format": CACHE_FORMAT, "source": source,
@@ -254,6 +266,13 @@ def folder_reference(spec: str, default_num: int, image_size: int,
     return _cached_or_computed(path, source, images, batch_size, progress, precision, device)
 
 
+def is_file_reference(spec: str) -> bool:
+    """Whether ``spec`` names an .npz file (whose features are known only once it is read), not
+    a dataset or a folder (which always have features)."""
+    return not spec.startswith(FOLDER_PREFIX) and (
+        spec.endswith(".npz") or Path(user_path(spec)).is_file())
+
+
 def load_reference(spec: str, default_num: int, cache: Optional[str | Path] = None,
                    batch_size: int = 50, progress: bool = True,
                    image_size: Optional[int] = None, precision: str = "fp32",
@@ -266,7 +285,7 @@ def load_reference(spec: str, default_num: int, cache: Optional[str | Path] = No
                             f"images to")
         return folder_reference(spec, default_num, image_size, cache, batch_size, progress,
                                 precision, device)
-    if spec.endswith(".npz") or Path(user_path(spec)).is_file():
+    if is_file_reference(spec):
         return npz_reference(Path(user_path(spec)), cache, batch_size, progress, precision,
                              device)
     return dataset_reference(spec, default_num, cache, batch_size, progress, precision, device)

@@ -20,26 +20,17 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..capacity import activated_params
-from ..config import ModelConfig
-from ..data import sample_decoder, to_model_range, to_uint8
+from ..data import to_model_range, to_uint8
 from ..data.shapes import CATEGORY_NAMES, SHAPES, eval_prompts, parse_caption, render
-from ..data.text_encoder import TextEncoder, check_prompts
+from ..data.text_encoder import check_prompts, encode_prompts
 from ..device import resolve_device
 from ..errors import ConfigError
 from ..evaluation.metrics import min_set_size
 from ..fileio import write_json
 from ..hub import read_config
 from ..images import save_grid
-from ..models.condition import TextCondition
-from ..sample import (
-    capacity_warnings,
-    generate,
-    load_for_sampling,
-    recorded_settings,
-    resolve_routing,
-    summary_path,
-)
+from ..pipeline import DiffMoEPipeline, warnings_logged
+from ..sample import option_name, recorded_settings, summary_path
 from .judge import NO_OBJECT, judge
 
 log = logging.getLogger(__name__)
@@ -70,47 +61,27 @@ def check_condition_args(condition: str, prompts: Optional[list[str]], labels: O
                           "classes with --labels, or sample a text-to-image run")
 
 
-def encode_prompts(cfg: ModelConfig, prompts: list[str], device: str | torch.device = "cpu"
-                   ) -> TextCondition:
-    check_prompts(prompts)
-    encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens)
-    cond = encoder.encode(prompts)
-    if cond.tokens.shape[-1] != cfg.text.dim:
-        raise ConfigError(f"text encoder '{cfg.text.encoder}' gives {cond.tokens.shape[-1]}-d "
-                          f"states but the checkpoint's model.text.dim is {cfg.text.dim}; use "
-                          f"the encoder it was trained with")
-    return cond.to(device)
-
-
 def sample_prompts(path: str | Path, overrides: dict, out: str | Path, prompts: list[str],
                    device: str | torch.device = "auto", vae: Any = None) -> dict:
-    """``diffmoe sample RUN --prompt P ...``: one grid row per prompt, ``sample.num`` images
-    split evenly over the prompts (at least one each), and a JSON summary beside the PNG
-    (``sample.summary_path``; the caller has checked both may be written)."""
+    """``diffmoe sample RUN --prompt P ...`` through the pipeline: one grid row per prompt,
+    ``sample.num`` images split evenly over the prompts (at least one each), and a JSON summary
+    beside the PNG (``sample.summary_path``; the caller has checked both may be written)."""
     out = Path(out)
     check_prompts(prompts)
-    device = resolve_device(device, "--device")
-    ckpt, s, model, objective = load_for_sampling(path, overrides, device)
+    pipe, s = DiffMoEPipeline.for_settings(path, overrides, device, vae, option_name)
     per_prompt = max(1, s.num // len(prompts))
-    cond = encode_prompts(model.cfg, prompts, device)
+    cond = encode_prompts(pipe.config.model, prompts, pipe.device)
     index = torch.arange(len(prompts)).repeat_interleave(per_prompt)
-    routing = resolve_routing(model, s)
-    decoder = sample_decoder(ckpt.state["config"].get("data", {}), device, vae,
-                             model.cfg.in_channels)
-    images, meter = generate(model, objective, cond[index], s)
-    if decoder is not None:  # trained on a latent cache: decode with its VAE
-        images = decoder(images)
+    pipe.decoder()  # a latent model's VAE is found (or its absence reported) before sampling
+    with warnings_logged():
+        images, report = pipe.draw(cond[index], s, name=option_name)
     save_grid(images, out, nrow=per_prompt, upscale=2)
-    cap = meter.summary()
-    for warning in capacity_warnings(model, routing, s.batch_size, cap["c_avg_infer"]):
-        log.warning("%s", warning)
     summary = {
-        "checkpoint": str(ckpt.path), "step": ckpt.state["step"], "image": str(out),
-        "settings": dict(recorded_settings(s, routing.mode), num=len(index)),
+        "checkpoint": str(pipe.pretrained.source), "step": pipe.pretrained.step,
+        "image": str(out), "settings": dict(recorded_settings(s, report.mode), num=len(index)),
         "prompts": prompts, "rows": "one row per prompt, in order",
-        "c_avg_infer": cap["c_avg_infer"], "capacity_per_layer": cap["per_layer"],
-        "activated_params": activated_params(model, cap["c_avg_infer"]),
-        "total_params": model.num_params(),
+        "c_avg_infer": report.c_avg_infer, "capacity_per_layer": report.per_layer,
+        "activated_params": report.activated_params, "total_params": report.total_params,
     }
     write_json(summary_path(out), summary)
     return summary
@@ -146,7 +117,7 @@ def chance_level(prompts: list[str], categories: list[str], seed: int = CHANCE_S
 def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOptions) -> dict:
     """The judge's six GenEval-style scores and overall, the chance level, FID against the
     shapes test split, and the capacity DiffMoE spent."""
-    device = resolve_device(options.device, "--device")
+    resolve_device(options.device, "--device")  # a bad --device is refused before any work
     pairs = eval_prompts(options.per_category, options.prompt_seed, tuple(options.categories))
     categories = [c for c, _ in pairs for _ in range(options.samples_per_prompt)]
     prompts = [p for _, p in pairs for _ in range(options.samples_per_prompt)]
@@ -154,22 +125,21 @@ def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOp
         raise ConfigError(f"{len(prompts)} images are too few for FID against the shapes test "
                           f"split (at least {min_set_size(with_features=True)}); raise "
                           f"--per-category or --samples-per-prompt, or pass --no-fid")
-    ckpt, s, model, objective = load_for_sampling(path, dict(overrides, num=len(prompts)),
-                                                  device)
-    data = ckpt.state["config"].get("data", {})
-    if data.get("name") != "shapes":
+    pipe, s = DiffMoEPipeline.for_settings(path, dict(overrides, num=len(prompts)),
+                                           options.device, name=option_name)
+    data = pipe.config.data.name
+    if data != "shapes":
         raise ConfigError(f"the judge knows the shapes domain only, but this checkpoint was "
-                          f"trained on data.name={data.get('name')}; evaluate a shapes run")
-    cond = encode_prompts(model.cfg, prompts, device)
-    routing = resolve_routing(model, s)
-    images, meter = generate(model, objective, cond, s, progress=options.progress)
+                          f"trained on data.name={data}; evaluate a shapes run")
+    cond = encode_prompts(pipe.config.model, prompts, pipe.device)
+    with warnings_logged():
+        images, report = pipe.draw(cond, s, progress=options.progress, name=option_name)
     pixels = to_uint8(images)
     result = judge(prompts, pixels.permute(0, 2, 3, 1).numpy())
     chance = chance_level(prompts, categories)
     fid = _fid(pixels, options) if options.fid else None
-    cap = meter.summary()
     return {
-        "checkpoint": str(ckpt.path), "step": ckpt.state["step"],
+        "checkpoint": str(pipe.pretrained.source), "step": pipe.pretrained.step,
         "rule": "geneval",
         "scores": result["scores"], "overall": result["overall"], "counts": result["counts"],
         "strict_scores": result["strict_scores"], "strict_overall": result["strict_overall"],
@@ -178,10 +148,10 @@ def evaluate_text_checkpoint(path: str | Path, overrides: dict, options: JudgeOp
                                           "strict_overall", "colour_match",
                                           "shape_confusion")},
         "fid": fid,
-        "c_avg_infer": cap["c_avg_infer"],
-        "activated_params": activated_params(model, cap["c_avg_infer"]),
-        "total_params": model.num_params(),
-        "settings": dict(recorded_settings(s, routing.mode),
+        "c_avg_infer": report.c_avg_infer,
+        "activated_params": report.activated_params,
+        "total_params": report.total_params,
+        "settings": dict(recorded_settings(s, report.mode),
                          **{f"judge_{k}": v for k, v in asdict(options).items()}),
         "samples": [{"prompt": p, "category": c, "correct": v, "correct_strict": w}
                     for p, c, v, w in zip(prompts, categories, result["verdicts"],
