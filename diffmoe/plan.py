@@ -46,7 +46,8 @@ from .distributed import DistInfo
 from .errors import ConfigError
 from .models import build_model
 from .models.moe import Routing, diffmoe_layers
-from .models.moe.diffmoe import DiffMoE
+from .models.moe.base import Choice
+from .models.moe.diffmoe import DiffMoE, top_by_score
 
 log = logging.getLogger(__name__)
 
@@ -339,23 +340,22 @@ def measure(trainer) -> tuple[dict[str, int], float]:
 @contextlib.contextmanager
 def _fixed_dynamic_counts(layers: list[DiffMoE], capacity: float) -> Iterator[None]:
     """Dynamic routing with k_e = S·C/E tokens for every expert: on fake tensors the counts of
-    Eq. 14 (which depend on the weights) cannot be read, so each layer's ``_run_dynamic`` is
-    given these instead and runs its own code on them."""
+    Eq. 14 (which depend on the weights) cannot be read, so each layer's ``dynamic_choice``
+    takes these instead (each expert its top k_e tokens by router score, as Eq. 14's rule)."""
+    def choose(self, scores_SE, predicted_SE, batch):
+        k = int(scores_SE.shape[0] * capacity / self.num_experts)
+        counts = [k] * self.num_experts
+        tok_T, w_T = top_by_score(scores_SE, counts)
+        counts_E = torch.full((self.num_experts,), k, dtype=torch.long, device=scores_SE.device)
+        return Choice(tok_T, w_T, counts_E, counts)
+
     for layer in layers:
-        original = layer._run_dynamic
-
-        def run(self, x_SD, scores_SE, counts_E, logits_SE, _original=original):
-            k = int(x_SD.shape[0] * capacity / self.num_experts)
-            fixed = torch.full_like(counts_E, k)
-            fixed.tolist = types.MethodType(lambda t, n=self.num_experts: [k] * n, fixed)
-            return _original(x_SD, scores_SE, fixed, logits_SE)
-
-        layer._run_dynamic = types.MethodType(run, layer)
+        layer.dynamic_choice = types.MethodType(choose, layer)
     try:
         yield
     finally:
         for layer in layers:
-            del layer._run_dynamic
+            del layer.dynamic_choice
 
 
 def simulate_sampling(cfg: Config, capacity: float) -> dict:

@@ -37,7 +37,7 @@ from .images import GRID_COLUMNS
 from .loss import TrainingLoss, training_loss
 from .models import build_model
 from .models.moe import apply_threshold_updates, diffmoe_layers
-from .models.moe.diffmoe import dynamic_counts
+from .models.moe.diffmoe import DiffMoE, dynamic_counts
 from .run import Progress, RunDirectory, TrainingState, optimizer_settings
 from .sample import generate
 
@@ -153,15 +153,17 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optim
 
 
 @torch.no_grad()
-def step_metrics(out: TrainingLoss) -> torch.Tensor:
-    """One micro-batch's values of :data:`MEAN_FIELDS`, float64. For DiffMoE the mean threshold
-    and the C of Eq. 9 that dynamic inference would spend on this batch (0 for other FFNs)."""
-    layers = [o for o in out.model_output.layers if o.thresholds_E is not None]  # DiffMoE
+def step_metrics(out: TrainingLoss, layers: list[DiffMoE]) -> torch.Tensor:
+    """One micro-batch's values of :data:`MEAN_FIELDS`, float64. For DiffMoE (``layers``, the
+    model's, whose outputs these are) the mean threshold and the C of Eq. 9 that dynamic
+    inference would spend on this batch (0 for other FFNs), read before the step moves τ."""
+    outputs = [o for o in out.model_output.layers if o.threshold_targets_E is not None]
     zero = out.loss.new_zeros(())
-    tau = torch.stack([o.thresholds_E.mean() for o in layers]).mean() if layers else zero
+    tau = torch.stack([m.thresholds_E.mean() for m in layers]).mean() if outputs else zero
     cap = torch.stack([
-        expert_capacities(dynamic_counts(o.predictor_logits_SE, o.thresholds_E), o.num_tokens,
-                          o.base_experts).mean() for o in layers]).mean() if layers else zero
+        expert_capacities(dynamic_counts(o.predictor_logits_SE, m.thresholds_E), o.num_tokens,
+                          o.base_experts).mean() for o, m in zip(outputs, layers, strict=True)
+    ]).mean() if outputs else zero
     return torch.stack([out.loss.detach(), out.diffusion_loss, out.aux_loss,
                         out.predictor_loss, tau, cap]).double()
 
@@ -316,7 +318,7 @@ class Trainer:
                 with autocast(t.precision, self.device):
                     out = training_loss(self.objective.loss(self.model.net, x_m, y_m),
                                         self.cfg.model.moe)
-                metrics.append(step_metrics(out))
+                metrics.append(step_metrics(out, self.diffmoe_layers))
                 targets.append([o.threshold_targets_E for o in out.model_output.layers
                                 if o.threshold_targets_E is not None])
                 (out.loss / len(micro)).backward()

@@ -187,7 +187,7 @@ def test_sampling_forward_graph_breaks(mode):
     if mode == "static":
         assert explanation.graph_count == 1 and explanation.graph_break_count == 0
     else:
-        assert break_sites(explanation) == {"diffmoe.py:route_and_compute"}
+        assert break_sites(explanation) == {"diffmoe.py:forward_infer"}
 
 
 @pytest.mark.slow

@@ -96,12 +96,8 @@ def test_rank_deficient_covariance_is_warned_about():
 def test_sample_capacities_hand_built():
     # 2 samples x 4 tokens, 2 experts: sample 0 has 3 of its 4 tokens taken by expert 0 and
     # all 4 by expert 1; sample 1 has 1 token taken by expert 0.
-    mask = torch.zeros(8, 2, dtype=torch.bool)
-    mask[[0, 1, 2], 0] = True
-    mask[[0, 1, 2, 3], 1] = True
-    mask[4, 0] = True
-    out = FFNOutput(y=torch.zeros(2, 4, 1), mask_SE=mask, counts_E=mask.sum(0), num_tokens=8,
-                    base_experts=2)
+    out = FFNOutput(y=torch.zeros(2, 4, 1), tokens_T=torch.tensor([0, 1, 2, 4, 0, 1, 2, 3]),
+                    counts_E=torch.tensor([4, 4]), num_tokens=8, base_experts=2)
     assert_close(sample_capacities(out, 2), torch.tensor([7 / 4, 1 / 4]))
     # Their mean is the layer's C of Eq. 9 when samples have equal token counts.
     from diffmoe.capacity import forward_capacity
@@ -337,10 +333,9 @@ def test_analyze_writes_the_four_plots(capsys, tiny_run, tmp_path):
 
 def test_capacity_meter_optional_records():
     meter = CapacityMeter(track_experts=True, track_samples=True)
-    mask = torch.zeros(4, 2, dtype=torch.bool)
-    mask[0, 0] = mask[1, 1] = True
-    layer = FFNOutput(y=torch.zeros(2, 2, 1), mask_SE=mask, counts_E=mask.sum(0),
-                      num_tokens=4, base_experts=2)
+    # token 0 taken by expert 0, token 1 by expert 1
+    layer = FFNOutput(y=torch.zeros(2, 2, 1), tokens_T=torch.tensor([0, 1]),
+                      counts_E=torch.tensor([1, 1]), num_tokens=4, base_experts=2)
 
     class Out:
         prediction = torch.zeros(2, 1)

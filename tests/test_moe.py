@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -89,11 +90,11 @@ def test_diffmoe_training_each_expert_takes_exactly_k_of_the_pool():
     B, s = 4, 8
     out = layer(inputs(B, s))
     k = B * s * 1 // 4
-    assert out.mask_SE.shape == (B * s, 4)
-    assert out.mask_SE.sum(0).tolist() == [k] * 4
+    assert out.selection_mask().shape == (B * s, 4)
+    assert out.selection_mask().sum(0).tolist() == [k] * 4
     assert out.counts_E.tolist() == [k] * 4
     # Global pool: an expert's k tokens need not be spread evenly over samples.
-    per_sample = out.mask_SE.view(B, s, 4).sum(1)
+    per_sample = out.selection_mask().view(B, s, 4).sum(1)
     assert (per_sample != k // B).any()
 
 
@@ -123,7 +124,7 @@ def test_expert_choice_matches_reference():
     x = inputs()
     out = layer(x)
     check_against_reference(layer, x, out.y, reference_expert_choice(layer, x, 8 // 4))
-    assert out.mask_SE.view(3, 8, 4).sum(1).eq(2).all()
+    assert out.selection_mask().view(3, 8, 4).sum(1).eq(2).all()
 
 
 @pytest.mark.parametrize("capacity", [1.0, 2.0])
@@ -137,7 +138,7 @@ def test_token_choice_matches_reference(capacity, dispatch):
     for g_fast, g_ref in zip(grads(layer, x, out.y), grads(layer, x, ref)):
         assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
     assert out.counts_E.sum().item() == 24 * int(capacity)
-    assert out.mask_SE.sum(1).eq(int(capacity)).all()
+    assert out.selection_mask().sum(1).eq(int(capacity)).all()
 
 
 def test_token_choice_balance_loss_is_paper_formula():
@@ -190,7 +191,7 @@ def test_predictor_loss_is_bce_against_selection_mask():
     layer = make("diffmoe").train()
     out = layer(inputs(requires_grad=False))
     p = torch.sigmoid(out.predictor_logits_SE)
-    o = out.mask_SE.double()
+    o = out.selection_mask().double()
     expected = -(o * p.log() + (1 - o) * (1 - p).log()).mean()
     assert_close(out.predictor_loss.double(), expected)
 
@@ -275,7 +276,7 @@ def test_fine_grained_experts():
     assert layer.num_experts == 8 and layer.experts.hidden == HIDDEN // 2
     out = layer(inputs())
     k = 24 // 4  # each of the g*E experts still takes S*C/E tokens
-    assert out.mask_SE.sum(0).tolist() == [k] * 8
+    assert out.selection_mask().sum(0).tolist() == [k] * 8
     x = inputs()
     check_against_reference(layer, x, layer(x).y, reference_diffmoe_train(layer, x, k))
 
@@ -294,9 +295,9 @@ def test_one_interface(kind):
     out = layer(inputs())
     assert isinstance(out, FFNOutput) and out.y.shape == (3, 8, D)
     if kind == "dense":
-        assert out.mask_SE is None and out.counts_E is None
+        assert out.selection_mask() is None and out.counts_E is None
     else:
-        assert out.mask_SE.shape == (24, 4) and out.counts_E.shape == (4,)
+        assert out.selection_mask().shape == (24, 4) and out.counts_E.shape == (4,)
         assert (out.aux_loss is not None) == (kind == "token_choice")
         assert (out.predictor_logits_SE is not None) == (kind == "diffmoe")
 
@@ -376,24 +377,27 @@ def test_dynamic_selection_breaks_ties_as_the_authors_topk():
     assert_close(out.y.reshape(-1, D), combine_choices(layer, x_SD, scores, chosen))
 
 
-def test_inference_builds_no_mask_or_loss_until_asked():
-    """At inference the selection mask is built only when read, and equals the one a training
-    forward would build from the same choices; the predictor's BCE is training-only."""
+def test_the_selection_mask_is_built_from_the_rows_and_the_output_is_immutable():
+    """The selection mask is built from the routed rows when read, and at inference equals the
+    one a training forward builds from the same choices; the predictor's BCE is training-only;
+    the output cannot be changed after the forward."""
     layer = make("diffmoe").eval()
     x = inputs(requires_grad=False)
     static = layer(x, Routing("static"))
-    assert static.mask_SE is None and static.predictor_loss is None
+    assert static.predictor_loss is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        static.counts_E = None
     mask = static.selection_mask()
     scores = router_scores(layer, x.reshape(-1, D))
     expected = torch.zeros(24, 4, dtype=torch.bool)
     for e in range(4):
         expected[scores[:, e].topk(6).indices, e] = True
-    assert torch.equal(mask, expected) and static.mask_SE is mask
+    assert torch.equal(mask, expected)
     dynamic = layer(x, Routing("threshold", 0.5))
-    assert dynamic.mask_SE is None and dynamic.predictor_loss is None
+    assert dynamic.predictor_loss is None
     assert dynamic.selection_mask().sum(0).tolist() == dynamic.counts_E.tolist()
     trained = layer.train()(x)
-    assert torch.equal(trained.mask_SE, expected) and trained.predictor_loss is not None
+    assert torch.equal(trained.selection_mask(), expected) and trained.predictor_loss is not None
 
 
 @pytest.mark.parametrize("device,capability,dtype,widths,kernel", [
@@ -520,9 +524,9 @@ def test_sample_scope_trains_as_expert_choice_with_a_predictor():
     x = inputs()
     out = layer(x)
     check_against_reference(layer, x, out.y, reference_expert_choice(layer, x, 8 // 4))
-    assert out.mask_SE.view(3, 8, 4).sum(1).eq(2).all()  # k = s*C/E in every sample
+    assert out.selection_mask().view(3, 8, 4).sum(1).eq(2).all()  # k = s*C/E in every sample
     p = torch.sigmoid(out.predictor_logits_SE)
-    o = out.mask_SE.double()
+    o = out.selection_mask().double()
     assert_close(out.predictor_loss.double(), -(o * p.log() + (1 - o) * (1 - p).log()).mean())
     # Threshold targets: the k-th largest prediction of the pool, k = the selection's size B*2.
     assert torch.equal(out.threshold_targets_E, threshold_targets(out.predictor_logits_SE, 6))

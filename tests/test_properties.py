@@ -44,7 +44,7 @@ def test_expert_choice_layers_any_shape(batch, tokens, experts, capacity, kind, 
     pool = batch * tokens if kind == "diffmoe" else tokens
     k = expert_capacity(pool, capacity, experts)
     expected = k if kind == "diffmoe" else k * batch
-    assert out.mask_SE.sum(0).tolist() == [expected] * experts
+    assert out.selection_mask().sum(0).tolist() == [expected] * experts
     assert 1 <= k <= pool
 
 
@@ -74,7 +74,7 @@ def test_token_choice_any_shape(batch, tokens, experts, top_k, seed):
                       D, HIDDEN)
     out = layer(torch.randn(batch, tokens, D))
     assert out.y.shape == (batch, tokens, D) and torch.isfinite(out.y).all()
-    assert out.mask_SE.sum(1).eq(top_k).all()
+    assert out.selection_mask().sum(1).eq(top_k).all()
     assert int(out.counts_E.sum()) == batch * tokens * top_k
     # E * sum_e P_e f_e lies in [0, E] (sum_e f_e = 1 and P_e <= 1); with one expert it is 1.
     aux = out.aux_loss.item()
@@ -145,7 +145,7 @@ def test_diffmoe_training_bounds_and_gradients_for_any_capacity(batch, tokens, e
     S = batch * tokens
     k = expert_capacity(S, capacity, experts)
     assert 1 <= k <= S
-    assert out.counts_E.tolist() == [k] * experts and out.mask_SE.sum(0).tolist() == [k] * experts
+    assert out.counts_E.tolist() == [k] * experts and out.selection_mask().sum(0).tolist() == [k] * experts
     assert out.y.shape == x.shape and torch.isfinite(out.y).all()
     (out.y.square().mean() + out.predictor_loss).backward()
     grads = [x.grad] + [p.grad for p in layer.parameters() if p.grad is not None]

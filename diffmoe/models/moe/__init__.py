@@ -5,8 +5,10 @@
 ``token_choice``   :class:`TokenChoiceMoE` — top-K experts per token, load-balance loss
 ``expert_choice``  :class:`ExpertChoiceMoE` — each expert takes top-k tokens within each sample
 ``diffmoe``        :class:`DiffMoE` — expert choice over the batch-level global pool (Eq. 4-7),
-                   capacity predictor and thresholds (Eq. 12-17); with ``pool_scope: sample``
-                   expert choice within each sample with the same predictor (Table 4's "local")
+                   capacity predictor and thresholds (Eq. 12-17); :class:`SamplePoolDiffMoE`
+                   (``pool_scope: sample``) expert choice within each sample with the same
+                   predictor (Table 4's "local"); :class:`GlobalPoolDiffMoE`
+                   (``train.token_pool: global``) the pool of all ranks
 =================  ==========================================================================
 """
 
@@ -20,15 +22,19 @@ from .dense import DenseFFN
 from .diffmoe import (
     CapacityPredictor,
     DiffMoE,
+    GlobalPoolDiffMoE,
+    SamplePoolDiffMoE,
     apply_threshold_updates,
     checkpoint_keeping_choices,
+    diffmoe_layer,
     diffmoe_layers,
     gathers_pool,
 )
 from .expert_choice import ExpertChoiceMoE
 from .token_choice import TokenChoiceMoE
 
-LAYERS = {"token_choice": TokenChoiceMoE, "expert_choice": ExpertChoiceMoE, "diffmoe": DiffMoE}
+LAYERS = {"token_choice": TokenChoiceMoE, "expert_choice": ExpertChoiceMoE,
+          "diffmoe": diffmoe_layer}
 
 
 def build_ffn(moe: MoEConfig, dim: int, hidden: int, token_pool: str = "rank") -> nn.Module:
@@ -45,6 +51,6 @@ def build_ffn(moe: MoEConfig, dim: int, hidden: int, token_pool: str = "rank") -
 
 
 __all__ = ["STATIC", "CapacityPredictor", "DenseFFN", "DiffMoE", "ExpertBank",
-           "ExpertChoiceMoE", "FFNOutput", "FeedForward", "MoELayer", "Routing",
+           "ExpertChoiceMoE", "FFNOutput", "GlobalPoolDiffMoE", "SamplePoolDiffMoE", "FeedForward", "MoELayer", "Routing",
            "TokenChoiceMoE", "apply_threshold_updates", "build_ffn", "checkpoint_keeping_choices",
            "diffmoe_layers", "expert_capacity", "gathers_pool"]

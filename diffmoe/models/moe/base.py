@@ -5,9 +5,10 @@ Shape suffixes (as in torchtitan): B samples, s tokens per sample, S = B*s token
 D model width, F expert hidden width, E experts in the layer, k tokens per expert (equal
 capacities), T routed rows (unequal capacities, rows grouped by expert).
 
-The expert kernel for unequal counts (``model.moe.dispatch: auto``) is chosen by one rule,
-:func:`auto_kernel`, from the device, the dtype the rows are computed in and whether gradients
-flow, so eager and compiled code choose alike; each choice is logged once.
+The expert kernel for unequal counts (``model.moe.dispatch: auto``) is chosen by
+:meth:`ExpertBank.kernel`: ``grouped_mm`` where torch has its fast kernel, else ``padded_bmm``
+(:func:`auto_kernel`, a constant for torch.compile, logged once), and the per-expert ``loop``
+for counts already on the host that padding would inflate by more than a quarter.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -39,8 +40,13 @@ GROUPED_MM_DTYPE = torch.bfloat16
 # grouped_mm needs every operand's row stride to be a multiple of this many bytes.
 GROUPED_MM_ALIGNMENT_BYTES = 16
 # ``auto`` runs unequal counts already read to the host (dynamic inference) one expert at a time
-# instead of padded when padding to the largest count would add more than this share of rows.
+# (``loop``) instead of padded when padding to the largest count would add more than this share
+# of rows. The loop pays for itself on skewed counts: on 2 shared CPU cores (torch 2.13, fp32,
+# forward, 4096 rows, 16 experts; benchmarks/dispatch_kernels.py) with padding adding 2.8x the
+# rows it took 0.64x (S-E16) and 0.36x (B-E16) the padded time; with none it took 2.1x / 1.8x;
+# in between (0.4-0.9x added) the two were within the measurement's noise of each other.
 PADDED_BMM_MAX_WASTE = 0.25
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -66,19 +72,16 @@ class Routing:
 STATIC = Routing("static")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FFNOutput:
-    """Everything a feed-forward layer produced, returned explicitly.
+    """Everything a feed-forward layer produced, returned explicitly and never changed after.
 
     y: the layer output (B, s, D). The other fields are None for a dense layer.
     aux_loss: token-choice load-balance loss (unweighted), a scalar.
     predictor_loss: capacity-predictor BCE (Eq. 12) for this layer, a scalar (training only).
-    mask_SE: selection mask O (Eq. 13), True where expert e processed token s. Built by training
-        forwards; at inference nothing needs it, so :meth:`selection_mask` builds it on demand.
-    predictor_logits_SE: capacity-predictor logits.
+    predictor_logits_SE: capacity-predictor logits (DiffMoE, except static inference).
     counts_E: tokens processed per expert, k_e.
     tokens_T: the token of each processed row, rows grouped by expert (``counts_E`` rows each).
-    thresholds_E: the thresholds τ a training forward saw (DiffMoE), for the trainer's log.
     threshold_targets_E: q_e of Eq. 17 over the training pool (DiffMoE in training mode). The
         forward only records them; ``apply_threshold_updates`` moves the thresholds.
     num_tokens: S, the pool the counts refer to.
@@ -88,24 +91,43 @@ class FFNOutput:
     y: Tensor
     aux_loss: Optional[Tensor] = None
     predictor_loss: Optional[Tensor] = None
-    mask_SE: Optional[Tensor] = None
     predictor_logits_SE: Optional[Tensor] = None
     counts_E: Optional[Tensor] = None
-    thresholds_E: Optional[Tensor] = None
-    threshold_targets_E: Optional[Tensor] = None
     tokens_T: Optional[Tensor] = None
+    threshold_targets_E: Optional[Tensor] = None
     num_tokens: int = 0
     base_experts: int = 1
 
     def selection_mask(self) -> Optional[Tensor]:
-        """O (Eq. 13): ``mask_SE``, built from ``tokens_T`` and ``counts_E`` on first use (and then
-        kept) when the forward did not build it; None for a dense layer."""
-        if self.mask_SE is None and self.tokens_T is not None:
-            experts = self.counts_E.shape[0]
-            self.mask_SE = selection_mask(self.tokens_T, row_experts(self.counts_E, experts,
-                                                                     self.tokens_T.shape[0]),
-                                          self.num_tokens, experts)
-        return self.mask_SE
+        """O (Eq. 13), (S, E): True where expert e processed token s; None for a dense layer."""
+        if self.tokens_T is None:
+            return None
+        return selection_mask(self.tokens_T, self.counts_E, self.num_tokens)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which tokens each expert processes, and with which weights (Eq. 7).
+
+    Equal capacities (the training rule of expert choice and DiffMoE, static inference):
+    ``tokens`` and ``weights`` are (E, k), run as one batched matmul without a host
+    synchronisation. Otherwise rows grouped by expert: ``tokens``/``weights`` (T,) with
+    ``counts_E`` rows each, ``host_counts`` the same counts if already read to the host."""
+
+    tokens: Tensor
+    weights: Tensor
+    counts_E: Tensor
+    host_counts: Optional[list[int]] = None
+
+    @property
+    def equal(self) -> bool:
+        return self.tokens.dim() == 2
+
+    @classmethod
+    def top_k(cls, idx_Ek: Tensor, w_Ek: Tensor) -> "Choice":
+        """Every expert takes k tokens: ``idx_Ek`` the chosen tokens, ``w_Ek`` their scores."""
+        E, k = idx_Ek.shape
+        return cls(idx_Ek, w_Ek, torch.full((E,), k, dtype=torch.long, device=idx_Ek.device))
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -146,11 +168,6 @@ def has_fast_grouped_mm(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] in FAST_GROUPED_MM_CAPABILITIES
 
 
-def grouped_mm_aligned(widths: Sequence[int], dtype: torch.dtype) -> bool:
-    """Whether rows of these widths, in ``dtype``, have the row strides grouped_mm needs."""
-    return all(w * dtype.itemsize % GROUPED_MM_ALIGNMENT_BYTES == 0 for w in widths)
-
-
 _KERNEL_CHOICES: dict[tuple, str] = {}
 
 
@@ -169,7 +186,7 @@ def auto_kernel(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...
         elif not has_fast_grouped_mm(device):
             kernel, why = "padded_bmm", (f"{device} has no fast grouped_mm kernel (CUDA compute "
                                          f"capability 9.x or 10.x)")
-        elif not grouped_mm_aligned(widths, dtype):
+        elif any(w * dtype.itemsize % GROUPED_MM_ALIGNMENT_BYTES for w in widths):
             kernel, why = "padded_bmm", (f"widths {widths} in {dtype} are not multiples of "
                                          f"{GROUPED_MM_ALIGNMENT_BYTES} bytes")
         else:
@@ -177,13 +194,6 @@ def auto_kernel(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...
         _KERNEL_CHOICES[key] = kernel
         log.info("MoE expert kernel for %s rows on %s: %s (%s)", dtype, device, kernel, why)
     return _KERNEL_CHOICES[key]
-
-
-def padding_waste(counts: Sequence[int]) -> float:
-    """The share of rows ``padded_bmm`` would add to rows of these per-expert counts by padding
-    every expert to the largest count."""
-    rows = sum(counts)
-    return len(counts) * max(counts) / rows - 1.0 if rows else 0.0
 
 
 def row_experts(counts_E: Tensor, experts: int, rows: int) -> Tensor:
@@ -209,6 +219,8 @@ class ExpertBank(nn.Module):
 
     def __init__(self, num_experts: int, dim: int, hidden: int, dispatch: str = "auto"):
         super().__init__()
+        if dispatch not in DISPATCH_KERNELS:
+            raise ValueError(f"unknown expert dispatch '{dispatch}'; use one of {DISPATCH_KERNELS}")
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
         self.dispatch = dispatch
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -245,13 +257,13 @@ class ExpertBank(nn.Module):
                host_counts: Optional[Sequence[int]] = None) -> str:
         """The kernel for unequal counts, for rows computed in ``dtype`` on ``device``. With
         ``auto`` and the counts on the host, ``padded_bmm`` gives way to the per-expert loop
-        where padding would waste more than :data:`PADDED_BMM_MAX_WASTE` of the rows (the loop
-        then needs no further host read)."""
+        where padding to the largest count would add more than :data:`PADDED_BMM_MAX_WASTE` of
+        the rows (the loop then needs no further host read)."""
         if self.dispatch != "auto":
             return self.dispatch
         kernel = auto_kernel(device, dtype, (self.dim, self.hidden))
-        if kernel == "padded_bmm" and host_counts and padding_waste(host_counts) > \
-                PADDED_BMM_MAX_WASTE:
+        if kernel == "padded_bmm" and host_counts and \
+                len(host_counts) * max(host_counts) > (1 + PADDED_BMM_MAX_WASTE) * sum(host_counts):
             return "loop"
         return kernel
 
@@ -261,9 +273,6 @@ class ExpertBank(nn.Module):
         experts with ``kernel`` (``grouped_mm`` or ``loop``). ``host_counts``: ``counts_E`` as
         Python ints if the caller has read them; the loop reads them otherwise (the one host
         synchronisation of this path), grouped_mm needs none."""
-        if kernel not in ROW_KERNELS:
-            raise ValueError(f"expert kernel '{kernel}' does not run rows; use one of "
-                             f"{ROW_KERNELS}")
         if x_TD.shape[0] == 0:
             return x_TD.new_zeros(0, self.dim)
         if kernel == "loop":
@@ -283,10 +292,6 @@ class ExpertBank(nn.Module):
         w1, b1, w2, b2 = (p.unbind(0) for p in self.weights(x_TD.dtype))
         return torch.cat([torch.addmm(b2[e], gelu_tanh(torch.addmm(b1[e], x_e, w1[e])), w2[e])
                           for e, x_e in enumerate(x_TD.split(counts))])
-
-
-GROUPED_KERNELS = tuple(k for k in DISPATCH_KERNELS if k != "auto")
-ROW_KERNELS = ("grouped_mm", "loop")  # the kernels of forward_grouped; padded_bmm pads instead
 
 
 class Router(nn.Module):
@@ -339,11 +344,12 @@ def combine(y_rows_D: Tensor, token_rows: Tensor, weight_rows: Tensor, num_token
     return y_rows_D.new_zeros(num_tokens, y_rows_D.shape[-1]).index_add_(0, token_rows, weighted)
 
 
-def selection_mask(token_rows: Tensor, expert_rows: Tensor, num_tokens: int,
-                   num_experts: int) -> Tensor:
-    """O ∈ {0,1}^{S×E}: True where expert e processed token s (Eq. 13)."""
-    mask = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=token_rows.device)
-    mask[token_rows, expert_rows] = True
+def selection_mask(tok_T: Tensor, counts_E: Tensor, num_tokens: int) -> Tensor:
+    """O ∈ {0,1}^{S×E}: True where expert e processed token s (Eq. 13), from the tokens of rows
+    grouped by expert (``counts_E`` rows each)."""
+    experts = counts_E.shape[0]
+    mask = torch.zeros(num_tokens, experts, dtype=torch.bool, device=tok_T.device)
+    mask[tok_T, row_experts(counts_E, experts, tok_T.shape[0])] = True
     return mask
 
 
@@ -378,17 +384,20 @@ class MoELayer(nn.Module):
         B, s, D = x_BsD.shape
         x_SD = x_BsD.reshape(B * s, D)
         out = self.route_and_compute(x_SD, B, routing)
-        y_SD = out.y
-        if self.shared is not None:
-            y_SD = y_SD + self.shared(x_SD)
-        out.y = y_SD.reshape(B, s, D).to(x_BsD.dtype)
-        out.base_experts = self.base_experts
-        return out
+        y_SD = out.y if self.shared is None else out.y + self.shared(x_SD)
+        return replace(out, y=y_SD.reshape(B, s, D).to(x_BsD.dtype))
 
     def route_and_compute(self, x_SD: Tensor, batch: int, routing: Routing) -> FFNOutput:
         """Route the pool ``x_SD`` (``batch`` samples) and run the experts; the result comes from
-        :meth:`output`."""
+        :meth:`output`, its ``y`` still (S, D)."""
         raise NotImplementedError
+
+    def run(self, x_SD: Tensor, choice: Choice) -> Tensor:
+        """The experts on the tokens ``choice`` gave them, combined by Eq. 7."""
+        if choice.equal:
+            return self.run_equal(x_SD, choice.tokens, choice.weights)
+        return self.run_grouped(x_SD, choice.tokens, choice.weights, choice.counts_E,
+                                choice.host_counts)
 
     def run_equal(self, x_SD: Tensor, idx_Ek: Tensor, w_Ek: Tensor) -> Tensor:
         """Experts with equal capacity k: gather → batched matmul → weighted index_add.
@@ -407,8 +416,6 @@ class MoELayer(nn.Module):
         0 with weight 0) and runs them as equal capacities; it reads the largest count unless
         ``host_counts`` are given (the one host synchronisation of this path)."""
         kernel = self.experts.kernel(x_SD.device, compute_dtype(x_SD), host_counts)
-        if kernel not in GROUPED_KERNELS:
-            raise ValueError(f"unknown expert dispatch '{kernel}'")
         if kernel == "padded_bmm":
             width = int(counts_E.max()) if host_counts is None else max(host_counts)
             return self.run_equal(x_SD, *padded(tok_T, w_T, counts_E, width))
@@ -416,10 +423,7 @@ class MoELayer(nn.Module):
                                             host_counts)
         return combine(y_TD, tok_T, w_T, x_SD.shape[0])
 
-    def output(self, y_SD: Tensor, tok_T: Tensor, counts_E: Tensor, **fields) -> FFNOutput:
-        """The layer's :class:`FFNOutput`; a training forward also builds the selection mask."""
-        out = FFNOutput(y=y_SD, counts_E=counts_E, tokens_T=tok_T, num_tokens=y_SD.shape[0],
-                        **fields)
-        if self.training:
-            out.selection_mask()
-        return out
+    def output(self, y_SD: Tensor, choice: Choice, **fields) -> FFNOutput:
+        """The layer's :class:`FFNOutput` for the tokens ``choice`` gave the experts."""
+        return FFNOutput(y=y_SD, counts_E=choice.counts_E, tokens_T=choice.tokens.reshape(-1),
+                         num_tokens=y_SD.shape[0], base_experts=self.base_experts, **fields)

@@ -19,16 +19,14 @@ Beyond the paper, ``predictor`` mode lets the predictor choose the tokens too: t
 expert e iff p[s, e] > τ_e, so each token's routing, and each sample's output, is independent of
 the other samples of the sampling batch (the counts are those of Eq. 14).
 
-Scope (``scope = "batch"`` or ``"sample"``, ``model.moe.pool_scope``): "batch" is the paper's
-DiffMoE. "sample" is the "local" ablation of the paper's Table 4: the training rule is expert
-choice within each sample (top k = s·C/E per sample, as EC-MoE), the predictor learns that
-selection, the thresholds follow the k-th largest predictions of the pool with k = B·s·C/E (the
-selection's size), and dynamic inference counts k_{b,e} = #{s in sample b : p[s, e] > τ_e} and
-takes sample b's top k_{b,e} tokens by router score.
+:class:`DiffMoE` is the paper's layer, its training forward and its inference forward each read
+in order. The variants beyond the paper are subclasses beside it, built by :func:`diffmoe_layer`:
 
-Pool scope under torchrun (``pool = "rank"`` or ``"global"``, given at construction; the trainer
-builds the model with ``train.token_pool``): with "rank" (the public code) the pool is this rank's
-micro-batch; with "global" the router scores and predictor logits of every rank are all-gathered,
+* :class:`SamplePoolDiffMoE` (``model.moe.pool_scope: sample``), the "local" ablation of the
+  paper's Table 4: expert choice within each sample.
+* :class:`GlobalPoolDiffMoE` (``train.token_pool: global``, the trainer builds the model with
+  it): under torchrun the pool of all ranks, where the paper's (and the public code's) pool is
+  this rank's micro-batch. The router scores and predictor logits of every rank are all-gathered,
 each expert takes its top k = S_global·C/E tokens of the global pool, and each rank runs the
 chosen tokens it holds.
 The gathered scores only decide *which* tokens are chosen (top-k indices carry no gradient); the
@@ -44,7 +42,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,7 +53,7 @@ from torch import Tensor
 
 from ...config import POOL_SCOPES, TOKEN_POOLS
 from ..init import InitPlan
-from .base import FFNOutput, MoELayer, Routing, expert_capacity, row_experts
+from .base import Choice, FFNOutput, MoELayer, Routing, expert_capacity, row_experts, selection_mask
 from .expert_choice import per_sample_topk
 
 
@@ -135,166 +133,153 @@ def top_by_score(scores_SE: Tensor, counts: list[int]) -> tuple[Tensor, Tensor]:
     return torch.cat([c.indices for c in chosen]), torch.cat([c.values for c in chosen])
 
 
-@dataclass
-class Selection:
-    """Which tokens each expert processes under the training rule, and with which weights (Eq. 7).
-
-    Equal capacities (the training rule of the rank pool, static inference): ``tokens`` and
-    ``weights`` are (E, k), run as one batched matmul without a host synchronisation. Otherwise
-    (the global pool) rows grouped by expert with ``counts_E`` rows each, ``host_counts`` the
-    same counts read to the host."""
-
-    tokens: Tensor
-    weights: Tensor
-    counts_E: Tensor
-    equal: bool
-    host_counts: Optional[list[int]] = None
-
-
 class DiffMoE(MoELayer):
-    def __init__(self, *args, threshold_ema: float = 0.95, pool: str = "rank",
-                 scope: str = "batch", **kwargs):
+    """The paper's layer: expert choice over the batch-level pool (Eq. 4-7), the capacity
+    predictor (Eq. 12-13) and per-expert thresholds for dynamic inference (Eq. 14, 16, 17).
+
+    The variants beyond the paper override one step each: :class:`SamplePoolDiffMoE` (pool
+    scope "sample") :meth:`choose` and :meth:`dynamic_choice`, :class:`GlobalPoolDiffMoE` (the
+    pool of all ranks) :meth:`training_choice`; ``predictor`` routing is :func:`predictor_choice`
+    in place of :meth:`dynamic_choice`."""
+
+    def __init__(self, *args, threshold_ema: float = 0.95, **kwargs):
         super().__init__(*args, **kwargs)
-        if pool not in TOKEN_POOLS:
-            raise ValueError(f"token pool '{pool}' is not one of {TOKEN_POOLS}")
-        if scope not in POOL_SCOPES:
-            raise ValueError(f"pool scope '{scope}' is not one of {POOL_SCOPES}")
-        if scope == "sample" and pool == "global":
-            raise ValueError("a per-sample pool scope has no pool to gather across ranks; use "
-                             "pool='rank'")
         self.threshold_ema = threshold_ema
         self.predictor = CapacityPredictor(self.dim, self.num_experts)
         self.register_buffer("thresholds_E", torch.zeros(self.num_experts))
-        self.pool = pool  # training pool scope under torchrun (see the module docstring)
-        self.scope = scope  # the batch-level pool, or each sample (see the module docstring)
 
     def init_plan(self) -> InitPlan:
         """The router and experts, then τ = 0 (Eq. 17's starting point)."""
         return super().init_plan() + [("thresholds_E", nn.init.zeros_)]
 
     def route_and_compute(self, x_SD: Tensor, batch: int, routing: Routing) -> FFNOutput:
-        """Training: the training rule, its predictor loss and threshold targets. Inference: the
-        static rule without the predictor, Eq. 14/16 (:meth:`_run_dynamic`, or per sample), or
-        the predictor's own choice (``predictor`` mode)."""
+        if self.training:
+            return self.forward_train(x_SD, batch)
+        return self.forward_infer(x_SD, batch, routing)
+
+    def forward_train(self, x_SD: Tensor, batch: int) -> FFNOutput:
+        """Training (§2-3): the pool x_SD is all S = B·s tokens of the batch (Eq. 4)."""
+        scores_SE = self.router(x_SD)  # Eq. 5-6
+        logits_SE = self.predictor(x_SD)  # on the detached pool
+        choice, q_E = self.training_choice(scores_SE, logits_SE, batch)  # top-k of each expert
+        y_SD = self.run(x_SD, choice)  # the experts on their tokens, combined by Eq. 7
+        mask_SE = selection_mask(choice.tokens.reshape(-1), choice.counts_E, x_SD.shape[0])
+        return self.output(y_SD, choice, predictor_loss=predictor_loss(logits_SE, mask_SE),
+                           predictor_logits_SE=logits_SE, threshold_targets_E=q_E)
+
+    def training_choice(self, scores_SE: Tensor, logits_SE: Tensor, batch: int
+                        ) -> tuple[Choice, Tensor]:
+        """The training rule (:meth:`choose`), and q_e of Eq. 17 over the same pool: the k-th
+        largest predicted probability of expert e, k the tokens each expert took."""
+        choice = self.choose(scores_SE, batch)
+        with torch.no_grad():
+            return choice, threshold_targets(logits_SE, int(choice.tokens.shape[1]))
+
+    def choose(self, scores_SE: Tensor, batch: int) -> Choice:
+        """The training rule (§2, step 3), also static inference's: expert e takes its top
+        k = S·C/E tokens of the pool by router score."""
+        k = expert_capacity(scores_SE.shape[0], self.capacity, self.base_experts)
+        w_Ek, idx_Ek = scores_SE.t().topk(k, dim=1)
+        return Choice.top_k(idx_Ek, w_Ek)
+
+    def forward_infer(self, x_SD: Tensor, batch: int, routing: Routing) -> FFNOutput:
+        """Inference (§4): the training rule (``static``), or Eq. 14/16 (``dynamic``,
+        ``threshold``) or the predictor's own choice (``predictor``)."""
         scores_SE = self.router(x_SD)
-        if not self.training and routing.mode == "static":
-            return self._run(x_SD, self._equal_selection(scores_SE, batch))
+        if routing.mode == "static":
+            choice = self.choose(scores_SE, batch)
+            return self.output(self.run(x_SD, choice), choice)
         logits_SE = self.predictor(x_SD)
-        if not self.training:
-            predicted_SE = predicted_mask(logits_SE, self._inference_thresholds(routing))
-            if routing.mode == "predictor":
-                return self._run_mask(x_SD, scores_SE, predicted_SE, logits_SE)
-            if self.scope == "sample":
-                return self._run_mask(x_SD, scores_SE,
-                                      per_sample_dynamic_mask(scores_SE, predicted_SE, batch),
-                                      logits_SE)
-            return self._run_dynamic(x_SD, scores_SE, predicted_SE.sum(0), logits_SE)
-        selection, targets_E = self._training_selection(scores_SE, logits_SE, batch)
-        out = self._run(x_SD, selection, predictor_logits_SE=logits_SE,
-                        # τ as this forward saw it, for the trainer's log (a copy: the trainer
-                        # moves τ in place after the step).
-                        thresholds_E=self.thresholds_E.detach().clone(),
-                        threshold_targets_E=targets_E)
-        out.predictor_loss = predictor_loss(logits_SE, out.mask_SE)
-        return out
-
-    @property
-    def gathers_pool(self) -> bool:
-        """Whether training gathers the pool across ranks (``pool="global"`` under a process
-        group of more than one rank)."""
-        return self.pool == "global" and _world()[1] > 1
-
-    def _inference_thresholds(self, routing: Routing) -> Tensor:
-        """τ (dynamic, Eq. 14, and predictor) or one constant γ for every expert (threshold,
-        Eq. 16)."""
-        if routing.mode in ("dynamic", "predictor"):
-            return self.thresholds_E
-        return torch.full_like(self.thresholds_E, routing.threshold)
-
-    def _run(self, x_SD: Tensor, selection: Selection, **fields) -> FFNOutput:
-        """The experts on the tokens of a training-rule selection."""
-        if selection.equal:
-            y_SD = self.run_equal(x_SD, selection.tokens, selection.weights)
-        else:
-            y_SD = self.run_grouped(x_SD, selection.tokens, selection.weights, selection.counts_E,
-                                    selection.host_counts)
-        return self.output(y_SD, selection.tokens.reshape(-1), selection.counts_E, **fields)
+        thresholds_E = (self.thresholds_E if routing.mode in ("dynamic", "predictor") else
+                        torch.full_like(self.thresholds_E, routing.threshold))  # τ, or γ
+        predicted_SE = predicted_mask(logits_SE, thresholds_E)
+        rule = predictor_choice if routing.mode == "predictor" else self.dynamic_choice
+        return self.run_dynamic(x_SD, scores_SE, predicted_SE, logits_SE, batch, rule)
 
     # torch.compile runs this eagerly (one graph break per layer): what it does depends on the
     # counts, which it reads to the host, the one host synchronisation of a dynamic layer.
     @torch.compiler.disable
-    def _run_dynamic(self, x_SD: Tensor, scores_SE: Tensor, counts_E: Tensor,
-                     logits_SE: Tensor) -> FFNOutput:
-        """Eq. 14/16 at inference: expert e takes its top ``counts_E[e]`` tokens by router score
-        and runs them."""
+    def run_dynamic(self, x_SD: Tensor, scores_SE: Tensor, predicted_SE: Tensor,
+                    logits_SE: Tensor, batch: int, rule: Callable[..., Choice]) -> FFNOutput:
+        """The experts on the tokens ``rule`` picks from the scores and the predicted mask."""
+        choice = rule(scores_SE, predicted_SE, batch)
+        return self.output(self.run(x_SD, choice), choice, predictor_logits_SE=logits_SE)
+
+    def dynamic_choice(self, scores_SE: Tensor, predicted_SE: Tensor, batch: int) -> Choice:
+        """Eq. 14: k_e = #{s : sigmoid(logit[s, e]) > τ_e}; expert e takes its top k_e tokens
+        by router score."""
+        counts_E = predicted_SE.sum(0)
         counts = counts_E.tolist()
         tok_T, w_T = top_by_score(scores_SE, counts)
-        y_SD = self.run_grouped(x_SD, tok_T, w_T, counts_E, host_counts=counts)
-        return self.output(y_SD, tok_T, counts_E, predictor_logits_SE=logits_SE)
+        return Choice(tok_T, w_T, counts_E, counts)
 
-    # torch.compile runs this eagerly, as _run_dynamic: the counts are read to the host.
-    @torch.compiler.disable
-    def _run_mask(self, x_SD: Tensor, scores_SE: Tensor, mask_SE: Tensor, logits_SE: Tensor
-                  ) -> FFNOutput:
-        """Run the tokens a selection mask (S, E) chose, each weighted by its router score (Eq.
-        7): rows grouped by expert, each expert's tokens in pool order."""
-        counts_E = mask_SE.sum(0)
-        counts = counts_E.tolist()  # this layer's one host synchronisation
-        rows = torch.nonzero_static(mask_SE.t().reshape(-1), size=sum(counts))[:, 0]
-        expert_T, tok_T = rows // mask_SE.shape[0], rows % mask_SE.shape[0]
-        y_SD = self.run_grouped(x_SD, tok_T, scores_SE[tok_T, expert_T], counts_E,
-                                host_counts=counts)
-        return self.output(y_SD, tok_T, counts_E, predictor_logits_SE=logits_SE)
 
-    def _equal_selection(self, scores_SE: Tensor, batch: int) -> Selection:
-        """The training rule on this pool of ``batch`` samples: expert e takes its top
-        k = S·C/E tokens of the pool, or with the per-sample scope its top s·C/E of each
-        sample."""
-        S = scores_SE.shape[0]
-        if self.scope == "sample":
-            k = expert_capacity(S // batch, self.capacity, self.base_experts)
-            idx_Ek, w_Ek = per_sample_topk(scores_SE, batch, k)
-        else:
-            k = expert_capacity(S, self.capacity, self.base_experts)
-            w_Ek, idx_Ek = scores_SE.t().topk(k, dim=1)
-        counts_E = torch.full((self.num_experts,), idx_Ek.shape[1], dtype=torch.long,
-                              device=scores_SE.device)
-        return Selection(idx_Ek, w_Ek, counts_E, equal=True)
+def mask_choice(scores_SE: Tensor, mask_SE: Tensor) -> Choice:
+    """The tokens a selection mask (S, E) chose, each weighted by its router score (Eq. 7):
+    rows grouped by expert, each expert's tokens in pool order."""
+    counts_E = mask_SE.sum(0)
+    counts = counts_E.tolist()  # this layer's one host synchronisation
+    rows = torch.nonzero_static(mask_SE.t().reshape(-1), size=sum(counts))[:, 0]
+    expert_T, tok_T = rows // mask_SE.shape[0], rows % mask_SE.shape[0]
+    return Choice(tok_T, scores_SE[tok_T, expert_T], counts_E, counts)
 
-    def _training_selection(self, scores_SE: Tensor, logits_SE: Tensor, batch: int
-                            ) -> tuple[Selection, Tensor]:
-        """The training rule over the pool (this rank's, or all ranks' with ``pool="global"``,
-        or each sample's with the per-sample scope), and the threshold targets q_e over the same
-        pool (for the per-sample scope: the pool's k-th largest, k the selection's size)."""
-        if self.gathers_pool:
-            return self._global_pool_selection(scores_SE, logits_SE, *_world())
-        selection = self._equal_selection(scores_SE, batch)
-        with torch.no_grad():
-            targets_E = threshold_targets(logits_SE, int(selection.tokens.shape[1]))
-        return selection, targets_E
 
-    def _global_pool_selection(self, scores_SE: Tensor, logits_SE: Tensor, rank: int,
-                               world: int) -> tuple[Selection, Tensor]:
+def predictor_choice(scores_SE: Tensor, predicted_SE: Tensor, batch: int) -> Choice:
+    """``predictor`` routing (beyond the paper): token s goes to expert e iff the predictor
+    expects it, sigmoid(logit[s, e]) > τ_e, so no token's routing depends on the other samples
+    of the batch (the counts are those of Eq. 14)."""
+    return mask_choice(scores_SE, predicted_SE)
+
+
+class SamplePoolDiffMoE(DiffMoE):
+    """``pool_scope: sample``, the "local" ablation of the paper's Table 4: the training rule is
+    expert choice within each sample (top k = s·C/E per sample, as EC-MoE), the predictor learns
+    that selection, the thresholds follow the k-th largest predictions of the pool with
+    k = B·s·C/E (the selection's size), and dynamic inference counts
+    k_{b,e} = #{s in sample b : p[s, e] > τ_e} and takes sample b's top k_{b,e} tokens by router
+    score."""
+
+    def choose(self, scores_SE: Tensor, batch: int) -> Choice:
+        k = expert_capacity(scores_SE.shape[0] // batch, self.capacity, self.base_experts)
+        return Choice.top_k(*per_sample_topk(scores_SE, batch, k))
+
+    def dynamic_choice(self, scores_SE: Tensor, predicted_SE: Tensor, batch: int) -> Choice:
+        return mask_choice(scores_SE, per_sample_dynamic_mask(scores_SE, predicted_SE, batch))
+
+
+class GlobalPoolDiffMoE(DiffMoE):
+    """``train.token_pool: global`` under torchrun: the router scores and predictor logits of
+    every rank are all-gathered, each expert takes its top k = S_global·C/E tokens of the global
+    pool, and each rank runs the chosen tokens it holds (see the module docstring). Alone (one
+    process) it is :class:`DiffMoE`."""
+
+    @property
+    def gathers_pool(self) -> bool:
+        """Whether training gathers the pool across ranks (a process group of several ranks)."""
+        return _world()[1] > 1
+
+    def training_choice(self, scores_SE: Tensor, logits_SE: Tensor, batch: int
+                        ) -> tuple[Choice, Tensor]:
         """Training rule over the pool of all ranks (G = world·S tokens, equal S per rank):
         expert e takes its top k = G·C/E tokens of the gathered scores; this rank runs the
         chosen tokens it holds (unequal counts per expert) weighted by their local scores.
         Inside a checkpointed call (:class:`RecomputeChoices`) the recompute reuses the
         forward's choice instead of gathering again."""
+        if not self.gathers_pool:
+            return super().training_choice(scores_SE, logits_SE, batch)
         kept = _ACTIVE_CHOICES.get()
         if kept is not None and kept.replaying:
             choice = kept.take(self, scores_SE.shape[0])
         else:
-            choice = self._global_pool_choice(scores_SE, logits_SE, rank, world)
+            choice = self.global_choice(scores_SE, logits_SE, *_world())
             if kept is not None:
                 kept.keep(self, choice)
-        rows = choice.tokens_T.shape[0]
-        expert_T = row_experts(choice.counts_E, self.num_experts, rows)
-        selection = Selection(choice.tokens_T, scores_SE[choice.tokens_T, expert_T],
-                              choice.counts_E, equal=False, host_counts=choice.host_counts)
-        return selection, choice.targets_E
+        expert_T = row_experts(choice.counts_E, self.num_experts, choice.tokens_T.shape[0])
+        return (Choice(choice.tokens_T, scores_SE[choice.tokens_T, expert_T], choice.counts_E,
+                       choice.host_counts), choice.targets_E)
 
-    def _global_pool_choice(self, scores_SE: Tensor, logits_SE: Tensor, rank: int,
-                            world: int) -> "GlobalChoice":
+    def global_choice(self, scores_SE: Tensor, logits_SE: Tensor, rank: int, world: int
+                      ) -> "GlobalChoice":
         """Which of this rank's tokens each expert takes from the gathered pool, and the
         threshold targets over that pool: two all-gathers and one host synchronisation."""
         S = scores_SE.shape[0]
@@ -311,6 +296,21 @@ class DiffMoE(MoELayer):
             tok_T = idx_Ek.reshape(-1)[torch.nonzero_static(mine_Ek.reshape(-1),
                                                             size=sum(counts))[:, 0]]
             return GlobalChoice(tok_T, counts_E, counts, threshold_targets(logits_GE, k), S)
+
+
+def diffmoe_layer(*args, pool: str = "rank", scope: str = "batch", **kwargs) -> DiffMoE:
+    """The DiffMoE layer for a pool scope (``model.moe.pool_scope``: "batch", the paper's, or
+    "sample") and a training pool under torchrun (``train.token_pool``: "rank" or "global")."""
+    if pool not in TOKEN_POOLS:
+        raise ValueError(f"token pool '{pool}' is not one of {TOKEN_POOLS}")
+    if scope not in POOL_SCOPES:
+        raise ValueError(f"pool scope '{scope}' is not one of {POOL_SCOPES}")
+    if scope == "sample" and pool == "global":
+        raise ValueError("a per-sample pool scope has no pool to gather across ranks; use "
+                         "pool='rank'")
+    if scope == "sample":
+        return SamplePoolDiffMoE(*args, **kwargs)
+    return (GlobalPoolDiffMoE if pool == "global" else DiffMoE)(*args, **kwargs)
 
 
 @dataclass
@@ -389,7 +389,7 @@ class _ChoicePhase:
 
 def gathers_pool(module: nn.Module) -> bool:
     """Whether a DiffMoE layer of ``module`` gathers its training pool across ranks."""
-    return any(m.gathers_pool for m in diffmoe_layers(module))
+    return any(isinstance(m, GlobalPoolDiffMoE) and m.gathers_pool for m in module.modules())
 
 
 # torch.compile runs this eagerly: its checkpoint refuses a context_fn that is not a dispatch

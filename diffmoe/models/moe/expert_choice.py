@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import FFNOutput, MoELayer, Routing, expert_capacity
+from .base import Choice, FFNOutput, MoELayer, Routing, expert_capacity
 
 
 def per_sample_topk(scores_SE: Tensor, batch: int, k: int) -> tuple[Tensor, Tensor]:
@@ -26,8 +26,6 @@ def per_sample_topk(scores_SE: Tensor, batch: int, k: int) -> tuple[Tensor, Tens
 
 class ExpertChoiceMoE(MoELayer):
     def route_and_compute(self, x_SD: Tensor, batch: int, routing: Routing) -> FFNOutput:
-        S, E = x_SD.shape[0], self.num_experts
-        k = expert_capacity(S // batch, self.capacity, self.base_experts)
-        idx_EK, w_EK = per_sample_topk(self.router(x_SD), batch, k)
-        counts_E = torch.full((E,), batch * k, dtype=torch.long, device=x_SD.device)
-        return self.output(self.run_equal(x_SD, idx_EK, w_EK), idx_EK.reshape(-1), counts_E)
+        k = expert_capacity(x_SD.shape[0] // batch, self.capacity, self.base_experts)
+        choice = Choice.top_k(*per_sample_topk(self.router(x_SD), batch, k))
+        return self.output(self.run(x_SD, choice), choice)

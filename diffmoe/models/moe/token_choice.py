@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import FFNOutput, MoELayer, Routing
+from .base import Choice, FFNOutput, MoELayer, Routing
 
 
 def load_balance_loss(scores_SE: Tensor, counts_E: Tensor) -> Tensor:
@@ -36,5 +36,6 @@ class TokenChoiceMoE(MoELayer):
         tok_T = torch.arange(S, device=x_SD.device).repeat_interleave(K)[order_T]
         counts_E = torch.zeros(E, dtype=torch.long, device=x_SD.device).index_add_(
             0, expert_T, torch.ones_like(expert_T))
-        y_SD = self.run_grouped(x_SD, tok_T, w_SK.reshape(-1)[order_T], counts_E)
-        return self.output(y_SD, tok_T, counts_E, aux_loss=load_balance_loss(scores_SE, counts_E))
+        choice = Choice(tok_T, w_SK.reshape(-1)[order_T], counts_E)
+        return self.output(self.run(x_SD, choice), choice,
+                           aux_loss=load_balance_loss(scores_SE, counts_E))
