@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -22,12 +22,10 @@ from .diffusion import Objective, SamplerOptions, resolve_sampler, sample
 from .diffusion.samplers import Generators
 from .errors import ConfigError, DiffMoEError
 from .models import DiT
-from .models.condition import TextCondition
+from .models.condition import Condition
 from .models.moe import Routing, diffmoe_layers
 
 log = logging.getLogger(__name__)
-
-Condition = Union[Tensor, TextCondition]  # class labels, or a batch of encoded captions
 
 class Spelling(Protocol):
     """How the caller names a sampling setting (and a value of it) in messages: the command's

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Union
-
 from ..config import Config
 from .flow import FlowMatching
 from .gaussian import GaussianDiffusion
@@ -11,6 +9,7 @@ from .objective import ObjectiveLoss
 from .samplers import (
     SAMPLERS,
     SAMPLERS_BY_OBJECTIVE,
+    Objective,
     SamplerOptions,
     ddim,
     ddpm_ancestral,
@@ -23,8 +22,6 @@ from .samplers import (
     sample,
     sde,
 )
-
-Objective = Union[FlowMatching, GaussianDiffusion]
 
 
 def build_objective(cfg: Config) -> Objective:

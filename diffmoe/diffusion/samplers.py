@@ -45,7 +45,7 @@ ForwardHook = Callable[[float, DiTOutput], None]
 StepHook = Callable[[], None]
 # One generator for a whole batch, or one per image (row b of the noise from generator[b]).
 Generators = Union[torch.Generator, Sequence[torch.Generator]]
-Objective = Union[FlowMatching, GaussianDiffusion]
+Objective = Union[FlowMatching, GaussianDiffusion]  # a training objective and its samplers
 
 SAMPLERS = SAMPLER_NAMES  # every objective's samplers, without "auto"
 
