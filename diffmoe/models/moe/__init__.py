@@ -17,8 +17,16 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ...config import MoEConfig
-from .base import STATIC, ExpertBank, FeedForward, FFNOutput, MoELayer, Routing, expert_capacity
-from .dense import DenseFFN
+from .base import (
+    STATIC,
+    DenseFFN,
+    ExpertBank,
+    FeedForward,
+    FFNOutput,
+    MoELayer,
+    Routing,
+    expert_capacity,
+)
 from .diffmoe import (
     CapacityPredictor,
     DiffMoE,

@@ -1,5 +1,5 @@
-"""What every feed-forward variant shares: its result type, the dense FFN, the stacked expert
-bank with its dispatch kernels, and the router.
+"""What every feed-forward variant shares: its result type, the dense FFN (also the dense
+variant, :class:`DenseFFN`), the stacked expert bank with its dispatch kernels, and the router.
 
 Shape suffixes (as in torchtitan): B samples, s tokens per sample, S = B*s tokens in the pool,
 D model width, F expert hidden width, E experts in the layer, k tokens per expert (equal
@@ -150,6 +150,13 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(gelu_tanh(self.fc1(x)))
+
+
+class DenseFFN(FeedForward):
+    """The ordinary DiT feed-forward layer, behind the same interface as the routed ones."""
+
+    def forward(self, x_BsD: Tensor, routing: Routing = STATIC) -> FFNOutput:  # type: ignore[override]
+        return FFNOutput(y=super().forward(x_BsD), num_tokens=x_BsD.shape[0] * x_BsD.shape[1])
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
