@@ -37,6 +37,7 @@ MODELS = {"dense": "Dense-DiT-S", "diffmoe": "DiffMoE-S-E16"}
 REPO = Path(__file__).resolve().parents[1]
 BEFORE_REDESIGN = "ec998bd"  # the last commit before issue 17's redesign
 ADAM_STATES = 2  # exp_avg and exp_avg_sq
+MANY_STEPS = 10**8 - 1  # more than any comparison runs; the most a checkpoint name's 8 digits hold
 
 
 def make_step(preset: str, batch: int, device: torch.device, dtype: torch.dtype):
@@ -127,7 +128,7 @@ def compare_revisions(args: argparse.Namespace) -> None:
         workers = {}
         for name, source in (("before", before_tree), ("after", REPO)):
             overrides = [f"train.out_dir={tmp / name}", f"train.device={args.device}",
-                         f"train.steps={10**9}"]
+                         f"train.steps={MANY_STEPS}"]
             if args.batch:
                 overrides.append(f"train.batch_size={args.batch}")
             workers[name] = Worker(source, args.config, overrides)
