@@ -24,18 +24,8 @@ in order. The variants beyond the paper are subclasses beside it, built by :func
 
 * :class:`SamplePoolDiffMoE` (``model.moe.pool_scope: sample``), the "local" ablation of the
   paper's Table 4: expert choice within each sample.
-* :class:`GlobalPoolDiffMoE` (``train.token_pool: global``, the trainer builds the model with
-  it): under torchrun the pool of all ranks, where the paper's (and the public code's) pool is
-  this rank's micro-batch. The router scores and predictor logits of every rank are all-gathered,
-each expert takes its top k = S_global·C/E tokens of the global pool, and each rank runs the
-chosen tokens it holds.
-The gathered scores only decide *which* tokens are chosen (top-k indices carry no gradient); the
-weights of Eq. 7 are the local scores, so a plain all-gather gives the same gradients as an
-autograd one. The threshold targets q_e are taken over the global pool, so every rank records the
-same targets. Under activation checkpointing the recompute in the backward must not gather again
-(a collective there interleaves with DDP's gradient all-reduces, in an order that can differ
-between ranks): the forward of each checkpointed block keeps its choice, which its recompute
-reuses (:func:`checkpoint_keeping_choices`).
+* :class:`GlobalPoolDiffMoE` (``train.token_pool: global``): under torchrun the pool of all
+  ranks, where the paper's (and the public code's) pool is this rank's micro-batch.
 """
 
 from __future__ import annotations
@@ -248,10 +238,18 @@ class SamplePoolDiffMoE(DiffMoE):
 
 
 class GlobalPoolDiffMoE(DiffMoE):
-    """``train.token_pool: global`` under torchrun: the router scores and predictor logits of
-    every rank are all-gathered, each expert takes its top k = S_global·C/E tokens of the global
-    pool, and each rank runs the chosen tokens it holds (see the module docstring). Alone (one
-    process) it is :class:`DiffMoE`."""
+    """``train.token_pool: global`` (the trainer builds the model with it): under torchrun the
+    router scores and predictor logits of every rank are all-gathered, each expert takes its top
+    k = S_global·C/E tokens of the global pool, and each rank runs the chosen tokens it holds.
+    Alone (one process) it is :class:`DiffMoE`.
+
+    The gathered scores only decide *which* tokens are chosen (top-k indices carry no gradient);
+    the weights of Eq. 7 are the local scores, so a plain all-gather gives the same gradients as
+    an autograd one. The threshold targets q_e are taken over the global pool, so every rank
+    records the same targets. Under activation checkpointing the recompute in the backward must
+    not gather again (a collective there interleaves with DDP's gradient all-reduces, in an
+    order that can differ between ranks): the forward of each checkpointed block keeps its
+    choice, which its recompute reuses (:func:`checkpoint_keeping_choices`)."""
 
     @property
     def gathers_pool(self) -> bool:
