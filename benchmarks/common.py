@@ -89,9 +89,23 @@ def allocator(args) -> str:
     return "system" if args.system_malloc else steady_allocator()
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+            "threads": torch.get_num_threads(), "cpu": cpu_name(),
+            "cpu_bf16": bool(torch.backends.mkldnn.is_available()
+                             and torch.ops.mkldnn._is_mkldnn_bf16_supported())}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

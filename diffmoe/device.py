@@ -4,6 +4,7 @@ matmuls on CUDA, deterministic kernels, and bf16 autocast."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 
@@ -78,8 +79,26 @@ def _deterministic_cublas(environ, cuda_initialised: bool, option: str) -> None:
     log.info("%s=%s set for %s", CUBLAS_CONFIG_VAR, wanted, option)
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware (AVX512-BF16 or AMX, as oneDNN, which
+    runs CPU bf16 matmuls, reports it); elsewhere bf16 is emulated, usually slower than fp32."""
+    mkldnn_ops = getattr(torch.ops, "mkldnn", None)
+    check = getattr(mkldnn_ops, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and check is not None and check())
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:
+    log.warning("precision bf16 on a CPU without bf16 units (AVX512-BF16 or AMX): its matmuls "
+                "are emulated and usually slower than fp32; use precision fp32 on this machine")
+
+
 def autocast(precision: str, device: torch.device):
-    """bf16 autocast for ``precision=bf16``, nothing for fp32."""
+    """bf16 autocast for ``precision=bf16``, nothing for fp32. On the CPU, bf16 matmuls run on
+    its bf16 units where it has them (:func:`cpu_has_bf16`); a CPU without says so once."""
     if precision == "bf16":
+        if device.type == "cpu" and not cpu_has_bf16():
+            _warn_emulated_bf16()
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
