@@ -62,7 +62,8 @@ def main() -> None:
                          "padded_ms": 1e3 * times["padded_bmm"], "loop_ms": 1e3 * times["loop"],
                          "loop/padded": times["loop"] / times["padded_bmm"]})
     emit({"machine": machine(), "rows": rows},
-         table(rows, ["shape", "skew", "padding", "padded_ms", "loop_ms", "loop/padded"]), args.json)
+         table(rows, ["shape", "skew", "padding", "padded_ms", "loop_ms", "loop/padded"]),
+         args.json)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,8 @@ def test_diffmoe_training_bounds_and_gradients_for_any_capacity(batch, tokens, e
     S = batch * tokens
     k = expert_capacity(S, capacity, experts)
     assert 1 <= k <= S
-    assert out.counts_E.tolist() == [k] * experts and out.selection_mask().sum(0).tolist() == [k] * experts
+    assert out.counts_E.tolist() == [k] * experts
+    assert out.selection_mask().sum(0).tolist() == [k] * experts
     assert out.y.shape == x.shape and torch.isfinite(out.y).all()
     (out.y.square().mean() + out.predictor_loss).backward()
     grads = [x.grad] + [p.grad for p in layer.parameters() if p.grad is not None]

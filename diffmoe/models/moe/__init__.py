@@ -59,6 +59,7 @@ def build_ffn(moe: MoEConfig, dim: int, hidden: int, token_pool: str = "rank") -
 
 
 __all__ = ["STATIC", "CapacityPredictor", "DenseFFN", "DiffMoE", "ExpertBank",
-           "ExpertChoiceMoE", "FFNOutput", "GlobalPoolDiffMoE", "SamplePoolDiffMoE", "FeedForward", "MoELayer", "Routing",
-           "TokenChoiceMoE", "apply_threshold_updates", "build_ffn", "checkpoint_keeping_choices",
-           "diffmoe_layers", "expert_capacity", "gathers_pool"]
+           "ExpertChoiceMoE", "FFNOutput", "FeedForward", "GlobalPoolDiffMoE", "MoELayer",
+           "Routing", "SamplePoolDiffMoE", "TokenChoiceMoE", "apply_threshold_updates",
+           "build_ffn", "checkpoint_keeping_choices", "diffmoe_layers", "expert_capacity",
+           "gathers_pool"]
