@@ -38,7 +38,6 @@ from .schema import (
     POOL_SCOPES,
     PRECISIONS,
     ROUTING_MODES,
-    SAMPLER_NAMES,
     SAMPLERS,
     SAMPLERS_BY_OBJECTIVE,
     SIZES,
@@ -60,6 +59,7 @@ from .schema import (
 )
 from .validation import (
     MIN_ALPHA_BAR,
+    resolve_sampler,
     validate,
     validate_data,
     validate_folder,
@@ -76,12 +76,13 @@ from .validation import (
 __all__ = [
     "CONDITIONS", "DATASETS", "DEVICES", "DISPATCH_KERNELS", "EMA_BUFFER_RULES", "FAMILIES",
     "FFN_TYPES", "INFERENCE_MODES", "LR_SCHEDULES", "MIN_ALPHA_BAR", "NONFINITE_POLICIES",
-    "OBJECTIVES", "PARALLEL", "POOL_SCOPES", "PRECISIONS", "ROUTING_MODES", "SAMPLER_NAMES",
-    "SAMPLERS", "SAMPLERS_BY_OBJECTIVE", "SIZES", "TEXT_DATASETS", "TIME_SAMPLINGS",
-    "TOKEN_POOLS", "TRACKERS", "WEIGHTS", "Config", "DataConfig", "ModelConfig", "MoEConfig",
+    "OBJECTIVES", "PARALLEL", "POOL_SCOPES", "PRECISIONS", "ROUTING_MODES", "SAMPLERS",
+    "SAMPLERS_BY_OBJECTIVE", "SIZES", "TEXT_DATASETS", "TIME_SAMPLINGS", "TOKEN_POOLS",
+    "TRACKERS", "WEIGHTS", "Config", "DataConfig", "MoEConfig", "ModelConfig",
     "ObjectiveConfig", "SampleConfig", "TextConfig", "TrainConfig", "config_from_dict",
-    "config_with", "deep_merge", "load_config", "load_yaml",
-    "overrides_to_dict", "parse_override", "preset", "preset_names", "validate", "validate_data",
+    "config_with", "deep_merge", "load_config", "load_yaml", "overrides_to_dict",
+    "parse_override", "preset", "preset_names", "resolve_sampler", "validate", "validate_data",
     "validate_folder", "validate_inference_mode", "validate_model", "validate_moe",
-    "validate_objective", "validate_sample", "validate_sampling", "validate_text", "validate_train",
+    "validate_objective", "validate_sample", "validate_sampling", "validate_text",
+    "validate_train",
 ]

@@ -25,10 +25,12 @@ INFERENCE_MODES = ("auto", "dynamic", "static", "threshold", "predictor")
 # pool (the paper's DiffMoE) or each sample on its own (expert choice with the capacity predictor,
 # the "local" ablation of the paper's Table 4).
 POOL_SCOPES = ("batch", "sample")
-# Samplers per objective (diffusion/samplers.py); "auto" picks the first of the objective's list.
+# The samplers of each objective (diffusion/samplers.py), the one list of them; "auto" is no
+# sampler but a value of sample.sampler: the first of the objective's list (validation.py,
+# resolve_sampler).
 SAMPLERS_BY_OBJECTIVE = {"flow": ("euler", "heun", "dopri5", "sde"), "ddpm": ("ddpm", "ddim")}
-SAMPLER_NAMES = tuple(n for names in SAMPLERS_BY_OBJECTIVE.values() for n in names)
-SAMPLERS = ("auto",) + SAMPLER_NAMES
+AUTO = "auto"
+SAMPLERS = (AUTO,) + tuple(n for names in SAMPLERS_BY_OBJECTIVE.values() for n in names)
 OBJECTIVES = tuple(SAMPLERS_BY_OBJECTIVE)
 TIME_SAMPLINGS = ("uniform", "logit_normal")  # flow: how training draws t (diffusion/flow.py)
 DATASETS = ("mnist", "digits", "folder", "latents", "shapes", "emoji")

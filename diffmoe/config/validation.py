@@ -14,6 +14,7 @@ from ..paths import is_utf8
 from .ranges import CONFIG_RANGES, check_int
 from .schedule import REFERENCE_STEPS, beta_scale, linear_betas
 from .schema import (
+    AUTO,
     CONDITIONS,
     DATASETS,
     DEVICES,
@@ -101,6 +102,18 @@ def _utf8(section: object, prefix: str) -> None:
             _require(not isinstance(text, str) or is_utf8(text),
                      f"{prefix}{f.name} {quote(text)} is not valid UTF-8; write it in UTF-8 "
                      f"(rename a file or folder whose name is not)")
+
+
+def resolve_sampler(objective: str, sampler: str, name: str = "sample.sampler") -> str:
+    """The sampler that ``sampler`` (the value of the setting ``name``) means for the objective:
+    ``auto`` is the first of the objective's samplers; a sampler of another objective is an
+    error."""
+    names = SAMPLERS_BY_OBJECTIVE[objective]
+    if sampler == AUTO:
+        return names[0]
+    _require(sampler in names, f"{name}={quote(sampler)} is not available for objective.type="
+             f"{objective}; choose one of {list(names)} (or {AUTO})")
+    return sampler
 
 
 def validate(cfg: Config) -> None:
@@ -280,10 +293,7 @@ def validate_sampling(o: ObjectiveConfig, s: SampleConfig, m: ModelConfig) -> No
     """The ``sample`` section, and against the objective and model; also run on the settings a
     checkpoint is sampled with (its own, updated with command-line options)."""
     validate_sample(s)
-    names = SAMPLERS_BY_OBJECTIVE[o.type]
-    _require(s.sampler == "auto" or s.sampler in names,
-             f"sample.sampler={quote(s.sampler)} is not available for objective.type={o.type}; "
-             f"choose one of {list(names)} (or auto)")
+    resolve_sampler(o.type, s.sampler)
     if o.type == "ddpm":
         _require(s.steps <= o.num_timesteps,
                  f"sample.steps={s.steps} respaces the DDPM schedule to more steps than its "
