@@ -14,7 +14,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..paths import user_path
-from .schema import PATH_KEYS, Config, preset, quote
+from .schema import Config, preset, quote
 from .validation import validate
 
 # Plain scalars that YAML 1.1 (what PyYAML reads) turns into something other than what a person
@@ -87,14 +87,6 @@ def deep_merge(base: dict, upd: dict) -> dict:
     return out
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    if typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
 def _as_number(value: Any, tp: type) -> Any:
     """``value`` as ``tp`` (int or float): a number of that kind (an integral float for int) or
     a string that parses as one; None for anything else (booleans included)."""
@@ -110,26 +102,29 @@ def _as_number(value: Any, tp: type) -> Any:
     return None
 
 
-def _coerce_list(key: str, value: Any, item_type: type) -> list:
-    """A list field: a YAML list (or one bare value, a list of one) of ``item_type``."""
-    if not isinstance(value, list):
+def convert(name: str, value: Any, tp: Any) -> Any:
+    """``value`` (as YAML or Python gives it) as the type ``tp`` of the key or section ``name``,
+    strictly: a section is a mapping of its own keys, a list a list (one bare value: a list of
+    one), a number a number, empty only where the type is Optional; anything else is one
+    ``ConfigError`` line naming the key."""
+    if dataclasses.is_dataclass(tp):
+        return _section(tp, {} if value is None and name else value, name)
+    if typing.get_origin(tp) is list:
+        (item_type,) = typing.get_args(tp)
         if value is None or isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' expects a list of {item_type.__name__}, got "
+            raise ConfigError(f"config key '{name}' expects a list of {item_type.__name__}, got "
                               f"{value!r} ({type(value).__name__}); write e.g. [a, b], or [] "
                               f"for none")
-        value = [value]
-    return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    if typing.get_origin(tp) is list:
-        return _coerce_list(key, value, typing.get_args(tp)[0])
-    tp, optional = _unwrap_optional(tp)
+        items = value if isinstance(value, list) else [value]
+        return [convert(f"{name}[{i}]", item, item_type) for i, item in enumerate(items)]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    optional = typing.get_origin(tp) is typing.Union and len(args) == 1
+    tp = args[0] if optional else tp
     article = "an" if tp.__name__[0] in "aeiou" else "a"
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"config key '{key}' may not be empty; give it {article} "
+        raise ConfigError(f"config key '{name}' may not be empty; give it {article} "
                           f"{tp.__name__} value")
     if tp is bool:
         if isinstance(value, bool):
@@ -144,28 +139,32 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(
-        f"config key '{key}' expects {article} {tp.__name__}, got {value!r} "
+        f"config key '{name}' expects {article} {tp.__name__}, got {value!r} "
         f"({type(value).__name__}); fix the value in the YAML file or the override")
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
+def _section(cls: type, data: Any, name: str) -> Any:
+    """The dataclass ``cls`` from the mapping ``data`` of the section ``name`` ('' for the whole
+    config): unknown keys refused, a path key's ``~`` expanded, absent keys at their default."""
+    prefix = f"{name}." if name else ""
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping of keys to "
-                          f"values, got {type(data).__name__}")
+        if not name:
+            raise ConfigError("a config must be a mapping with sections model, objective, "
+                              "data, train, sample")
+        raise ConfigError(f"config section '{name}' must be a mapping of keys to values, got "
+                          f"{type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key {quote(f'{prefix}{key}')}{hint}; valid keys "
-                              f"in this section: {', '.join(names)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(prefix + key, value, tp)
+                              f"in this section: {', '.join(fields)}")
+        kwargs[key] = convert(prefix + key, value, hints[key])
+        if fields[key].metadata.get("path"):
+            kwargs[key] = user_path(kwargs[key])
     return cls(**kwargs)
 
 
@@ -200,16 +199,10 @@ def overrides_to_dict(overrides: list[str]) -> dict:
 
 def config_from_dict(data: dict) -> Config:
     """Build and validate a Config from a nested dict (preset applied first)."""
-    if not isinstance(data, dict):
-        raise ConfigError("a config must be a mapping with sections model, objective, data, "
-                          "train, sample")
-    model = data.get("model") or {}
+    model = data.get("model") if isinstance(data, dict) else None
     if isinstance(model, dict) and model.get("preset"):
         data = deep_merge({"model": preset(str(model["preset"]))}, data)
-    cfg = _build(Config, data, "")
-    for key in PATH_KEYS:
-        section, name = key.split(".")
-        setattr(getattr(cfg, section), name, user_path(getattr(getattr(cfg, section), name)))
+    cfg = convert("", data, Config)
     validate(cfg)
     return cfg
 
