@@ -17,15 +17,21 @@ from ..paths import user_path
 from .schema import Config, preset, quote
 from .validation import validate
 
-# Plain scalars that YAML 1.1 (what PyYAML reads) turns into something other than what a person
-# sees: yes/no/on/off as booleans, 0755 as the octal 493, 1:30 as the sexagesimal 90, and dates.
-# :class:`ConfigLoader` keeps them as the text written, which the field's type then reads.
-YAML_TRUE_FALSE = ("true", "false")  # the only booleans a YAML 1.2 reader (or a person) sees
-YAML_11_NUMBER = re.compile(r"[-+]?(0[0-9_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
-MERGE_TAG = "tag:yaml.org,2002:merge"
 # The words a bool field accepts, whether YAML left them as text or an override gave them.
 BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
               "false": False, "no": False, "off": False, "0": False}
+# The plain scalars a config reads as something other than text, as a person reads them: PyYAML's
+# (YAML 1.1) resolvers without yes/no/on/off as booleans, 0755 as the octal 493, 1:30 as the
+# sexagesimal 90, and dates. Those stay the text written, which the key's type then reads.
+SCALARS = {
+    "bool": ("true|True|TRUE|false|False|FALSE", "tTfF"),
+    "int": (r"[-+]?0b[0-1_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+", "-+0123456789"),
+    "float": (r"[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)", "-+0123456789."),
+    "null": ("~|null|Null|NULL|", ["~", "n", "N", ""]),
+    "merge": ("<<", "<"),
+}
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class DuplicateKey(yaml.MarkedYAMLError):
@@ -34,7 +40,9 @@ class DuplicateKey(yaml.MarkedYAMLError):
 
 class ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading a config as a person reads it: a key set twice in one
-    mapping is an error, and the YAML 1.1 surprises above stay the text written."""
+    mapping is an error, and only the plain scalars of :data:`SCALARS` are other than text."""
+
+    yaml_implicit_resolvers: dict = {}
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -50,25 +58,9 @@ class ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _as_written(construct):
-    """A constructor that keeps a plain scalar as its text where ``construct`` would read it
-    otherwise than a person does (see :data:`YAML_11_NUMBER`, :data:`YAML_TRUE_FALSE`)."""
-    def read(loader: ConfigLoader, node: yaml.ScalarNode):
-        text = node.value
-        if node.style is None and (
-                (node.tag.endswith(":bool") and text.lower() not in YAML_TRUE_FALSE)
-                or (not node.tag.endswith(":bool") and (YAML_11_NUMBER.fullmatch(text)
-                                                          or node.tag.endswith(":timestamp")))):
-            return text
-        return construct(loader, node)
-    return read
-
-
-for _tag, _construct in (("bool", yaml.SafeLoader.construct_yaml_bool),
-                         ("int", yaml.SafeLoader.construct_yaml_int),
-                         ("float", yaml.SafeLoader.construct_yaml_float),
-                         ("timestamp", yaml.SafeLoader.construct_yaml_timestamp)):
-    ConfigLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _as_written(_construct))
+for _tag, (_pattern, _first) in SCALARS.items():
+    ConfigLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}",
+                                       re.compile(f"^(?:{_pattern})$"), list(_first))
 
 
 def read_yaml(text: str):
