@@ -176,17 +176,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def overrides_to_dict(overrides: list[str]) -> dict:
+def nest(settings: list[tuple[str, Any, str]]) -> dict:
+    """``[(dotted key or section, value, as the user wrote it), ...]`` as one nested dict, later
+    settings winning and a section's mapping merged key by key; a key set inside a value that is
+    no section (``a=1`` then ``a.b=2``) is an error."""
     out: dict = {}
-    for text in overrides:
-        path, value = parse_override(text)
+    for name, value, written in settings:
+        *sections, last = name.split(".")
         node = out
-        for part in path[:-1]:
+        for part in sections:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {quote(text)} conflicts with an earlier override")
-        node[path[-1]] = value
+                raise ConfigError(f"override {quote(written)} conflicts with an earlier "
+                                  f"override")
+        merge = isinstance(value, dict) and isinstance(node.get(last), dict)
+        node[last] = deep_merge(node[last], value) if merge else value
     return out
+
+
+def overrides_to_dict(overrides: list[str]) -> dict:
+    parsed = [(parse_override(text), text) for text in overrides]
+    return nest([(".".join(path), value, text) for (path, value), text in parsed])
 
 
 def config_from_dict(data: dict) -> Config:
@@ -244,15 +254,7 @@ def config_with(config: Config | str | Path | dict, overrides: dict[str, Any]) -
     else:
         raise ConfigError(f"config must be a Config, a YAML path or a dict, got "
                           f"{type(config).__name__}")
-    nested: dict[str, Any] = {}
-    for key, value in overrides.items():
-        *sections, last = key.split(".")
-        target = nested
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[last] = deep_merge(target.get(last, {}), value) if isinstance(value, dict) \
-            else value
-    return config_from_dict(deep_merge(data, nested))
+    return config_from_dict(deep_merge(data, nest([(k, v, k) for k, v in overrides.items()])))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
