@@ -1,5 +1,6 @@
 """A config key is declared once, in its dataclass field (issue 35): a key declared nowhere else
-is listed with its values and resume class, loaded, checked and suggested."""
+has its resume class, is listed with its values and resume class, loaded, checked and
+suggested."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from diffmoe.config.docs import render_markdown, render_text
 from diffmoe.config.keys import OPTIMISATION, key, keys_of
 from diffmoe.config.loading import convert
 from diffmoe.config.ranges import STEP
+from diffmoe.config.resume import key_classes
 from diffmoe.errors import ConfigError
 
 
@@ -28,6 +30,7 @@ class KnobConfig(Config):
 def test_a_key_declared_only_in_its_field_reaches_docs_validation_and_loading():
     knob = {k.name: k for k in keys_of(KnobConfig)}["train.new_knob"]
     assert (knob.type, knob.default, knob.resume, knob.check) == (int, 3, OPTIMISATION, STEP)
+    assert key_classes(KnobConfig)["train.new_knob"] == OPTIMISATION
     assert ("| `train.new_knob` | int | `3` | 1..99999999 | optimisation | A knob declared "
             "nowhere else. |") in render_markdown(keys_of(KnobConfig))
     assert "values: 1..99999999; on resume: optimisation" in render_text(keys_of(KnobConfig))

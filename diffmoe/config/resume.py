@@ -15,7 +15,13 @@ from typing import Any
 from .keys import OPTIMISATION, flatten, keys_of
 from .schema import Config
 
-KEY_CLASS: dict[str, str] = {k.name: k.resume for k in keys_of(Config)}
+
+def key_classes(cls: type = Config) -> dict[str, str]:
+    """Dotted key -> resume class, for every key of the config dataclass ``cls``."""
+    return {k.name: k.resume for k in keys_of(cls)}
+
+
+KEY_CLASS = key_classes()
 
 
 def key_class(key: str, before: dict[str, Any], after: dict[str, Any]) -> str:
