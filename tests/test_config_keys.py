@@ -4,6 +4,7 @@ suggested."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -12,7 +13,7 @@ from diffmoe.config import Config, TrainConfig, check_keys
 from diffmoe.config.docs import render_markdown, render_text
 from diffmoe.config.keys import OPTIMISATION, key, keys_of
 from diffmoe.config.loading import convert
-from diffmoe.config.ranges import STEP
+from diffmoe.config.ranges import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, STEP, check_real
 from diffmoe.config.resume import key_classes
 from diffmoe.errors import ConfigError
 
@@ -27,7 +28,7 @@ class KnobConfig(Config):
     train: KnobTrain = field(default_factory=KnobTrain)
 
 
-def test_a_key_declared_only_in_its_field_reaches_docs_validation_and_loading():
+def test_a_key_declared_only_in_its_field_reaches_resume_docs_checks_and_loading():
     knob = {k.name: k for k in keys_of(KnobConfig)}["train.new_knob"]
     assert (knob.type, knob.default, knob.resume, knob.check) == (int, 3, OPTIMISATION, STEP)
     assert key_classes(KnobConfig)["train.new_knob"] == OPTIMISATION
@@ -49,3 +50,15 @@ def test_a_field_without_a_declaration_is_refused():
     with pytest.raises(TypeError, match="Loose.knob is no config key: declare it with key"):
         keys_of(Loose)
 
+
+
+@pytest.mark.parametrize("bounds, inside, outside, said", [
+    (POSITIVE, 1e-9, 0.0, "positive"),
+    (NON_NEGATIVE, 0.0, -1e-9, ">= 0"),
+    (FRACTION, 0.0, 1.0, "in [0, 1)"),
+    (PROBABILITY, 1.0, 1.5, "in [0, 1]"),
+])
+def test_real_bounds_say_what_they_allow(bounds, inside, outside, said):
+    check_real("x", inside, bounds)
+    with pytest.raises(ConfigError, match=rf"^x={outside} must be {re.escape(said)} \(why\)$"):
+        check_real("x", outside, bounds.replace(hint="why"))
