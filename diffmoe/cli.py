@@ -340,9 +340,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     require_class_conditional(
         args.checkpoint, "analyze",
         "diffmoe eval CHECKPOINT reports its capacity (C_avg_infer) on the judge's prompts")
-    options = EvalOptions(num=max(args.num, 2), labels=args.labels or "balanced",
+    options = EvalOptions(num=args.num, labels=args.labels or "balanced",
                           device=args.device, progress=not args.no_progress)
-    evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), options)
+    evaluator = Evaluator.load(args.checkpoint, sample_overrides(args), options, metrics=False)
     out_dir = Path(args.out) if args.out else default_output(evaluator.checkpoint, "analysis",
                                                               "")
     check_outputs(analysis_outputs(out_dir), args.force)

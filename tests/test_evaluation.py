@@ -427,7 +427,7 @@ def test_features_run_where_the_model_samples_and_only_rank_0_shows_progress(tin
 
     evaluator = Evaluator.load(tiny_run, {"batch_size": 2}, EvalOptions(num=4, device="cpu"))
     seen = {"progress": [], "extractors": [], "parts": []}
-    generate, extractor = evaluate.generate_batches, evaluate.default_extractor
+    generate, extractor = evaluator.pipeline.batches, evaluate.default_extractor
 
     def spy_generate(*args, **kwargs):
         seen["progress"].append(kwargs["progress"])
@@ -441,7 +441,7 @@ def test_features_run_where_the_model_samples_and_only_rank_0_shows_progress(tin
         seen["parts"].append(part)
         return [part]
 
-    monkeypatch.setattr(evaluate, "generate_batches", spy_generate)
+    monkeypatch.setattr(evaluator.pipeline, "batches", spy_generate)
     monkeypatch.setattr(evaluate, "default_extractor", spy_extractor)
     monkeypatch.setattr(evaluate.distributed, "gather_to_main", spy_gather)
     labels = torch.arange(4) % 10

@@ -3,8 +3,9 @@
 Samples are generated batch by batch and pushed through the Inception at once, on the sampling
 device (in bf16 on a GPU sampling in bf16: :func:`.inception.feature_precision`), so only their
 features are kept; under torchrun only features (and capacity records) travel to rank 0, and
-only rank 0 shows progress. Every result records C_avg_infer (Eq. 15) with its per-layer and per-timestep
-breakdown, the activated parameters (Eq. 40), the sampling throughput and the resolved settings.
+only rank 0 shows progress. Every result records C_avg_infer (Eq. 15) with its per-layer and
+per-timestep breakdown, the activated parameters (Eq. 40), the sampling throughput and the
+resolved settings.
 """
 
 from __future__ import annotations
@@ -72,8 +73,12 @@ class Evaluator:
     pipeline: Optional[DiffMoEPipeline] = None  # what the images are drawn through
 
     @classmethod
-    def load(cls, path: str | Path, overrides: dict, options: EvalOptions) -> "Evaluator":
-        if options.num < 2:
+    def load(cls, path: str | Path, overrides: dict, options: EvalOptions,
+             metrics: bool = True) -> "Evaluator":
+        """``metrics``: whether the caller compares samples with the reference (``eval``,
+        ``sweep-thresholds``), whose sizes are then checked before anything is computed; False
+        for one that only draws and measures samples (``analyze``)."""
+        if metrics and options.num < 2:
             raise ConfigError(f"--num {options.num}: FID needs at least 2 samples")
         device = resolve_device(options.device, "--device")
         options = replace(options, device=device.type)
@@ -83,7 +88,7 @@ class Evaluator:
         data_spec = f"{data.get('name', 'mnist')}:{data.get('split', 'train')}"
         if data.get("name") == "folder":
             data_spec = f"folder:{data['path']}"
-        if not is_file_reference(options.reference or data_spec):  # before a reference is made
+        if metrics and not is_file_reference(options.reference or data_spec):  # before one is made
             check_generated_size(options.num, with_features=True)
         if data.get("name") == "latents" and not options.reference:
             raise ConfigError("a model trained on a latent cache has no packaged reference set; "
