@@ -65,15 +65,8 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .config import Config, TrainConfig, load_yaml
-from .config.resume import (
-    ARCHITECTURE,
-    DATA,
-    OBJECTIVE,
-    OPTIMISATION,
-    REFUSED,
-    Change,
-    config_changes,
-)
+from .config.keys import ARCHITECTURE, DATA, OBJECTIVE, OPTIMISATION, REFUSED
+from .config.resume import Change, config_changes
 from .config.schedule import learning_rate
 from .data import BatchIterator
 from .errors import CheckpointError, DiffMoEError, TrainingError

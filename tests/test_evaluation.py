@@ -458,3 +458,26 @@ def test_features_follow_the_sampling_precision_on_a_gpu_only():
     assert feature_precision("bf16", cuda) == "bf16" and feature_precision("fp32", cuda) == "fp32"
     # The CPU keeps fp32 features, comparable with every earlier result.
     assert feature_precision("bf16", cpu) == "fp32"
+
+
+def test_the_feature_precision_can_be_chosen_and_is_checked(tiny_run, monkeypatch):
+    from diffmoe.errors import ConfigError
+    from diffmoe.evaluation.evaluate import EvalOptions, Evaluator
+
+    with pytest.raises(ConfigError, match="feature_precision='fp16' is not one of"):
+        Evaluator.load(tiny_run, {}, EvalOptions(num=4, device="cpu", feature_precision="fp16"))
+    evaluator = Evaluator.load(tiny_run, {"batch_size": 2},
+                               EvalOptions(num=4, device="cpu", feature_precision="bf16"))
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def load_reference(precision="fp32"):
+        asked.append(precision)
+        raise Stop
+
+    monkeypatch.setattr(evaluator, "load_reference", load_reference)
+    with pytest.raises(Stop):
+        evaluator.run()
+    assert asked == ["bf16"]  # not the CPU's default fp32

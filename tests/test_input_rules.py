@@ -13,18 +13,15 @@ from PIL import Image
 
 from diffmoe.cli import build_parser, check_int_options, main
 from diffmoe.config import Config, load_config
-from diffmoe.config.ranges import (
-    COMMAND_OPTION_RANGES,
-    CONFIG_RANGES,
-    OPTION_RANGES,
-    SEED,
-    check_int,
-)
+from diffmoe.config.keys import keys_of
+from diffmoe.config.ranges import COMMAND_OPTION_RANGES, OPTION_RANGES, SEED, Range, check_int
 from diffmoe.data.imagefolder import list_folder
 from diffmoe.errors import ConfigError, DataError, DiffMoEError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits_tiny.yaml"
+# The range each integer key declares (config/schema.py).
+CONFIG_RANGES = {k.name: k.check for k in keys_of(Config) if isinstance(k.check, Range)}
 
 
 def int_keys(cls: type, prefix: str = "") -> list[str]:

@@ -14,18 +14,24 @@ import yaml
 
 from ..errors import ConfigError
 from ..paths import user_path
-from .schema import PATH_KEYS, Config, preset, quote
+from .schema import Config, preset, quote
 from .validation import validate
 
-# Plain scalars that YAML 1.1 (what PyYAML reads) turns into something other than what a person
-# sees: yes/no/on/off as booleans, 0755 as the octal 493, 1:30 as the sexagesimal 90, and dates.
-# :class:`ConfigLoader` keeps them as the text written, which the field's type then reads.
-YAML_TRUE_FALSE = ("true", "false")  # the only booleans a YAML 1.2 reader (or a person) sees
-YAML_11_NUMBER = re.compile(r"[-+]?(0[0-9_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
-MERGE_TAG = "tag:yaml.org,2002:merge"
 # The words a bool field accepts, whether YAML left them as text or an override gave them.
 BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
               "false": False, "no": False, "off": False, "0": False}
+# The plain scalars a config reads as something other than text, as a person reads them: PyYAML's
+# (YAML 1.1) resolvers without yes/no/on/off as booleans, 0755 as the octal 493, 1:30 as the
+# sexagesimal 90, and dates. Those stay the text written, which the key's type then reads.
+SCALARS = {
+    "bool": ("true|True|TRUE|false|False|FALSE", "tTfF"),
+    "int": (r"[-+]?0b[0-1_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+", "-+0123456789"),
+    "float": (r"[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)", "-+0123456789."),
+    "null": ("~|null|Null|NULL|", ["~", "n", "N", ""]),
+    "merge": ("<<", "<"),
+}
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class DuplicateKey(yaml.MarkedYAMLError):
@@ -34,7 +40,9 @@ class DuplicateKey(yaml.MarkedYAMLError):
 
 class ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading a config as a person reads it: a key set twice in one
-    mapping is an error, and the YAML 1.1 surprises above stay the text written."""
+    mapping is an error, and only the plain scalars of :data:`SCALARS` are other than text."""
+
+    yaml_implicit_resolvers: dict = {}
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -50,25 +58,9 @@ class ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _as_written(construct):
-    """A constructor that keeps a plain scalar as its text where ``construct`` would read it
-    otherwise than a person does (see :data:`YAML_11_NUMBER`, :data:`YAML_TRUE_FALSE`)."""
-    def read(loader: ConfigLoader, node: yaml.ScalarNode):
-        text = node.value
-        if node.style is None and (
-                (node.tag.endswith(":bool") and text.lower() not in YAML_TRUE_FALSE)
-                or (not node.tag.endswith(":bool") and (YAML_11_NUMBER.fullmatch(text)
-                                                          or node.tag.endswith(":timestamp")))):
-            return text
-        return construct(loader, node)
-    return read
-
-
-for _tag, _construct in (("bool", yaml.SafeLoader.construct_yaml_bool),
-                         ("int", yaml.SafeLoader.construct_yaml_int),
-                         ("float", yaml.SafeLoader.construct_yaml_float),
-                         ("timestamp", yaml.SafeLoader.construct_yaml_timestamp)):
-    ConfigLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _as_written(_construct))
+for _tag, (_pattern, _first) in SCALARS.items():
+    ConfigLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}",
+                                       re.compile(f"^(?:{_pattern})$"), list(_first))
 
 
 def read_yaml(text: str):
@@ -87,14 +79,6 @@ def deep_merge(base: dict, upd: dict) -> dict:
     return out
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    if typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
 def _as_number(value: Any, tp: type) -> Any:
     """``value`` as ``tp`` (int or float): a number of that kind (an integral float for int) or
     a string that parses as one; None for anything else (booleans included)."""
@@ -110,26 +94,29 @@ def _as_number(value: Any, tp: type) -> Any:
     return None
 
 
-def _coerce_list(key: str, value: Any, item_type: type) -> list:
-    """A list field: a YAML list (or one bare value, a list of one) of ``item_type``."""
-    if not isinstance(value, list):
+def convert(name: str, value: Any, tp: Any) -> Any:
+    """``value`` (as YAML or Python gives it) as the type ``tp`` of the key or section ``name``,
+    strictly: a section is a mapping of its own keys, a list a list (one bare value: a list of
+    one), a number a number, empty only where the type is Optional; anything else is one
+    ``ConfigError`` line naming the key."""
+    if dataclasses.is_dataclass(tp):
+        return _section(tp, {} if value is None and name else value, name)
+    if typing.get_origin(tp) is list:
+        (item_type,) = typing.get_args(tp)
         if value is None or isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' expects a list of {item_type.__name__}, got "
+            raise ConfigError(f"config key '{name}' expects a list of {item_type.__name__}, got "
                               f"{value!r} ({type(value).__name__}); write e.g. [a, b], or [] "
                               f"for none")
-        value = [value]
-    return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    if typing.get_origin(tp) is list:
-        return _coerce_list(key, value, typing.get_args(tp)[0])
-    tp, optional = _unwrap_optional(tp)
+        items = value if isinstance(value, list) else [value]
+        return [convert(f"{name}[{i}]", item, item_type) for i, item in enumerate(items)]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    optional = typing.get_origin(tp) is typing.Union and len(args) == 1
+    tp = args[0] if optional else tp
     article = "an" if tp.__name__[0] in "aeiou" else "a"
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"config key '{key}' may not be empty; give it {article} "
+        raise ConfigError(f"config key '{name}' may not be empty; give it {article} "
                           f"{tp.__name__} value")
     if tp is bool:
         if isinstance(value, bool):
@@ -144,28 +131,32 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(
-        f"config key '{key}' expects {article} {tp.__name__}, got {value!r} "
+        f"config key '{name}' expects {article} {tp.__name__}, got {value!r} "
         f"({type(value).__name__}); fix the value in the YAML file or the override")
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
+def _section(cls: type, data: Any, name: str) -> Any:
+    """The dataclass ``cls`` from the mapping ``data`` of the section ``name`` ('' for the whole
+    config): unknown keys refused, a path key's ``~`` expanded, absent keys at their default."""
+    prefix = f"{name}." if name else ""
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping of keys to "
-                          f"values, got {type(data).__name__}")
+        if not name:
+            raise ConfigError("a config must be a mapping with sections model, objective, "
+                              "data, train, sample")
+        raise ConfigError(f"config section '{name}' must be a mapping of keys to values, got "
+                          f"{type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key {quote(f'{prefix}{key}')}{hint}; valid keys "
-                              f"in this section: {', '.join(names)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(prefix + key, value, tp)
+                              f"in this section: {', '.join(fields)}")
+        kwargs[key] = convert(prefix + key, value, hints[key])
+        if fields[key].metadata.get("path"):
+            kwargs[key] = user_path(kwargs[key])
     return cls(**kwargs)
 
 
@@ -185,31 +176,35 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def overrides_to_dict(overrides: list[str]) -> dict:
+def nest(settings: list[tuple[str, Any, str]]) -> dict:
+    """``[(dotted key or section, value, as the user wrote it), ...]`` as one nested dict, later
+    settings winning and a section's mapping merged key by key; a key set inside a value that is
+    no section (``a=1`` then ``a.b=2``) is an error."""
     out: dict = {}
-    for text in overrides:
-        path, value = parse_override(text)
+    for name, value, written in settings:
+        *sections, last = name.split(".")
         node = out
-        for part in path[:-1]:
+        for part in sections:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {quote(text)} conflicts with an earlier override")
-        node[path[-1]] = value
+                raise ConfigError(f"override {quote(written)} conflicts with an earlier "
+                                  f"override")
+        merge = isinstance(value, dict) and isinstance(node.get(last), dict)
+        node[last] = deep_merge(node[last], value) if merge else value
     return out
+
+
+def overrides_to_dict(overrides: list[str]) -> dict:
+    parsed = [(parse_override(text), text) for text in overrides]
+    return nest([(".".join(path), value, text) for (path, value), text in parsed])
 
 
 def config_from_dict(data: dict) -> Config:
     """Build and validate a Config from a nested dict (preset applied first)."""
-    if not isinstance(data, dict):
-        raise ConfigError("a config must be a mapping with sections model, objective, data, "
-                          "train, sample")
-    model = data.get("model") or {}
+    model = data.get("model") if isinstance(data, dict) else None
     if isinstance(model, dict) and model.get("preset"):
         data = deep_merge({"model": preset(str(model["preset"]))}, data)
-    cfg = _build(Config, data, "")
-    for key in PATH_KEYS:
-        section, name = key.split(".")
-        setattr(getattr(cfg, section), name, user_path(getattr(getattr(cfg, section), name)))
+    cfg = convert("", data, Config)
     validate(cfg)
     return cfg
 
@@ -259,15 +254,7 @@ def config_with(config: Config | str | Path | dict, overrides: dict[str, Any]) -
     else:
         raise ConfigError(f"config must be a Config, a YAML path or a dict, got "
                           f"{type(config).__name__}")
-    nested: dict[str, Any] = {}
-    for key, value in overrides.items():
-        *sections, last = key.split(".")
-        target = nested
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[last] = deep_merge(target.get(last, {}), value) if isinstance(value, dict) \
-            else value
-    return config_from_dict(deep_merge(data, nested))
+    return config_from_dict(deep_merge(data, nest([(k, v, k) for k, v in overrides.items()])))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

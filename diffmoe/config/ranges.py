@@ -1,12 +1,15 @@
-"""The range of every integer setting: each config key and each integer command-line option
-(and the Python API's integer arguments) has one :class:`Range` here, and :func:`check_int` is the
-one check they all go through, before anything is built or allocated. An upper limit is where a
+"""The range of every integer setting: each integer config key (declared with its field in
+:mod:`.schema`) and each integer command-line option (and the Python API's integer arguments) has
+one :class:`Range`, and :func:`check_int` is the one check they all go through, before anything
+is built or allocated. An upper limit is where a
 value stops meaning anything on any machine (a seed wider than 64 bits, a step number beyond the
 8 digits of checkpoint names, a tensor side no memory holds), so that an absurd value is one line
 naming the limit instead of an overflow or an allocator's traceback."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -21,6 +24,44 @@ class Range:
     high: int
     why: str
     hint: str = ""
+
+    def replace(self, **changes) -> "Range":
+        return dataclasses.replace(self, **changes)
+
+    def __str__(self) -> str:
+        return f"{self.low}..{self.high}"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The bounds of a real-valued setting: ``low <= value`` (``low < value`` if
+    ``open_low``) and ``value < high`` (``<= high`` if ``closed_high``); ``hint``: what the value
+    means, said with the bounds."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    closed_high: bool = False
+    hint: str = ""
+
+    def replace(self, **changes) -> "Interval":
+        return dataclasses.replace(self, **changes)
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return above and (value <= self.high if self.closed_high else value < self.high)
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return "positive" if self.open_low and self.low == 0 else f">= {self.low:g}"
+        return (f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}"
+                f"{']' if self.closed_high else ')'}")
+
+
+POSITIVE = Interval(0, open_low=True)
+NON_NEGATIVE = Interval(0)
+FRACTION = Interval(0, 1)  # [0, 1): a dropout rate, an EMA decay
+PROBABILITY = Interval(0, 1, closed_high=True)
 
 
 INT64_MAX = 2 ** 63 - 1
@@ -45,44 +86,6 @@ PROCESSES = Range(0, 2 ** 10, "more than 1024 processes is no setting of one mac
 THREADS = Range(0, 2 ** 12, "more than 4096 threads is no setting of one machine")
 COUNT = Range(0, INT64_MAX, "counts are 64-bit integers")
 
-# Every integer key of the config (tests/test_config.py checks that none is missing).
-CONFIG_RANGES: dict[str, Range] = {
-    "model.input_size": SIDE,
-    "model.in_channels": CHANNELS,
-    "model.patch_size": SIDE,
-    "model.depth": DEPTH,
-    "model.hidden_size": WIDTH,
-    "model.num_heads": WIDTH,
-    "model.num_classes": CLASSES,
-    "model.moe.num_experts": Range(1, EXPERTS.high, EXPERTS.why, "the paper uses 4, 8 or 16"),
-    "model.moe.shared_experts": Range(0, EXPERTS.high, EXPERTS.why),
-    "model.moe.granularity": Range(1, EXPERTS.high, EXPERTS.why, "1 = full-width experts"),
-    "model.text.dim": Range(1, WIDTH.high, WIDTH.why,
-                            "the text encoder's width, 384 for all-MiniLM-L6-v2"),
-    "model.text.max_tokens": TOKENS,
-    "objective.num_timesteps": Range(1, SAMPLING_STEPS.high, SAMPLING_STEPS.why, "DiT: 1000"),
-    "data.limit": Range(0, INT64_MAX, COUNT.why, "0 = the whole split"),
-    "data.downsampling": Range(0, SIDE.high, SIDE.why, "0 = the latent cache's"),
-    "data.workers": Range(0, PROCESSES.high, PROCESSES.why, "0 = decode in the training process"),
-    "train.steps": STEP,
-    "train.batch_size": IMAGES,
-    "train.warmup_steps": STEP_OR_0,
-    "train.seed": SEED,
-    "train.log_every": STEP,
-    "train.sample_every": STEP,
-    "train.ckpt_every": STEP,
-    "train.keep_checkpoints": STEP,
-    "train.max_skipped_steps": Range(0, STEP.high, STEP.why, "0 = no limit"),
-    "train.num_threads": Range(0, THREADS.high, THREADS.why, "0 = torch's default"),
-    "train.grad_accum": Range(1, IMAGES.high, IMAGES.why, "1 = no accumulation"),
-    "sample.steps": SAMPLING_STEPS,
-    "sample.batch_size": IMAGES,
-    "sample.num": IMAGES,
-    "sample.seed": SEED,
-    "sample.guidance_channels": Range(0, CHANNELS.high, CHANNELS.why,
-                                      "0 = all channels; DiT's legacy behaviour is 3"),
-}
-
 # Integer command-line options that are no config key (argparse dest -> option, range); the
 # sampling options (--steps, --num of sample, --seed, --batch-size, ...) are checked as their
 # sample.* keys.
@@ -106,6 +109,13 @@ COMMAND_OPTION_RANGES: dict[str, dict[str, tuple[str, Range]]] = {
     "analyze": {"num": ("--num", IMAGES)},
     "fid": {"num": ("--num", IMAGES)},
 }
+
+
+def check_real(name: str, value: float, r: Interval) -> None:
+    """``value`` of the config key ``name`` within ``r``, else one ``ConfigError`` line."""
+    if value not in r:
+        hint = f" ({r.hint})" if r.hint else ""
+        raise ConfigError(f"{name}={value} must be {r}{hint}")
 
 
 def check_int(name: str, value: int, r: Range, sep: str = "=") -> None:

@@ -1,5 +1,6 @@
-"""Validation of a :class:`~.schema.Config`: each value against its range and the values against
-each other, one ``ConfigError`` line naming the key and the fix."""
+"""Validation of a :class:`~.schema.Config`: each value against what its key declares
+(:func:`check_keys`), then the values against each other; one ``ConfigError`` line naming the
+key and the fix."""
 
 from __future__ import annotations
 
@@ -11,31 +12,15 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..paths import is_utf8
-from .ranges import CONFIG_RANGES, check_int
+from .keys import flatten, keys_of
+from .ranges import Interval, Range, check_int, check_real
 from .schedule import REFERENCE_STEPS, beta_scale, linear_betas
 from .schema import (
-    CONDITIONS,
-    DATASETS,
-    DEVICES,
-    DISPATCH_KERNELS,
+    AUTO,
     EITHER_DATASETS,
-    EMA_BUFFER_RULES,
-    FFN_TYPES,
     FOLDER_CHANNELS,
-    INFERENCE_MODES,
-    LR_SCHEDULES,
-    NONFINITE_POLICIES,
-    OBJECTIVES,
-    PARALLEL,
-    POOL_SCOPES,
-    PRECISIONS,
-    SAMPLERS,
     SAMPLERS_BY_OBJECTIVE,
     TEXT_DATASETS,
-    TIME_SAMPLINGS,
-    TOKEN_POOLS,
-    TRACKERS,
-    WEIGHTS,
     Config,
     DataConfig,
     ModelConfig,
@@ -66,49 +51,47 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={quote(value)} is not one of {list(choices)}{hint}")
 
 
-def _in_range(section: object, prefix: str) -> None:
-    """Every integer field of ``section`` (and of its nested sections) within its range
-    (:data:`ranges.CONFIG_RANGES`)."""
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            _in_range(value, f"{prefix}{f.name}.")
-        elif isinstance(value, int) and not isinstance(value, bool):
-            check_int(f"{prefix}{f.name}", value, CONFIG_RANGES[f"{prefix}{f.name}"])
+def check_keys(section: object, prefix: str = "") -> None:
+    """Each value of ``section`` (and of its nested sections) against its key's declaration: a
+    float finite (no setting means anything at NaN or infinity), a text valid UTF-8 (a name in
+    another encoding reaches Python as lone surrogates, which no log, YAML, JSON or tokenizer can
+    hold), and within the key's check: its range or bounds, or one of its choices."""
+    values = flatten(dataclasses.asdict(section), prefix)
+    for key in keys_of(type(section), prefix):
+        value = values[key.name]
+        for item in value if isinstance(value, list) else [value]:
+            _check(key.name, item, key.check)
 
 
-def _finite(section: object, prefix: str) -> None:
-    """Every float field of ``section`` (and of its nested sections) is a finite number: no
-    setting of this project means anything at NaN or infinity."""
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            _finite(value, f"{prefix}{f.name}.")
-        elif isinstance(value, float):
-            _require(math.isfinite(value), f"{prefix}{f.name}={value} must be a finite number")
+def _check(name: str, value: object, check: object) -> None:
+    if isinstance(value, float):
+        _require(math.isfinite(value), f"{name}={value} must be a finite number")
+    if isinstance(value, str):
+        _require(is_utf8(value), f"{name} {quote(value)} is not valid UTF-8; write it in UTF-8 "
+                 f"(rename a file or folder whose name is not)")
+    if isinstance(check, Range):
+        check_int(name, value, check)
+    elif isinstance(check, Interval):
+        check_real(name, value, check)
+    elif isinstance(check, tuple):
+        _choice(name, value, check)
 
 
-def _utf8(section: object, prefix: str) -> None:
-    """Every text field of ``section`` (and of its nested sections, and each item of a list)
-    is valid UTF-8: a name in another encoding reaches Python as lone surrogates, which no log,
-    YAML, JSON or tokenizer can hold."""
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            _utf8(value, f"{prefix}{f.name}.")
-            continue
-        for text in value if isinstance(value, list) else [value]:
-            _require(not isinstance(text, str) or is_utf8(text),
-                     f"{prefix}{f.name} {quote(text)} is not valid UTF-8; write it in UTF-8 "
-                     f"(rename a file or folder whose name is not)")
+def resolve_sampler(objective: str, sampler: str, name: str = "sample.sampler") -> str:
+    """The sampler that ``sampler`` (the value of the setting ``name``) means for the objective:
+    ``auto`` is the first of the objective's samplers; a sampler of another objective is an
+    error."""
+    names = SAMPLERS_BY_OBJECTIVE[objective]
+    if sampler == AUTO:
+        return names[0]
+    _require(sampler in names, f"{name}={quote(sampler)} is not available for objective.type="
+             f"{objective}; choose one of {list(names)} (or {AUTO})")
+    return sampler
 
 
 def validate(cfg: Config) -> None:
-    """Every value finite, every integer in its range and every text UTF-8, every section on its
-    own, then the sections against each other."""
-    _finite(cfg, "")
-    _in_range(cfg, "")
-    _utf8(cfg, "")
+    """Every value against its key's declaration, then the keys against each other."""
+    check_keys(cfg)
     validate_model(cfg.model)
     validate_moe(cfg.model)
     validate_data(cfg.data)
@@ -122,30 +105,21 @@ def validate(cfg: Config) -> None:
 
 
 def validate_model(m: ModelConfig) -> None:
-    """The backbone's shape and its class condition (the MoE layers: :func:`validate_moe`)."""
-    _choice("model.condition", m.condition, CONDITIONS)
+    """The backbone's shape (the MoE layers: :func:`validate_moe`)."""
     _require(m.input_size % m.patch_size == 0,
              f"model.input_size={m.input_size} is not divisible by model.patch_size="
              f"{m.patch_size}; choose a patch size that divides the input size")
     _require(m.hidden_size % m.num_heads == 0,
              f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads="
              f"{m.num_heads}; choose a head count that divides the width")
-    _require(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be positive")
-    _require(0.0 <= m.class_dropout < 1.0,
-             f"model.class_dropout={m.class_dropout} must be in [0, 1)")
 
 
 def validate_moe(m: ModelConfig) -> None:
     """``model.moe``, against the FFN width it splits into experts."""
     moe = m.moe
-    _choice("model.moe.type", moe.type, FFN_TYPES)
-    _choice("model.moe.dispatch", moe.dispatch, DISPATCH_KERNELS)
-    _choice("model.moe.pool_scope", moe.pool_scope, POOL_SCOPES)
     _require(moe.type == "diffmoe" or moe.pool_scope == "batch",
              f"model.moe.pool_scope={moe.pool_scope} applies only to model.moe.type=diffmoe "
              f"(expert_choice always chooses within each sample); drop it")
-    _require(moe.capacity > 0, f"model.moe.capacity={moe.capacity} must be positive "
-             f"(1.0 matches the dense model's compute)")
     if moe.type == "dense":
         return
     _require(moe.type == "token_choice" or moe.capacity <= moe.num_experts,
@@ -156,12 +130,6 @@ def validate_moe(m: ModelConfig) -> None:
     _require(hidden % moe.granularity == 0,
              f"model.moe.granularity={moe.granularity} does not divide the FFN width "
              f"{hidden:g}; pick a granularity that divides mlp_ratio * hidden_size")
-    _require(moe.router_init_std > 0, f"model.moe.router_init_std={moe.router_init_std} "
-             f"must be positive")
-    _require(0.0 <= moe.threshold_ema < 1.0,
-             f"model.moe.threshold_ema={moe.threshold_ema} must be in [0, 1)")
-    _require(moe.balance_loss_weight >= 0, "model.moe.balance_loss_weight must be >= 0")
-    _require(moe.predictor_loss_weight >= 0, "model.moe.predictor_loss_weight must be >= 0")
     if moe.type == "token_choice":
         routed = moe.num_experts * moe.granularity
         _require(float(moe.capacity * moe.granularity).is_integer()
@@ -172,12 +140,9 @@ def validate_moe(m: ModelConfig) -> None:
 
 
 def validate_data(d: DataConfig) -> None:
-    _choice("data.name", d.name, DATASETS)
     _require(d.name != "latents" or bool(d.path) or d.scale_factor > 0,
              "data.name=latents needs data.path, the directory written by diffmoe cache-latents "
              "(or, for a model that only samples, data.scale_factor: its latent normalisation)")
-    _require(d.scale_factor >= 0, f"data.scale_factor={d.scale_factor} must be >= 0 (0 = the "
-             f"latent cache's)")
     _require(d.shift_factor == 0 or d.scale_factor > 0,
              f"data.shift_factor={d.shift_factor} is set without data.scale_factor; set both, or "
              f"neither to take the latent cache's")
@@ -190,8 +155,6 @@ def validate_data(d: DataConfig) -> None:
     _require(not (d.flip and d.name == "latents"),
              "data.flip=true applies to pixel-space data; a latent cache already feeds each "
              "image or its flip at random, so drop data.flip")
-    _require(d.in_memory_mb >= 0, f"data.in_memory_mb={d.in_memory_mb} must be >= 0 (0 = "
-             f"always convert a folder to a cache)")
 
 
 def validate_folder(cfg: Config) -> None:
@@ -204,28 +167,10 @@ def validate_folder(cfg: Config) -> None:
 
 
 def validate_train(t: TrainConfig) -> None:
-    _choice("train.ema_buffers", t.ema_buffers, EMA_BUFFER_RULES)
-    _choice("train.precision", t.precision, PRECISIONS)
-    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
-    _choice("train.device", t.device, DEVICES)
-    _choice("train.nonfinite_loss", t.nonfinite_loss, NONFINITE_POLICIES)
-    _choice("train.parallel", t.parallel, PARALLEL)
-    _choice("train.fsdp_reduce_dtype", t.fsdp_reduce_dtype, PRECISIONS)
-    _choice("train.token_pool", t.token_pool, TOKEN_POOLS)
-    _require(t.lr > 0, f"train.lr={t.lr} must be positive")
-    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
-    _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
-    _require(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
-    _require(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
-    _require(t.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no limit)")
-    _require(t.dist_timeout_s > 0, f"train.dist_timeout_s={t.dist_timeout_s} must be positive "
-             f"(seconds a rank waits for the others)")
     _require(bool(t.out_dir), "train.out_dir may not be empty")
     _require(t.batch_size % t.grad_accum == 0,
              f"train.batch_size={t.batch_size} is not divisible by train.grad_accum="
              f"{t.grad_accum}; pick a batch size that is a multiple of it")
-    for name in t.trackers:
-        _choice("train.trackers", name, TRACKERS)
     _require(len(set(t.trackers)) == len(t.trackers),
              f"train.trackers={t.trackers} names a tracker twice; name each once")
     bad = [c for c in WANDB_PROJECT_FORBIDDEN if c in t.wandb_project]
@@ -236,11 +181,7 @@ def validate_train(t: TrainConfig) -> None:
 
 
 def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
-    _choice("objective.type", o.type, OBJECTIVES)
-    _choice("objective.time_sampling", o.time_sampling, TIME_SAMPLINGS)
     if o.type == "flow":
-        _require(o.time_scale > 0, f"objective.time_scale={o.time_scale} must be positive")
-        _require(o.logit_std > 0, f"objective.logit_std={o.logit_std} must be positive")
         return
     _require(o.time_sampling == "uniform",
              f"objective.time_sampling={o.time_sampling} is for the flow objective; DDPM draws "
@@ -254,36 +195,20 @@ def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
     _require(alpha_bar_end > MIN_ALPHA_BAR,
              f"objective.beta_end={o.beta_end} leaves alpha_bar={alpha_bar_end:.1e} at the last "
              f"timestep, too close to 0 for respaced sampling; lower beta_end (DiT: 0.02)")
-    _require(o.vb_weight >= 0, f"objective.vb_weight={o.vb_weight} must be >= 0")
 
 
 def validate_sample(s: SampleConfig) -> None:
-    """The ``sample`` section on its own: each setting in its range. Run (through
+    """The ``sample`` section on its own: each setting as its key declares. Run (through
     :func:`validate_sampling`) on every settings object before anything is sampled, and on the
     variants a sweep or an analysis derives from it."""
-    _choice("sample.sampler", s.sampler, SAMPLERS)
-    _choice("sample.mode", s.mode, INFERENCE_MODES)
-    _choice("sample.weights", s.weights, WEIGHTS)
-    _choice("sample.precision", s.precision, PRECISIONS)
-    _finite(s, "sample.")
-    _in_range(s, "sample.")
-    _require(s.cfg_scale >= 0, f"sample.cfg_scale={s.cfg_scale} must be >= 0 (1 = no guidance)")
-    _require(0.0 <= s.threshold <= 1.0, f"sample.threshold={s.threshold} must be in [0, 1] "
-             f"(it is compared with sigmoid probabilities)")
-    _require(s.ddim_eta >= 0, f"sample.ddim_eta={s.ddim_eta} must be >= 0 (0 = deterministic)")
-    _require(s.ode_rtol > 0 and s.ode_atol > 0,
-             f"sample.ode_rtol={s.ode_rtol} and sample.ode_atol={s.ode_atol} must be positive")
-    _require(s.sde_noise >= 0, f"sample.sde_noise={s.sde_noise} must be >= 0 (0 = Euler)")
+    check_keys(s, "sample.")
 
 
 def validate_sampling(o: ObjectiveConfig, s: SampleConfig, m: ModelConfig) -> None:
     """The ``sample`` section, and against the objective and model; also run on the settings a
     checkpoint is sampled with (its own, updated with command-line options)."""
     validate_sample(s)
-    names = SAMPLERS_BY_OBJECTIVE[o.type]
-    _require(s.sampler == "auto" or s.sampler in names,
-             f"sample.sampler={quote(s.sampler)} is not available for objective.type={o.type}; "
-             f"choose one of {list(names)} (or auto)")
+    resolve_sampler(o.type, s.sampler)
     if o.type == "ddpm":
         _require(s.steps <= o.num_timesteps,
                  f"sample.steps={s.steps} respaces the DDPM schedule to more steps than its "
@@ -310,8 +235,8 @@ def validate_pool_scope(cfg: Config) -> None:
 
 
 def validate_text(cfg: Config) -> None:
-    """The text condition's settings, and that condition and dataset agree."""
-    m, text = cfg.model, cfg.model.text
+    """The condition and the dataset agree."""
+    m = cfg.model
     captioned = cfg.data.name in TEXT_DATASETS
     either = cfg.data.name in EITHER_DATASETS  # checked when the data is opened
     if m.condition == "text" and not (captioned or either):
@@ -321,6 +246,3 @@ def validate_text(cfg: Config) -> None:
     if m.condition == "class" and captioned:
         raise ConfigError(f"data.name={cfg.data.name} has captions, not class labels; set "
                           f"model.condition=text")
-    if m.condition != "text":
-        return
-    _require(0.0 <= text.dropout < 1.0, f"model.text.dropout={text.dropout} must be in [0, 1)")

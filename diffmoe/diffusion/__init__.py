@@ -7,8 +7,6 @@ from .flow import FlowMatching
 from .gaussian import GaussianDiffusion
 from .objective import ObjectiveLoss
 from .samplers import (
-    SAMPLERS,
-    SAMPLERS_BY_OBJECTIVE,
     Objective,
     SamplerOptions,
     ddim,
@@ -33,7 +31,6 @@ def build_objective(cfg: Config) -> Objective:
     return FlowMatching(m.in_channels, o.time_scale, o.time_sampling, o.logit_mean, o.logit_std)
 
 
-__all__ = ["FlowMatching", "GaussianDiffusion", "ObjectiveLoss", "Objective", "SAMPLERS",
-           "SAMPLERS_BY_OBJECTIVE", "SamplerOptions", "build_objective", "ddim", "ddpm_ancestral",
-           "dopri5", "euler", "guided_output", "guided_velocity", "heun", "resolve_sampler",
-           "sample", "sde"]
+__all__ = ["FlowMatching", "GaussianDiffusion", "ObjectiveLoss", "Objective", "SamplerOptions",
+           "build_objective", "ddim", "ddpm_ancestral", "dopri5", "euler", "guided_output",
+           "guided_velocity", "heun", "resolve_sampler", "sample", "sde"]

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..config import SAMPLER_NAMES, SAMPLERS_BY_OBJECTIVE, SampleConfig
+from ..config import SampleConfig, resolve_sampler
 from ..errors import ConfigError
 from ..models.dit import DiT, DiTOutput
 from ..models.moe import Routing
@@ -46,8 +46,6 @@ StepHook = Callable[[], None]
 # One generator for a whole batch, or one per image (row b of the noise from generator[b]).
 Generators = Union[torch.Generator, Sequence[torch.Generator]]
 Objective = Union[FlowMatching, GaussianDiffusion]  # a training objective and its samplers
-
-SAMPLERS = SAMPLER_NAMES  # every objective's samplers, without "auto"
 
 
 @dataclass
@@ -64,18 +62,6 @@ class SamplerOptions:
     @classmethod
     def from_settings(cls, settings: SampleConfig) -> "SamplerOptions":
         return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
-
-
-def resolve_sampler(objective: str, sampler: str) -> str:
-    """``auto`` → the objective's default (euler for flow, ddpm for DDPM); anything not made for
-    the objective is an error."""
-    names = SAMPLERS_BY_OBJECTIVE[objective]
-    if sampler == "auto":
-        return names[0]
-    if sampler not in names:
-        raise ConfigError(f"sampler '{sampler}' is not available for the {objective} objective; "
-                          f"choose one of {list(names)}")
-    return sampler
 
 
 def guided_output(model: DiT, z: Tensor, model_t: Tensor, y: Tensor, cfg_scale: float,
@@ -250,7 +236,7 @@ def sample(model: DiT, objective: Objective, labels: Tensor, *, sampler: str = "
     image starts from its own noise whatever batch it is sampled in). ``generator``: one
     generator, or a list of one per image (:func:`randn`); ``on_step()`` after each step."""
     options = options or SamplerOptions()
-    sampler = resolve_sampler(objective.kind, sampler)
+    sampler = resolve_sampler(objective.kind, sampler, "sampler")
     check_sampling_steps(steps)
     device = labels.device
     cfg = model.cfg

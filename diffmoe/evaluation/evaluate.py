@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..models import DiT
 from ..pipeline import DiffMoEPipeline
 from ..sample import option_name, parse_labels, recorded_settings, resolve_routing
-from .inception import FEATURE_DIM, default_extractor, feature_precision
+from .inception import FEATURE_DIM, FEATURE_PRECISIONS, default_extractor, feature_precision
 from .metrics import FeatureStats, check_generated_size, check_set_sizes, compare
 from .npz import NpzSampleWriter
 from .reference import Reference, is_file_reference, load_reference, run_cache_dir
@@ -54,6 +54,9 @@ class EvalOptions:
     cache_dir: Optional[str] = None
     device: str = "auto"
     progress: bool = True
+    # The Inception's precision, one of inception.FEATURE_PRECISIONS; None: the sampling
+    # precision on a GPU, fp32 on the CPU (inception.feature_precision).
+    feature_precision: Optional[str] = None
 
 
 @dataclass
@@ -78,6 +81,9 @@ class Evaluator:
         """``metrics``: whether the caller compares samples with the reference (``eval``,
         ``sweep-thresholds``), whose sizes are then checked before anything is computed; False
         for one that only draws and measures samples (``analyze``)."""
+        if options.feature_precision not in (None, *FEATURE_PRECISIONS):
+            raise ConfigError(f"feature_precision={options.feature_precision!r} is not one of "
+                              f"{FEATURE_PRECISIONS} (or None: chosen by the device)")
         if metrics and options.num < 2:
             raise ConfigError(f"--num {options.num}: FID needs at least 2 samples")
         device = resolve_device(options.device, "--device")
@@ -123,7 +129,8 @@ class Evaluator:
         s = settings if settings is not None else self.sample
         routing = resolve_routing(self.model, s, option_name)
         rank, processes = distributed.process_share()
-        precision = feature_precision(s.precision, self.device)
+        precision = self.options.feature_precision or feature_precision(s.precision,
+                                                                        self.device)
         reference = self.load_reference(precision) if rank == 0 else None
         if reference is not None:
             check_set_sizes(reference.stats, s.num)
