@@ -134,13 +134,21 @@ def capacity_warnings(model: DiT, routing: Routing, batch_size: int, c_avg: floa
     return found
 
 
-BATCH_SEED_STRIDE = 2**32  # seed · stride + batch index: one noise stream per sampling batch
+# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: seeds that differ above
+# them draw the same noise. Batch seeds are therefore taken below 2**32.
+SEED_BITS = 32
+# 2**64 divided by the golden ratio: a multiplicative hash that spreads consecutive seeds far
+# apart on the circle of 2**32 batch seeds (Knuth's Fibonacci hashing).
+SEED_SPREAD = 0x9E3779B97F4A7C15
 
 
 def batch_seed(seed: int, batch: int) -> int:
     """The seed of sampling batch ``batch``'s noise: a batch draws the same noise whichever
-    process samples it, and whatever batches come before it."""
-    return seed * BATCH_SEED_STRIDE + batch
+    process samples it, and whatever batches come before it. Seed ``seed``'s batches take
+    consecutive seeds from a start spread by :data:`SEED_SPREAD` (seed 0's are 0, 1, 2, ...),
+    all below 2**32, so every seed draws its own noise on the CPU too."""
+    start = (seed * SEED_SPREAD) % 2**64 >> (64 - SEED_BITS)
+    return (start + batch) % 2**SEED_BITS
 
 
 def generate_batches(model: DiT, objective: Objective, condition: Condition,

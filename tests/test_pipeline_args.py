@@ -18,7 +18,7 @@ import torch
 from diffmoe import DiffMoEPipeline
 from diffmoe.cli import main as cli_main
 from diffmoe.errors import CapacityWarning, DiffMoEError
-from diffmoe.sample import BATCH_SEED_STRIDE
+from diffmoe.sample import batch_seed
 
 LABELS = [0, 1, 2, 3]
 STEPS = 2
@@ -55,13 +55,24 @@ def test_output_types_and_return_dict_hold_the_same_pixels(pipe):
 
 def test_latents_are_the_starting_noise(pipe):
     """The noise a seed draws for batch 0, passed as latents, gives the seed's images."""
-    noise = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(
-        5 * BATCH_SEED_STRIDE))
+    noise = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(batch_seed(5, 0)))
     seeded = _call(pipe, output_type="pt").images
     given = _call(pipe, output_type="pt", latents=noise, generator=None).images
     assert torch.equal(seeded, given)
     other = _call(pipe, output_type="pt", latents=torch.zeros(4, 1, 8, 8)).images
     assert not torch.equal(seeded, other)
+
+
+def test_every_seed_draws_its_own_noise(pipe):
+    """torch's CPU generator keeps a seed's low 32 bits only: batch seeds stay below 2**32 and
+    apart, so seeds 0, 1 and 2 give three sets of images (when seed s's batch 0 was seeded with
+    s·2**32 they all gave seed 0's), while a seed still gives its images again."""
+    seeds = [batch_seed(s, b) for s in range(3) for b in range(1000)]
+    assert len(set(seeds)) == len(seeds) and max(seeds) < 2**32
+    assert [batch_seed(0, b) for b in range(3)] == [0, 1, 2]  # seed 0's images are unchanged
+    images = [_call(pipe, output_type="pt", generator=s).images for s in (0, 1, 2, 1)]
+    assert not torch.equal(images[0], images[1]) and not torch.equal(images[1], images[2])
+    assert torch.equal(images[1], images[3])  # the same computation twice
 
 
 def test_a_list_of_generators_makes_each_image_its_own(pipe):
