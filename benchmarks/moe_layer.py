@@ -66,7 +66,7 @@ class NaiveDiffMoE(nn.Module):
         elif self.style == "buffer":
             buf = pool.new_zeros(E, S, D)
             for e, expert in enumerate(self.experts):
-                buf[e, idx_Ek[e]] = expert(pool[idx_Ek[e]]) * w_Ek[e, :, None]
+                buf[e, idx_Ek[e]] = (expert(pool[idx_Ek[e]]) * w_Ek[e, :, None]).to(buf.dtype)
             out = buf.sum(0)
         else:
             dispatch_SEk = F.one_hot(idx_Ek, S).permute(2, 0, 1).to(pool.dtype)
