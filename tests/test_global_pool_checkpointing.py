@@ -30,6 +30,9 @@ GATHERS_PER_LAYER = 2  # the router scores and the predictor logits
 PERTURB_STD = 0.05
 
 
+COMPILED_GRAD_RTOL = 1e-5  # of the largest gradient: float32 rounding, far below a routing change
+
+
 def test_checkpointed_global_pool_recompute_issues_no_collective_on_2_ranks(tmp_path):
     report = tmp_path / "recompute.json"
     proc = jobs.torchrun([str(HERE / "scale_check.py"), "recompute",
@@ -51,11 +54,12 @@ def test_checkpointed_global_pool_recompute_issues_no_collective_on_2_ranks(tmp_
         assert r["ddp"]["forward"]["allgather_"] == gathers["allgather_"]
         # Checkpointing recomputes the same ops on the same values in the same process, with
         # the forward's selection: the same computation, so the gradients are bitwise equal.
-        # torch.compile (aot_eager) runs the checkpointed blocks eagerly, the rest of the model
-        # as traced graphs of the same ops: measured bitwise equal too.
+        # torch.compile (aot_eager) runs the checkpointed blocks eagerly and the rest as traced
+        # graphs, which may decompose ops: another computation, compared to rounding (a
+        # recompute that chose other tokens would move gradients by about grad_max).
         assert r["grads_missing"] == 0 and r["grad_max"] > 1e-2
         assert r["checkpointed_grads_equal"], r["checkpointed_grad_max_diff"]
-        assert r["compiled_grads_equal"], r["compiled_grad_max_diff"]
+        assert r["compiled_grad_max_diff"] <= COMPILED_GRAD_RTOL * r["grad_max"], r
 
 
 class FakeSecondRank:
