@@ -8,13 +8,20 @@ The thresholds are set per expert to the quantile of the capacity predictor's pr
 the benchmark batch that gives each expert about S*C/E tokens, so the measured C_avg is close to
 the target C (reported as measured).
 
-    python benchmarks/sampling_step.py [--batch 8] [--capacities 0.5 1.0 1.5]
-                                       [--dtypes fp32 bf16] [--json]
+Each timed unit is ``--chain`` forwards inside one autocast region, as a sampling batch runs all
+its steps in one (``diffmoe.diffusion.sample``): autocast keeps its casts of the ``nn.Linear``
+weights for the region, and the experts' stacked weights are cast once for it
+(``cast_experts_once``); the figures are per forward. ``--cast-every-step`` adds bf16 rows of
+each DiffMoE model with the experts cast at every forward, as before ``cast_experts_once``.
+
+    python benchmarks/sampling_step.py [--batch 8] [--capacities 0.5 1.0 1.5] [--chain 4]
+                                       [--dtypes fp32 bf16] [--cast-every-step] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 
 import torch
 from common import add_allocator_arg, allocator, emit, interleaved_medians, machine, table
@@ -23,7 +30,7 @@ from diffmoe.capacity import forward_capacity
 from diffmoe.config import load_config
 from diffmoe.device import autocast
 from diffmoe.models import build_model
-from diffmoe.models.moe import Routing, diffmoe_layers
+from diffmoe.models.moe import Routing, cast_experts_once, compute_dtype, diffmoe_layers
 
 
 DTYPES = ("fp32", "bf16")
@@ -58,6 +65,10 @@ def main() -> None:
     p.add_argument("--capacities", type=float, nargs="+", default=[0.5, 1.0, 1.5])
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--chain", type=int, default=4,
+                   help="forwards per timed autocast region (a sampling batch's steps)")
+    p.add_argument("--cast-every-step", action="store_true",
+                   help="also time bf16 DiffMoE with the experts cast at every forward")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
@@ -76,10 +87,14 @@ def main() -> None:
     dense = build_model(load_config(None, ["model.preset=Dense-DiT-S"]).model).to(device).eval()
     tasks, measured = {}, {}
 
-    def forward(model, routing, precision):
+    def forward(model, routing, precision, chain=1, cast_once=True):
         def run():
             with torch.no_grad(), autocast(precision, device):
-                return model(x, t, y, routing)
+                held = cast_experts_once(model, compute_dtype(x)) if cast_once else nullcontext()
+                with held:
+                    for _ in range(chain):
+                        out = model(x, t, y, routing)
+            return out
         return run
 
     models = {"Dense-DiT-S": (dense, Routing("static"))}
@@ -97,22 +112,27 @@ def main() -> None:
         for precision in args.dtypes:
             measured[name, precision] = float(forward_capacity(
                 forward(model, Routing("dynamic"), precision)().layers))
-    tasks = {(name, precision): forward(model, routing, precision)
+    tasks = {(name, precision, "once"): forward(model, routing, precision, args.chain)
              for name, (model, routing) in models.items() for precision in args.dtypes}
+    if args.cast_every_step:
+        tasks.update({(name, "bf16", "every step"): forward(model, routing, "bf16", args.chain,
+                                                            cast_once=False)
+                      for name, (model, routing) in models.items() if name != "Dense-DiT-S"})
     faults: dict = {}
-    times = interleaved_medians(tasks, args.repeats, args.warmup, device, faults)
+    times = {key: seconds / args.chain for key, seconds in
+             interleaved_medians(tasks, args.repeats, args.warmup, device, faults).items()}
     rows = []
-    for (name, precision), seconds in times.items():
-        row = {"model": name, "precision": precision,
+    for (name, precision, cast), seconds in times.items():
+        row = {"model": name, "precision": precision, "experts_cast": cast,
                "c_avg": measured.get((name, precision), 1.0), "step_ms": 1e3 * seconds,
                "images_per_s": args.batch / seconds,
-               "vs_dense": seconds / times["Dense-DiT-S", precision]}
-        if precision != "fp32" and (name, "fp32") in times:
-            row["speedup_vs_fp32"] = times[name, "fp32"] / seconds
-        rows.append(dict(row, page_faults=faults[name, precision]))
+               "vs_dense": seconds / times["Dense-DiT-S", precision, "once"]}
+        if precision != "fp32" and (name, "fp32", "once") in times:
+            row["speedup_vs_fp32"] = times[name, "fp32", "once"] / seconds
+        rows.append(dict(row, page_faults=faults[name, precision, cast] / args.chain))
     result = {"benchmark": "sampling_step", "machine": machine(), "allocator": malloc,
-              "batch": args.batch, "rows": rows}
-    emit(result, table(rows, ["model", "precision", "c_avg", "step_ms", "images_per_s",
+              "batch": args.batch, "chain": args.chain, "rows": rows}
+    emit(result, table(rows, ["model", "precision", "experts_cast", "c_avg", "step_ms", "images_per_s",
                               "vs_dense", "speedup_vs_fp32", "page_faults"]), args.json)
 
 

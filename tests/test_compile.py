@@ -20,7 +20,7 @@ from diffmoe.diffusion import build_objective
 from diffmoe.diffusion.samplers import sample
 from diffmoe.loss import training_loss
 from diffmoe.models import build_model
-from diffmoe.models.moe import Routing, build_ffn, diffmoe_layers
+from diffmoe.models.moe import Routing, build_ffn, cast_experts_once, diffmoe_layers
 
 D, HIDDEN = 32, 64
 
@@ -183,6 +183,21 @@ def test_sampling_forward_graph_breaks(mode):
     model, _ = tiny_sampling()
     x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 10])
     with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(x, t, y, Routing(mode))
+    if mode == "static":
+        assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    else:
+        assert break_sites(explanation) == {"diffmoe.py:forward_infer"}
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_bf16_sampling_with_the_experts_cast_once_adds_no_graph_break(mode):
+    """The held casts are read eagerly only: compiled code casts in its graph, as without them."""
+    torch._dynamo.reset()
+    model, _ = tiny_sampling()
+    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 10])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
+            cast_experts_once(model, torch.bfloat16):
         explanation = torch._dynamo.explain(model)(x, t, y, Routing(mode))
     if mode == "static":
         assert explanation.graph_count == 1 and explanation.graph_break_count == 0

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..config import SampleConfig, resolve_sampler
 from ..errors import ConfigError
 from ..models.dit import DiT, DiTOutput
-from ..models.moe import Routing
+from ..models.moe import Routing, cast_experts_once, compute_dtype
 from .flow import FlowMatching
 from .gaussian import GaussianDiffusion
 from .objective import check_sampling_steps
@@ -246,28 +246,30 @@ def sample(model: DiT, objective: Objective, labels: Tensor, *, sampler: str = "
                          f"{shape}")
     z = randn(shape, generator, device) if noise is None else noise.to(device)
     guided = _guided_channels(options, cfg.in_channels)
+    # Under autocast the experts' stacked weights are cast once for all steps, as autocast
+    # keeps every nn.Linear's cast for its region.
+    with cast_experts_once(model, compute_dtype(z)):
+        if isinstance(objective, GaussianDiffusion):
+            process = objective.respace(steps)
+            process.copy_tables_to(device)
 
-    if isinstance(objective, GaussianDiffusion):
-        process = objective.respace(steps)
-        process.copy_tables_to(device)
+            def predict(x: Tensor, i: int) -> Tensor:
+                t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+                return guided_output(model, x, process.model_time(t), labels, cfg_scale, routing,
+                                     guided, process.data_time(i), on_forward)
 
-        def predict(x: Tensor, i: int) -> Tensor:
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            return guided_output(model, x, process.model_time(t), labels, cfg_scale, routing,
-                                 guided, process.data_time(i), on_forward)
+            if sampler == "ddim":
+                return ddim(process, predict, z, options.ddim_eta, generator, on_step)
+            return ddpm_ancestral(process, predict, z, generator, on_step)
 
-        if sampler == "ddim":
-            return ddim(process, predict, z, options.ddim_eta, generator, on_step)
-        return ddpm_ancestral(process, predict, z, generator, on_step)
+        def velocity(z_t: Tensor, t: float) -> Tensor:
+            return guided_velocity(model, objective, z_t, t, labels, cfg_scale, routing,
+                                   on_forward, options)
 
-    def velocity(z_t: Tensor, t: float) -> Tensor:
-        return guided_velocity(model, objective, z_t, t, labels, cfg_scale, routing, on_forward,
-                               options)
-
-    if sampler == "dopri5":
-        return dopri5(velocity, z, options.ode_rtol, options.ode_atol, 1.0 / steps, on_step)
-    if sampler == "sde":
-        return sde(velocity, z, steps, options.sde_noise, generator, on_step)
-    if sampler == "heun":
-        return heun(velocity, z, steps, on_step)
-    return euler(velocity, z, steps, on_step)
+        if sampler == "dopri5":
+            return dopri5(velocity, z, options.ode_rtol, options.ode_atol, 1.0 / steps, on_step)
+        if sampler == "sde":
+            return sde(velocity, z, steps, options.sde_noise, generator, on_step)
+        if sampler == "heun":
+            return heun(velocity, z, steps, on_step)
+        return euler(velocity, z, steps, on_step)

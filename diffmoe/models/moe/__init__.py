@@ -25,6 +25,8 @@ from .base import (
     FFNOutput,
     MoELayer,
     Routing,
+    cast_experts_once,
+    compute_dtype,
     expert_capacity,
 )
 from .diffmoe import (
@@ -61,5 +63,5 @@ def build_ffn(moe: MoEConfig, dim: int, hidden: int, token_pool: str = "rank") -
 __all__ = ["STATIC", "CapacityPredictor", "DenseFFN", "DiffMoE", "ExpertBank",
            "ExpertChoiceMoE", "FFNOutput", "FeedForward", "GlobalPoolDiffMoE", "MoELayer",
            "Routing", "SamplePoolDiffMoE", "TokenChoiceMoE", "apply_threshold_updates",
-           "build_ffn", "checkpoint_keeping_choices", "diffmoe_layers", "expert_capacity",
-           "gathers_pool"]
+           "build_ffn", "cast_experts_once", "checkpoint_keeping_choices", "compute_dtype",
+           "diffmoe_layers", "expert_capacity", "gathers_pool"]

@@ -13,11 +13,12 @@ for counts already on the host that padding would inflate by more than a quarter
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -234,6 +235,8 @@ class ExpertBank(nn.Module):
         self.b1_EF = nn.Parameter(torch.zeros(num_experts, hidden))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.b2_ED = nn.Parameter(torch.zeros(num_experts, dim))
+        # (dtype, the parameters' versions, their casts) while :func:`cast_experts_once` holds.
+        self._held: Optional[tuple[torch.dtype, tuple[int, ...], tuple[Tensor, ...]]] = None
         self.reset_parameters()
 
     def init_plan(self) -> InitPlan:
@@ -250,10 +253,21 @@ class ExpertBank(nn.Module):
         """Parameters of one expert."""
         return 2 * self.dim * self.hidden + self.hidden + self.dim
 
-    def weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """w1_EDF, b1_EF, w2_EFD, b2_ED in the rows' compute dtype."""
-        return (self.w1_EDF.to(dtype), self.b1_EF.to(dtype), self.w2_EFD.to(dtype),
-                self.b2_ED.to(dtype))
+    def parameters_in_order(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """w1_EDF, b1_EF, w2_EFD, b2_ED."""
+        return self.w1_EDF, self.b1_EF, self.w2_EFD, self.b2_ED
+
+    def weights(self, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """w1_EDF, b1_EF, w2_EFD, b2_ED in the rows' compute dtype: the casts
+        :func:`cast_experts_once` holds where they are of these weights, as they are now, in that
+        dtype, and no gradient is being recorded; else cast here (always in compiled code, whose
+        graphs would break on the weights' version counters)."""
+        params = self.parameters_in_order()
+        held = self._held
+        if held is not None and not torch.compiler.is_compiling() and held[0] == dtype and \
+                not torch.is_grad_enabled() and held[1] == tuple(p._version for p in params):
+            return held[2]
+        return tuple(p.to(dtype) for p in params)
 
     def forward_equal(self, x_EkD: Tensor) -> Tensor:
         w1, b1, w2, b2 = self.weights(x_EkD.dtype)
@@ -299,6 +313,32 @@ class ExpertBank(nn.Module):
         w1, b1, w2, b2 = (p.unbind(0) for p in self.weights(x_TD.dtype))
         return torch.cat([torch.addmm(b2[e], gelu_tanh(torch.addmm(b1[e], x_e, w1[e])), w2[e])
                           for e, x_e in enumerate(x_TD.split(counts))])
+
+
+@contextlib.contextmanager
+def cast_experts_once(model: nn.Module, dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """For inference under autocast (sampling, ``precision: bf16``): every :class:`ExpertBank` of
+    ``model`` casts its weights to ``dtype`` once, on entry, instead of at every forward, and drops
+    the casts on exit. autocast already keeps an ``nn.Linear``'s cast for its whole region, but
+    the experts cast their stacked weights themselves, E times a dense layer's bytes at every
+    sampling step. The held casts are the same values, so outputs are unchanged; they serve
+    only forwards without gradient, and a weight changed meanwhile is cast anew. ``dtype`` None
+    or float32, or parameters sharded as DTensors (FSDP2 unshards them per forward): nothing is
+    held."""
+    banks = [m for m in model.modules() if isinstance(m, ExpertBank)] \
+        if dtype not in (None, torch.float32) else []
+    banks = [b for b in banks if all(type(p.data) is torch.Tensor and p.dtype != dtype
+                                     for p in b.parameters_in_order())]
+    with torch.no_grad():
+        for bank in banks:
+            params = bank.parameters_in_order()
+            bank._held = (dtype, tuple(p._version for p in params),
+                          tuple(p.detach().to(dtype) for p in params))
+    try:
+        yield
+    finally:
+        for bank in banks:
+            bank._held = None
 
 
 class Router(nn.Module):
