@@ -9,21 +9,44 @@ to compute the same output), and the capacity predictor alone (``predictor_only`
 ``experts_only`` (the expert GEMMs alone) bounds what the dynamic layer can cost. Runs are
 interleaved and medians reported, with ratios to dense.
 
-    python benchmarks/moe_layer.py [--shapes S-E16 B-E16] [--layers ...] [--repeats 15] [--json]
+``--against REV`` adds the diffmoe layer of git revision ``REV`` (``diffmoe@REV`` in training,
+``diffmoe_dynamic@REV`` in dynamic inference), imported in this process from ``git archive`` as
+a package of its own name, with this checkout's weights and thresholds (checked to compute the
+same output), so both codes are timed in one interleaved run. ``--chain N`` times N forwards per
+inference region, as sampling runs its steps in one autocast region (with ``--dtype bf16``:
+autocast keeps its casts of ``nn.Linear`` weights, and the experts' stacked weights are cast once
+by ``cast_experts_once``, as ``diffmoe.diffusion.sample`` does); training rows cast every step.
+
+    python benchmarks/moe_layer.py [--shapes S-E16 B-E16] [--layers ...] [--repeats 15]
+                                   [--dtype fp32|bf16] [--chain 4] [--against REV] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from common import add_allocator_arg, allocator, emit, interleaved_medians, machine, table
+from train_step import export_revision
 
 from diffmoe.config import MoEConfig
-from diffmoe.models.moe import FeedForward, Routing, build_ffn, expert_capacity
+from diffmoe.models.moe import (
+    FeedForward,
+    Routing,
+    build_ffn,
+    cast_experts_once,
+    compute_dtype,
+    expert_capacity,
+)
 from diffmoe.models.moe.diffmoe import CapacityPredictor
 
 SHAPES = {"S-E16": dict(dim=384, experts=16), "B-E16": dict(dim=768, experts=16)}
@@ -192,6 +215,37 @@ def copy_weights(ref: nn.Module, ours: nn.Module) -> None:
             m.fc2.bias.copy_(bank.b2_ED[e])
 
 
+def import_revision(rev: str, into: Path) -> ModuleType:
+    """``diffmoe.models.moe`` of git revision ``rev``, imported as package ``diffmoe_<rev>`` (its
+    modules import each other relatively, so none of them reaches this checkout's)."""
+    source = export_revision(rev, into) / "diffmoe"
+    name = f"diffmoe_{rev}"
+    spec = importlib.util.spec_from_file_location(name, source / "__init__.py",
+                                                  submodule_search_locations=[str(source)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module(f"{name}.models.moe")
+
+
+def revision_rows(old: ModuleType, rev: str, ours: nn.Module, dynamic: nn.Module, dim: int,
+                  experts: int, x: torch.Tensor) -> tuple[dict, dict]:
+    """The training and dynamic rows of ``old``'s diffmoe layer, holding ``ours``'s weights and
+    ``dynamic``'s thresholds; raises unless each computes what this checkout's does on ``x``."""
+    config = old.MoEConfig(type="diffmoe", num_experts=experts)
+    train = old.build_ffn(config, dim, 4 * dim).to(x.device)
+    train.load_state_dict(ours.state_dict())
+    infer = old.build_ffn(config, dim, 4 * dim).to(x.device).eval()
+    infer.load_state_dict(dynamic.layer.state_dict())
+    with torch.no_grad():
+        pairs = [(train(x).y, ours(x).y),
+                 (infer(x, old.Routing("dynamic")).y, dynamic(x))]
+    for got, expected in pairs:
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            raise RuntimeError(f"the diffmoe layer of {rev} does not compute this checkout's")
+    return {f"diffmoe@{rev}": train.train()}, {f"diffmoe_dynamic@{rev}": Dynamic(infer)}
+
+
 def check_references(layers: dict[str, nn.Module], dim: int, device: torch.device) -> None:
     """Give the naive references our diffmoe layer's weights and require the same output, so the
     comparison is between implementations of one computation."""
@@ -213,8 +267,11 @@ def output_of(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def bench_shape(name: str, repeats: int, warmup: int, device: torch.device,
-                dtype: torch.dtype, only: Optional[list[str]] = None) -> list[dict]:
-    """Rows of one shape; ``only``: these layers (and the dense FFN) instead of all."""
+                dtype: torch.dtype, only: Optional[list[str]] = None,
+                against: Optional[tuple[str, ModuleType]] = None, chain: int = 1) -> list[dict]:
+    """Rows of one shape; ``only``: these layers (and the dense FFN) instead of all;
+    ``against``: (revision, its ``diffmoe.models.moe``) for the rows of that revision;
+    ``chain``: forwards per timed inference region (the figures are per forward)."""
     cfg = SHAPES[name]
     layers = build_layers(cfg["dim"], cfg["experts"], device)
     check_references(layers, cfg["dim"], device)
@@ -223,8 +280,11 @@ def bench_shape(name: str, repeats: int, warmup: int, device: torch.device,
 
     def fwd(layer):
         def run():
-            with torch.no_grad(), autocast:
-                output_of(layer, x)
+            # As sampling runs its steps: one autocast region (which keeps its casts of
+            # nn.Linear weights for the region) with the experts' weights cast once.
+            with torch.no_grad(), autocast, cast_experts_once(layer, compute_dtype(x)):
+                for _ in range(chain):
+                    output_of(layer, x)
         return run
 
     def fwd_bwd(layer):
@@ -243,9 +303,15 @@ def bench_shape(name: str, repeats: int, warmup: int, device: torch.device,
     if only:
         layers = {k: v for k, v in layers.items() if k == "dense" or k in only}
         inference = {k: v for k, v in inference.items() if k == "dense" or k in only}
+    if against:
+        rev, old = against
+        train, infer = revision_rows(old, rev, layers["diffmoe"], inference["diffmoe_dynamic"],
+                                     cfg["dim"], cfg["experts"], x)
+        layers.update(train)
+        inference.update(train, **infer)
     faults: dict[str, float] = {}
-    f = interleaved_medians({k: fwd(v) for k, v in inference.items()}, repeats, warmup, device,
-                            faults)
+    f = {k: seconds / chain for k, seconds in interleaved_medians(
+        {k: fwd(v) for k, v in inference.items()}, repeats, warmup, device, faults).items()}
     fb = interleaved_medians({k: fwd_bwd(v) for k, v in layers.items()}, repeats, warmup, device)
     rows = []
     for k in inference:
@@ -267,6 +333,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    p.add_argument("--chain", type=int, default=1,
+                   help="forwards per timed inference region, as sampling runs its steps in one "
+                        "(bf16: autocast's and the experts' weight casts made once per region)")
+    p.add_argument("--against", metavar="REV",
+                   help="also time the diffmoe layer of this git revision (e.g. d646134)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_allocator_arg(p)
     args = p.parse_args()
@@ -276,10 +347,14 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
-    rows = [r for s in args.shapes
-            for r in bench_shape(s, args.repeats, args.warmup, device, dtype, args.layers)]
+    with tempfile.TemporaryDirectory() as tmp:
+        against = (args.against, import_revision(args.against, Path(tmp))) if args.against \
+            else None
+        rows = [r for s in args.shapes for r in bench_shape(s, args.repeats, args.warmup, device,
+                                                            dtype, args.layers, against,
+                                                            args.chain)]
     result = {"benchmark": "moe_layer", "machine": machine(), "allocator": malloc,
-              "dtype": args.dtype,
+              "dtype": args.dtype, "against": args.against, "chain": args.chain,
               "samples": SAMPLES, "tokens": TOKENS, "rows": rows}
     text = table(rows, ["shape", "layer", "fwd_ms", "fwd_bwd_ms", "fwd_ratio", "fwd_bwd_ratio",
                         "fwd_page_faults"])
