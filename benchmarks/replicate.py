@@ -3,7 +3,7 @@ row by row, and three measurements beyond the paper (the predictor's own routing
 batch, routing stability along the trajectory). docs/replication.md shows and discusses the
 results.
 
-    python benchmarks/replicate.py [--out runs/replicate] [--quick] [--rows PATTERN ...]
+    python benchmarks/replicate.py [--out runs/replicate] [--quick | --long] [--rows PATTERN ...]
                                    [--budget-minutes M] [--workers 2] [--threads 1]
                                    [--list] [--report]
     python benchmarks/replicate.py --verify ROW [--out runs/replicate]
@@ -20,7 +20,10 @@ only rebuilds the tables and figures (``OUT/report``) from the finished rows, wh
 also does at its end. ``--verify ROW`` runs a finished row (and the rows it needs) again in
 ``OUT/verify`` and compares every number it measured with the stored one. ``--quick`` is a
 smaller study (one seed, short training, 500-sample FIDs) for a smoke check in about 8 minutes
-on 2 cores, written to ``OUT`` (default runs/replicate-quick).
+on 2 cores, written to ``OUT`` (default runs/replicate-quick). ``--long`` is the longer-horizon
+study (:data:`LONG`: Dense-1x, DiffMoE-E8, EC-MoE-E8 and Dense-3x trained 10,000 steps, 3 seeds,
+each evaluated from checkpoints kept at 2,000, 5,000 and 10,000 steps), written to
+runs/replicate-long; about 3 hours on 2 cores, so run it in parts with ``--budget-minutes``.
 
 Rows:
 
@@ -30,9 +33,10 @@ Rows:
   the same steps, batch and schedule for every model, and records the held-out flow-matching loss
   of its EMA weights along the way (``diffmoe/evaluation/heldout.py``: fixed test images, grid of
   t and noise).
-* ``eval-<model>-s<seed>-<mode>``: samples ``fid_num`` images (balanced labels, no guidance as in
-  the paper's comparisons, Euler, one fixed starting noise per image shared by every row, sampling
-  batch 64) with the MoE inference ``mode``, and measures FID against the MNIST test split, KID,
+* ``eval-<model>-s<seed>-<mode>[-at<step>]``: samples ``fid_num`` images (balanced labels, no
+  guidance as in the paper's comparisons, Euler, one fixed starting noise per image shared by
+  every row, sampling batch 64) with the MoE inference ``mode`` from the last checkpoint (or the
+  one kept at ``step``), and measures FID against the MNIST test split, KID,
   precision/recall, C_avg_infer (Eq. 15), activated parameters (Eq. 40), the MNIST judge's class
   consistency, the held-out loss in that mode, and times.
 * ``sweep-<model>-s0-g<gamma>``: the same at one constant threshold γ (interval search, Eq. 16).
@@ -50,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import logging
 import shutil
 import subprocess
@@ -61,7 +66,7 @@ from typing import Callable, Optional
 
 import torch
 from common import machine
-from replicate_report import write_report
+from replicate_report import eval_id, write_report
 
 from diffmoe.capacity import CapacityMeter, activated_params
 from diffmoe.config import Config, load_config
@@ -110,6 +115,18 @@ class Scale:
     train: tuple[str, ...] = ()  # config overrides of every training run
     model: tuple[str, ...] = ()  # model overrides of every row (sizes for the tiny scale)
     grid_num: int = 100  # images in each seed-0 sample grid
+    # The models of the study and the modes each is evaluated in (every model of MODELS in its
+    # own modes when empty).
+    models: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Training steps whose checkpoints are kept and evaluated (the last step only when empty).
+    eval_steps: tuple[int, ...] = ()
+    analyses: bool = True  # the interval search, sampling-batch and stability rows
+
+    def model_modes(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.models) if self.models else {k: m.modes for k, m in MODELS.items()}
+
+    def checkpoint_steps(self) -> tuple[int, ...]:
+        return self.eval_steps or (self.steps,)
 
 
 # Pinned here, not taken from the demo's config, so that a change of the demo leaves the study's
@@ -137,7 +154,22 @@ TINY = replace(FULL, name="tiny", steps=3, seeds=(0,), fid_num=8, ref_num=8, sam
                train=TRAIN_RECIPE + ("train.warmup_steps=1", "data.limit=64"),
                model=("model.hidden_size=32", "model.depth=2", "model.num_heads=2",
                       "model.patch_size=8"))
-SCALES = {s.name: s for s in (FULL, QUICK, TINY)}
+# Issue 37: does the picture change with training? Four models, five times the steps, the
+# learning-rate schedule stretched with them (warm-up 10% of the steps, cosine to the end), the
+# held-out loss at 10 points and the sampling metrics at 2,000, 5,000 and 10,000 steps. 1,000
+# images per FID (FULL: 2,000) keeps the 45 sampling rows within the 3 hours on 2 cores; FIDs of
+# the two scales are therefore not comparable to each other, only within a scale.
+LONG_MODELS = (("dense-1x", ("static",)), ("diffmoe-e8", ("dynamic", "static")),
+               ("ec-e8", ("static",)), ("dense-3x", ("static",)))
+LONG = replace(FULL, name="long", steps=10000, fid_num=1000, curve_points=10,
+               train=TRAIN_RECIPE + ("train.warmup_steps=1000", "train.keep_checkpoints=3"),
+               models=LONG_MODELS, eval_steps=(2000, 5000, 10000), analyses=False)
+# The long study's machinery at the toy size of TINY (tests/test_replicate.py).
+TINY_LONG = replace(TINY, name="tiny-long", steps=4, curve_points=2,
+                    train=TINY.train + ("train.keep_checkpoints=3",),
+                    models=(("dense-1x", ("static",)), ("diffmoe-e8", ("dynamic", "static"))),
+                    eval_steps=(2, 4), analyses=False)
+SCALES = {s.name: s for s in (FULL, QUICK, TINY, LONG, TINY_LONG)}
 
 
 @dataclass(frozen=True)
@@ -178,6 +210,7 @@ class Row:
     mode: str = "static"
     gamma: Optional[float] = None
     batch: Optional[int] = None
+    at: Optional[int] = None  # the training step of the checkpoint sampled (None: the last)
 
     @property
     def needs(self) -> Optional[str]:
@@ -194,14 +227,16 @@ def train_id(model: str, seed: int) -> str:
 
 def plan(scale: Scale) -> list[Row]:
     """Every row, in the order they run: seed 0 of every model first (then the analyses of its
-    checkpoint), so that a partial study already holds one complete seed."""
+    checkpoint), so that a partial study already holds one complete seed. With
+    ``scale.eval_steps``, each model is evaluated at each of those steps (ids ending
+    ``-at<step>``)."""
     rows = []
     for seed in scale.seeds:
-        for name, m in MODELS.items():
+        for name, modes in scale.model_modes().items():
             rows.append(Row(train_id(name, seed), "train", name, seed))
-            rows += [Row(f"eval-{name}-s{seed}-{mode}", "eval", name, seed, mode)
-                     for mode in m.modes]
-        if seed == scale.seeds[0]:
+            rows += [Row(eval_id(name, seed, mode, at), "eval", name, seed, mode, at=at)
+                     for at in (scale.eval_steps or (None,)) for mode in modes]
+        if seed == scale.seeds[0] and scale.analyses:
             rows += analysis_rows(scale, seed)
     return rows
 
@@ -288,8 +323,9 @@ def run_train(study: Study, row: Row) -> dict:
         shutil.rmtree(run_dir)
     s = study.scale
     points = {round(s.steps * (i + 1) / s.curve_points) for i in range(s.curve_points)}
-    routing = Routing(MODELS[row.model].modes[0])
-    curve, eval_s = [], 0.0
+    kept = set(s.checkpoint_steps()) - {s.steps}  # the last is saved when training ends
+    routing = Routing(s.model_modes()[row.model][0])
+    curve, checkpoints, eval_s = [], {}, 0.0
     start, cpu = time.perf_counter(), time.process_time()
     trainer = Trainer(cfg)
     try:
@@ -304,15 +340,20 @@ def run_train(study: Study, row: Row) -> dict:
                 eval_s += time.perf_counter() - t0
                 curve.append({"step": trainer.step, "loss": loss["loss"]})
                 log.info("%s step %d: held-out loss %.5f", row.id, trainer.step, loss["loss"])
+            if trainer.step in kept:
+                trainer.settle()
+                checkpoints[str(trainer.step)] = str(trainer.run.save(trainer.state))
         trainer.settle()
         checkpoint = trainer.run.save(trainer.state)
+        checkpoints[str(trainer.step)] = str(checkpoint)
         model = trainer.ema
         params = {"total_params": model.num_params(),
                   "activated_params_c1": activated_params(model, 1.0)}
     finally:
         trainer.close()
     wall = time.perf_counter() - start
-    return {"steps": trainer.step, "checkpoint": str(checkpoint), "curve": curve,
+    return {"steps": trainer.step, "checkpoint": str(checkpoint), "checkpoints": checkpoints,
+            "curve": curve,
             "curve_mode": routing.mode, **params, "train_seconds": wall - eval_s,
             "heldout_seconds": eval_s, "cpu_seconds": time.process_time() - cpu}
 
@@ -320,7 +361,13 @@ def run_train(study: Study, row: Row) -> dict:
 # -- sampling rows ---------------------------------------------------------------------------
 
 def load_trained(study: Study, row: Row) -> tuple[DiT, object]:
-    model = load_model(study.run_dir(row.model, row.seed))
+    """The EMA model of the row's training run: its last checkpoint, or the one kept at step
+    ``row.at``."""
+    source = study.run_dir(row.model, row.seed)
+    if row.at is not None:
+        kept = json.loads(study.row_path(row.needs).read_text())["checkpoints"]
+        source = Path(kept[str(row.at)])
+    model = load_model(source)
     return model.eval(), build_objective(study.config(row.model, row.seed))
 
 
@@ -479,8 +526,6 @@ def check_scale(study: Study) -> None:
     """Rows of one study folder come from one scale: the first run records it in
     ``OUT/scale.json``; a run at another scale (or after the scale was edited) stops in one line
     before any work, since its rows would be skipped as done or mixed with others."""
-    import json
-
     record = study.out / "scale.json"
     configs = {}
     for name in MODELS:  # as resolved, so that an edit of the base config is caught too
@@ -536,14 +581,12 @@ def run_workers(args: argparse.Namespace, scale: Scale, out: Path) -> int:
 
 
 MEASURED_SKIP = ("seconds", "cpu_seconds", "train_seconds", "heldout_seconds",
-                 "sampling_seconds", "images_per_second", "checkpoint")
+                 "sampling_seconds", "images_per_second", "checkpoint", "checkpoints")
 
 
 def verify(study: Study, rows: list[Row], row_id: str) -> bool:
     """Run ``row_id`` (and what it needs) again in OUT/verify and compare its numbers with the
     stored result (times aside)."""
-    import json
-
     stored = json.loads(study.row_path(row_id).read_text())
     torch.set_num_threads(stored["threads"])  # the numbers depend on the thread count
     again = Study(study.scale, study.out / "verify", study.cache_dir, study.extractor)
@@ -564,6 +607,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path)
     p.add_argument("--quick", action="store_true", help="the smoke-check scale (~8 min on 2 cores)")
+    p.add_argument("--long", action="store_true",
+                   help="the longer-horizon study: 4 models, 10,000 steps, evaluated at 2,000, "
+                        "5,000 and 10,000 (about 3 h on 2 cores)")
     p.add_argument("--scale", choices=list(SCALES), help=argparse.SUPPRESS)
     p.add_argument("--rows", nargs="+", help="fnmatch patterns of the rows to run")
     p.add_argument("--budget-minutes", type=float, default=0.0,
@@ -578,7 +624,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    scale = SCALES[args.scale or ("quick" if args.quick else "full")]
+    if args.quick and args.long:
+        raise SystemExit("error: --quick and --long are two studies; pass one of them")
+    scale = SCALES[args.scale or ("quick" if args.quick else "long" if args.long else "full")]
     out = args.out or ROOT / "runs" / ("replicate" if scale is FULL else f"replicate-{scale.name}")
     torch.set_num_threads(args.threads)
     study = Study(scale, out, args.cache_dir)

@@ -41,18 +41,24 @@ def fmt(stat: dict | None, digits: int = 2) -> str:
     return text + (f" ± {stat['se']:.{digits}f}" if stat["se"] is not None else "")
 
 
+def eval_id(model: str, seed: int | str, mode: str, at: int | None = None) -> str:
+    """The id of an evaluation row; ``seed`` may be the format field ``{seed}`` (rows paired
+    seed by seed), ``at`` the training step of the checkpoint (None: the last)."""
+    return f"eval-{model}-s{seed}-{mode}" + ("" if at is None else f"-at{at}")
+
+
 def comparison_table(done: dict, rows: list, models: dict) -> list[dict]:
-    """One line per (model, mode) evaluated on every seed: metrics over seeds, training cost,
-    and the paired difference against Dense-1x."""
+    """One line per (model, mode, checkpoint step) evaluated: metrics over seeds, training cost,
+    and the paired difference against Dense-1x at the same step."""
     groups = defaultdict(list)
     for r in rows:
         if r.kind == "eval" and r.id in done:
-            groups[(r.model, r.mode)].append(done[r.id])
-    base = {d["seed"]: d for d in groups.get((BASELINE, "static"), [])}
+            groups[(r.model, r.mode, r.at)].append(done[r.id])
     lines = []
-    for (model, mode), results in groups.items():
+    for (model, mode, at), results in groups.items():
+        base = {d["seed"]: d for d in groups.get((BASELINE, "static", at), [])}
         trains = [done[f"train-{model}-s{d['seed']}"] for d in results]
-        line = {"model": model, "label": models[model].label, "mode": mode,
+        line = {"model": model, "label": models[model].label, "mode": mode, "at": at,
                 "seeds": sorted(d["seed"] for d in results),
                 "total_params": results[0]["total_params"],
                 "train_seconds": mean_se([t["train_seconds"] for t in trains]),
@@ -67,13 +73,18 @@ def comparison_table(done: dict, rows: list, models: dict) -> list[dict]:
 
 
 def render_comparison(lines: list[dict]) -> str:
-    head = ("| model | mode | seeds | params (total) | activated (Eq. 40) | C_avg | FID | "
+    """The comparison table; with a ``step`` column where rows were evaluated at several
+    checkpoints (and the training time then that of the whole run)."""
+    steps = any(ln.get("at") is not None for ln in lines)
+    head = ("| model | mode | " + ("step | " if steps else "") +
+            "seeds | params (total) | activated (Eq. 40) | C_avg | FID | "
             "Δ FID vs Dense-1x | held-out loss | Δ loss vs Dense-1x | class consistency | "
             "train s (CPU s) | sample img/s |")
-    out = [head, "|" + "---|" * 13]
-    for ln in lines:
+    out = [head, "|" + "---|" * (14 if steps else 13)]
+    for ln in sorted(lines, key=lambda ln: ln.get("at") or 0) if steps else lines:
         out.append(
-            f"| {ln['label']} | {ln['mode']} | {len(ln['seeds'])} | "
+            f"| {ln['label']} | {ln['mode']} | " + (f"{ln['at']} | " if steps else "") +
+            f"{len(ln['seeds'])} | "
             f"{ln['total_params'] / 1e6:.2f}M | {ln['activated_params']['mean'] / 1e6:.2f}M | "
             f"{fmt(ln['c_avg_infer'], 3)} | {fmt(ln['fid'])} | {fmt(ln['fid_vs_dense'])} | "
             f"{fmt(ln['heldout_loss'], 4)} | {fmt(ln['heldout_loss_vs_dense'], 4)} | "
@@ -108,8 +119,8 @@ def paired_modes(done: dict, rows: list) -> list[dict]:
     """Two inference modes of the same checkpoints, seed by seed: first minus second."""
     lines = []
     for model, a, b in PAIRED:
-        diff = seed_differences(done, eval_seeds(rows), f"eval-{model}-s{{seed}}-{a}",
-                                f"eval-{model}-s{{seed}}-{b}")
+        diff = seed_differences(done, eval_seeds(rows), eval_id(model, "{seed}", a),
+                                eval_id(model, "{seed}", b))
         if diff:
             lines.append({"model": model, "modes": f"{a} - {b}", **diff})
     return lines
@@ -128,12 +139,114 @@ def paired_models(done: dict, rows: list, models: dict) -> list[dict]:
     """Two models compared seed by seed (same data order, same noise): first minus second."""
     lines = []
     for a, mode_a, b, mode_b in MODEL_PAIRS:
-        diff = seed_differences(done, eval_seeds(rows), f"eval-{a}-s{{seed}}-{mode_a}",
-                                f"eval-{b}-s{{seed}}-{mode_b}")
+        diff = seed_differences(done, eval_seeds(rows), eval_id(a, "{seed}", mode_a),
+                                eval_id(b, "{seed}", mode_b))
         if diff and a in models and b in models:
             lines.append({"model": f"{models[a].label} ({mode_a})",
                           "modes": f"- {models[b].label} ({mode_b})", **diff})
     return lines
+
+
+# Issue 37's differences, followed over training: (model, mode) minus (model, mode).
+TRAINING_PAIRS = (("diffmoe-e8", "dynamic", "dense-1x", "static"),
+                  ("diffmoe-e8", "dynamic", "ec-e8", "static"),
+                  ("diffmoe-e8", "dynamic", "dense-3x", "static"),
+                  ("diffmoe-e8", "static", "diffmoe-e8", "dynamic"))
+
+
+def pair_label(models: dict, a: str, mode_a: str, b: str, mode_b: str) -> str:
+    if a == b:
+        return f"{models[a].label}: {mode_a} - {mode_b}"
+    return f"{models[a].label} ({mode_a}) - {models[b].label} ({mode_b})"
+
+
+def differences_over_training(done: dict, rows: list, models: dict) -> list[dict]:
+    """For each pair of :data:`TRAINING_PAIRS` and each checkpoint step evaluated: the
+    seed-by-seed differences of the sampling metrics."""
+    steps = sorted({r.at for r in rows if r.kind == "eval" and r.at is not None})
+    lines = []
+    for a, mode_a, b, mode_b in TRAINING_PAIRS:
+        if a not in models or b not in models:
+            continue
+        for at in steps:
+            diff = seed_differences(done, eval_seeds(rows), eval_id(a, "{seed}", mode_a, at),
+                                    eval_id(b, "{seed}", mode_b, at))
+            if diff:
+                lines.append({"pair": pair_label(models, a, mode_a, b, mode_b), "step": at,
+                              **diff})
+    return lines
+
+
+def curve_differences(done: dict, rows: list, models: dict) -> list[dict]:
+    """The held-out loss along training (the training rows' curves, each model in its first
+    mode), model minus model seed by seed at every point, for the pairs of
+    :data:`TRAINING_PAIRS` between two models."""
+    lines = []
+    for a, mode_a, b, mode_b in TRAINING_PAIRS:
+        if a == b or a not in models or b not in models:
+            continue
+        pairs = [(done.get(f"train-{a}-s{s}"), done.get(f"train-{b}-s{s}"))
+                 for s in sorted({r.seed for r in rows if r.kind == "train"})]
+        pairs = [(x["curve"], y["curve"]) for x, y in pairs if x and y]
+        if not pairs:
+            continue
+        steps = [p["step"] for p in pairs[0][0]]
+        lines.append({"pair": pair_label(models, a, mode_a, b, mode_b), "seeds": len(pairs),
+                      "steps": steps,
+                      "loss": [mean_se([x[i]["loss"] - y[i]["loss"] for x, y in pairs])
+                               for i in range(len(steps))]})
+    return lines
+
+
+def render_over_training(lines: list[dict]) -> str:
+    return render_differences(lines, (("difference", "pair"), ("step", "step")))
+
+
+def render_curve_differences(lines: list[dict]) -> str:
+    if not lines:
+        return ""
+    steps = lines[0]["steps"]
+    out = ["| difference | seeds | " + " | ".join(str(s) for s in steps) + " |",
+           "|---|---|" + "---|" * len(steps)]
+    for ln in lines:
+        out.append(f"| {ln['pair']} | {ln['seeds']} | "
+                   + " | ".join(fmt(v, 4) for v in ln["loss"]) + " |")
+    return "\n".join(out)
+
+
+def band(ax, xs: list, stats: list[dict], label: str) -> None:
+    """Means with a ± SE band (none with one seed)."""
+    mean = [st["mean"] for st in stats]
+    se = [st["se"] or 0.0 for st in stats]
+    ax.plot(xs, mean, "o-", markersize=3, label=label)
+    ax.fill_between(xs, [m - e for m, e in zip(mean, se)], [m + e for m, e in zip(mean, se)],
+                    alpha=0.2)
+
+
+def plot_over_training(lines: list[dict], curves: list[dict], path: Path) -> Path:
+    """Four panels against the training step: Δ FID, Δ class consistency and Δ held-out loss of
+    the sampling rows, and Δ held-out loss along the training curves; each difference's mean
+    over seeds with its ± SE band, zero marked."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    panels = (("fid", "Δ FID (lower: first is better)"),
+              ("class_consistency", "Δ class consistency (higher: first is better)"),
+              ("heldout_loss", "Δ held-out loss, sampling rows' mode"))
+    pairs = list(dict.fromkeys(ln["pair"] for ln in lines))
+    for ax, (metric, title) in zip(axes.flat, panels):
+        for pair in pairs:
+            mine = [ln for ln in lines if ln["pair"] == pair]
+            band(ax, [ln["step"] for ln in mine], [ln[metric] for ln in mine], pair)
+        ax.set_title(title, fontsize=9)
+    ax = axes.flat[3]
+    for ln in curves:
+        band(ax, ln["steps"], ln["loss"], ln["pair"])
+    ax.set_title("Δ held-out loss along training (EMA weights)", fontsize=9)
+    for ax in axes.flat:
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xlabel("training step")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Paired differences over training (mean ± SE over seeds)")
+    return save(fig, path)
 
 
 def stability_summary(result: dict) -> list[dict]:
@@ -166,12 +279,18 @@ def render_stability(lines: list[dict]) -> str:
 
 
 def render_paired(lines: list[dict]) -> str:
-    out = ["| model | difference | seeds | Δ C_avg | Δ FID | Δ held-out loss | "
-           "Δ class consistency |", "|---|---|---|---|---|---|---|"]
+    return render_differences(lines, (("model", "model"), ("difference", "modes")))
+
+
+def render_differences(lines: list[dict], first: tuple[tuple[str, str], ...]) -> str:
+    """Paired differences (:func:`seed_differences`) as a table, after the columns ``first``
+    ((header, key) of each line)."""
+    out = ["| " + " | ".join(h for h, _ in first) + " | seeds | Δ C_avg | Δ FID | "
+           "Δ held-out loss | Δ class consistency |", "|" + "---|" * (len(first) + 5)]
     for ln in lines:
-        out.append(f"| {ln['model']} | {ln['modes']} | {ln['seeds']} | {fmt(ln['c_avg_infer'], 3)} "
-                   f"| {fmt(ln['fid'])} | {fmt(ln['heldout_loss'], 4)} | "
-                   f"{fmt(ln['class_consistency'], 3)} |")
+        out.append("| " + " | ".join(str(ln[k]) for _, k in first) +
+                   f" | {ln['seeds']} | {fmt(ln['c_avg_infer'], 3)} | {fmt(ln['fid'])} | "
+                   f"{fmt(ln['heldout_loss'], 4)} | {fmt(ln['class_consistency'], 3)} |")
     return "\n".join(out)
 
 
@@ -318,7 +437,15 @@ def write_report(out: Path, rows: list, scale, models: dict, machine: dict) -> d
     paired = paired_modes(done, rows)
     between = paired_models(done, rows, models)
     steadiness = stability_summary(stability) if stability else []
+    over_training = differences_over_training(done, rows, models)
+    curves = curve_differences(done, rows, models)
+    if over_training or curves:
+        figures["over_training"] = str(plot_over_training(over_training, curves,
+                                                          report / "over_training.png"))
     text = ["## Comparisons (Tables 3 and 4)", render_comparison(lines),
+            "## Differences over training (paired by seed)", render_over_training(over_training),
+            "## Held-out loss along training, differences (paired by seed)",
+            render_curve_differences(curves),
             "## Inference modes of the same checkpoints (paired by seed)", render_paired(paired),
             "## Models against each other (paired by seed)", render_paired(between),
             "## Interval search (Table 10)", render_sampling_rows("setting", sweep, "setting"),
@@ -329,6 +456,7 @@ def write_report(out: Path, rows: list, scale, models: dict, machine: dict) -> d
                "machine": machine, "done": totals(done), "rows_planned": len(rows),
                "comparison": lines, "paired_modes": paired, "paired_models": between,
                "interval_search": sweep, "stability_summary": steadiness,
+               "over_training": over_training, "curve_differences": curves,
                "sampling_batch": batch,
                "stability": stability, "figures": figures}
     write_json(report / "summary.json", summary)

@@ -171,3 +171,65 @@ def test_a_study_folder_refuses_an_edited_base_config(tmp_path, monkeypatch):
     monkeypatch.setattr(replicate, "BASE_CONFIG", edited)
     with pytest.raises(SystemExit, match=r"differs in the models' configs"):
         replicate.check_scale(replicate.Study(replicate.TINY, tmp_path))
+
+
+# -- the longer-horizon study (issue 37): checkpoints kept and evaluated along training -------
+
+@pytest.fixture(scope="module")
+def long_finished(tmp_path_factory):
+    torch.set_num_threads(2)
+    study = replicate.Study(replicate.TINY_LONG, tmp_path_factory.mktemp("long"),
+                            extractor=toy_features)
+    rows = replicate.plan(replicate.TINY_LONG)
+    assert replicate.run_plan(study, rows, budget_minutes=0) == 0
+    return study, rows
+
+
+def test_the_long_study_samples_the_checkpoints_kept_along_training(long_finished):
+    from diffmoe.hub import load_pretrained
+
+    study, rows = long_finished
+    assert [r.id for r in rows if r.model == "diffmoe-e8"] == [
+        "train-diffmoe-e8-s0", "eval-diffmoe-e8-s0-dynamic-at2", "eval-diffmoe-e8-s0-static-at2",
+        "eval-diffmoe-e8-s0-dynamic-at4", "eval-diffmoe-e8-s0-static-at4"]
+    train = json.loads(study.row_path("train-diffmoe-e8-s0").read_text())
+    assert [p["step"] for p in train["curve"]] == [2, 4]
+    assert sorted(train["checkpoints"], key=int) == ["2", "4"]
+    for step, path in train["checkpoints"].items():
+        assert load_pretrained(path).step == int(step)
+    early, last = (json.loads(study.row_path(f"eval-diffmoe-e8-s0-dynamic-at{s}").read_text())
+                   for s in (2, 4))
+    assert early["heldout_loss"] != last["heldout_loss"], "both rows sampled one checkpoint"
+
+
+def test_the_long_study_reports_its_differences_over_training(long_finished):
+    from replicate_report import write_report
+
+    study, rows = long_finished
+    summary = write_report(study.out, rows, study.scale, replicate.MODELS, {})
+    over = {(ln["pair"], ln["step"]): ln for ln in summary["over_training"]}
+    assert set(over) == {(pair, step) for step in (2, 4) for pair in (
+        "DiffMoE-E8 (dynamic) - Dense-1x (static)", "DiffMoE-E8: static - dynamic")}
+    rows_at = {key: json.loads(study.row_path(f"eval-{key}-at4").read_text())
+               for key in ("diffmoe-e8-s0-dynamic", "dense-1x-s0-static")}
+    fid = over["DiffMoE-E8 (dynamic) - Dense-1x (static)", 4]["fid"]
+    assert fid["values"] == [rows_at["diffmoe-e8-s0-dynamic"]["fid"]
+                             - rows_at["dense-1x-s0-static"]["fid"]]
+    (curve,) = summary["curve_differences"]
+    assert curve["steps"] == [2, 4] and len(curve["loss"]) == 2
+    assert {(ln["model"], ln["at"]) for ln in summary["comparison"]} == {
+        (m, s) for m in ("dense-1x", "diffmoe-e8") for s in (2, 4)}
+    tables = (study.out / "report" / "tables.md").read_text()
+    assert "## Differences over training" in tables and "| Dense-1x | static | 4 |" in tables
+    assert (study.out / "report" / "over_training.png").is_file()
+
+
+def test_the_long_study_plan():
+    rows = replicate.plan(replicate.LONG)
+    assert sum(r.kind == "train" for r in rows) == 4 * 3
+    evals = [r for r in rows if r.kind == "eval"]
+    assert len(evals) == 5 * 3 * 3 and {r.at for r in evals} == {2000, 5000, 10000}
+    assert len({r.id for r in rows}) == len(rows)
+    assert not any(r.kind in ("sweep", "batch", "stability") for r in rows)
+    with pytest.raises(SystemExit, match="two studies"):
+        replicate.main(["--quick", "--long", "--list"])
