@@ -341,6 +341,9 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_allocator_arg(p)
     args = p.parse_args()
+    if args.against and args.layers and not {"diffmoe", "diffmoe_dynamic"} <= set(args.layers):
+        p.error("--against compares with the diffmoe and diffmoe_dynamic rows: add them to "
+                "--layers")
     malloc = allocator(args)
     if args.threads:
         torch.set_num_threads(args.threads)
