@@ -23,7 +23,8 @@ smaller study (one seed, short training, 500-sample FIDs) for a smoke check in a
 on 2 cores, written to ``OUT`` (default runs/replicate-quick). ``--long`` is the longer-horizon
 study (:data:`LONG`: Dense-1x, DiffMoE-E8, EC-MoE-E8 and Dense-3x trained 10,000 steps, 3 seeds,
 each evaluated from checkpoints kept at 2,000, 5,000 and 10,000 steps), written to
-runs/replicate-long; about 3 hours on 2 cores, so run it in parts with ``--budget-minutes``.
+runs/replicate-long; about 4 hours on 2 cores (80 min a seed on an AMD EPYC), so run it in
+parts with ``--budget-minutes``.
 
 Rows:
 
@@ -157,7 +158,7 @@ TINY = replace(FULL, name="tiny", steps=3, seeds=(0,), fid_num=8, ref_num=8, sam
 # Issue 37: does the picture change with training? Four models, five times the steps, the
 # learning-rate schedule stretched with them (warm-up 10% of the steps, cosine to the end), the
 # held-out loss at 10 points and the sampling metrics at 2,000, 5,000 and 10,000 steps. 1,000
-# images per FID (FULL: 2,000) keeps the 45 sampling rows within the 3 hours on 2 cores; FIDs of
+# images per FID (FULL: 2,000) halves the cost of the 45 sampling rows (~2.5 min each); FIDs of
 # the two scales are therefore not comparable to each other, only within a scale.
 LONG_MODELS = (("dense-1x", ("static",)), ("diffmoe-e8", ("dynamic", "static")),
                ("ec-e8", ("static",)), ("dense-3x", ("static",)))
@@ -609,7 +610,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="the smoke-check scale (~8 min on 2 cores)")
     p.add_argument("--long", action="store_true",
                    help="the longer-horizon study: 4 models, 10,000 steps, evaluated at 2,000, "
-                        "5,000 and 10,000 (about 3 h on 2 cores)")
+                        "5,000 and 10,000 (about 4 h on 2 cores)")
     p.add_argument("--scale", choices=list(SCALES), help=argparse.SUPPRESS)
     p.add_argument("--rows", nargs="+", help="fnmatch patterns of the rows to run")
     p.add_argument("--budget-minutes", type=float, default=0.0,
