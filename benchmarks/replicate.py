@@ -18,7 +18,8 @@ work shares the machine) take rows in plan order, each row claimed by a lock fil
 minutes (run it again to continue); ``--list`` shows the plan and what is done; ``--report``
 only rebuilds the tables and figures (``OUT/report``) from the finished rows, which every run
 also does at its end. ``--verify ROW`` runs a finished row (and the rows it needs) again in
-``OUT/verify`` and compares every number it measured with the stored one. ``--quick`` is a
+``OUT/verify`` and compares every number it measured with the stored one (a row that samples
+the checkpoint kept at step N retrains only the first N steps). ``--quick`` is a
 smaller study (one seed, short training, 500-sample FIDs) for a smoke check in about 8 minutes
 on 2 cores, written to ``OUT`` (default runs/replicate-quick). ``--long`` is the longer-horizon
 study (:data:`LONG`: Dense-1x, DiffMoE-E8, EC-MoE-E8 and Dense-3x trained 10,000 steps, 3 seeds,
@@ -264,6 +265,9 @@ class Study:
     cache_dir: Optional[str] = None
     # uint8 images → features, for FID; None: the FID Inception in bf16 (a test passes a toy one).
     extractor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # Training rows stop at this step (None: at ``scale.steps``). Only ``--verify`` sets it: the
+    # schedule still spans ``scale.steps``, so the first N steps are those of the full run.
+    train_until: Optional[int] = None
     _cache: dict = field(default_factory=dict)
 
     def shared(self, key: str, make: Callable):
@@ -324,14 +328,15 @@ def run_train(study: Study, row: Row) -> dict:
         shutil.rmtree(run_dir)
     s = study.scale
     points = {round(s.steps * (i + 1) / s.curve_points) for i in range(s.curve_points)}
-    kept = set(s.checkpoint_steps()) - {s.steps}  # the last is saved when training ends
+    last = study.train_until or cfg.train.steps
+    kept = set(s.checkpoint_steps()) - {last}  # the last is saved when training ends
     routing = Routing(s.model_modes()[row.model][0])
     curve, checkpoints, eval_s = [], {}, 0.0
     start, cpu = time.perf_counter(), time.process_time()
     trainer = Trainer(cfg)
     try:
         objective = trainer.objective
-        while trainer.step < cfg.train.steps:
+        while trainer.step < last:
             trainer.train_step()
             if trainer.step in points:
                 trainer.settle()
@@ -587,10 +592,12 @@ MEASURED_SKIP = ("seconds", "cpu_seconds", "train_seconds", "heldout_seconds",
 
 def verify(study: Study, rows: list[Row], row_id: str) -> bool:
     """Run ``row_id`` (and what it needs) again in OUT/verify and compare its numbers with the
-    stored result (times aside)."""
+    stored result (times aside). A row that samples the checkpoint kept at step N reruns only
+    the first N steps of its training."""
     stored = json.loads(study.row_path(row_id).read_text())
     torch.set_num_threads(stored["threads"])  # the numbers depend on the thread count
-    again = Study(study.scale, study.out / "verify", study.cache_dir, study.extractor)
+    again = Study(study.scale, study.out / "verify", study.cache_dir, study.extractor,
+                  train_until=stored.get("at"))
     if again.out.exists():
         shutil.rmtree(again.out)
     run_plan(again, selected(rows, [row_id]), 0)

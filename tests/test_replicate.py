@@ -202,6 +202,20 @@ def test_the_long_study_samples_the_checkpoints_kept_along_training(long_finishe
     assert early["heldout_loss"] != last["heldout_loss"], "both rows sampled one checkpoint"
 
 
+def test_verifying_a_row_at_a_kept_step_retrains_only_up_to_it(long_finished):
+    study, rows = long_finished
+    assert replicate.verify(study, rows, "eval-diffmoe-e8-s0-dynamic-at2")
+    again = json.loads((study.out / "verify" / "rows" / "train-diffmoe-e8-s0.json").read_text())
+    assert again["steps"] == 2 and sorted(again["checkpoints"]) == ["2"]
+    tampered = study.row_path("eval-diffmoe-e8-s0-dynamic-at2")
+    stored = json.loads(tampered.read_text())
+    tampered.write_text(json.dumps({**stored, "fid": stored["fid"] + 1e-3}))
+    try:
+        assert not replicate.verify(study, rows, "eval-diffmoe-e8-s0-dynamic-at2")
+    finally:
+        tampered.write_text(json.dumps(stored))
+
+
 def test_the_long_study_reports_its_differences_over_training(long_finished):
     from replicate_report import write_report
 
