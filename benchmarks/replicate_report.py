@@ -442,15 +442,23 @@ def write_report(out: Path, rows: list, scale, models: dict, machine: dict) -> d
     if over_training or curves:
         figures["over_training"] = str(plot_over_training(over_training, curves,
                                                           report / "over_training.png"))
-    text = ["## Comparisons (Tables 3 and 4)", render_comparison(lines),
-            "## Differences over training (paired by seed)", render_over_training(over_training),
-            "## Held-out loss along training, differences (paired by seed)",
-            render_curve_differences(curves),
-            "## Inference modes of the same checkpoints (paired by seed)", render_paired(paired),
-            "## Models against each other (paired by seed)", render_paired(between),
-            "## Interval search (Table 10)", render_sampling_rows("setting", sweep, "setting"),
-            "## Sampling batch (Table 13)", render_sampling_rows("setting", batch, "setting"),
-            "## Routing stability along the trajectory", render_stability(steadiness)]
+    sections = [("Comparisons (Tables 3 and 4)", lines, render_comparison),
+                ("Differences over training (paired by seed)", over_training,
+                 render_over_training),
+                ("Held-out loss along training, differences (paired by seed)", curves,
+                 render_curve_differences),
+                ("Inference modes of the same checkpoints (paired by seed)", paired,
+                 render_paired),
+                ("Models against each other (paired by seed)", between, render_paired),
+                ("Interval search (Table 10)", sweep,
+                 lambda r: render_sampling_rows("setting", r, "setting")),
+                ("Sampling batch (Table 13)", batch,
+                 lambda r: render_sampling_rows("setting", r, "setting")),
+                ("Routing stability along the trajectory", steadiness, render_stability)]
+    # A study measures some of these only (the long one: no sweep, no batch rows): the others
+    # are left out rather than shown as empty tables.
+    text = [f"## {title}\n\n{render(results)}" for title, results, render in sections
+            if results] or ["No row is finished yet."]
     atomic_write_text(report / "tables.md", "\n\n".join(text) + "\n")
     summary = {"scale": scale.name, "settings": {k: v for k, v in vars(scale).items()},
                "machine": machine, "done": totals(done), "rows_planned": len(rows),

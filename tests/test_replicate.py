@@ -235,6 +235,7 @@ def test_the_long_study_reports_its_differences_over_training(long_finished):
         (m, s) for m in ("dense-1x", "diffmoe-e8") for s in (2, 4)}
     tables = (study.out / "report" / "tables.md").read_text()
     assert "## Differences over training" in tables and "| Dense-1x | static | 4 |" in tables
+    assert "## Interval search" not in tables, "a table the long study does not measure"
     assert (study.out / "report" / "over_training.png").is_file()
 
 
